@@ -1,0 +1,26 @@
+"""Shared fixtures.  Sub-folders add their own conftest.py for their concerns."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never touch the real user's config or data directories."""
+    monkeypatch.setenv("ANIMATEDIFF_BLENDER_CONFIG", str(tmp_path / "config"))
+    monkeypatch.setenv("ANIMATEDIFF_BLENDER_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The offline model zoo, built once per test session (deterministic, seconds)."""
+    from animatediff_blender.backend.models.zoo import build_zoo
+
+    cached = os.environ.get("ANIMATEDIFF_BLENDER_TEST_ZOO")
+    dest = Path(cached) if cached else tmp_path_factory.mktemp("zoo")
+    return build_zoo(dest)
