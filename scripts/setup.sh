@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Idempotent developer set-up: the backend virtual environment (CPU torch pinned)
+# and two Blender-as-a-module environments (oldest LTS and newest 5.x) for the
+# add-on tests.  Re-running it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BPY_OLD_VERSION="${BPY_OLD_VERSION:-4.2.23}"
+BPY_NEW_VERSION="${BPY_NEW_VERSION:-5.3.0}"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+
+find_python() {  # find_python 3.11 -> path of a working interpreter
+    local want="$1" cand
+    for cand in "python$want" "$HOME/.pyenv/versions/$want"*/bin/"python$want" /usr/bin/"python$want" /usr/local/bin/"python$want"; do
+        if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys' >/dev/null 2>&1; then
+            command -v "$cand"; return 0
+        fi
+    done
+    if command -v pyenv >/dev/null 2>&1; then
+        local v; v=$(pyenv versions --bare 2>/dev/null | grep -E "^${want//./\\.}(\.|$)" | tail -n 1 || true)
+        if [ -n "$v" ]; then echo "$(pyenv root)/versions/$v/bin/python$want"; return 0; fi
+    fi
+    return 1
+}
+
+py311=$(find_python 3.11) || { echo "setup: Python 3.11 is required (backend and Blender 4.2-5.0 tests)" >&2; exit 1; }
+
+stamp_ok() { [ -f "$1/.setup-stamp" ] && [ "$(cat "$1/.setup-stamp")" = "$2" ]; }
+
+# 1. backend + dev tools
+want="torch==$TORCH_VERSION $(sha256sum pyproject.toml | cut -c1-16)"
+if ! stamp_ok .venv "$want"; then
+    echo "setup: backend environment (.venv)"
+    [ -x .venv/bin/python ] || "$py311" -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+    # The CPU build of torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+    .venv/bin/python -m pip install -q "torch==$TORCH_VERSION"
+    .venv/bin/python -m pip install -q -e ".[backend,dev]"
+    echo "$want" > .venv/.setup-stamp
+fi
+
+# 2. Blender 4.2 LTS as a Python module (Python 3.11)
+if ! stamp_ok .venv-bpy42 "$BPY_OLD_VERSION"; then
+    echo "setup: Blender $BPY_OLD_VERSION module (.venv-bpy42)"
+    [ -x .venv-bpy42/bin/python ] || "$py311" -m venv .venv-bpy42
+    .venv-bpy42/bin/python -m pip install -q "bpy==$BPY_OLD_VERSION"
+    echo "$BPY_OLD_VERSION" > .venv-bpy42/.setup-stamp
+fi
+
+# 3. newest Blender 5.x as a Python module (Python 3.13)
+if py313=$(find_python 3.13); then
+    if ! stamp_ok .venv-bpy5 "$BPY_NEW_VERSION"; then
+        echo "setup: Blender $BPY_NEW_VERSION module (.venv-bpy5)"
+        [ -x .venv-bpy5/bin/python ] || "$py313" -m venv .venv-bpy5
+        .venv-bpy5/bin/python -m pip install -q "bpy==$BPY_NEW_VERSION"
+        echo "$BPY_NEW_VERSION" > .venv-bpy5/.setup-stamp
+    fi
+else
+    echo "setup: no Python 3.13 found; the Blender 5.x add-on tests will fail (CI) or skip (locally)" >&2
+fi
+echo "setup: done"
