@@ -12,8 +12,14 @@ demo: setup
 lint:
 	.venv/bin/ruff check protocol backend blender_addon tests build.py pkg
 
+# mypy sees the installed package names (animatediff_blender.*) through a link farm, so
+# imports between protocol/ and backend/ are checked, not treated as missing.
 typecheck:
-	.venv/bin/mypy protocol backend pkg
+	mkdir -p .cache/typecheck/animatediff_blender
+	ln -sfn ../../../protocol .cache/typecheck/animatediff_blender/protocol
+	ln -sfn ../../../backend .cache/typecheck/animatediff_blender/backend
+	ln -sfn ../../../pkg/__init__.py .cache/typecheck/animatediff_blender/__init__.py
+	MYPYPATH=.cache/typecheck .venv/bin/mypy -p animatediff_blender
 
 pytest:
 	mkdir -p .cache
