@@ -1,15 +1,316 @@
-"""`animatediff-blender generate` (placeholder until its issue lands)."""
+"""`animatediff-blender generate`: submit one job from the command line and save its frames,
+an animated GIF (and an MP4 when imageio-ffmpeg is installed)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from animatediff_blender.protocol.client import ClientConfig, JobResult
+    from animatediff_blender.protocol.messages import FieldError, GenerateRequest
+
+# Request field -> the flag that sets it, so field errors name what the user typed.
+FLAGS = {
+    "prompt": "--prompt",
+    "negative_prompt": "--negative-prompt",
+    "frames": "--frames",
+    "width": "--width",
+    "height": "--height",
+    "steps": "--steps",
+    "guidance": "--guidance",
+    "seed": "--seed",
+    "preset": "--preset",
+    "base_model": "--base-model",
+    "motion_module": "--motion-module",
+    "motion_loras": "--lora",
+    "domain_adapter": "--domain-adapter",
+    "domain_adapter_scale": "--adapter-scale",
+    "context_length": "--context-length",
+    "context_stride": "--context-stride",
+    "preview_every": "--preview-every",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="(not yet implemented)")
+    p = sub.add_parser(
+        "generate",
+        help="generate a clip on a running backend and save it",
+        description=(
+            "Submit a generation job to a running backend (`animatediff-blender serve`), show its "
+            "progress and write frame_0000.png..., clip.gif (and clip.mp4 with imageio-ffmpeg) to --out."
+        ),
+    )
+    p.add_argument("--prompt", help="what to generate (required unless --list-models)")
+    p.add_argument("--negative-prompt", default="", help="what to avoid")
+    p.add_argument("--frames", type=int, default=16, help="number of frames (default: %(default)s)")
+    p.add_argument("--width", type=int, default=512, help="multiple of 8 (default: %(default)s)")
+    p.add_argument("--height", type=int, default=512, help="multiple of 8 (default: %(default)s)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument(
+        "--preset", choices=("quality", "lightning", "lcm"), default="quality", help="default: %(default)s"
+    )
+    p.add_argument(
+        "--base-model", metavar="ID", help="base model id, e.g. base:tiny-sd15 (default: server's)"
+    )
+    p.add_argument("--motion-module", metavar="ID", help="motion module id (default: server's)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="ID[:WEIGHT]",
+        help="motion LoRA id and weight, e.g. lora:v2_lora_ZoomIn.ckpt:0.8 (repeatable)",
+    )
+    p.add_argument("--domain-adapter", metavar="ID", help="domain adapter id (AnimateDiff v3)")
+    p.add_argument(
+        "--adapter-scale", type=float, default=1.0, help="domain adapter scale (default: %(default)s)"
+    )
+    p.add_argument("--context-length", type=int, help="frames per context window for long clips")
+    p.add_argument("--context-stride", type=int, help="stride between context windows")
+    p.add_argument("--preview-every", type=int, default=0, help="preview image every N steps (0: none)")
+    p.add_argument("--fps", type=float, default=8.0, help="frame rate of the GIF/MP4 (default: %(default)s)")
+    p.add_argument("--out", type=Path, help="output folder (required unless --list-models)")
+    p.add_argument("--list-models", action="store_true", help="print the backend's model registry and exit")
+    conn = p.add_argument_group("connection")
+    conn.add_argument(
+        "--address", default="tcp://127.0.0.1:5557", help="backend address (default: %(default)s)"
+    )
+    conn.add_argument("--key-file", type=Path, help="HMAC key file (default: <config dir>/hmac.key)")
+    conn.add_argument("--server-key", type=Path, help="CurveZMQ: the server's public .key file")
+    conn.add_argument("--client-secret", type=Path, help="CurveZMQ: this client's .key_secret file")
+    conn.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for each answer (default: %(default)s)"
+    )
+    conn.add_argument("--job-timeout", type=float, help="give up (and cancel) after this many seconds")
     p.set_defaults(func=run)
 
 
+class UsageError(Exception):
+    pass
+
+
+def _model_id(value: str | None, kind: str) -> str | None:
+    """`ZoomIn.ckpt` -> `lora:ZoomIn.ckpt`; ids that already name a kind pass unchanged."""
+    if value is None:
+        return None
+    return value if ":" in value else f"{kind}:{value}"
+
+
+def _lora(value: str) -> tuple[str, float]:
+    """`lora:name:0.8`, `name:0.8`, `lora:name` or `name` -> (id, weight)."""
+    head, sep, tail = value.rpartition(":")
+    if sep:
+        try:
+            return str(_model_id(head, "lora")), float(tail)
+        except ValueError:
+            pass
+    return str(_model_id(value, "lora")), 1.0
+
+
+def build_request(args: argparse.Namespace) -> GenerateRequest:
+    from animatediff_blender.protocol.messages import GenerateRequest, MotionLora
+
+    loras = [MotionLora(id=i, weight=w) for i, w in map(_lora, args.lora)]
+    return GenerateRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        base_model=_model_id(args.base_model, "base"),
+        motion_module=_model_id(args.motion_module, "motion"),
+        motion_loras=loras,
+        domain_adapter=_model_id(args.domain_adapter, "adapter"),
+        domain_adapter_scale=args.adapter_scale,
+        frames=args.frames,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        preset=args.preset,
+        context_length=args.context_length,
+        context_stride=args.context_stride,
+        preview_every=args.preview_every,
+    )
+
+
+def describe_fields(fields: list[FieldError]) -> str:
+    """FieldError("$.request.motion_loras[1].weight") -> "--lora #2: ..."."""
+    import re
+
+    parts = []
+    for f in fields:
+        path = re.sub(r"^\$(\.request)?\.?", "", f.field)
+        m = re.match(r"([a-z_]+)(?:\[(\d+)\])?", path)
+        name = FLAGS.get(m.group(1), path) if m else path
+        if m and m.group(2) is not None:
+            name += f" #{int(m.group(2)) + 1}"
+        parts.append(f"{name or f.field}: {f.message}")
+    return "; ".join(parts)
+
+
+def validate_locally(request: GenerateRequest) -> None:
+    """The schema's static checks before any network: a typo fails instantly, by flag."""
+    import msgspec
+
+    from animatediff_blender.protocol.messages import GenerateRequest
+    from animatediff_blender.protocol.wire import content_errors
+
+    raw = msgspec.json.encode(request)
+    try:
+        msgspec.json.decode(raw, type=GenerateRequest)
+    except msgspec.ValidationError as exc:
+        raise UsageError(describe_fields(content_errors(raw, GenerateRequest, exc))) from None
+
+
+def client_config(args: argparse.Namespace) -> ClientConfig:
+    from animatediff_blender.protocol.client import ClientConfig
+
+    return ClientConfig(
+        address=args.address,
+        key_file=args.key_file,
+        server_public_key_file=args.server_key,
+        client_secret_key_file=args.client_secret,
+        timeout_s=args.timeout,
+        client_name="animatediff-blender generate",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
-    print("animatediff-blender generate: not implemented yet")
-    return 2
+    from animatediff_blender.protocol.client import ClientError
+
+    try:
+        if args.list_models:
+            return _list_models(args)
+        if not args.prompt:
+            raise UsageError("--prompt is required")
+        if args.out is None:
+            raise UsageError("--out is required")
+        if args.fps <= 0:
+            raise UsageError("--fps must be positive")
+        request = build_request(args)
+        validate_locally(request)
+        result = _generate(args, request)
+        written = save(result, args.out, fps=args.fps)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ClientError as exc:
+        # Field errors are shown by flag (what the user typed) rather than by JSON path.
+        text = (
+            f"the backend refused the request: {describe_fields(exc.fields)}" if exc.fields else exc.message
+        )
+        print(f"error: {text}", file=sys.stderr)
+        return 130 if exc.code == "cancelled" else 1
+    except OSError as exc:
+        print(f"error: cannot write output: {exc}", file=sys.stderr)
+        return 1
+    f = result.finished
+    print(
+        f"job {result.job_id}: {f.frames} frames {f.width}x{f.height}, seed {f.seed}, "
+        f"{f.elapsed_s:.1f} s on the backend"
+    )
+    for label, path in written:
+        print(f"  {label:<7} {path}")
+    return 0
+
+
+def _list_models(args: argparse.Namespace) -> int:
+    from animatediff_blender.protocol.client import BackendClient
+
+    with BackendClient(client_config(args)) as client:
+        welcome = client.connect()
+        models = client.list_models()
+    defaults = set(welcome.defaults.values())
+    if not models:
+        print("the backend has no models; see `animatediff-blender models --help`")
+    for info in sorted(models, key=lambda i: (i.kind, i.id)):
+        flag = "*" if info.id in defaults else " "
+        status = "" if info.ok else f"  BROKEN: {info.error}"
+        version = f" [{info.version}]" if info.version else ""
+        print(f"{flag} {info.id:<48} {info.label}{version}{status}")
+    if defaults:
+        print("(* default)")
+    return 0
+
+
+def _generate(args: argparse.Namespace, request: GenerateRequest) -> JobResult:
+    import signal
+    import threading
+
+    from tqdm import tqdm
+
+    from animatediff_blender.protocol.client import BackendClient, Event
+    from animatediff_blender.protocol.messages import Frames, Progress
+
+    cancel = threading.Event()
+    bar: Any = None
+
+    def on_event(event: Event) -> None:
+        nonlocal bar
+        content = event.content
+        if isinstance(content, Progress):
+            if bar is None:
+                bar = tqdm(total=content.total_steps, unit="step", desc="generating", file=sys.stderr)
+            bar.total = content.total_steps
+            bar.set_postfix_str(content.phase, refresh=False)
+            bar.update(max(0, content.step - bar.n))
+        elif isinstance(content, Frames) and bar is not None:
+            bar.set_postfix_str(f"frames {content.start + content.count}/{content.total}")
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        print("\ncancelling (Ctrl-C again to quit at once)...", file=sys.stderr)
+        cancel.set()
+
+    previous = (
+        signal.signal(signal.SIGINT, on_sigint)
+        if threading.current_thread() is threading.main_thread()
+        else None
+    )
+    try:
+        with BackendClient(client_config(args)) as client:
+            client.connect()
+            return client.run_job(request, on_event=on_event, cancel=cancel, timeout_s=args.job_timeout)
+    finally:
+        if bar is not None:
+            bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def save(result: JobResult, out: Path, *, fps: float) -> list[tuple[str, Path]]:
+    """Write the PNG frames as they came (no re-encoding), then a GIF and maybe an MP4."""
+    import importlib.util
+
+    import imageio.v3 as iio
+    import numpy as np
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, data in enumerate(result.frames):
+        path = out / f"frame_{i:04d}.png"
+        path.write_bytes(data)
+        paths.append(path)
+    written: list[tuple[str, Path]] = [("frames", out / "frame_0000.png ...")] if paths else []
+    images = np.stack([iio.imread(p) for p in paths]) if paths else None
+    if images is None:
+        return written
+    if images.ndim == 4 and images.shape[-1] == 4:
+        images = images[..., :3]
+    gif = out / "clip.gif"
+    # duration is per frame in milliseconds; loop=0 repeats forever.
+    iio.imwrite(gif, images, extension=".gif", duration=1000.0 / fps, loop=0)
+    written.append(("gif", gif))
+    if importlib.util.find_spec("imageio_ffmpeg") is not None:
+        mp4 = out / "clip.mp4"
+        try:
+            # macro_block_size=1 keeps odd sizes instead of resizing; yuv420p plays everywhere.
+            iio.imwrite(mp4, images, plugin="FFMPEG", fps=fps, macro_block_size=1, pixelformat="yuv420p")
+            written.append(("mp4", mp4))
+        except Exception as exc:  # an MP4 is a bonus: never lose the frames over it
+            print(f"warning: no MP4 written: {exc}", file=sys.stderr)
+    return written

@@ -1,0 +1,273 @@
+"""Authentication material: the shared HMAC key, CurveZMQ certificates, default paths.
+
+Two layers (docs/PROTOCOL.md, "Security model"):
+
+* every message is signed with a shared HMAC key (`hmac.key`, 64 hex characters, mode 0600);
+* over a network, CurveZMQ encrypts the connection and the server admits only clients
+  whose public key is in its `allowed_clients/` folder.
+
+The server refuses to listen on a non-loopback address without both (`is_loopback`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import secrets
+import stat
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+__all__ = [
+    "AuthError",
+    "config_dir",
+    "configure_client_curve",
+    "configure_server_curve",
+    "create_curve_certificates",
+    "create_key",
+    "default_client_id",
+    "default_key_path",
+    "is_loopback",
+    "load_key",
+]
+
+APP_NAME = "animatediff-blender"
+KEY_FILE_NAME = "hmac.key"
+CURVE_DIR_NAME = "curve"
+ALLOWED_CLIENTS_DIR_NAME = "allowed_clients"
+MIN_KEY_BYTES = 16
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
+
+
+class AuthError(Exception):
+    """Key or certificate trouble, with a message that says how to fix it."""
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def config_dir() -> Path:
+    """`$ANIMATEDIFF_BLENDER_CONFIG`, else `%APPDATA%\\animatediff-blender` on Windows,
+    else `$XDG_CONFIG_HOME/animatediff-blender` (`~/.config/animatediff-blender`)."""
+    override = os.environ.get("ANIMATEDIFF_BLENDER_CONFIG")
+    if override:
+        return Path(override).expanduser()
+    if sys.platform == "win32":
+        appdata = os.environ.get("APPDATA")
+        base = Path(appdata) if appdata else Path.home() / "AppData" / "Roaming"
+        return base / APP_NAME
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".config"
+    return base / APP_NAME
+
+
+def default_key_path() -> Path:
+    return config_dir() / KEY_FILE_NAME
+
+
+def default_curve_dir() -> Path:
+    return config_dir() / CURVE_DIR_NAME
+
+
+def _private_dir(path: Path) -> None:
+    """Create `path` (and parents) readable by the owner only, if it does not exist."""
+    if not path.exists():
+        path.mkdir(parents=True, mode=0o700)
+        if os.name == "posix":
+            path.chmod(0o700)  # mkdir's mode is masked by the umask
+
+
+def _check_private(path: Path, what: str) -> None:
+    """Refuse a secret file that other users can read (POSIX only)."""
+    if os.name != "posix":
+        return
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise AuthError(
+            f"{what} {path} is readable by other users (mode {mode:04o}); fix it with: chmod 600 '{path}'"
+        )
+
+
+# --------------------------------------------------------------------------- HMAC key
+
+
+def create_key(path: Path | None = None, overwrite: bool = False) -> bytes:
+    """Write a new random key (32 bytes as 64 hex characters) with mode 0600 and return
+    it as used for signing (the ASCII hex).  Refuses to replace an existing file unless
+    `overwrite`: every client holding the old key would be locked out."""
+    path = Path(path) if path is not None else default_key_path()
+    if path.exists() and not overwrite:
+        raise AuthError(
+            f"key file {path} already exists; pass --force to replace it "
+            "(every client must then get the new key)"
+        )
+    _private_dir(path.parent)
+    key = secrets.token_hex(32).encode("ascii")
+    # Write to a private temp file in the same folder, then rename: never a moment
+    # where the key exists with loose permissions or half-written.
+    fd, tmp = tempfile.mkstemp(prefix=".hmac-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key + b"\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return key
+
+
+def load_key(path: Path | None = None) -> bytes:
+    """Read a key file; refuse one that is missing, empty, too short or readable by others."""
+    path = Path(path) if path is not None else default_key_path()
+    if not path.is_file():
+        raise AuthError(
+            f"no key file at {path}; create one with `animatediff-blender keys` on the backend "
+            "machine and copy it to the same place on each client (or pass --key-file)"
+        )
+    _check_private(path, "key file")
+    key = path.read_bytes().strip()
+    if not key:
+        raise AuthError(f"key file {path} is empty; create one with `animatediff-blender keys --force`")
+    if len(key) < MIN_KEY_BYTES:
+        raise AuthError(
+            f"key in {path} is too short ({len(key)} bytes, at least {MIN_KEY_BYTES}); "
+            "create a new one with `animatediff-blender keys --force`"
+        )
+    return key
+
+
+def default_client_id(directory: Path | None = None) -> str:
+    """A stable id for this installation (job ownership and fair queueing), kept in
+    `<config>/client_id`; created on first use.  Falls back to a fresh id if the
+    folder cannot be written."""
+    path = (Path(directory) if directory is not None else config_dir()) / "client_id"
+    try:
+        existing = path.read_text(encoding="ascii").strip()
+        if _CLIENT_ID.match(existing):
+            return existing
+    except (OSError, UnicodeDecodeError):
+        pass
+    new = uuid.uuid4().hex
+    try:
+        _private_dir(path.parent)
+        path.write_text(new + "\n", encoding="ascii")
+    except OSError:
+        pass
+    return new
+
+
+# --------------------------------------------------------------------------- CurveZMQ
+
+
+def create_curve_certificates(directory: Path, name: str) -> tuple[Path, Path]:
+    """Create `<name>.key` (public) and `<name>.key_secret` (mode 0600) in `directory`."""
+    directory = Path(directory)
+    _private_dir(directory)
+    public, secret = zmq.auth.create_certificates(str(directory), name)
+    if os.name == "posix":
+        os.chmod(secret, 0o600)
+    return Path(public), Path(secret)
+
+
+def _load_keypair(secret_file: Path, what: str) -> tuple[bytes, bytes]:
+    secret_file = Path(secret_file)
+    if not secret_file.is_file():
+        raise AuthError(
+            f"no {what} secret certificate at {secret_file}; create it with `animatediff-blender keys --curve`"
+        )
+    _check_private(secret_file, f"{what} secret certificate")
+    try:
+        public, secret = zmq.auth.load_certificate(str(secret_file))
+    except (OSError, ValueError) as exc:
+        raise AuthError(f"cannot read {what} certificate {secret_file}: {exc}") from None
+    if not secret:
+        raise AuthError(
+            f"{secret_file} holds no secret key: pass the `.key_secret` file, not the `.key` file"
+        )
+    return public, secret
+
+
+def _load_public(public_file: Path, what: str) -> bytes:
+    public_file = Path(public_file)
+    if not public_file.is_file():
+        raise AuthError(f"no {what} public certificate at {public_file}")
+    try:
+        public, _ = zmq.auth.load_certificate(str(public_file))
+    except (OSError, ValueError) as exc:
+        raise AuthError(f"cannot read {what} certificate {public_file}: {exc}") from None
+    return public
+
+
+def configure_server_curve(
+    socket: zmq.Socket,  # type: ignore[type-arg]
+    context: zmq.Context,  # type: ignore[type-arg]
+    secret_file: Path,
+    allowed_dir: Path,
+) -> ThreadAuthenticator:
+    """Make `socket` a CurveZMQ server that admits only the client public keys found in
+    `allowed_dir` (`*.key` files).  Call before `bind`; stop the returned authenticator
+    when the socket closes."""
+    allowed_dir = Path(allowed_dir)
+    if not allowed_dir.is_dir() or not any(allowed_dir.glob("*.key")):
+        raise AuthError(
+            f"no client public keys in {allowed_dir}: copy each client's `.key` file there "
+            "(created by `animatediff-blender keys --curve`)"
+        )
+    public, secret = _load_keypair(secret_file, "server")
+    auth = ThreadAuthenticator(context)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(allowed_dir))
+    socket.curve_secretkey = secret
+    socket.curve_publickey = public
+    socket.curve_server = True
+    return auth
+
+
+def configure_client_curve(
+    socket: zmq.Socket,  # type: ignore[type-arg]
+    client_secret_file: Path,
+    server_public_file: Path,
+) -> None:
+    """Encrypt `socket` with CurveZMQ to the server whose public key is given.  Call
+    before `connect`."""
+    server_public = _load_public(server_public_file, "server")
+    public, secret = _load_keypair(client_secret_file, "client")
+    socket.curve_serverkey = server_public
+    socket.curve_publickey = public
+    socket.curve_secretkey = secret
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+def is_loopback(address: str) -> bool:
+    """True when a ZeroMQ endpoint is reachable only from this machine: `ipc://`,
+    `inproc://`, or `tcp://` on 127.0.0.0/8, ::1 or `localhost`.  A wildcard (`*`,
+    0.0.0.0), an interface name or any other host is not."""
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        return False
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    # tcp://[source;]host:port — a source address only names the local side.
+    rest = rest.rsplit(";", 1)[-1]
+    host, colon, _port = rest.rpartition(":")
+    if not colon:
+        return False
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

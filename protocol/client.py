@@ -1,0 +1,537 @@
+"""`BackendClient`: the one client of the backend, used by the CLI (`generate`), the
+Blender add-on's worker thread and batch scripts.
+
+One thread owns a client (ZeroMQ sockets are not thread-safe).  Requests and
+asynchronous job events share one DEALER socket: a request waits for the message
+whose parent header names it, and every event that arrives meanwhile is queued for
+`poll`.  `run_job` is the blocking path for batch use: it survives a backend that
+stops answering by reconnecting with back-off and re-subscribing to its job.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import zmq
+
+from . import auth, messages
+from .messages import (
+    Accepted,
+    Cancel,
+    Cancelled,
+    CancelReply,
+    Failed,
+    Fetch,
+    FieldError,
+    Finished,
+    Frames,
+    GenerateRequest,
+    Hello,
+    JobStatus,
+    ListModels,
+    ModelInfo,
+    Models,
+    Ping,
+    Pong,
+    Status,
+    Statuses,
+    Submit,
+    Watch,
+    Welcome,
+)
+from .version import PROTOCOL_VERSION
+from .wire import ENVELOPE_FRAMES, Header, Message, Session, WireError, split_routing
+
+__all__ = ["BackendClient", "ClientConfig", "ClientError", "Event", "JobResult", "EVENT_TYPES"]
+
+log = logging.getLogger(__name__)
+
+EVENT_TYPES = frozenset({"progress", "frames", "finished", "failed", "cancelled"})
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5557"
+_MAX_QUEUED_EVENTS = 4096
+
+T = TypeVar("T", bound=messages.Base)
+R = TypeVar("R")
+
+
+@dataclass
+class ClientConfig:
+    address: str = DEFAULT_ADDRESS
+    key_file: Path | None = None  # None: auth.default_key_path()
+    server_public_key_file: Path | None = None  # CurveZMQ: the server's `.key`
+    client_secret_key_file: Path | None = None  # CurveZMQ: this client's `.key_secret`
+    timeout_s: float = 10.0  # per request
+    client_id: str = ""  # "": the stable id kept in the config dir
+    client_name: str = ""
+    key: bytes | None = None  # the key itself, instead of key_file (the add-on's preferences)
+    heartbeat_s: float = 5.0  # run_job checks on its job after this much silence
+    reconnect_give_up_s: float = 120.0  # run_job gives up after the backend is gone this long
+
+
+class ClientError(Exception):
+    """A request that did not succeed.  `code` is the server's `Error.code`, a wire error
+    code, or one of "timeout", "connection", "auth", "protocol", "corrupt", "cancelled"."""
+
+    def __init__(self, code: str, message: str, fields: Sequence[FieldError] = ()) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fields: list[FieldError] = list(fields)
+
+    def __str__(self) -> str:
+        if not self.fields:
+            return self.message
+        details = "; ".join(f"{f.field}: {f.message}" for f in self.fields)
+        return f"{self.message} ({details})" if details not in self.message else self.message
+
+
+@dataclass
+class Event:
+    """An asynchronous message from the server: progress, frames, finished, failed, cancelled."""
+
+    msg_type: str
+    content: messages.Base
+    buffers: list[bytes] = field(default_factory=list)
+
+    @property
+    def job_id(self) -> str:
+        return str(getattr(self.content, "job_id", ""))
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    finished: Finished
+    frames: list[bytes]  # encoded images (PNG), in order
+
+
+class _FrameCollector:
+    """Frames of one job from `Frames` messages, checked against their sha256."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.frames: dict[int, bytes] = {}
+        self.total = -1
+
+    def add(self, content: Frames, buffers: list[bytes]) -> None:
+        if content.count != len(buffers):
+            raise ClientError(
+                "corrupt",
+                f"frames message of job {self.job_id} announces {content.count} images, holds {len(buffers)}",
+            )
+        if content.sha256 and len(content.sha256) != len(buffers):
+            raise ClientError(
+                "corrupt", f"frames message of job {self.job_id} has {len(content.sha256)} digests"
+            )
+        for i, data in enumerate(buffers):
+            if content.sha256 and hashlib.sha256(data).hexdigest() != content.sha256[i]:
+                raise ClientError(
+                    "corrupt", f"frame {content.start + i} of job {self.job_id} fails its sha256 check"
+                )
+            self.frames[content.start + i] = data
+        self.total = content.total
+
+    def complete(self, count: int) -> bool:
+        return all(i in self.frames for i in range(count))
+
+    def ordered(self, count: int) -> list[bytes]:
+        return [self.frames[i] for i in range(count)]
+
+
+class BackendClient:
+    def __init__(self, config: ClientConfig | None = None, context: zmq.Context | None = None) -> None:  # type: ignore[type-arg]
+        self.config = config or ClientConfig()
+        self._own_context = context is None
+        self._context: zmq.Context = context or zmq.Context()  # type: ignore[type-arg]
+        self._socket: zmq.Socket | None = None  # type: ignore[type-arg]
+        self._poller = zmq.Poller()
+        self._session: Session | None = None
+        self._events: collections.deque[Event] = collections.deque(maxlen=_MAX_QUEUED_EVENTS)
+        self.welcome: Welcome | None = None
+        self.client_id = self.config.client_id or auth.default_client_id()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> BackendClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._socket is not None and self.welcome is not None
+
+    def _load_key(self) -> bytes:
+        if self.config.key:
+            return self.config.key
+        try:
+            return auth.load_key(self.config.key_file)
+        except auth.AuthError as exc:
+            raise ClientError("auth", str(exc)) from None
+
+    def _open_socket(self) -> None:
+        self._close_socket()
+        if self._context.closed:
+            raise ClientError("connection", "this client was closed; create a new BackendClient")
+        if self._session is None:
+            self._session = Session(self._load_key(), client_id=self.client_id, role="client")
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 200)  # never block close() on unsent requests
+        sock.setsockopt(zmq.MAXMSGSIZE, self._session.max_bytes)  # per frame, enforced by libzmq
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, 10000)
+        sock.setsockopt(zmq.RECONNECT_IVL, 250)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+        cfg = self.config
+        if cfg.server_public_key_file or cfg.client_secret_key_file:
+            if not (cfg.server_public_key_file and cfg.client_secret_key_file):
+                sock.close(0)
+                raise ClientError(
+                    "auth",
+                    "CurveZMQ needs both the server's public key (--server-key) and this client's "
+                    "secret key (--client-secret)",
+                )
+            try:
+                auth.configure_client_curve(sock, cfg.client_secret_key_file, cfg.server_public_key_file)
+            except auth.AuthError as exc:
+                sock.close(0)
+                raise ClientError("auth", str(exc)) from None
+        try:
+            sock.connect(cfg.address)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise ClientError("connection", f"cannot connect to {cfg.address!r}: {exc}") from None
+        self._socket = sock
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+
+    def _close_socket(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        self.welcome = None
+
+    def connect(self) -> Welcome:
+        """Open the connection and shake hands.  Safe to call again to reconnect."""
+        self._open_socket()
+        hello = Hello(
+            client_id=self.client_id, client_name=self.config.client_name, protocol_version=PROTOCOL_VERSION
+        )
+        try:
+            welcome = self._call(hello, Welcome)
+        except ClientError:
+            self._close_socket()  # drop the queued hello
+            raise
+        assert self._session is not None
+        # Accept what the server announces it sends in one message.
+        self._session.max_bytes = max(self._session.max_bytes, welcome.limits.max_message_bytes)
+        self._session.max_frames = max(
+            self._session.max_frames, welcome.limits.max_frames_per_message + ENVELOPE_FRAMES
+        )
+        self.welcome = welcome
+        return welcome
+
+    def close(self) -> None:
+        self._close_socket()
+        if self._own_context:
+            self._context.term()
+            self._own_context = False
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _send(self, content: messages.Base) -> Header:
+        if self._socket is None or self._session is None:
+            raise ClientError("connection", "not connected: call connect() first")
+        header, frames = self._session.serialize_message(content)
+        try:
+            self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            raise ClientError(
+                "connection", f"cannot send to {self.config.address}: send queue full"
+            ) from None
+        return header
+
+    def _receive(self, timeout_s: float) -> Message | None:
+        """One validated message, or None if nothing arrived in time.  Messages that fail
+        validation are dropped (a newer server's unknown event types, say), except those
+        that mean the two sides cannot talk: a wrong key or a different major version."""
+        assert self._socket is not None and self._session is not None
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            if not self._poller.poll(remaining_ms):
+                return None
+            frames = self._socket.recv_multipart()
+            try:
+                _, body = split_routing(frames)
+                return self._session.deserialize(body)
+            except WireError as exc:
+                if exc.code == "bad_signature":
+                    raise ClientError(
+                        "bad_signature",
+                        f"the backend at {self.config.address} signs with a different key: copy its "
+                        "hmac.key to this machine (or point --key-file / the add-on preferences at it)",
+                    ) from None
+                if exc.code == "version":
+                    raise ClientError("version", exc.message) from None
+                if exc.code == "replay" and "clock" in exc.message:
+                    # Every message would fail the same way: say so instead of timing out.
+                    raise ClientError(
+                        "replay",
+                        f"the backend's clock is off: {exc.message}".replace("message is", "its message is"),
+                    ) from None
+                log.warning("dropped a message from the backend: %s", exc)
+            if time.monotonic() >= deadline:
+                return None
+
+    def _queue_event(self, msg: Message) -> None:
+        if msg.msg_type in EVENT_TYPES:
+            self._events.append(Event(msg.msg_type, msg.content, msg.buffers))
+        else:
+            log.debug("dropped an unexpected %s message (late reply?)", msg.msg_type)
+
+    def _replies(self, request: Header, timeout_s: float) -> Message:
+        """The next message answering `request`; events arriving meanwhile are queued.
+        The timeout restarts with each answer (multi-part replies such as fetch)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            msg = self._receive(remaining) if remaining > 0 else None
+            if msg is None:
+                raise ClientError(
+                    "timeout",
+                    f"No answer from backend at {self.config.address} within {timeout_s:g} s: is it running "
+                    "(`animatediff-blender serve`) and is the address right? If it is, check that both "
+                    "sides use the same key file"
+                    + (" and CurveZMQ certificates" if self._curve else "")
+                    + ".",
+                )
+            if msg.parent is not None and msg.parent.msg_id == request.msg_id:
+                if isinstance(msg.content, messages.Error):
+                    raise ClientError(msg.content.code, msg.content.message, msg.content.fields)
+                return msg
+            self._queue_event(msg)
+
+    @property
+    def _curve(self) -> bool:
+        return bool(self.config.server_public_key_file)
+
+    def _call(self, content: messages.Base, expect: type[T], timeout_s: float | None = None) -> T:
+        header = self._send(content)
+        msg = self._replies(header, self.config.timeout_s if timeout_s is None else timeout_s)
+        return _expect(msg, expect)
+
+    def _ensure_connected(self) -> None:
+        if not self.connected:
+            self.connect()
+
+    # ------------------------------------------------------------------ requests
+
+    def list_models(self, rescan: bool = False) -> list[ModelInfo]:
+        self._ensure_connected()
+        return self._call(ListModels(rescan=rescan), Models).models
+
+    def submit(self, request: GenerateRequest, client_tag: str = "") -> Accepted:
+        self._ensure_connected()
+        return self._call(Submit(request=request, client_tag=client_tag), Accepted)
+
+    def cancel(self, job_id: str) -> CancelReply:
+        self._ensure_connected()
+        return self._call(Cancel(job_id=job_id), CancelReply)
+
+    def status(self, job_id: str) -> JobStatus:
+        self._ensure_connected()
+        return self._call(Status(job_id=job_id), JobStatus)
+
+    def watch(self, job_ids: Sequence[str]) -> list[JobStatus]:
+        """(Re)subscribe this connection to the events of these jobs."""
+        self._ensure_connected()
+        return self._call(Watch(job_ids=list(job_ids)), Statuses).statuses
+
+    def ping(self) -> Pong:
+        self._ensure_connected()
+        return self._call(Ping(nonce=str(time.monotonic())), Pong)
+
+    def fetch(self, job_id: str) -> JobResult:
+        """The stored frames of a finished job: `Frames` messages, then `Finished`."""
+        self._ensure_connected()
+        header = self._send(Fetch(job_id=job_id))
+        collector = _FrameCollector(job_id)
+        while True:
+            msg = self._replies(header, self.config.timeout_s)
+            if isinstance(msg.content, Frames):
+                collector.add(msg.content, msg.buffers)
+            elif isinstance(msg.content, Finished):
+                return _result(collector, msg.content)
+            else:
+                raise ClientError("protocol", f"unexpected {msg.msg_type} in answer to fetch")
+
+    def poll(self, timeout_s: float) -> Event | None:
+        """The next asynchronous event, waiting up to `timeout_s`; None if none came."""
+        if self._events:
+            return self._events.popleft()
+        if self._socket is None:
+            raise ClientError("connection", "not connected: call connect() first")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            msg = self._receive(max(0.0, deadline - time.monotonic()))
+            if msg is None:
+                return None
+            self._queue_event(msg)
+            if self._events:
+                return self._events.popleft()
+
+    # ------------------------------------------------------------------ blocking job
+
+    def run_job(
+        self,
+        request: GenerateRequest,
+        *,
+        client_tag: str = "",
+        on_event: Callable[[Event], None] | None = None,
+        cancel: threading.Event | None = None,
+        timeout_s: float | None = None,
+    ) -> JobResult:
+        """Submit a job and block until its frames are here.  Raises ClientError on failure
+        (the job's own `code`), on cancellation ("cancelled"), or when the backend stays
+        unreachable for `reconnect_give_up_s` ("connection") — the job id is in the message
+        so that it can be fetched later.  With `timeout_s`, a job still running after that
+        long is cancelled and "timeout" raised."""
+        self._ensure_connected()
+        accepted = self.submit(request, client_tag=client_tag)
+        job_id = accepted.job_id
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        collector = _FrameCollector(job_id)
+        cancel_sent = False
+        last_heard = time.monotonic()
+        other_events: list[Event] = []
+
+        def give_up_cancelled() -> ClientError:
+            return ClientError("cancelled", f"job {job_id} was cancelled")
+
+        try:
+            while True:
+                if cancel is not None and cancel.is_set() and not cancel_sent:
+                    cancel_sent = True
+                    reply = self._guarded(lambda: self.cancel(job_id), job_id)
+                    if reply is not None and reply.state == "cancelled":
+                        raise give_up_cancelled()
+                if deadline is not None and time.monotonic() > deadline:
+                    self._try_cancel(job_id)
+                    raise ClientError(
+                        "timeout", f"job {job_id} did not finish within {timeout_s:g} s; it was cancelled"
+                    )
+                event = self._next_event(0.1)
+                if event is None:
+                    if time.monotonic() - last_heard > self.config.heartbeat_s:
+                        # Silence: ask for the job (re-subscribing this connection, which
+                        # also covers a reconnect that gave us a new identity).
+                        statuses = self._guarded(lambda: self.watch([job_id]), job_id)
+                        last_heard = time.monotonic()
+                        if statuses:
+                            done = self._settle(statuses[0], collector, cancel_sent)
+                            if done is not None:
+                                return done
+                    continue
+                if event.job_id != job_id:
+                    other_events.append(event)
+                    continue
+                last_heard = time.monotonic()
+                if on_event is not None:
+                    on_event(event)
+                content = event.content
+                if isinstance(content, Frames):
+                    collector.add(content, event.buffers)
+                elif isinstance(content, Finished):
+                    if collector.complete(content.frames):
+                        return _result(collector, content)
+                    # Frames went missing (a reconnect in between): get them all again.
+                    return self._guarded_fetch(job_id)
+                elif isinstance(content, Failed):
+                    raise ClientError(content.code, f"job {job_id} failed: {content.message}")
+                elif isinstance(content, Cancelled):
+                    raise give_up_cancelled()
+        finally:
+            # Events of other jobs stay available to poll().
+            self._events.extend(other_events)
+
+    def _next_event(self, timeout_s: float) -> Event | None:
+        try:
+            return self.poll(timeout_s)
+        except ClientError as exc:
+            if exc.code == "connection":
+                return None
+            raise
+
+    def _settle(self, status: JobStatus, collector: _FrameCollector, cancel_sent: bool) -> JobResult | None:
+        """React to a polled status: finished -> fetch, failed/cancelled -> raise."""
+        if status.state == "finished":
+            return self._guarded_fetch(status.job_id)
+        if status.state in ("failed", "interrupted"):
+            code = status.error_code or status.state
+            raise ClientError(code, f"job {status.job_id} {status.state}: {status.error or 'no details'}")
+        if status.state == "cancelled":
+            raise ClientError("cancelled", f"job {status.job_id} was cancelled")
+        return None
+
+    def _guarded_fetch(self, job_id: str) -> JobResult:
+        result = self._guarded(lambda: self.fetch(job_id), job_id)
+        assert result is not None
+        return result
+
+    def _guarded(self, call: Callable[[], R], job_id: str) -> R:
+        """Run a request; if the backend does not answer, reconnect with back-off and retry
+        until it does or `reconnect_give_up_s` passes."""
+        give_up = time.monotonic() + self.config.reconnect_give_up_s
+        delay = 0.5
+        while True:
+            try:
+                if not self.connected:
+                    self.connect()
+                return call()
+            except ClientError as exc:
+                if exc.code not in ("timeout", "connection"):
+                    raise
+                log.warning("backend not answering (%s); reconnecting", exc.message)
+                self._close_socket()
+                if time.monotonic() + delay > give_up:
+                    raise ClientError(
+                        "connection",
+                        f"lost the backend at {self.config.address} for over "
+                        f"{self.config.reconnect_give_up_s:g} s; job {job_id} may still finish there: "
+                        "fetch it later by its id",
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+
+    def _try_cancel(self, job_id: str) -> None:
+        try:
+            self.cancel(job_id)
+        except ClientError as exc:
+            log.warning("could not cancel job %s: %s", job_id, exc)
+
+
+def _expect(msg: Message, expect: type[T]) -> T:
+    if not isinstance(msg.content, expect):
+        raise ClientError("protocol", f"expected {expect.__name__} from the backend, got {msg.msg_type}")
+    return msg.content
+
+
+def _result(collector: _FrameCollector, finished: Finished) -> JobResult:
+    if not collector.complete(finished.frames):
+        missing = [i for i in range(finished.frames) if i not in collector.frames]
+        raise ClientError(
+            "corrupt",
+            f"job {finished.job_id} finished with {finished.frames} frames but frames {missing[:8]} are missing",
+        )
+    return JobResult(job_id=finished.job_id, finished=finished, frames=collector.ordered(finished.frames))

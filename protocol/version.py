@@ -1,0 +1,20 @@
+"""The protocol version, "MAJOR.MINOR".
+
+A different MAJOR is refused (the frames or the meaning of a field changed); a
+different MINOR is accepted and unknown fields are ignored (fields were only added).
+"""
+
+from __future__ import annotations
+
+PROTOCOL_VERSION = "1.0"
+
+
+def parse_version(version: str) -> tuple[int, int]:
+    """`"1.2"` -> `(1, 2)`; ValueError for anything else."""
+    major, _, minor = version.partition(".")
+    if not (major.isdigit() and minor.isdigit()):
+        raise ValueError(f"not a MAJOR.MINOR version: {version!r}")
+    return int(major), int(minor)
+
+
+PROTOCOL_MAJOR, PROTOCOL_MINOR = parse_version(PROTOCOL_VERSION)

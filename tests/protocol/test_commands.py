@@ -1,0 +1,191 @@
+"""`animatediff-blender keys` and `animatediff-blender generate` (the latter end to end
+against an in-process server with the fake engine)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import imageio.v3 as iio
+import pytest
+
+from animatediff_blender.backend.cli import main
+from animatediff_blender.backend.commands import generate
+from animatediff_blender.protocol import auth
+from animatediff_blender.protocol.messages import FieldError
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@posix_only
+def test_keys_creates_a_private_key_in_the_config_dir(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keys"]) == 0
+    key = auth.default_key_path()
+    assert mode(key) == 0o600 and len(auth.load_key(key)) == 64
+    out = capsys.readouterr().out
+    assert str(key) in out and "serve" in out
+
+
+def test_keys_keeps_an_existing_key_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keys", "--dir", str(tmp_path)]) == 0
+    first = auth.load_key(tmp_path / "hmac.key")
+    assert main(["keys", "--dir", str(tmp_path)]) == 0
+    assert auth.load_key(tmp_path / "hmac.key") == first
+    assert "kept" in capsys.readouterr().out
+    assert main(["keys", "--dir", str(tmp_path), "--force"]) == 0
+    assert auth.load_key(tmp_path / "hmac.key") != first
+
+
+@posix_only
+def test_keys_refuses_a_loose_existing_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["keys", "--dir", str(tmp_path)])
+    (tmp_path / "hmac.key").chmod(0o644)
+    assert main(["keys", "--dir", str(tmp_path)]) == 1
+    assert "chmod 600" in capsys.readouterr().err
+
+
+@posix_only
+def test_keys_curve_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keys", "--dir", str(tmp_path), "--curve"]) == 0
+    curve = tmp_path / "curve"
+    for name in ("server", "client"):
+        assert (curve / f"{name}.key").is_file()
+        assert mode(curve / f"{name}.key_secret") == 0o600
+    allowed = curve / "allowed_clients"
+    assert (allowed / "client.key").read_bytes() == (curve / "client.key").read_bytes()
+    out = capsys.readouterr().out
+    assert "--curve-allowed-dir" in out and "client.key_secret" in out and "server.key" in out
+
+    server_secret = (curve / "server.key_secret").read_bytes()
+    assert main(["keys", "--dir", str(tmp_path), "--curve", "--client", "alice"]) == 0
+    assert (allowed / "alice.key").is_file() and (allowed / "client.key").is_file()
+    assert (curve / "server.key_secret").read_bytes() == server_secret  # kept
+    assert main(["keys", "--dir", str(tmp_path), "--curve", "--client", "../evil"]) == 2
+
+
+# --------------------------------------------------------------------------- generate: pieces
+
+
+def test_lora_and_model_id_parsing() -> None:
+    assert generate._lora("lora:v2_lora_ZoomIn.ckpt:0.8") == ("lora:v2_lora_ZoomIn.ckpt", 0.8)
+    assert generate._lora("ZoomIn:-0.5") == ("lora:ZoomIn", -0.5)
+    assert generate._lora("lora:ZoomIn") == ("lora:ZoomIn", 1.0)
+    assert generate._lora("ZoomIn") == ("lora:ZoomIn", 1.0)
+    assert generate._model_id("tiny-sd15", "base") == "base:tiny-sd15"
+    assert generate._model_id("base:tiny-sd15", "base") == "base:tiny-sd15"
+
+
+def test_field_errors_are_named_by_flag() -> None:
+    text = generate.describe_fields(
+        [
+            FieldError(field="$.request.width", message="must be <= 1024"),
+            FieldError(field="$.request.motion_loras[1].weight", message="too big"),
+            FieldError(field="$.steps", message="Expected `int` >= 1"),
+        ]
+    )
+    assert text == "--width: must be <= 1024; --lora #2: too big; --steps: Expected `int` >= 1"
+
+
+def test_local_validation_rejects_before_connecting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No server listens on port 1: a validation error must come first, instantly.
+    code = main(
+        ["generate", "--address", "tcp://127.0.0.1:1", "--prompt", "x", "--width", "100", "--base-model",
+         "../../etc/passwd", "--out", str(tmp_path / "never")]
+    )  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--width" in err and "--base-model" in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_missing_prompt_or_out(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--out", "x"]) == 2
+    assert "--prompt" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x"]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_server_down_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    auth.create_key()
+    code = main(["generate", "--address", "tcp://127.0.0.1:1", "--timeout", "0.3", "--prompt", "x", "--out", str(tmp_path)])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: No answer from backend at tcp://127.0.0.1:1")
+
+
+# --------------------------------------------------------------------------- generate: end to end
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> Iterator[str]:
+    from animatediff_blender.backend.engine.fake import FakeEngine
+    from animatediff_blender.backend.server.config import ServerConfig
+    from animatediff_blender.backend.server.server import Server
+
+    key = auth.create_key()  # the default key file, which the CLI reads by default
+    server = Server(
+        ServerConfig(
+            key=key, data_dir=tmp_path / "data", bind="tcp://127.0.0.1:*", linger_ms=0, shutdown_timeout_s=5
+        ),
+        FakeEngine(),
+    )
+    endpoint = server.start()
+    yield endpoint
+    server.stop()
+
+
+def test_generate_writes_frames_gif_and_mp4(
+    backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "clip"
+    code = main(
+        ["generate", "--address", backend, "--prompt", "a red fox", "--frames", "5", "--width", "64",
+         "--height", "48", "--steps", "2", "--seed", "7", "--lora", "fake_ZoomIn:0.7", "--out", str(out)]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    pngs = sorted(out.glob("frame_*.png"))
+    assert [p.name for p in pngs] == [f"frame_{i:04d}.png" for i in range(5)]
+    assert iio.imread(pngs[0]).shape[:2] == (48, 64)
+    gif = iio.imread(out / "clip.gif", index=None)
+    assert gif.shape[0] == 5
+    assert (out / "clip.mp4").stat().st_size > 0
+    assert "5 frames 64x48" in captured.out and str(out / "clip.gif") in captured.out
+
+
+def test_generate_list_models(backend: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--address", backend, "--list-models"]) == 0
+    out = capsys.readouterr().out
+    assert "base:fake-sd15" in out and "lora:fake_ZoomIn" in out and "(* default)" in out
+
+
+def test_generate_reports_server_refusals_and_failures(
+    backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["generate", "--address", backend, "--width", "64", "--height", "64", "--out", str(tmp_path)]
+    assert main([*args, "--prompt", "x", "--lora", "NoSuchLora"]) == 1
+    assert "lora:NoSuchLora" in capsys.readouterr().err
+    assert main([*args, "--prompt", "x", "--frames", "300"]) == 1  # over the server's limit
+    assert "--frames" in capsys.readouterr().err
+    assert main([*args, "--prompt", "!oom", "--frames", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: job ") and "memory" in err[-1]
+
+
+def test_generate_with_a_wrong_key(backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other = tmp_path / "other.key"
+    auth.create_key(other)
+    code = main(["generate", "--address", backend, "--key-file", str(other), "--prompt", "x", "--out", str(tmp_path)])  # fmt: skip
+    assert code == 1
+    assert "different key" in capsys.readouterr().err
