@@ -1,15 +1,206 @@
-"""`animatediff-blender serve` (placeholder until its issue lands)."""
+"""`animatediff-blender serve`: run the GPU backend."""
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
+
+from animatediff_blender.protocol.messages import Limits
+
+_DEFAULTS = Limits()
+
+EPILOG = """\
+security:
+  Every message is signed with the shared HMAC key (--key-file; created with mode 0600 on
+  the first start when missing and the address is local).  A non-loopback --bind needs
+  CurveZMQ (--curve-secret and --curve-allowed-dir, see `animatediff-blender keys --curve`);
+  the server refuses to start without it unless --insecure is given.
+
+jobs and storage:
+  Jobs, their settings and their frames are kept in --data-dir (jobs.sqlite and
+  jobs/<job_id>/frame_0000.png) and stay fetchable by their owner after a restart.  Jobs
+  that were queued or running when the server stopped are reported as "interrupted" and
+  are not re-run.  Retention: finished, failed, cancelled and interrupted jobs older
+  than --retention-hours are deleted, then the oldest finished jobs until the frames take
+  at most --retention-max-gb; checked at start and every hour.
+"""
+
+
+def _data_dir() -> Path:
+    override = os.environ.get("ANIMATEDIFF_BLENDER_DATA")
+    if override:
+        return Path(override).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    if os.name == "nt":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    else:
+        base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "animatediff-blender"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="(not yet implemented)")
+    p = sub.add_parser(
+        "serve",
+        help="run the GPU backend server",
+        description="Run the backend: a ZeroMQ server that queues generation jobs and runs them on the GPU.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--bind", default="tcp://127.0.0.1:5557", help="ZeroMQ address to listen on (default: %(default)s)"
+    )
+    p.add_argument("--models-dir", type=Path, help="model directory (default: <data-dir>/models)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        help="job database and frames (default: $ANIMATEDIFF_BLENDER_DATA or XDG data dir)",
+    )
+    p.add_argument("--key-file", type=Path, help="HMAC key file (default: <config dir>/hmac.key)")
+    p.add_argument("--curve-secret", type=Path, help="CurveZMQ: this server's .key_secret certificate")
+    p.add_argument(
+        "--curve-allowed-dir", type=Path, help="CurveZMQ: folder of allowed clients' public .key files"
+    )
+    p.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback --bind without CurveZMQ (NOT encrypted)"
+    )
+    p.add_argument(
+        "--engine",
+        choices=("animatediff", "fake"),
+        default="animatediff",
+        help="generation engine; 'fake' makes test patterns without a GPU (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device", default=None, help="torch device, e.g. cuda:1 (default: cuda if available, else cpu)"
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=("fp16", "bf16", "fp32", "float16", "bfloat16", "float32"),
+        help="weights dtype (default: fp16 on CUDA, fp32 on CPU)",
+    )
+    p.add_argument("--fake-step-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests and demos
+
+    lim = p.add_argument_group("limits (checked before any GPU work)")
+    lim.add_argument("--max-frames", type=int, default=_DEFAULTS.max_frames, help="default: %(default)s")
+    lim.add_argument("--max-width", type=int, default=_DEFAULTS.max_width, help="default: %(default)s")
+    lim.add_argument("--max-height", type=int, default=_DEFAULTS.max_height, help="default: %(default)s")
+    lim.add_argument(
+        "--max-pixel-frames",
+        type=int,
+        default=_DEFAULTS.max_pixel_frames,
+        help="width x height x frames budget (default: %(default)s)",
+    )
+    lim.add_argument("--max-steps", type=int, default=_DEFAULTS.max_steps, help="default: %(default)s")
+    lim.add_argument(
+        "--max-guidance", type=float, default=_DEFAULTS.max_guidance, help="default: %(default)s"
+    )
+    lim.add_argument(
+        "--max-prompt-chars", type=int, default=_DEFAULTS.max_prompt_chars, help="default: %(default)s"
+    )
+    lim.add_argument(
+        "--max-motion-loras", type=int, default=_DEFAULTS.max_motion_loras, help="default: %(default)s"
+    )
+    lim.add_argument("--max-queue", type=int, default=_DEFAULTS.max_queue, help="default: %(default)s")
+    lim.add_argument(
+        "--max-jobs-per-client",
+        type=int,
+        default=_DEFAULTS.max_jobs_per_client,
+        help="queued + running jobs per client id (default: %(default)s)",
+    )
+    lim.add_argument(
+        "--job-timeout",
+        type=float,
+        default=_DEFAULTS.job_timeout_s,
+        help="seconds a job may run before it fails with 'timeout' (default: %(default)s)",
+    )
+    lim.add_argument(
+        "--max-message-mb",
+        type=float,
+        default=_DEFAULTS.max_message_bytes / 2**20,
+        help="largest message the server sends, MiB (default: %(default)s)",
+    )
+
+    ret = p.add_argument_group("retention")
+    ret.add_argument(
+        "--retention-hours",
+        type=float,
+        default=72.0,
+        help="delete finished/failed/cancelled jobs older than this (default: %(default)s)",
+    )
+    ret.add_argument(
+        "--retention-max-gb",
+        type=float,
+        default=50.0,
+        help="keep stored frames under this size, oldest deleted first (default: %(default)s)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    print("animatediff-blender serve: not implemented yet")
-    return 2
+    import logging
+    import signal
+    import sys
+    import threading
+
+    from animatediff_blender.backend.engine.interface import EngineError
+    from animatediff_blender.backend.server.config import ConfigError, ServerConfig, load_or_create_key
+    from animatediff_blender.backend.server.server import Server
+
+    log = logging.getLogger("animatediff_blender.server")
+    data_dir = args.data_dir or _data_dir()
+    models_dir = args.models_dir or data_dir / "models"
+    limits = Limits(
+        max_frames=args.max_frames,
+        max_width=args.max_width,
+        max_height=args.max_height,
+        max_pixel_frames=args.max_pixel_frames,
+        max_steps=args.max_steps,
+        max_guidance=args.max_guidance,
+        max_prompt_chars=args.max_prompt_chars,
+        max_motion_loras=args.max_motion_loras,
+        max_queue=args.max_queue,
+        max_jobs_per_client=args.max_jobs_per_client,
+        job_timeout_s=args.job_timeout,
+        max_message_bytes=int(args.max_message_mb * 2**20),
+    )
+    try:
+        key = load_or_create_key(args.key_file, args.bind)
+        config = ServerConfig(
+            key=key,
+            data_dir=data_dir,
+            bind=args.bind,
+            limits=limits,
+            curve_secret=args.curve_secret,
+            curve_allowed_dir=args.curve_allowed_dir,
+            insecure=args.insecure,
+            retention_hours=args.retention_hours,
+            retention_max_bytes=int(args.retention_max_gb * 1024**3),
+        )
+        if args.engine == "fake":
+            from animatediff_blender.backend.engine.fake import FakeEngine
+
+            engine = FakeEngine(step_delay_s=args.fake_step_delay)
+        else:
+            from animatediff_blender.backend.engine.animatediff import AnimateDiffEngine
+
+            log.info("loading the AnimateDiff engine (models: %s)", models_dir)
+            engine = AnimateDiffEngine(models_dir, args.device, args.dtype)
+        server = Server(config, engine)  # type: ignore[arg-type]
+    except (ConfigError, EngineError) as exc:
+        print(f"animatediff-blender serve: {exc}", file=sys.stderr)
+        return 2
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        server.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+    try:
+        server.serve_forever()
+    except Exception as exc:
+        log.error("server failed: %s", exc)
+        return 1
+    return 0

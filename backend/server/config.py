@@ -1,0 +1,86 @@
+"""Server configuration, the bind-address policy and the HMAC key bootstrap."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from animatediff_blender.protocol import auth
+from animatediff_blender.protocol.messages import Limits
+
+log = logging.getLogger("animatediff_blender.server")
+
+# Requests (client -> server) carry no binary buffers and at most a few MiB of prompts
+# (4000 characters x 256 prompt-travel entries, JSON-escaped); anything bigger is abuse.
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+MAX_REQUEST_BUFFERS = 4
+
+
+class ConfigError(Exception):
+    """A configuration the server refuses to run with; the message says how to fix it."""
+
+
+@dataclass
+class ServerConfig:
+    key: bytes
+    data_dir: Path
+    bind: str = "tcp://127.0.0.1:5557"
+    limits: Limits = field(default_factory=Limits)
+    curve_secret: Path | None = None
+    curve_allowed_dir: Path | None = None
+    insecure: bool = False
+    retention_hours: float = 72.0
+    retention_max_bytes: int = 50 * 1024**3
+    retention_interval_s: float = 3600.0
+    # ZeroMQ heartbeats: a peer silent for `heartbeat_timeout_ms` is dropped, so its
+    # identity stops receiving events (it resumes with `watch` after reconnecting).
+    heartbeat_ivl_ms: int = 2000
+    heartbeat_timeout_ms: int = 10000
+    heartbeat_ttl_ms: int = 10000
+    replay_window_s: float = 300.0
+    preview_max_px: int = 256
+    png_compress_level: int = 4  # zlib level: 1 is fastest, 9 smallest
+    linger_ms: int = 1000
+    shutdown_timeout_s: float = 10.0
+
+    @property
+    def curve(self) -> bool:
+        return self.curve_secret is not None and self.curve_allowed_dir is not None
+
+
+def check_bind_policy(config: ServerConfig) -> None:
+    """Refuse a network-reachable address without CurveZMQ unless `insecure`."""
+    if (config.curve_secret is None) != (config.curve_allowed_dir is None):
+        raise ConfigError("CurveZMQ needs both --curve-secret and --curve-allowed-dir")
+    if auth.is_loopback(config.bind) or config.curve:
+        return
+    if not config.insecure:
+        raise ConfigError(
+            f"refusing to listen on {config.bind} without encryption: anyone on the network could "
+            "read prompts and frames. Create certificates with `animatediff-blender keys --curve` and "
+            "pass --curve-secret and --curve-allowed-dir, or bind tcp://127.0.0.1 and tunnel over SSH, "
+            "or pass --insecure on a network you trust."
+        )
+    log.warning(
+        "INSECURE: listening on %s without CurveZMQ (--insecure). Messages are signed but NOT "
+        "encrypted: anyone on this network can read prompts and frames.",
+        config.bind,
+    )
+
+
+def load_or_create_key(path: Path | None, bind: str) -> bytes:
+    """The HMAC key from `path` (default: the config dir's hmac.key).  A missing key is
+    created (mode 0600) only for a loopback address: a network server must be given the
+    key its clients already hold."""
+    key_path = Path(path) if path is not None else auth.default_key_path()
+    if not key_path.exists() and auth.is_loopback(bind):
+        key = auth.create_key(key_path)
+        log.info(
+            "created a new HMAC key at %s (mode 0600); clients on this machine use it automatically", key_path
+        )
+        return key
+    try:
+        return auth.load_key(key_path)
+    except auth.AuthError as exc:
+        raise ConfigError(str(exc)) from None

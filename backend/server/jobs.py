@@ -1,0 +1,92 @@
+"""A live job and the events the GPU worker sends to the network loop."""
+
+from __future__ import annotations
+
+import math
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+from animatediff_blender.protocol import messages
+from animatediff_blender.protocol.wire import Header
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(eq=False)
+class Job:
+    """A queued or running job.  Fields below `cancel` are written by the worker thread
+    and read by the loop (plain int/float assignments: safe under the GIL)."""
+
+    job_id: str
+    client_id: str
+    settings: messages.GenerateRequest  # resolved by the engine at submit time
+    client_tag: str
+    created_at: float
+    state: str = "queued"  # loop-owned: queued -> running -> (removed when final)
+    watchers: set[bytes] = field(default_factory=set)  # loop-owned: ROUTER identities
+    cancel: threading.Event = field(default_factory=threading.Event)
+    interrupt: bool = False  # set with `cancel` at shutdown: report "interrupted", not "cancelled"
+    step: int = 0
+    total_steps: int = 0
+    started_at: float = 0.0
+    deadline: float = math.inf  # time.monotonic() after which the job fails with "timeout"
+    timed_out: bool = False
+
+
+# --------------------------------------------------------------------------- worker -> loop
+
+
+@dataclass
+class JobStarted:
+    job_id: str
+
+
+@dataclass
+class JobProgress:
+    job_id: str
+    step: int
+    total_steps: int
+    elapsed_s: float
+    remaining_s: float
+    phase: str
+    preview_png: bytes | None
+
+
+@dataclass
+class JobDone:
+    """Frames already persisted; `pngs` are the very bytes written to disk."""
+
+    job_id: str
+    pngs: list[bytes]
+    sha256: list[str]
+    finished: messages.Finished
+
+
+@dataclass
+class JobEnded:
+    """Failed, cancelled or interrupted (state says which); already persisted."""
+
+    job_id: str
+    state: str
+    code: str
+    message: str
+
+
+@dataclass
+class Reply:
+    """Messages produced off the loop (fetch, model rescan) for the loop to send."""
+
+    identity: bytes
+    parent: Header | None
+    items: list[tuple[messages.Base, list[bytes]]]
+
+
+@dataclass
+class EngineReady:
+    """The engine finished warming up."""
+
+
+Event = JobStarted | JobProgress | JobDone | JobEnded | Reply | EngineReady

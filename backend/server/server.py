@@ -1,0 +1,843 @@
+"""The backend's network loop: one ROUTER socket, one thread, never waiting on the GPU.
+
+Threads:
+
+* the **loop** (`Server.serve_forever`) owns the ROUTER socket and the fair queue; it
+  answers hello/ping/status/cancel/watch at once, checks requests against the
+  limits, and forwards engine events to the connections watching each job;
+* the **GPU worker** (`worker.Worker`) runs one job at a time;
+* a small **I/O pool** reads stored frames for `fetch`, rescans models and prunes
+  old jobs, so that disk work never stalls the loop either.
+
+Other threads hand results to the loop through a `queue.Queue` and wake it with a
+byte on an inproc PAIR socket; only the loop touches the ROUTER.
+
+Jobs belong to the `client_id` of the request's envelope header (stable per
+installation).  Only that client id can see (status/watch), cancel or fetch a job;
+any other gets "not_found", so job ids leak nothing.  The shared HMAC key is the
+authentication: a key holder can claim any client id, so ownership separates
+artists' work, it is not a security boundary between key holders.
+
+Delivery: events go to the connections that watch a job (the submitting one
+automatically).  A vanished connection is dropped from the watchers
+(ROUTER_MANDATORY makes that visible instead of silent); after reconnecting, a
+client sends `watch` to resume and `fetch` to get finished frames again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import zmq
+
+from animatediff_blender import __version__
+from animatediff_blender.backend.engine.interface import Engine, EngineError
+from animatediff_blender.protocol import auth, messages
+from animatediff_blender.protocol.version import PROTOCOL_VERSION
+from animatediff_blender.protocol.wire import (
+    ENVELOPE_FRAMES,
+    Header,
+    Message,
+    Session,
+    WireError,
+    split_routing,
+)
+
+from .config import MAX_REQUEST_BUFFERS, MAX_REQUEST_BYTES, ServerConfig, check_bind_policy
+from .jobqueue import ClientOverLimit, FairQueue, QueueFull
+from .jobs import (
+    EngineReady,
+    Event,
+    Job,
+    JobDone,
+    JobEnded,
+    JobProgress,
+    JobStarted,
+    Reply,
+    new_job_id,
+)
+from .limits import check_request
+from .store import JobRecord, JobStore
+from .worker import Worker
+
+log = logging.getLogger("animatediff_blender.server")
+joblog = logging.getLogger("animatediff_blender.server.jobs")
+
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
+_FRAME_OVERHEAD = 64 * 1024  # header/content JSON of a Frames message, generously
+MAX_RECV_PER_TURN = 200  # then look at engine events again: neither side starves
+
+
+class _RateLimitedLog:
+    """Log refused messages, but at most `per_s` lines a second: a flood of garbage must
+    not turn into a flood of log lines.  The skipped count is reported on the next line."""
+
+    def __init__(self, per_s: int = 20) -> None:
+        self.per_s = per_s
+        self._window = 0.0
+        self._count = 0
+        self._skipped = 0
+
+    def warning(self, fmt: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._window >= 1.0:
+            if self._skipped:
+                log.warning("refused %d more messages in the last second (log rate-limited)", self._skipped)
+            self._window, self._count, self._skipped = now, 0, 0
+        if self._count < self.per_s:
+            self._count += 1
+            log.warning(fmt, *args)
+        else:
+            self._skipped += 1
+
+
+class Server:
+    def __init__(self, config: ServerConfig, engine: Engine) -> None:
+        check_bind_policy(config)
+        self.config = config
+        self.engine = engine
+        self.limits = config.limits
+        self.store = JobStore(config.data_dir)
+        self.queue: FairQueue[Job] = FairQueue(self.limits.max_queue, self.limits.max_jobs_per_client)
+        self.live: dict[str, Job] = {}  # queued and running jobs
+        self.running: Job | None = None
+        self.warming_up = True
+        self.endpoint = ""  # the bound address (with the real port when bound to :0 or *)
+        self.refusals = 0  # messages refused (tests and metrics)
+        self._events: queue.Queue[Event] = queue.Queue()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="server-io")
+        self._wake_lock = threading.Lock()
+        self._wake_tx: zmq.Socket[bytes] | None = None
+        self._refused = _RateLimitedLog()
+        self._last_prune = 0.0
+        self.rx = Session(
+            config.key,
+            max_frames=ENVELOPE_FRAMES + MAX_REQUEST_BUFFERS,
+            max_bytes=min(MAX_REQUEST_BYTES, self.limits.max_message_bytes),
+            replay_window_s=config.replay_window_s,
+            role="server",
+        )
+        self.tx = Session(
+            config.key,
+            client_id="server",
+            max_frames=ENVELOPE_FRAMES + self.limits.max_frames_per_message,
+            max_bytes=self.limits.max_message_bytes,
+            role="server",
+        )
+        self.tx.session = self.rx.session
+        self.worker = Worker(
+            engine,
+            self.store,
+            self._post,
+            job_timeout_s=self.limits.job_timeout_s,
+            preview_max_px=config.preview_max_px,
+            png_compress_level=config.png_compress_level,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, timeout: float = 30.0) -> str:
+        """Run the loop in a background thread; returns the bound endpoint once listening."""
+        self._thread = threading.Thread(target=self.serve_forever, name="server-loop", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("the server did not start listening in time")
+        if self._start_error is not None:
+            raise self._start_error
+        return self.endpoint
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Ask the loop to shut down (thread-safe, also from a signal handler) and wait
+        for it when it runs in a thread started by `start`."""
+        self._stop.set()
+        # Wake the loop now rather than at its next poll timeout.  Non-blocking: this may
+        # run in a signal handler, interrupting a thread that holds the lock.
+        if self._wake_lock.acquire(blocking=False):
+            try:
+                if self._wake_tx is not None:
+                    self._wake_tx.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            finally:
+                self._wake_lock.release()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout if timeout is not None else self.config.shutdown_timeout_s + 5)
+
+    def serve_forever(self) -> None:
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        authenticator = None
+        sock = ctx.socket(zmq.ROUTER)
+        wake_rx = ctx.socket(zmq.PAIR)
+        try:
+            try:
+                self._sock = sock
+                self._configure(sock)
+                if self.config.curve:
+                    assert self.config.curve_secret is not None and self.config.curve_allowed_dir is not None
+                    authenticator = auth.configure_server_curve(
+                        sock, ctx, self.config.curve_secret, self.config.curve_allowed_dir
+                    )
+                sock.bind(self.config.bind)
+                self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+                wake_addr = f"inproc://wake-{id(self)}"
+                wake_rx.bind(wake_addr)
+                tx = ctx.socket(zmq.PAIR)
+                tx.connect(wake_addr)
+                self._wake_tx = tx
+                self._recover_and_prune()
+                self.worker.start()
+            except BaseException as exc:
+                self._start_error = exc
+                self._ready.set()
+                raise
+            log.info(
+                "listening on %s (engine device: %s, curve: %s, data: %s)",
+                self.endpoint,
+                self.engine.device_name(),
+                "on" if self.config.curve else "off",
+                self.config.data_dir,
+            )
+            self._ready.set()
+            self._loop(sock, wake_rx)
+        finally:
+            self._shutdown(sock)
+            with self._wake_lock:
+                if self._wake_tx is not None:
+                    self._wake_tx.close(linger=0)
+                    self._wake_tx = None
+            wake_rx.close(linger=0)
+            sock.close(linger=self.config.linger_ms)
+            if authenticator is not None:
+                authenticator.stop()
+            ctx.term()
+            self._pool.shutdown(wait=True, cancel_futures=True)  # its tasks use the store
+            self.store.close()
+            log.info("stopped")
+
+    def _configure(self, sock: zmq.Socket[bytes]) -> None:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable -> EHOSTUNREACH, not silence
+        # libzmq drops a connection that sends a larger frame; requests are small.
+        sock.setsockopt(zmq.MAXMSGSIZE, self.rx.max_bytes)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, self.config.heartbeat_ivl_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.config.heartbeat_timeout_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, self.config.heartbeat_ttl_ms)
+        sock.setsockopt(zmq.LINGER, self.config.linger_ms)
+        # Per peer, in messages: enough for a job's progress and frames, not for a reader
+        # that never reads to pile up gigabytes of fetched frames.
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.setsockopt(zmq.RCVHWM, 1000)
+
+    def _recover_and_prune(self) -> None:
+        interrupted = self.store.recover()
+        for job_id in interrupted:
+            joblog.info("job=%s event=interrupted reason=restart", job_id)
+        self._prune()
+
+    def _prune(self) -> None:
+        self._last_prune = time.monotonic()
+        removed = self.store.prune(self.config.retention_hours * 3600.0, self.config.retention_max_bytes)
+        if removed:
+            log.info("retention: deleted %d old jobs", len(removed))
+
+    # ------------------------------------------------------------------ loop
+
+    def _post(self, event: Event) -> None:
+        """Called from any thread: queue the event and wake the loop."""
+        self._events.put(event)
+        with self._wake_lock:
+            if self._wake_tx is not None:
+                try:
+                    self._wake_tx.send(b"", zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # the loop is already awake with a backlog of wake-ups
+
+    def _loop(self, sock: zmq.Socket[bytes], wake_rx: zmq.Socket[bytes]) -> None:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(wake_rx, zmq.POLLIN)
+        self._sock = sock
+        while not self._stop.is_set():
+            ready = dict(poller.poll(200))
+            if wake_rx in ready:
+                try:
+                    while True:
+                        wake_rx.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+            self._drain_events()
+            if sock in ready:
+                for _ in range(MAX_RECV_PER_TURN):
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle_frames(frames)
+            self._dispatch()
+            if time.monotonic() - self._last_prune > self.config.retention_interval_s:
+                self._last_prune = time.monotonic()
+                self._pool.submit(self._prune_safely)
+
+    def _prune_safely(self) -> None:
+        try:
+            self._prune()
+        except Exception:
+            log.exception("retention pass failed")
+
+    def _dispatch(self) -> None:
+        """Hand the next queued job to the worker if it is idle."""
+        if self.running is not None or self._stop.is_set():
+            return
+        nxt = self.queue.pop()
+        if nxt is None:
+            return
+        job = nxt[1]
+        job.state = "running"
+        self.running = job
+        self.worker.submit(job)
+
+    # ------------------------------------------------------------------ sending
+
+    def _send(
+        self,
+        identity: bytes,
+        content: messages.Base,
+        parent: Header | None = None,
+        buffers: list[bytes] | None = None,
+    ) -> bool:
+        try:
+            frames = self.tx.serialize(content, parent=parent, buffers=buffers or ())
+        except WireError as exc:
+            log.error("cannot send %s: %s", type(content).__name__, exc)
+            return False
+        try:
+            self._sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning(
+                "peer=%s is not reading; dropped a %s message", identity.hex(), type(content).__name__
+            )
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                self._forget(identity)
+                return False
+            raise
+        return True
+
+    def _forget(self, identity: bytes) -> None:
+        """The connection is gone: stop sending it events."""
+        for job in self.live.values():
+            job.watchers.discard(identity)
+
+    def _broadcast(self, job: Job, content: messages.Base, buffers: list[bytes] | None = None) -> None:
+        for identity in list(job.watchers):
+            self._send(identity, content, buffers=buffers)
+
+    def _frames_messages(
+        self, job_id: str, pngs: list[bytes], digests: list[str], width: int, height: int
+    ) -> list[tuple[messages.Base, list[bytes]]]:
+        """Split frames into Frames messages within the frame-count and byte caps."""
+        out: list[tuple[messages.Base, list[bytes]]] = []
+        budget = self.limits.max_message_bytes - _FRAME_OVERHEAD
+        start = 0
+        while start < len(pngs):
+            end, size = start, 0
+            while (
+                end < len(pngs)
+                and end - start < self.limits.max_frames_per_message
+                and (end == start or size + len(pngs[end]) <= budget)
+            ):
+                size += len(pngs[end])
+                end += 1
+            out.append(
+                (
+                    messages.Frames(
+                        job_id=job_id,
+                        start=start,
+                        count=end - start,
+                        total=len(pngs),
+                        width=width,
+                        height=height,
+                        sha256=digests[start:end],
+                    ),
+                    pngs[start:end],
+                )
+            )
+            start = end
+        return out
+
+    # ------------------------------------------------------------------ engine events
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._on_event(event)
+            except Exception:
+                log.exception("error while handling %s", type(event).__name__)
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, Reply):
+            for content, buffers in event.items:
+                if not self._send(event.identity, content, event.parent, buffers):
+                    break
+            return
+        if isinstance(event, EngineReady):
+            self.warming_up = False
+            return
+        job = self.live.get(event.job_id)
+        if job is None:
+            return
+        if isinstance(event, JobStarted):
+            self._log(job, "started", steps=job.settings.steps)
+        elif isinstance(event, JobProgress):
+            progress = messages.Progress(
+                job_id=job.job_id,
+                step=event.step,
+                total_steps=event.total_steps,
+                elapsed_s=round(event.elapsed_s, 3),
+                remaining_s=round(event.remaining_s, 3),
+                has_preview=event.preview_png is not None,
+                phase=event.phase,
+            )
+            self._broadcast(job, progress, [event.preview_png] if event.preview_png is not None else None)
+        elif isinstance(event, JobDone):
+            self._finish(job)
+            f = event.finished
+            for content, buffers in self._frames_messages(
+                job.job_id, event.pngs, event.sha256, f.width, f.height
+            ):
+                self._broadcast(job, content, buffers)
+            self._broadcast(job, f)
+            self._log(job, "finished", frames=f.frames, elapsed_s=f"{f.elapsed_s:.2f}")
+        elif isinstance(event, JobEnded):
+            self._finish(job)
+            if event.state == "cancelled":
+                self._broadcast(job, messages.Cancelled(job_id=job.job_id))
+            else:
+                self._broadcast(
+                    job, messages.Failed(job_id=job.job_id, code=event.code, message=event.message)
+                )
+            self._log(job, event.state, code=event.code, error=event.message)
+
+    def _finish(self, job: Job) -> None:
+        self.live.pop(job.job_id, None)
+        if self.running is job:
+            self.running = None
+
+    def _log(self, job: Job, event: str, **fields: object) -> None:
+        extra = "".join(f" {k}={_logval(v)}" for k, v in fields.items())
+        joblog.info("job=%s client=%s event=%s%s", job.job_id, job.client_id, event, extra)
+
+    # ------------------------------------------------------------------ requests
+
+    def _refuse(self, identity: bytes | None, exc: WireError) -> None:
+        self.refusals += 1
+        peer = identity.hex() if identity else "?"
+        client = exc.header.client_id if exc.header is not None else "?"
+        self._refused.warning(
+            "refused message peer=%s client=%s code=%s: %s", peer, client, exc.code, exc.message
+        )
+        if identity:
+            self._send(identity, exc.to_error(), parent=exc.header)
+
+    def _handle_frames(self, frames: list[bytes]) -> None:
+        # A ROUTER always prepends exactly one identity frame for a directly connected
+        # peer; do not search for it (a peer may choose an identity that looks like
+        # the delimiter).
+        if len(frames) < 2:
+            return
+        identity, rest = frames[0], frames[1:]
+        try:
+            extra, body = split_routing(rest)
+            if extra:
+                raise WireError("bad_message", "unexpected frames before the delimiter")
+            msg = self.rx.deserialize(body)
+        except WireError as exc:
+            self._refuse(identity, exc)
+            return
+        except Exception:  # never let one message take the server down
+            log.exception("unexpected error while decoding a message from peer=%s", identity.hex())
+            self._send(
+                identity, messages.Error(code="bad_message", message="the message could not be decoded")
+            )
+            return
+        try:
+            self._handle(identity, msg)
+        except WireError as exc:
+            self._refuse(identity, exc)
+        except Exception:
+            log.exception("error while handling %s from peer=%s", msg.msg_type, identity.hex())
+            self._send(
+                identity,
+                messages.Error(code="internal", message="the backend failed to handle this request"),
+                msg.header,
+            )
+
+    def _handle(self, identity: bytes, msg: Message) -> None:
+        handler = self._handlers.get(type(msg.content))
+        if handler is None:
+            raise WireError(
+                "bad_message", f"{msg.msg_type!r} is not a request a client can send", header=msg.header
+            )
+        handler(self, identity, msg, msg.content)
+
+    def _client_id(self, msg: Message) -> str:
+        client_id = msg.header.client_id
+        if not _CLIENT_ID.match(client_id):
+            raise WireError(
+                "bad_message",
+                "the header's client_id must be 1-64 characters of A-Z a-z 0-9 . _ : @ -",
+                [messages.FieldError(field="$header.client_id", message="invalid client id")],
+                header=msg.header,
+            )
+        return client_id
+
+    def _reply(
+        self, identity: bytes, msg: Message, content: messages.Base, buffers: list[bytes] | None = None
+    ) -> None:
+        self._send(identity, content, msg.header, buffers)
+
+    def _on_hello(self, identity: bytes, msg: Message, hello: messages.Hello) -> None:
+        log.info("hello peer=%s client=%s name=%r", identity.hex(), hello.client_id, hello.client_name)
+        self._reply(
+            identity,
+            msg,
+            messages.Welcome(
+                protocol_version=PROTOCOL_VERSION,
+                server_version=__version__,
+                capabilities=list(self.engine.capabilities()),
+                limits=self.limits,
+                models=list(self.engine.list_models()),
+                device=self.engine.device_name(),
+                warming_up=self.warming_up,
+                defaults=dict(self.engine.default_models()),
+            ),
+        )
+
+    def _on_ping(self, identity: bytes, msg: Message, ping: messages.Ping) -> None:
+        self._reply(
+            identity,
+            msg,
+            messages.Pong(
+                nonce=ping.nonce,
+                server_time=time.time(),
+                running_job=self.running.job_id if self.running else "",
+                queued=len(self.queue),
+            ),
+        )
+
+    def _on_list_models(self, identity: bytes, msg: Message, req: messages.ListModels) -> None:
+        if not req.rescan:
+            self._reply(identity, msg, messages.Models(models=list(self.engine.list_models())))
+            return
+
+        def rescan() -> None:  # reads the models folder: off the loop
+            try:
+                items: list[tuple[messages.Base, list[bytes]]] = [
+                    (messages.Models(models=list(self.engine.list_models(rescan=True))), [])
+                ]
+            except Exception as exc:
+                log.exception("model rescan failed")
+                items = [(messages.Error(code="internal", message=f"model rescan failed: {exc}"), [])]
+            self._post(Reply(identity, msg.header, items))
+
+        self._pool.submit(rescan)
+
+    def _on_submit(self, identity: bytes, msg: Message, submit: messages.Submit) -> None:
+        client_id = self._client_id(msg)
+        errors = check_request(submit.request, self.limits)
+        if errors:
+            self._reply_limit(identity, msg, errors)
+            return
+        try:
+            settings = self.engine.resolve(submit.request)
+        except EngineError as exc:
+            self._reply(identity, msg, messages.Error(code=exc.code, message=exc.message))
+            return
+        errors = check_request(settings, self.limits)  # preset defaults must obey the limits too
+        if errors:
+            self._reply_limit(identity, msg, errors)
+            return
+        job = Job(
+            job_id=new_job_id(),
+            client_id=client_id,
+            settings=settings,
+            client_tag=submit.client_tag,
+            created_at=time.time(),
+            total_steps=settings.steps or 0,
+        )
+        running_own = 1 if self.running is not None and self.running.client_id == client_id else 0
+        try:
+            self.queue.push(client_id, job.job_id, job, already_running=running_own)
+        except (QueueFull, ClientOverLimit) as exc:
+            self._reply(identity, msg, messages.Error(code="busy", message=str(exc)))
+            joblog.info("client=%s event=refused code=busy reason=%r", client_id, str(exc))
+            return
+        try:
+            self.store.create(
+                JobRecord(
+                    job_id=job.job_id,
+                    client_id=client_id,
+                    state="queued",
+                    request=msgspec.json.encode(submit.request).decode(),
+                    client_tag=submit.client_tag,
+                    created_at=job.created_at,
+                    total_steps=job.total_steps,
+                )
+            )
+        except Exception:
+            self.queue.remove(job.job_id)
+            raise
+        job.watchers.add(identity)
+        self.live[job.job_id] = job
+        self._dispatch()
+        position = 0 if self.running is job else self.queue.position(job.job_id)
+        self._reply(identity, msg, messages.Accepted(job_id=job.job_id, queue_position=position))
+        self._log(
+            job,
+            "queued",
+            position=position,
+            frames=settings.frames,
+            size=f"{settings.width}x{settings.height}",
+            steps=settings.steps,
+        )
+
+    def _reply_limit(self, identity: bytes, msg: Message, errors: list[messages.FieldError]) -> None:
+        text = "; ".join(f"{e.field} {e.message}" for e in errors)
+        self._reply(
+            identity,
+            msg,
+            messages.Error(code="limit", message=f"request exceeds limits: {text}", fields=errors),
+        )
+
+    def _owned(self, msg: Message, job_id: str) -> tuple[Job | None, JobRecord | None]:
+        """The live job or stored record of `job_id` if it belongs to the sender."""
+        client_id = self._client_id(msg)
+        job = self.live.get(job_id)
+        if job is not None:
+            return (job, None) if job.client_id == client_id else (None, None)
+        record = self.store.get(job_id)
+        if record is not None and record.client_id == client_id:
+            return None, record
+        return None, None
+
+    def _not_found(self, identity: bytes, msg: Message, job_id: str) -> None:
+        self._reply(
+            identity,
+            msg,
+            messages.Error(
+                code="not_found",
+                message=f"no job {job_id} for this client (unknown, someone else's, or expired)",
+            ),
+        )
+
+    def _status(self, job: Job | None, record: JobRecord | None) -> messages.JobStatus:
+        if job is not None:
+            return messages.JobStatus(
+                job_id=job.job_id,
+                state=job.state,  # type: ignore[arg-type]
+                queue_position=0 if job.state == "running" else self.queue.position(job.job_id),
+                step=job.step,
+                total_steps=job.total_steps,
+                frames=job.settings.frames,
+                client_tag=job.client_tag,
+                created_at=job.created_at,
+            )
+        assert record is not None
+        return messages.JobStatus(
+            job_id=record.job_id,
+            state=record.state,  # type: ignore[arg-type]
+            step=record.total_steps if record.state == "finished" else 0,
+            total_steps=record.total_steps,
+            frames=record.frames,
+            error_code=record.error_code,
+            error=record.error,
+            client_tag=record.client_tag,
+            created_at=record.created_at,
+            finished_at=record.finished_at,
+        )
+
+    def _on_status(self, identity: bytes, msg: Message, req: messages.Status) -> None:
+        job, record = self._owned(msg, req.job_id)
+        if job is None and record is None:
+            self._not_found(identity, msg, req.job_id)
+            return
+        self._reply(identity, msg, self._status(job, record))
+
+    def _on_watch(self, identity: bytes, msg: Message, req: messages.Watch) -> None:
+        statuses = []
+        for job_id in dict.fromkeys(req.job_ids):
+            job, record = self._owned(msg, job_id)
+            if job is not None:
+                job.watchers.add(identity)
+            if job is None and record is None:
+                statuses.append(
+                    messages.JobStatus(
+                        job_id=job_id, state="failed", error_code="not_found", error="no such job"
+                    )
+                )
+            else:
+                statuses.append(self._status(job, record))
+        self._reply(identity, msg, messages.Statuses(statuses=statuses))
+
+    def _on_cancel(self, identity: bytes, msg: Message, req: messages.Cancel) -> None:
+        job, record = self._owned(msg, req.job_id)
+        if job is None and record is None:
+            self._not_found(identity, msg, req.job_id)
+            return
+        if record is not None:  # already final: nothing to do
+            self._reply(identity, msg, messages.CancelReply(job_id=req.job_id, state=record.state))  # type: ignore[arg-type]
+            return
+        assert job is not None
+        job.watchers.add(identity)
+        if job.state == "queued":
+            self.queue.remove(job.job_id)
+            self.store.update(
+                job.job_id,
+                state="cancelled",
+                error_code="cancelled",
+                error="cancelled by the client",
+                finished_at=time.time(),
+            )
+            self.live.pop(job.job_id, None)
+            self._reply(identity, msg, messages.CancelReply(job_id=job.job_id, state="cancelled"))
+            self._broadcast(job, messages.Cancelled(job_id=job.job_id))
+            self._log(job, "cancelled", was="queued")
+        else:
+            # The engine stops at its next step check; the Cancelled event follows.
+            job.cancel.set()
+            self._reply(identity, msg, messages.CancelReply(job_id=job.job_id, state="running"))
+            self._log(job, "cancel_requested")
+
+    def _on_fetch(self, identity: bytes, msg: Message, req: messages.Fetch) -> None:
+        job, record = self._owned(msg, req.job_id)
+        if job is None and record is None:
+            self._not_found(identity, msg, req.job_id)
+            return
+        if job is not None:
+            self._reply(
+                identity,
+                msg,
+                messages.Error(
+                    code="not_ready", message=f"job {req.job_id} is still {job.state}; watch it for events"
+                ),
+            )
+            return
+        assert record is not None
+        if record.state != "finished":
+            self._reply(
+                identity,
+                msg,
+                messages.Error(
+                    code=record.error_code or record.state, message=record.error or f"job {record.state}"
+                ),
+            )
+            return
+
+        def read() -> None:  # disk reads and hashing: off the loop
+            import hashlib
+
+            try:
+                pngs = self.store.load_frames(record.job_id, record.frames)
+                settings = msgspec.json.decode(record.settings, type=messages.GenerateRequest)
+            except (OSError, msgspec.MsgspecError) as exc:
+                log.error("job=%s event=fetch_failed error=%r", record.job_id, exc)
+                self._post(
+                    Reply(
+                        identity,
+                        msg.header,
+                        [
+                            (
+                                messages.Error(
+                                    code="not_found", message="the job's frames are no longer stored"
+                                ),
+                                [],
+                            )
+                        ],
+                    )
+                )
+                return
+            digests = [hashlib.sha256(p).hexdigest() for p in pngs]
+            items = self._frames_messages(record.job_id, pngs, digests, record.width, record.height)
+            items.append(
+                (
+                    messages.Finished(
+                        job_id=record.job_id,
+                        frames=record.frames,
+                        width=record.width,
+                        height=record.height,
+                        seed=record.seed,
+                        elapsed_s=record.elapsed_s,
+                        settings=settings,
+                    ),
+                    [],
+                )
+            )
+            self._post(Reply(identity, msg.header, items))
+
+        self._pool.submit(read)
+
+    _handlers: dict[type[messages.Base], Callable[..., None]] = {
+        messages.Hello: _on_hello,
+        messages.Ping: _on_ping,
+        messages.ListModels: _on_list_models,
+        messages.Submit: _on_submit,
+        messages.Status: _on_status,
+        messages.Watch: _on_watch,
+        messages.Cancel: _on_cancel,
+        messages.Fetch: _on_fetch,
+    }
+
+    # ------------------------------------------------------------------ shutdown
+
+    def _shutdown(self, sock: zmq.Socket[bytes]) -> None:
+        """Cancel the running job (reported as interrupted), mark queued jobs interrupted."""
+        running = self.running
+        if running is not None:
+            running.interrupt = True
+            running.cancel.set()
+        stopped = self.worker.stop(self.config.shutdown_timeout_s) if self.worker._thread.is_alive() else True
+        if not stopped:
+            log.warning("the engine did not stop within %.0f s; leaving it", self.config.shutdown_timeout_s)
+        self._drain_events()  # the worker's last words (finished or interrupted)
+        now = time.time()
+        for job in list(self.live.values()):
+            if job.state == "queued" or not stopped:
+                try:
+                    self.store.update(
+                        job.job_id,
+                        state="interrupted",
+                        error_code="interrupted",
+                        error="the backend shut down before this job finished; submit it again",
+                        finished_at=now,
+                    )
+                except Exception:
+                    log.exception("job=%s event=store_error", job.job_id)
+                self._broadcast(
+                    job,
+                    messages.Failed(job_id=job.job_id, code="interrupted", message="the backend shut down"),
+                )
+                self._log(job, "interrupted", reason="shutdown")
+        self.live.clear()
+
+
+def _logval(value: object) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' "=\n'):
+        return msgspec.json.encode(text).decode()
+    return text

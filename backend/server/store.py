@@ -1,0 +1,232 @@
+"""Persistent job store: one SQLite table (`<data>/jobs.sqlite`, WAL mode) and the
+frames as PNG files (`<data>/jobs/<job_id>/frame_0000.png`).
+
+Nothing is lost:
+
+* a job's request is stored when it is accepted, its state on every change;
+* frames are written to `<job_id>.partial/`, fsynced, and the folder renamed to
+  `<job_id>/` *before* the row says "finished", and before any client hears so;
+* on start, `recover()` marks jobs that were queued or running when the previous
+  server stopped as `interrupted` (their partial frames are deleted).  Clients see
+  state "interrupted", error_code "interrupted" and can resubmit; we do not re-run
+  them automatically, because an artist may have moved on and a crash-looping job
+  must not take the server down again on every restart.
+
+Retention (`prune`): jobs in a final state (finished, failed, cancelled,
+interrupted) older than `max_age_s` are deleted, rows and frames; then, while the
+frame files together exceed `max_bytes`, the oldest finished jobs are deleted.
+The server runs it at start and periodically.
+
+Thread safety: the network loop and the GPU worker both use the store; one lock
+serialises the (short) SQLite calls.  File writes happen outside the lock.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+FINAL_STATES = ("finished", "failed", "cancelled", "interrupted")
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id      TEXT PRIMARY KEY,
+    client_id   TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    request     TEXT NOT NULL,
+    settings    TEXT NOT NULL DEFAULT '',
+    client_tag  TEXT NOT NULL DEFAULT '',
+    created_at  REAL NOT NULL,
+    started_at  REAL NOT NULL DEFAULT 0,
+    finished_at REAL NOT NULL DEFAULT 0,
+    error_code  TEXT NOT NULL DEFAULT '',
+    error       TEXT NOT NULL DEFAULT '',
+    frames      INTEGER NOT NULL DEFAULT 0,
+    width       INTEGER NOT NULL DEFAULT 0,
+    height      INTEGER NOT NULL DEFAULT 0,
+    seed        INTEGER NOT NULL DEFAULT 0,
+    elapsed_s   REAL NOT NULL DEFAULT 0,
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    bytes       INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_state_finished ON jobs (state, finished_at);
+"""
+
+
+@dataclass
+class JobRecord:
+    job_id: str
+    client_id: str
+    state: str
+    request: str  # the Submit's GenerateRequest, JSON
+    settings: str = ""  # the resolved settings, JSON ("" until finished)
+    client_tag: str = ""
+    created_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    error_code: str = ""
+    error: str = ""
+    frames: int = 0
+    width: int = 0
+    height: int = 0
+    seed: int = 0
+    elapsed_s: float = 0.0
+    total_steps: int = 0
+    bytes: int = 0
+
+
+_COLUMNS = [f.name for f in fields(JobRecord)]
+
+
+def frame_name(index: int) -> str:
+    return f"frame_{index:04d}.png"
+
+
+class JobStore:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.jobs_dir = self.data_dir / "jobs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            self.data_dir / "jobs.sqlite", check_same_thread=False, isolation_level=None, timeout=30
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit survives power loss too; there are only a few commits per job.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------------ rows
+
+    def create(self, record: JobRecord) -> None:
+        values = [getattr(record, c) for c in _COLUMNS]
+        with self._lock:
+            self._db.execute(
+                f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", values
+            )
+
+    def update(self, job_id: str, **changes: object) -> None:
+        unknown = set(changes) - set(_COLUMNS)
+        if unknown:
+            raise KeyError(f"unknown job columns: {sorted(unknown)}")
+        assignments = ", ".join(f"{k} = ?" for k in changes)
+        with self._lock:
+            self._db.execute(f"UPDATE jobs SET {assignments} WHERE job_id = ?", [*changes.values(), job_id])
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return JobRecord(*row) if row else None
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+
+    # ------------------------------------------------------------------ frames
+
+    def job_dir(self, job_id: str) -> Path:
+        if not _JOB_ID.match(job_id):  # ids are server-made; never let one become a path trick
+            raise ValueError(f"not a job id: {job_id!r}")
+        return self.jobs_dir / job_id
+
+    def save_frames(self, job_id: str, pngs: list[bytes]) -> int:
+        """Write the frames durably; returns the bytes written."""
+        final = self.job_dir(job_id)
+        partial = final.with_name(final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        total = 0
+        for i, data in enumerate(pngs):
+            with open(partial / frame_name(i), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            total += len(data)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        _fsync_dir(self.jobs_dir)
+        return total
+
+    def load_frames(self, job_id: str, count: int) -> list[bytes]:
+        folder = self.job_dir(job_id)
+        return [(folder / frame_name(i)).read_bytes() for i in range(count)]
+
+    def delete_frames(self, job_id: str) -> None:
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def recover(self, now: float | None = None) -> list[str]:
+        """Mark jobs left queued/running by a previous run as interrupted; returns their ids."""
+        now = time.time() if now is None else now
+        for leftover in self.jobs_dir.glob("*.partial"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        with self._lock:
+            ids = [
+                r[0] for r in self._db.execute("SELECT job_id FROM jobs WHERE state IN ('queued', 'running')")
+            ]
+            self._db.execute(
+                "UPDATE jobs SET state = 'interrupted', error_code = 'interrupted', "
+                "error = 'the backend stopped before this job finished (restart or crash); submit it again', "
+                "finished_at = ? WHERE state IN ('queued', 'running')",
+                (now,),
+            )
+        return ids
+
+    def prune(self, max_age_s: float, max_bytes: int, now: float | None = None) -> list[str]:
+        """Apply the retention policy (module docstring); returns the deleted job ids."""
+        now = time.time() if now is None else now
+        final = "('finished', 'failed', 'cancelled', 'interrupted')"
+        with self._lock:
+            old = [
+                r[0]
+                for r in self._db.execute(
+                    f"SELECT job_id FROM jobs WHERE state IN {final} AND finished_at < ?", (now - max_age_s,)
+                )
+            ]
+            rows = self._db.execute(
+                "SELECT job_id, bytes FROM jobs WHERE state = 'finished' AND finished_at >= ? "
+                "ORDER BY finished_at ASC",
+                (now - max_age_s,),
+            ).fetchall()
+        total = sum(b for _, b in rows)
+        over: list[str] = []
+        for job_id, size in rows:
+            if total <= max_bytes:
+                break
+            over.append(job_id)
+            total -= size
+        removed = old + over
+        for job_id in removed:
+            self.delete_frames(job_id)
+        if removed:
+            with self._lock:
+                self._db.executemany("DELETE FROM jobs WHERE job_id = ?", [(j,) for j in removed])
+        return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable on POSIX; directories cannot be opened on Windows.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,187 @@
+"""The single GPU worker thread: runs one job at a time through the engine, encodes
+PNGs, persists the frames and the job's final state, then tells the network loop.
+
+The loop hands a job over only when the worker is idle (`busy` is the loop's
+business), so the inbox never holds more than one job.  Every outcome is stored
+before the loop hears of it: a client is never told "finished" about frames that a
+crash could still lose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from animatediff_blender.backend.engine.interface import Engine, EngineError, JobCancelled, StepProgress
+from animatediff_blender.protocol import messages
+
+from .images import check_frame, encode_png, encode_preview
+from .jobs import EngineReady, Event, Job, JobDone, JobEnded, JobProgress, JobStarted
+from .store import JobStore
+
+log = logging.getLogger("animatediff_blender.server.worker")
+
+
+class Worker:
+    def __init__(
+        self,
+        engine: Engine,
+        store: JobStore,
+        post: Callable[[Event], None],
+        job_timeout_s: float,
+        preview_max_px: int = 256,
+        png_compress_level: int = 4,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.post = post  # thread-safe: queue + wake the loop
+        self.job_timeout_s = job_timeout_s
+        self.preview_max_px = preview_max_px
+        self.png_compress_level = png_compress_level
+        self._inbox: queue.Queue[Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="gpu-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        self._inbox.put(job)
+
+    def stop(self, timeout: float) -> bool:
+        """Ask the thread to exit after the current job; True if it did within `timeout`."""
+        self._inbox.put(None)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # ------------------------------------------------------------------ thread
+
+    def _run(self) -> None:
+        warm_up = getattr(self.engine, "warm_up", None)
+        if callable(warm_up):
+            try:
+                warm_up()
+            except Exception:
+                log.exception("engine warm-up failed; jobs will load models on demand")
+        self.post(EngineReady())
+        while True:
+            job = self._inbox.get()
+            if job is None:
+                return
+            try:
+                self._run_job(job)
+            except Exception:  # pragma: no cover - _run_job reports its own failures
+                log.exception("job=%s event=worker_error", job.job_id)
+                self._end(job, "failed", "internal", "the backend hit an unexpected error")
+
+    def _run_job(self, job: Job) -> None:
+        job.started_at = time.time()
+        start = time.monotonic()
+        job.deadline = start + self.job_timeout_s
+        self.store.update(job.job_id, state="running", started_at=job.started_at)
+        self.post(JobStarted(job.job_id))
+
+        def should_cancel() -> bool:
+            if job.cancel.is_set():
+                return True
+            if time.monotonic() > job.deadline:
+                job.timed_out = True
+                return True
+            return False
+
+        def progress(p: StepProgress) -> None:
+            if p.total_steps > 0:  # "loading" reports 0/0: keep the known total
+                job.step, job.total_steps = p.step, p.total_steps
+            elapsed = time.monotonic() - start
+            remaining = (
+                elapsed / p.step * (p.total_steps - p.step) if p.step > 0 and p.phase == "denoise" else -1.0
+            )
+            preview: bytes | None = None
+            if p.preview is not None:
+                try:
+                    preview = encode_preview(p.preview, self.preview_max_px)
+                except Exception as exc:  # a bad preview must not fail the job
+                    log.warning("job=%s event=bad_preview error=%r", job.job_id, exc)
+            self.post(JobProgress(job.job_id, p.step, p.total_steps, elapsed, remaining, p.phase, preview))
+
+        try:
+            result = self.engine.generate(job.settings, progress, should_cancel)
+            settings = result.settings
+            for frame in result.frames:
+                check_frame(frame, settings.width, settings.height)
+            if not result.frames:
+                raise ValueError("engine returned no frames")
+            pngs = [encode_png(f, self.png_compress_level) for f in result.frames]
+        except JobCancelled:
+            if job.interrupt:
+                self._end(
+                    job, "interrupted", "interrupted", "the backend shut down while the job was running"
+                )
+            elif job.timed_out:
+                self._timeout(job)
+            else:
+                self._end(job, "cancelled", "cancelled", "cancelled by the client")
+            return
+        except EngineError as exc:
+            self._end(job, "failed", exc.code, exc.message)
+            return
+        except Exception as exc:
+            log.exception("job=%s client=%s event=engine_exception", job.job_id, job.client_id)
+            self._end(job, "failed", "internal", f"the engine failed: {type(exc).__name__}: {exc}")
+            return
+        if job.timed_out or time.monotonic() > job.deadline:
+            self._timeout(job)
+            return
+
+        elapsed = time.monotonic() - start
+        try:
+            size = self.store.save_frames(job.job_id, pngs)
+        except OSError as exc:
+            self._end(job, "failed", "storage", f"could not store the frames: {exc}")
+            return
+        finished = messages.Finished(
+            job_id=job.job_id,
+            frames=len(pngs),
+            width=settings.width,
+            height=settings.height,
+            seed=settings.seed,
+            elapsed_s=elapsed,
+            settings=settings,
+        )
+        self.store.update(
+            job.job_id,
+            state="finished",
+            settings=msgspec.json.encode(settings).decode(),
+            finished_at=time.time(),
+            frames=len(pngs),
+            width=settings.width,
+            height=settings.height,
+            seed=settings.seed,
+            elapsed_s=elapsed,
+            total_steps=job.total_steps,
+            bytes=size,
+        )
+        digests = [hashlib.sha256(p).hexdigest() for p in pngs]
+        self.post(JobDone(job.job_id, pngs, digests, finished))
+
+    def _timeout(self, job: Job) -> None:
+        self._end(
+            job,
+            "failed",
+            "timeout",
+            f"the job ran longer than the server's limit of {self.job_timeout_s:g} s",
+        )
+
+    def _end(self, job: Job, state: str, code: str, message: str) -> None:
+        try:
+            self.store.update(
+                job.job_id, state=state, error_code=code, error=message, finished_at=time.time()
+            )
+        except Exception:
+            log.exception("job=%s event=store_error", job.job_id)
+        self.post(JobEnded(job.job_id, state, code, message))

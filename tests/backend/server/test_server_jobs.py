@@ -1,0 +1,204 @@
+"""Job lifecycle over a real socket: cancel, failures, timeouts, ownership, reconnect,
+shutdown, responsiveness while a job runs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+from server_helpers import small_request
+
+from animatediff_blender.backend.engine.fake import FakeEngine
+from animatediff_blender.backend.server.server import Server
+from animatediff_blender.backend.server.store import JobStore
+from animatediff_blender.protocol import messages
+from animatediff_blender.protocol.client import BackendClient, ClientError, Event
+from animatediff_blender.protocol.messages import Limits
+
+pytestmark = pytest.mark.timeout(60)
+
+ClientFactory = Callable[..., BackendClient]
+
+
+def wait_for(client: BackendClient, job_id: str, kinds: tuple[type, ...], timeout_s: float = 10) -> Event:
+    """The next event of `job_id` whose content is one of `kinds`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        event = client.poll(0.1)
+        if event is not None and event.job_id == job_id and isinstance(event.content, kinds):
+            return event
+    raise AssertionError(f"no {kinds} event for job {job_id} within {timeout_s} s")
+
+
+def wait_state(server: Server, job_id: str, state: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record = server.store.get(job_id)
+        if record is not None and record.state == state:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} did not reach {state}")
+
+
+@pytest.fixture
+def slow(make_server: Callable[..., Server]) -> Server:
+    return make_server(engine=FakeEngine(step_delay_s=0.05))
+
+
+def test_cancel_queued_job(slow: Server, make_client: ClientFactory) -> None:
+    client = make_client(slow)
+    running = client.submit(small_request(steps=20))
+    queued = client.submit(small_request(prompt="second"))
+    assert running.queue_position == 0
+    assert queued.queue_position == 1
+    reply = client.cancel(queued.job_id)
+    assert reply.state == "cancelled"
+    wait_for(client, queued.job_id, (messages.Cancelled,))
+    assert client.status(queued.job_id).state == "cancelled"
+    assert client.ping().queued == 0
+    # The running job is untouched and finishes.
+    wait_for(client, running.job_id, (messages.Finished,))
+    assert client.status(running.job_id).state == "finished"
+
+
+def test_cancel_running_job_stops_within_a_step(slow: Server, make_client: ClientFactory) -> None:
+    client = make_client(slow)
+    accepted = client.submit(small_request(steps=100))
+    wait_for(client, accepted.job_id, (messages.Progress,))
+    sent = time.monotonic()
+    reply = client.cancel(accepted.job_id)
+    assert reply.state == "running"  # the Cancelled event follows
+    wait_for(client, accepted.job_id, (messages.Cancelled,))
+    assert time.monotonic() - sent < 1.0  # one step is 0.05 s
+    status = client.status(accepted.job_id)
+    assert status.state == "cancelled"
+    assert slow.store.get(accepted.job_id).state == "cancelled"  # type: ignore[union-attr]
+    # The worker is free again.
+    result = client.run_job(small_request(prompt="next", steps=2))
+    assert len(result.frames) == 4
+
+
+def test_cancel_of_a_finished_job_reports_its_state(server: Server, client: BackendClient) -> None:
+    result = client.run_job(small_request())
+    assert client.cancel(result.job_id).state == "finished"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "code"),
+    [("!oom", "out_of_memory"), ("!crash", "internal"), ("!fail:model_error", "model_error")],
+)
+def test_engine_failures_fail_the_job_and_the_server_goes_on(
+    server: Server, client: BackendClient, prompt: str, code: str
+) -> None:
+    accepted = client.submit(small_request(prompt=prompt))
+    failed = wait_for(client, accepted.job_id, (messages.Failed,)).content
+    assert isinstance(failed, messages.Failed)
+    assert failed.code == code
+    assert failed.message
+    status = client.status(accepted.job_id)
+    assert (status.state, status.error_code) == ("failed", code)
+    with pytest.raises(ClientError) as info:
+        client.run_job(small_request(prompt=prompt))
+    assert info.value.code == code
+    result = client.run_job(small_request(prompt="fine"))
+    assert len(result.frames) == 4
+
+
+def test_job_timeout(make_server: Callable[..., Server], make_client: ClientFactory) -> None:
+    server = make_server(engine=FakeEngine(step_delay_s=0.05), limits=Limits(job_timeout_s=0.3))
+    client = make_client(server)
+    with pytest.raises(ClientError) as info:
+        client.run_job(small_request(steps=100))
+    assert info.value.code == "timeout"
+    assert "0.3" in info.value.message
+
+
+def test_only_the_owner_sees_cancels_and_fetches(server: Server, make_client: ClientFactory) -> None:
+    owner = make_client(server, client_id="owner")
+    other = make_client(server, client_id="intruder")
+    result = owner.run_job(small_request())
+    for call in (other.status, other.cancel, other.fetch):
+        with pytest.raises(ClientError) as info:
+            call(result.job_id)
+        assert info.value.code == "not_found"
+    [status] = other.watch([result.job_id])
+    assert status.error_code == "not_found"
+    assert owner.fetch(result.job_id).frames == result.frames
+
+
+def test_fetch_of_an_unfinished_or_failed_job(slow: Server, make_client: ClientFactory) -> None:
+    client = make_client(slow)
+    accepted = client.submit(small_request(steps=40))
+    with pytest.raises(ClientError) as info:
+        client.fetch(accepted.job_id)
+    assert info.value.code == "not_ready"
+    client.cancel(accepted.job_id)
+    wait_for(client, accepted.job_id, (messages.Cancelled,))
+    with pytest.raises(ClientError) as info:
+        client.fetch(accepted.job_id)
+    assert info.value.code == "cancelled"
+
+
+def test_disconnect_reconnect_watch_and_fetch(slow: Server, make_client: ClientFactory) -> None:
+    first = make_client(slow, client_id="artist")
+    accepted = first.submit(small_request(steps=30))
+    wait_for(first, accepted.job_id, (messages.Progress,))
+    first.close()  # Blender quit mid-job
+
+    again = make_client(slow, client_id="artist")
+    [status] = again.watch([accepted.job_id])
+    assert status.state == "running"
+    assert 1 <= status.step < 30
+    # Watching resumes the event stream on the new connection.
+    wait_for(again, accepted.job_id, (messages.Progress,))
+    finished = wait_for(again, accepted.job_id, (messages.Finished,)).content
+    assert isinstance(finished, messages.Finished)
+    fetched = again.fetch(accepted.job_id)
+    assert len(fetched.frames) == 4
+    assert fetched.finished.settings.steps == 30
+
+
+def test_status_ping_and_cancel_answer_within_100ms_while_a_job_runs(
+    make_server: Callable[..., Server], make_client: ClientFactory
+) -> None:
+    server = make_server(engine=FakeEngine(step_delay_s=0.5))  # the GPU is busy for long stretches
+    client = make_client(server)
+    busy = client.submit(small_request(steps=100))
+    queued = client.submit(small_request(prompt="queued"))
+    wait_for(client, busy.job_id, (messages.Progress,), timeout_s=5)
+    timings: dict[str, list[float]] = {"ping": [], "status": [], "cancel": []}
+    for _ in range(10):
+        for name, call in (("ping", client.ping), ("status", lambda: client.status(busy.job_id))):
+            t = time.perf_counter()
+            call()
+            timings[name].append(time.perf_counter() - t)
+    assert client.status(busy.job_id).state == "running"  # all of the above overlapped the job
+    t = time.perf_counter()
+    assert client.cancel(queued.job_id).state == "cancelled"
+    timings["cancel"].append(time.perf_counter() - t)
+    t = time.perf_counter()
+    client.cancel(busy.job_id)
+    timings["cancel"].append(time.perf_counter() - t)
+    worst = {name: max(values) for name, values in timings.items()}
+    assert all(v < 0.1 for v in worst.values()), worst
+
+
+def test_shutdown_marks_running_and_queued_jobs_interrupted(
+    make_server: Callable[..., Server], make_client: ClientFactory
+) -> None:
+    server = make_server(engine=FakeEngine(step_delay_s=0.05))
+    client = make_client(server)
+    running = client.submit(small_request(steps=100))
+    queued = client.submit(small_request(prompt="waiting"))
+    wait_for(client, running.job_id, (messages.Progress,))
+    t = time.monotonic()
+    server.stop()
+    assert time.monotonic() - t < 3
+    failed = wait_for(client, running.job_id, (messages.Failed,))
+    assert failed.content.code == "interrupted"  # type: ignore[attr-defined]
+    for job_id in (running.job_id, queued.job_id):
+        record = JobStore(server.config.data_dir).get(job_id)
+        assert record is not None
+        assert record.state == "interrupted"
+        assert record.error_code == "interrupted"

@@ -1,0 +1,197 @@
+"""`animatediff-blender serve` as a real process: SIGKILL mid-job and restart, SIGTERM,
+the bind-address policy, key bootstrap and CurveZMQ."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from server_helpers import KEY, small_request
+
+from animatediff_blender.backend.engine.fake import FakeEngine
+from animatediff_blender.backend.server.config import ConfigError, ServerConfig, load_or_create_key
+from animatediff_blender.backend.server.server import Server
+from animatediff_blender.protocol import auth, messages
+from animatediff_blender.protocol.client import BackendClient, ClientConfig, ClientError
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "hmac.key"
+    path.write_bytes(KEY)
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def spawn(tmp_path: Path, key_file: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*extra: str) -> subprocess.Popen[bytes]:
+        cmd = [
+            sys.executable, "-m", "animatediff_blender.backend.cli", "serve", "--engine", "fake",
+            "--key-file", str(key_file), "--data-dir", str(tmp_path / "data"), *extra,
+        ]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def connect(address: str, client_id: str = "artist", wait_s: float = 20) -> BackendClient:
+    """A client once the server answers (process start-up takes a moment)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        client = BackendClient(ClientConfig(address=address, key=KEY, client_id=client_id, timeout_s=1))
+        try:
+            client.connect()
+            client.config.timeout_s = 10
+            return client
+        except ClientError:
+            client.close()
+            if time.monotonic() > deadline:
+                raise
+
+
+def wait_progress(client: BackendClient, job_id: str) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        event = client.poll(0.1)
+        if event is not None and event.job_id == job_id and isinstance(event.content, messages.Progress):
+            return
+    raise AssertionError("no progress")
+
+
+def test_sigkill_mid_job_then_restart(tmp_path: Path, spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    address = f"ipc://{tmp_path}/adb.sock"
+    proc = spawn("--bind", address, "--fake-step-delay", "0.05")
+    client = connect(address)
+    done = client.run_job(small_request(prompt="kept", steps=2))
+    running = client.submit(small_request(prompt="killed", steps=100))
+    queued = client.submit(small_request(prompt="never ran"))
+    wait_progress(client, running.job_id)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    client.close()
+
+    spawn("--bind", address)
+    client = connect(address)
+    try:
+        fetched = client.fetch(done.job_id)
+        assert fetched.frames == done.frames  # byte-identical after the crash
+        assert fetched.finished.settings == done.finished.settings
+        for job_id in (running.job_id, queued.job_id):
+            status = client.status(job_id)
+            assert (status.state, status.error_code) == ("interrupted", "interrupted")
+            assert status.error
+        statuses = client.watch([running.job_id, done.job_id])
+        assert [s.state for s in statuses] == ["interrupted", "finished"]
+        with pytest.raises(ClientError) as info:
+            client.fetch(running.job_id)
+        assert info.value.code == "interrupted"
+        # The server works normally after recovery.
+        assert len(client.run_job(small_request(prompt="after restart")).frames) == 4
+        # No half-written frames were left behind.
+        assert not list((tmp_path / "data" / "jobs").glob("*.partial"))
+    finally:
+        client.close()
+
+
+def test_sigterm_shuts_down_cleanly(tmp_path: Path, spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    address = f"ipc://{tmp_path}/adb.sock"
+    proc = spawn("--bind", address, "--fake-step-delay", "0.05")
+    client = connect(address)
+    try:
+        running = client.submit(small_request(steps=100))
+        wait_progress(client, running.job_id)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        output = proc.stdout.read().decode() if proc.stdout else ""
+        assert f"job={running.job_id} client=artist event=interrupted" in output
+        assert "event=queued" in output and "event=started" in output
+    finally:
+        client.close()
+
+
+def test_cli_refuses_a_network_bind_without_curve(spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    proc = spawn("--bind", "tcp://0.0.0.0:0")
+    assert proc.wait(30) == 2
+    output = proc.stdout.read().decode() if proc.stdout else ""
+    assert "refusing to listen on tcp://0.0.0.0:0" in output
+    assert "--insecure" in output
+
+
+def test_network_bind_policy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = ServerConfig(key=KEY, data_dir=tmp_path / "d", bind="tcp://0.0.0.0:*")
+    with pytest.raises(ConfigError, match="refusing"):
+        Server(cfg, FakeEngine())
+    cfg.insecure = True
+    with caplog.at_level(logging.WARNING):
+        server = Server(cfg, FakeEngine())
+    assert any("INSECURE" in r.getMessage() for r in caplog.records)
+    port = server.start().rsplit(":", 1)[1]
+    try:
+        with BackendClient(ClientConfig(address=f"tcp://127.0.0.1:{port}", key=KEY, client_id="lan")) as c:
+            assert c.ping()
+    finally:
+        server.stop()
+
+
+def test_key_is_created_only_for_loopback(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no key file"):
+        load_or_create_key(tmp_path / "net.key", "tcp://0.0.0.0:5557")
+    assert not (tmp_path / "net.key").exists()
+    key = load_or_create_key(tmp_path / "local.key", "tcp://127.0.0.1:5557")
+    assert (tmp_path / "local.key").stat().st_mode & 0o777 == 0o600
+    assert load_or_create_key(tmp_path / "local.key", "tcp://127.0.0.1:5557") == key
+
+
+def test_curve_server_admits_only_allowed_clients(tmp_path: Path) -> None:
+    server_pub, server_secret = auth.create_curve_certificates(tmp_path / "server", "server")
+    client_pub, client_secret = auth.create_curve_certificates(tmp_path / "client", "client")
+    _, stranger_secret = auth.create_curve_certificates(tmp_path / "stranger", "stranger")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "client.key").write_bytes(client_pub.read_bytes())
+    cfg = ServerConfig(
+        key=KEY,
+        data_dir=tmp_path / "d",
+        bind="tcp://0.0.0.0:*",  # allowed without --insecure: CurveZMQ is on
+        curve_secret=server_secret,
+        curve_allowed_dir=allowed,
+        linger_ms=0,
+    )
+    server = Server(cfg, FakeEngine())
+    port = server.start().rsplit(":", 1)[1]
+    address = f"tcp://127.0.0.1:{port}"
+    try:
+        ok = ClientConfig(
+            address=address, key=KEY, client_id="c", server_public_key_file=server_pub,
+            client_secret_key_file=client_secret,
+        )  # fmt: skip
+        with BackendClient(ok) as c:
+            assert len(c.run_job(small_request()).frames) == 4
+        for secret in (stranger_secret, None):
+            bad = ClientConfig(address=address, key=KEY, client_id="c", timeout_s=1)
+            if secret is not None:
+                bad.server_public_key_file, bad.client_secret_key_file = server_pub, secret
+            with BackendClient(bad) as c, pytest.raises(ClientError) as info:
+                c.ping()
+            assert info.value.code == "timeout"
+    finally:
+        server.stop()

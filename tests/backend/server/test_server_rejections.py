@@ -1,0 +1,352 @@
+"""Every refusal gets a clear error, and the server stays healthy (answers a ping) after it."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgspec
+import pytest
+from server_helpers import RawPeer, small_request
+
+from animatediff_blender.backend.engine.fake import FakeEngine
+from animatediff_blender.backend.server.server import Server
+from animatediff_blender.protocol import messages
+from animatediff_blender.protocol.client import BackendClient, ClientError
+from animatediff_blender.protocol.messages import Limits, MotionLora
+from animatediff_blender.protocol.wire import DELIMITER, Signer
+
+pytestmark = pytest.mark.timeout(60)
+
+TIGHT = Limits(
+    max_width=256,
+    max_height=256,
+    max_frames=16,
+    max_pixel_frames=128 * 128 * 16,
+    max_steps=10,
+    min_guidance=0.0,
+    max_guidance=12.0,
+    max_prompt_chars=100,
+    max_motion_loras=2,
+    min_lora_weight=-1.0,
+    max_lora_weight=1.5,
+    max_queue=3,
+    max_jobs_per_client=2,
+)
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def tight(make_server: Callable[..., Server], engine: FakeEngine) -> Server:
+    return make_server(engine=engine, limits=TIGHT)
+
+
+@pytest.fixture
+def peer(tight: Server) -> Iterator[RawPeer]:
+    with RawPeer(tight.endpoint) as p:
+        yield p
+
+
+def healthy(server: Server) -> None:
+    with RawPeer(server.endpoint, client_id="health-check") as p:
+        assert p.ping().nonce == "check"
+
+
+# --------------------------------------------------------------------------- wire-level
+
+
+def test_bad_signature(tight: Server, peer: RawPeer) -> None:
+    frames = peer.signed(messages.Ping())
+    frames[1] = Signer(secrets.token_bytes(32)).sign(frames[2:])
+    peer.send(frames)
+    err = peer.recv_error()
+    assert err.code == "bad_signature"
+    assert "key" in err.message
+    healthy(tight)
+
+
+def test_tampered_buffer_breaks_the_signature(tight: Server, peer: RawPeer) -> None:
+    frames = peer.signed(messages.Ping(), buffers=[b"payload"])
+    frames[-1] = b"payloaD"
+    peer.send(frames)
+    assert peer.recv_error().code == "bad_signature"
+    healthy(tight)
+
+
+def test_replayed_message(tight: Server, peer: RawPeer) -> None:
+    frames = peer.signed(messages.Ping(nonce="once"))
+    peer.send(frames)
+    assert isinstance(peer.recv().content, messages.Pong)
+    peer.send(frames)
+    err = peer.recv_error()
+    assert err.code == "replay"
+    healthy(tight)
+
+
+def test_stale_message_is_a_replay(tight: Server, peer: RawPeer) -> None:
+    import time
+
+    frames = peer.sign_raw(peer.header_bytes("ping", date=time.time() - 3600), b"{}", b"{}")
+    peer.send(frames)
+    assert peer.recv_error().code == "replay"
+    healthy(tight)
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3, 4])
+def test_truncated_message(tight: Server, peer: RawPeer, keep: int) -> None:
+    frames = peer.signed(messages.Ping())
+    peer.send(frames[:keep])
+    err = peer.recv_error()
+    assert err.code in ("bad_message", "bad_signature")
+    healthy(tight)
+
+
+def test_too_many_frames(tight: Server, peer: RawPeer) -> None:
+    peer.send(peer.signed(messages.Ping(), buffers=[b"x"] * 50))
+    err = peer.recv_error()
+    assert err.code == "too_large"
+    healthy(tight)
+
+
+def test_oversize_total(tight: Server, peer: RawPeer) -> None:
+    # Each frame is under the socket's MAXMSGSIZE, together they exceed the request cap.
+    big = b"\0" * (5 * 1024 * 1024)
+    peer.send(peer.signed(messages.Ping(), buffers=[big, big]))
+    err = peer.recv_error(timeout_s=10)
+    assert err.code == "too_large"
+    healthy(tight)
+
+
+def test_oversize_frame_drops_only_that_connection(tight: Server, peer: RawPeer) -> None:
+    # libzmq's MAXMSGSIZE disconnects a peer sending a larger frame; nothing reaches Python.
+    peer.send([DELIMITER, b"\0" * (9 * 1024 * 1024)])
+    with pytest.raises(TimeoutError):
+        peer.recv(timeout_s=1)
+    healthy(tight)
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [b"\xff\x00garbage"],
+        [b"", b"", b""],
+        [secrets.token_bytes(64) for _ in range(6)],
+        [DELIMITER, b"not-hex", b"{}", b"{}", b"{}"],
+        [b"prefix", DELIMITER, b"sig", b"{}", b"{}", b"{}"],
+    ],
+    ids=["one-frame", "empty-frames", "random", "bad-sig-format", "extra-routing"],
+)
+def test_garbage_bytes(tight: Server, peer: RawPeer, frames: list[bytes]) -> None:
+    peer.send(frames)
+    err = peer.recv_error()
+    assert err.code in ("bad_message", "bad_signature")
+    healthy(tight)
+
+
+def test_invalid_json_content(tight: Server, peer: RawPeer) -> None:
+    peer.send(peer.sign_raw(peer.header_bytes("ping"), b"{}", b"{not json"))
+    err = peer.recv_error()
+    assert err.code == "bad_message"
+    assert "JSON" in err.message
+    healthy(tight)
+
+
+def test_invalid_json_header(tight: Server, peer: RawPeer) -> None:
+    peer.send(peer.sign_raw(b'{"msg_id": ', b"{}", b"{}"))
+    assert peer.recv_error().code == "bad_message"
+    healthy(tight)
+
+
+def test_unknown_type(tight: Server, peer: RawPeer) -> None:
+    peer.send(peer.sign_raw(peer.header_bytes("format_disk"), b"{}", b"{}"))
+    err = peer.recv_error()
+    assert err.code == "unknown_type"
+    healthy(tight)
+
+
+def test_server_message_type_from_a_client(tight: Server, peer: RawPeer) -> None:
+    reply = peer.request(messages.Cancelled(job_id="0" * 32))
+    assert isinstance(reply.content, messages.Error)
+    assert reply.content.code == "bad_message"
+    healthy(tight)
+
+
+def test_wrong_major_version(tight: Server, peer: RawPeer) -> None:
+    peer.send(peer.sign_raw(peer.header_bytes("ping", version="2.0"), b"{}", b"{}"))
+    err = peer.recv_error()
+    assert err.code == "version"
+    # A newer minor version is fine.
+    peer.send(
+        peer.sign_raw(peer.header_bytes("ping", version="1.99"), b"{}", b'{"nonce": "m", "new_field": 1}')
+    )
+    assert isinstance(peer.recv().content, messages.Pong)
+    healthy(tight)
+
+
+def test_missing_client_id(tight: Server, peer: RawPeer) -> None:
+    peer.session.client_id = ""
+    reply = peer.request(messages.Submit(request=small_request()))
+    assert isinstance(reply.content, messages.Error)
+    assert reply.content.code == "bad_message"
+    assert reply.content.fields[0].field == "$header.client_id"
+    healthy(tight)
+
+
+# --------------------------------------------------------------------------- request limits
+
+
+def _submit_error(client: BackendClient, **fields: Any) -> ClientError:
+    with pytest.raises(ClientError) as info:
+        client.submit(small_request(**fields))
+    return info.value
+
+
+LIMIT_CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("width", {"width": 512}, "$.request.width"),
+    ("height", {"height": 512}, "$.request.height"),
+    ("frames", {"frames": 17}, "$.request.frames"),
+    ("pixel-budget", {"width": 256, "height": 256, "frames": 16}, "$.request.frames"),
+    ("steps", {"steps": 11}, "$.request.steps"),
+    ("guidance-high", {"guidance": 12.5}, "$.request.guidance"),
+    ("prompt", {"prompt": "x" * 101}, "$.request.prompt"),
+    ("negative", {"negative_prompt": "x" * 101}, "$.request.negative_prompt"),
+    ("travel-text", {"prompt_travel": {0: "a", 2: "y" * 101}}, "$.request.prompt_travel.2"),
+    ("travel-frame", {"prompt_travel": {0: "a", 9: "b"}}, "$.request.prompt_travel.9"),
+    ("travel-count", {"frames": 2, "prompt_travel": {0: "a", 1: "b", 5: "c"}}, "$.request.prompt_travel"),
+    (
+        "lora-count",
+        {"motion_loras": [MotionLora(id="lora:fake_ZoomIn")] * 3},
+        "$.request.motion_loras",
+    ),
+    (
+        "lora-weight",
+        {"motion_loras": [MotionLora(id="lora:fake_ZoomIn", weight=1.8)]},
+        "$.request.motion_loras[0].weight",
+    ),
+    ("context-stride", {"context_length": 8, "context_stride": 9}, "$.request.context_stride"),
+]
+
+
+@pytest.mark.parametrize(("fields", "path"), [c[1:] for c in LIMIT_CASES], ids=[c[0] for c in LIMIT_CASES])
+def test_limits(
+    tight: Server,
+    engine: FakeEngine,
+    make_client: Callable[..., BackendClient],
+    fields: dict[str, Any],
+    path: str,
+) -> None:
+    client = make_client(tight)
+    err = _submit_error(client, **fields)
+    assert err.code == "limit"
+    assert path in [f.field for f in err.fields], err.fields
+    assert all(f.message for f in err.fields)
+    assert engine.generate_calls == 0
+    assert client.ping()
+
+
+def test_preset_defaults_obey_the_limits(tight: Server, make_client: Callable[..., BackendClient]) -> None:
+    # "quality" defaults to 25 steps; this server allows 10.
+    err = _submit_error(make_client(tight), steps=None)
+    assert err.code == "limit"
+    assert [f.field for f in err.fields] == ["$.request.steps"]
+
+
+def test_all_bad_fields_reported_at_once(tight: Server, make_client: Callable[..., BackendClient]) -> None:
+    err = _submit_error(make_client(tight), width=512, steps=50, prompt="x" * 200)
+    assert {f.field for f in err.fields} >= {"$.request.width", "$.request.steps", "$.request.prompt"}
+
+
+def test_schema_errors_name_the_field(tight: Server, peer: RawPeer) -> None:
+    content = msgspec.json.encode({"request": {"prompt": "a", "width": 63, "frames": 0}})
+    peer.send(peer.sign_raw(peer.header_bytes("submit"), b"{}", content))
+    err = peer.recv_error()
+    assert err.code == "bad_message"
+    assert {f.field for f in err.fields} >= {"$.request.width", "$.request.frames"}
+    healthy(tight)
+
+
+@pytest.mark.parametrize(
+    "model_id",
+    ["base:does-not-exist", "motion:fake-sd15", "lora:nope"],
+)
+def test_unknown_model(
+    tight: Server, engine: FakeEngine, make_client: Callable[..., BackendClient], model_id: str
+) -> None:
+    kind = model_id.split(":")[0]
+    field = {"base": "base_model", "motion": "motion_module"}.get(kind)
+    fields: dict[str, Any] = {field: model_id} if field else {"motion_loras": [MotionLora(id=model_id)]}
+    err = _submit_error(make_client(tight), **fields)
+    assert err.code == "unknown_model"
+    assert model_id in err.message
+    assert engine.generate_calls == 0
+
+
+@pytest.mark.parametrize(
+    "model_id",
+    [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "base:../x",
+        "base:/abs/path",
+        "base:..",
+        "base:a/b",
+        "C:\\models\\x",
+        "base:.hidden",
+    ],
+)
+def test_path_like_ids_are_refused(tight: Server, engine: FakeEngine, peer: RawPeer, model_id: str) -> None:
+    content = msgspec.json.encode({"request": {"prompt": "a", "base_model": model_id}})
+    peer.send(peer.sign_raw(peer.header_bytes("submit"), b"{}", content))
+    err = peer.recv_error()
+    assert err.code == "bad_message"
+    assert [f.field for f in err.fields] == ["$.request.base_model"]
+    assert engine.generate_calls == 0
+    healthy(tight)
+
+
+def test_full_queue_and_per_client_cap_answer_busy(
+    make_server: Callable[..., Server], make_client: Callable[..., BackendClient]
+) -> None:
+    server = make_server(engine=FakeEngine(step_delay_s=0.2), limits=TIGHT)
+    a = make_client(server, client_id="artist-a")
+    a.submit(small_request(steps=10))  # runs
+    a.submit(small_request())  # queued: a has 2 = max_jobs_per_client
+    err = _submit_error(a)
+    assert err.code == "busy"
+    assert "client" in err.message
+    b = make_client(server, client_id="artist-b")
+    c = make_client(server, client_id="artist-c")
+    b.submit(small_request())
+    b.submit(small_request())  # queue: a, b, b = 3 = max_queue
+    err = _submit_error(c)
+    assert err.code == "busy"
+    assert "queue is full" in err.message
+    assert c.ping().queued == 3
+
+
+def test_refusals_are_counted_and_the_loop_survives(tight: Server, peer: RawPeer) -> None:
+    before = tight.refusals
+    for _ in range(5):
+        peer.send([b"junk"])
+    for _ in range(5):
+        peer.recv_error()
+    assert tight.refusals == before + 5
+    healthy(tight)
+
+
+def test_vanished_peer_does_not_block_the_loop(
+    make_server: Callable[..., Server], make_client: Callable[..., BackendClient]
+) -> None:
+    server = make_server(engine=FakeEngine(step_delay_s=0.02))
+    gone = RawPeer(server.endpoint, client_id="gone")
+    gone.send(gone.signed(messages.Submit(request=small_request(steps=10))))
+    assert isinstance(gone.recv().content, messages.Accepted)
+    gone.close()  # events for this job now hit an unroutable identity
+    client = make_client(server, client_id="other")
+    result = client.run_job(small_request(prompt="after"))
+    assert len(result.frames) == 4

@@ -1,0 +1,97 @@
+"""Round trip on a real socket: submit, progress, frames, finished."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+from server_helpers import small_request
+
+from animatediff_blender.backend.engine.fake import FakeEngine
+from animatediff_blender.backend.server.server import Server
+from animatediff_blender.protocol.client import BackendClient, Event
+from animatediff_blender.protocol.messages import Finished, Frames, Limits, Progress
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_welcome_describes_the_server(server: Server, client: BackendClient) -> None:
+    welcome = client.welcome
+    assert welcome is not None
+    assert welcome.protocol_version.startswith("1.")
+    assert "preview" in welcome.capabilities
+    assert welcome.limits.max_frames == server.limits.max_frames
+    assert {m.id for m in welcome.models} >= {"base:fake-sd15", "motion:fake-mm-v2"}
+    assert welcome.defaults["base"] == "base:fake-sd15"
+    assert welcome.device
+
+
+def test_submit_progress_frames_finished(server: Server, client: BackendClient) -> None:
+    request = small_request(frames=5, steps=4, preview_every=2)
+    events = []
+    result = client.run_job(request, on_event=events.append)
+    progress = [e.content for e in events if isinstance(e.content, Progress)]
+    assert [p.step for p in progress] == [1, 2, 3, 4]
+    assert [p.has_preview for p in progress] == [False, True, False, True]
+    previews = [e.buffers for e in events if isinstance(e.content, Progress) and e.content.has_preview]
+    assert all(len(b) == 1 and b[0].startswith(b"\x89PNG") for b in previews)
+
+    frames_msgs = [e for e in events if isinstance(e.content, Frames)]
+    assert sum(e.content.count for e in frames_msgs) == 5
+    for e in frames_msgs:
+        assert e.content.sha256 == [hashlib.sha256(b).hexdigest() for b in e.buffers]
+    assert isinstance(events[-1].content, Finished)
+    finished = result.finished
+    assert (finished.frames, finished.width, finished.height, finished.seed) == (5, 64, 64, 1)
+    assert finished.settings.base_model == "base:fake-sd15"
+
+    # The pixels are the engine's, unchanged by PNG, in order.
+    expected = FakeEngine.render(finished.settings)
+    for png, want in zip(result.frames, expected, strict=True):
+        got = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        assert np.array_equal(got, want)
+
+    # Persisted before "finished": the same bytes are on disk and fetchable.
+    folder = server.store.job_dir(result.job_id)
+    on_disk = [(folder / f"frame_{i:04d}.png").read_bytes() for i in range(5)]
+    assert on_disk == result.frames
+    fetched = client.fetch(result.job_id)
+    assert [hashlib.sha256(f).digest() for f in fetched.frames] == [
+        hashlib.sha256(f).digest() for f in result.frames
+    ]
+    assert client.status(result.job_id).state == "finished"
+
+
+def test_ping(client: BackendClient) -> None:
+    pong = client.ping()
+    assert pong.server_time > 0
+    assert pong.running_job == ""
+
+
+@pytest.mark.parametrize(
+    ("limits", "max_count"),
+    [(Limits(max_frames_per_message=3), 3), (Limits(max_message_bytes=100_000), 10)],
+    ids=["frame-cap", "byte-cap"],
+)
+def test_frames_are_split_within_the_message_caps(
+    make_server: Callable[..., Server],
+    make_client: Callable[..., BackendClient],
+    limits: Limits,
+    max_count: int,
+) -> None:
+    server = make_server(limits=limits)
+    client = make_client(server)
+    events: list[Event] = []
+    result = client.run_job(small_request(frames=8, width=96, height=96), on_event=events.append)
+    chunks = [e for e in events if isinstance(e.content, Frames)]
+    assert len(chunks) > 1
+    assert [c.content.start for c in chunks] == list(np.cumsum([0] + [c.content.count for c in chunks[:-1]]))
+    for chunk in chunks:
+        assert 1 <= chunk.content.count <= max_count
+        assert sum(len(b) for b in chunk.buffers) <= limits.max_message_bytes
+    assert len(result.frames) == 8
+    assert client.fetch(result.job_id).frames == result.frames
