@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from animatediff_blender.protocol.client import ClientConfig, JobResult
-    from animatediff_blender.protocol.messages import FieldError, GenerateRequest
+    from animatediff_blender.protocol.messages import FieldError, GenerateRequest, ModelInfo
 
 # Request field -> the flag that sets it, so field errors name what the user typed.
 FLAGS = {
@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="ID[:WEIGHT]",
-        help="motion LoRA id and weight, e.g. lora:v2_lora_ZoomIn.ckpt:0.8 (repeatable)",
+        help="motion LoRA id or camera move and weight, e.g. lora:v2_lora_ZoomIn.ckpt:0.8 or ZoomIn:0.8 (repeatable)",
     )
     p.add_argument("--domain-adapter", metavar="ID", help="domain adapter id (AnimateDiff v3)")
     p.add_argument(
@@ -109,6 +109,49 @@ def _lora(value: str) -> tuple[str, float]:
         except ValueError:
             pass
     return str(_model_id(value, "lora")), 1.0
+
+
+def _simplify(text: str) -> str:
+    return "".join(ch for ch in text.lower() if ch.isalnum())
+
+
+def resolve_alias(model_id: str, models: list[ModelInfo]) -> str:
+    """Let people type what they see: `lora:ZoomIn`, `lora:zoom-in` or `lora:Zoom in` name the
+    registry entry whose camera motion, label or file stem matches; exact ids pass unchanged,
+    and so does an alias that matches nothing (the backend refuses it by name).  An alias
+    matching several entries is a UsageError listing them."""
+    if any(m.id == model_id for m in models):
+        return model_id
+    kind, _, name = model_id.partition(":")
+    wanted = _simplify(name)
+    matches = {
+        m.id
+        for m in models
+        if m.kind == kind
+        and m.ok
+        and wanted
+        in (_simplify(m.camera_motion), _simplify(m.label), _simplify(m.id.partition(":")[2].rsplit(".", 1)[0]))
+    }
+    if len(matches) > 1:
+        raise UsageError(f"{model_id!r} could mean any of {', '.join(sorted(matches))}: give the full id")
+    return matches.pop() if matches else model_id
+
+
+def resolve_aliases(request: GenerateRequest, models: list[ModelInfo]) -> GenerateRequest:
+    import msgspec
+
+    from animatediff_blender.protocol.messages import MotionLora
+
+    def one(value: str | None) -> str | None:
+        return None if value is None else resolve_alias(value, models)
+
+    return msgspec.structs.replace(
+        request,
+        base_model=one(request.base_model),
+        motion_module=one(request.motion_module),
+        domain_adapter=one(request.domain_adapter),
+        motion_loras=[MotionLora(id=resolve_alias(m.id, models), weight=m.weight) for m in request.motion_loras],
+    )
 
 
 def build_request(args: argparse.Namespace) -> GenerateRequest:
@@ -273,7 +316,9 @@ def _generate(args: argparse.Namespace, request: GenerateRequest) -> JobResult:
     )
     try:
         with BackendClient(client_config(args)) as client:
-            client.connect()
+            welcome = client.connect()
+            request = resolve_aliases(request, welcome.models)
+            validate_locally(request)
             return client.run_job(request, on_event=on_event, cancel=cancel, timeout_s=args.job_timeout)
     finally:
         if bar is not None:

@@ -189,3 +189,34 @@ def test_generate_with_a_wrong_key(backend: str, tmp_path: Path, capsys: pytest.
     code = main(["generate", "--address", backend, "--key-file", str(other), "--prompt", "x", "--out", str(tmp_path)])  # fmt: skip
     assert code == 1
     assert "different key" in capsys.readouterr().err
+
+
+def test_model_aliases_resolve_to_registry_ids() -> None:
+    from animatediff_blender.backend.commands.generate import UsageError, resolve_alias, resolve_aliases
+    from animatediff_blender.protocol.messages import GenerateRequest, ModelInfo, MotionLora
+
+    models = [
+        ModelInfo(id="lora:v2_lora_ZoomIn.ckpt", kind="lora", format="original", label="Zoom in", camera_motion="ZoomIn"),
+        ModelInfo(id="lora:motion-lora-zoom-in", kind="lora", format="diffusers", label="Zoom in (diffusers)"),
+        ModelInfo(id="lora:v2_lora_PanLeft.ckpt", kind="lora", format="original", label="Pan left", camera_motion="PanLeft"),
+        ModelInfo(id="motion:mm_sd_v15_v2.safetensors", kind="motion", format="original", label="mm_sd_v15_v2 (v2)"),
+    ]
+    assert resolve_alias("lora:ZoomIn", models) == "lora:v2_lora_ZoomIn.ckpt"
+    assert resolve_alias("lora:pan-left", models) == "lora:v2_lora_PanLeft.ckpt"
+    assert resolve_alias("lora:Pan left", models) == "lora:v2_lora_PanLeft.ckpt"
+    assert resolve_alias("motion:mm_sd_v15_v2", models) == "motion:mm_sd_v15_v2.safetensors"
+    # exact ids pass unchanged; an unknown alias is left for the backend to refuse
+    assert resolve_alias("lora:motion-lora-zoom-in", models) == "lora:motion-lora-zoom-in"
+    assert resolve_alias("lora:TiltUp", models) == "lora:TiltUp"
+    # a kind mismatch never resolves
+    assert resolve_alias("motion:ZoomIn", models) == "motion:ZoomIn"
+    req = resolve_aliases(
+        GenerateRequest(prompt="x", motion_module="motion:mm_sd_v15_v2", motion_loras=[MotionLora(id="lora:ZoomIn", weight=-0.5)]),
+        models,
+    )
+    assert req.motion_module == "motion:mm_sd_v15_v2.safetensors"
+    assert [(m.id, m.weight) for m in req.motion_loras] == [("lora:v2_lora_ZoomIn.ckpt", -0.5)]
+    # the same move in two formats: ambiguous, so the user is asked for the full id
+    twin = ModelInfo(id="lora:ZoomIn.safetensors", kind="lora", format="original", label="Zoom in", camera_motion="ZoomIn")
+    with pytest.raises(UsageError, match="could mean any of"):
+        resolve_alias("lora:ZoomIn", [*models, twin])
