@@ -1,0 +1,425 @@
+"""Reading checkpoint files safely and converting original layouts to diffusers.
+
+Everything here is pure key/tensor work on state dicts (no model construction), shared by
+`loading.py` (serving) and `registry.py` (version detection) for real files and the zoo alike.
+
+* `read_state_dict(path)`: safetensors preferred; pickle files (`.ckpt .pt .pth .bin`) only via
+  `torch.load(..., weights_only=True)` on torch >= 2.10.  Unwraps `{"state_dict": ...}`.
+* `read_tensor_shapes(path)`: key -> shape without loading tensors (safetensors header).
+* `motion_original_to_diffusers(sd)`: original AnimateDiff motion module keys -> MotionAdapter keys.
+* `motion_adapter_config(shapes, ...)`: MotionAdapter kwargs inferred from the weights.
+* `lora_to_peft(sd, scope)`: MotionLoRA / domain-adapter files (original AnimateDiff,
+  diffusers hub, or peft layout) -> `unet.<module>.lora_A.weight` / `lora_B.weight`.
+
+Every converter raises `ConversionError` on a key it does not understand: a key that is
+silently ignored is a LoRA or module that silently does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+MIN_TORCH_FOR_PICKLE = (2, 10)
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+class ConversionError(ValueError):
+    """A checkpoint whose layout is not understood (unknown keys, missing parts, bad file)."""
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def _torch_version() -> tuple[int, int]:
+    import torch
+
+    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def check_pickle_allowed() -> None:
+    """weights_only=True is only trustworthy from torch 2.10 (CVE-2025-32434, CVE-2026-24747)."""
+    if _torch_version() < MIN_TORCH_FOR_PICKLE:
+        import torch
+
+        raise ConversionError(
+            f"refusing to read a pickle checkpoint with torch {torch.__version__}: torch.load(weights_only=True) "
+            "is only safe from torch 2.10; upgrade torch or convert the file to .safetensors"
+        )
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"{path.name}: not a state dict (got {type(obj).__name__})")
+    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    return dict(obj)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a weights file, on the CPU.  Non-tensor entries (metadata such as
+    AnimateDiff's `animatediff_config`) are dropped."""
+    import torch
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in SAFETENSORS_SUFFIXES:
+            from safetensors.torch import load_file
+
+            raw: dict[str, Any] = dict(load_file(str(path), device="cpu"))
+        elif suffix in PICKLE_SUFFIXES:
+            check_pickle_allowed()
+            raw = _unwrap(torch.load(str(path), map_location="cpu", weights_only=True), path)
+        else:
+            raise ConversionError(f"{path.name}: unsupported weights file type {suffix!r}")
+    except ConversionError:
+        raise
+    except Exception as exc:  # corrupt or refused files: say which and why
+        raise ConversionError(f"{path.name}: cannot read weights ({type(exc).__name__}: {exc})") from exc
+    return {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor dtypes, shapes, offsets), validated
+    against the file size, without reading any tensor."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ConversionError(f"{path.name}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_SAFETENSORS_HEADER or 8 + n > size:
+            raise ConversionError(f"{path.name}: truncated or corrupt safetensors header")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as exc:
+            raise ConversionError(f"{path.name}: corrupt safetensors header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path.name}: corrupt safetensors header")
+    data_len = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and offsets[1] <= data_len):
+            raise ConversionError(f"{path.name}: truncated safetensors file (tensor {key} lies past the end)")
+    return header
+
+
+def read_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """key -> shape.  Cheap for safetensors (header only); pickles are loaded (weights_only)."""
+    path = Path(path)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        header = read_safetensors_header(path)
+        return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    return {k: tuple(v.shape) for k, v in read_state_dict(path).items()}
+
+
+# --------------------------------------------------------------------------- motion modules
+
+# <block>.motion_modules.<i>.  in both layouts
+_MM_BLOCK = r"(?P<block>(?:down_blocks|up_blocks)\.\d+|mid_block)\.motion_modules\.(?P<mm>\d+)\."
+_ORIG_MM = re.compile(
+    "^" + _MM_BLOCK + r"temporal_transformer\.(?P<rest>"
+    r"(?:norm|proj_in|proj_out)\.(?:weight|bias)"
+    r"|transformer_blocks\.\d+\.(?:"
+    r"attention_blocks\.[01]\.(?:to_q\.weight|to_k\.weight|to_v\.weight|to_out\.0\.(?:weight|bias)|pos_encoder\.pe)"
+    r"|norms\.[01]\.(?:weight|bias)"
+    r"|ff_norm\.(?:weight|bias)"
+    r"|ff\.net\.(?:0\.proj|2)\.(?:weight|bias)"
+    r"))$"
+)
+_DIFF_MM = re.compile(
+    "^" + _MM_BLOCK + r"(?P<rest>"
+    r"(?:norm|proj_in|proj_out)\.(?:weight|bias)"
+    r"|transformer_blocks\.\d+\.(?:"
+    r"attn[12]\.(?:to_q\.weight|to_k\.weight|to_v\.weight|to_out\.0\.(?:weight|bias))"
+    r"|pos_embed\.pe"
+    r"|norm[123]\.(?:weight|bias)"
+    r"|ff\.net\.(?:0\.proj|2)\.(?:weight|bias)"
+    r"))$"
+)
+
+MotionLayout = Literal["original", "diffusers"]
+
+
+def _fail_unknown(what: str, keys: Iterable[str]) -> None:
+    bad = sorted(keys)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise ConversionError(f"{what}: {len(bad)} key(s) not understood: {shown}")
+
+
+def motion_layout(keys: Iterable[str]) -> MotionLayout:
+    """Which motion-module layout these keys are in; raises if neither (or a mix)."""
+    keys = list(keys)
+    if not keys:
+        raise ConversionError("empty motion module file")
+    orig = [k for k in keys if _ORIG_MM.match(k)]
+    if len(orig) == len(keys):
+        return "original"
+    diff = [k for k in keys if _DIFF_MM.match(k)]
+    if len(diff) == len(keys):
+        return "diffusers"
+    if orig and len(orig) >= len(diff):
+        _fail_unknown("original motion module", (k for k in keys if not _ORIG_MM.match(k)))
+    if diff:
+        _fail_unknown("diffusers motion module", (k for k in keys if not _DIFF_MM.match(k)))
+    _fail_unknown("motion module", keys)
+    raise AssertionError("unreachable")
+
+
+def _orig_rest_to_diffusers(rest: str) -> str:
+    return (
+        rest.replace(".norms.0.", ".norm1.")
+        .replace(".norms.1.", ".norm2.")
+        .replace(".ff_norm.", ".norm3.")
+        .replace(".attention_blocks.0.", ".attn1.")
+        .replace(".attention_blocks.1.", ".attn2.")
+    )
+
+
+def motion_original_to_diffusers(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """Original AnimateDiff motion module -> diffusers MotionAdapter names.
+
+    The renames are those of diffusers' `convert_animatediff_checkpoint_to_diffusers`;
+    positional encodings (`pos_encoder.pe`) are dropped (the adapter recomputes the same
+    sinusoids).  Unlike diffusers' helper this raises on any key it does not recognise."""
+    out: dict[str, Any] = {}
+    unknown = []
+    for key, value in sd.items():
+        m = _ORIG_MM.match(key)
+        if not m:
+            unknown.append(key)
+            continue
+        if key.endswith(".pos_encoder.pe"):
+            continue
+        new = f"{m.group('block')}.motion_modules.{m.group('mm')}.{_orig_rest_to_diffusers('.' + m.group('rest'))[1:]}"
+        out[new] = value
+    _fail_unknown("original motion module", unknown)
+    return out
+
+
+def motion_to_diffusers(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """Either layout -> MotionAdapter keys without positional encodings."""
+    if motion_layout(sd.keys()) == "original":
+        return motion_original_to_diffusers(sd)
+    return {k: v for k, v in sd.items() if not k.endswith(".pos_embed.pe")}
+
+
+def motion_max_seq_length(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    """From the positional encodings' shape (1, max_len, C), if the file has them."""
+    for key, shape in shapes.items():
+        if key.endswith((".pos_encoder.pe", ".pos_embed.pe")) and len(shape) == 3:
+            return int(shape[1])
+    return None
+
+
+def _indices(keys: Iterable[str], pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
+
+
+def motion_adapter_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """MotionAdapter kwargs inferred from the weights (either layout): widths from the
+    motion modules' norms, layer counts from the indices, max length from `pe`.
+    Head count and group count cannot be read from weights: AnimateDiff uses 8 and 32."""
+    layout = motion_layout(shapes.keys())
+    keys = list(shapes)
+    tt = "temporal_transformer." if layout == "original" else ""
+    down = _indices(keys, r"^down_blocks\.(\d+)\.motion_modules\.")
+    if not down or down != list(range(len(down))):
+        raise ConversionError("motion module has no (or non-contiguous) down block motion modules")
+    widths = []
+    for i in down:
+        key = f"down_blocks.{i}.motion_modules.0.{tt}norm.weight"
+        if key not in shapes:
+            raise ConversionError(f"motion module lacks {key}")
+        widths.append(int(shapes[key][0]))
+    layers = _indices(keys, r"^down_blocks\.0\.motion_modules\.(\d+)\.")
+    tblocks = _indices(
+        keys, r"^down_blocks\.0\.motion_modules\.0\.(?:temporal_transformer\.)?transformer_blocks\.(\d+)\."
+    )
+    mid = _indices(keys, r"^mid_block\.motion_modules\.(\d+)\.")
+    max_len = motion_max_seq_length(shapes)
+    return {
+        "block_out_channels": widths,
+        "motion_layers_per_block": len(layers),
+        "motion_transformer_layers_per_block": max(len(tblocks), 1),
+        "motion_mid_block_layers_per_block": max(len(mid), 1),
+        "motion_num_attention_heads": 8,
+        "motion_norm_num_groups": 32,
+        "motion_max_seq_length": max_len if max_len is not None else 32,
+        "use_motion_mid_block": bool(mid),
+        "conv_in_channels": None,
+    }
+
+
+def detect_motion_version(shapes: Mapping[str, tuple[int, ...]], filename: str = "") -> str:
+    """Version: "v1" (max length 24), "v2" (mid block), "v3" (no mid block, length 32); files whose
+    names say so are labelled "lightning" (AnimateDiff-Lightning) or "lcm" (AnimateLCM)."""
+    name = filename.lower()
+    if "lightning" in name:
+        return "lightning"
+    if "animatelcm" in name or re.search(r"(^|[_\-.])lcm([_\-.]|$)", name):
+        return "lcm"
+    motion_layout(shapes.keys())  # raises on files that are no motion module
+    if any(k.startswith("mid_block.motion_modules.") for k in shapes):
+        return "v2"
+    if motion_max_seq_length(shapes) == 24:
+        return "v1"
+    return "v3"
+
+
+# --------------------------------------------------------------------------- LoRAs
+
+LoraScope = Literal["motion", "spatial"]
+
+_LORA_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+# original AnimateDiff MotionLoRA (v2_lora_*.ckpt)
+_ORIG_MOTION_LORA = re.compile(
+    "^"
+    + _MM_BLOCK
+    + r"temporal_transformer\.transformer_blocks\.(?P<tb>\d+)\.attention_blocks\.(?P<attn>[01])\."
+    r"processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$"
+)
+# attention-processor LoRA on diffusers names (hub MotionLoRA repos, v3 domain adapter)
+_OLD_LORA = re.compile(
+    r"^(?:unet\.)?(?P<module>.+\.attn[12])\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$"
+)
+# peft naming
+_PEFT_LORA = re.compile(r"^(?:unet\.)?(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
+_PEFT_ALPHA = re.compile(r"^(?:unet\.)?(?P<module>.+)\.alpha$")
+
+_MOTION_TARGET = re.compile(
+    r"^(?:down_blocks|up_blocks)\.\d+\.motion_modules\.\d+\.transformer_blocks\.\d+\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0)$"
+    r"|^mid_block\.motion_modules\.\d+\.transformer_blocks\.\d+\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0)$"
+)
+_SPATIAL_TARGET = re.compile(
+    r"^(?:(?:down_blocks|up_blocks)\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\."
+    r"(?:to_q|to_k|to_v|to_out\.0)$"
+)
+
+
+@dataclass
+class LoraWeights:
+    """A LoRA ready for `AnimateDiffPipeline.load_lora_weights(state_dict, adapter_name=...)`.
+
+    `state_dict` keys are `unet.<module>.lora_A.weight` (down, rank x in) and
+    `unet.<module>.lora_B.weight` (up, out x rank), `<module>` a diffusers module path of the
+    pipeline's UNetMotionModel.  `target_modules` lists those module paths (without `unet.`),
+    so callers can assert that every one received a LoRA layer (see
+    `loading.verify_lora_applied`)."""
+
+    state_dict: dict[str, torch.Tensor]
+    target_modules: set[str]
+    rank: int
+    network_alpha: float | None
+    source_format: str  # "original", "diffusers", "peft"
+    scope: LoraScope = "motion"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def lora_format(keys: Iterable[str]) -> str:
+    keys = list(keys)
+    if keys and all(_ORIG_MOTION_LORA.match(k) for k in keys):
+        return "original"
+    if keys and all(_OLD_LORA.match(k) for k in keys):
+        # `unet.`-prefixed: diffusers' hub conversion; bare module names: AnimateDiff's own
+        # files (the v3 domain adapter), which its loader applies relative to the UNet.
+        return "diffusers" if all(k.startswith("unet.") for k in keys) else "original"
+    if keys and all(_PEFT_LORA.match(k) or _PEFT_ALPHA.match(k) for k in keys):
+        return "peft"
+    raise ConversionError(
+        "LoRA layout not understood: "
+        + ", ".join(
+            sorted(
+                k
+                for k in keys
+                if not (_ORIG_MOTION_LORA.match(k) or _OLD_LORA.match(k) or _PEFT_LORA.match(k))
+            )[:5]
+        )
+        if keys
+        else "empty LoRA file"
+    )
+
+
+def lora_to_peft(sd: Mapping[str, torch.Tensor], scope: LoraScope) -> LoraWeights:
+    """Convert a LoRA file's state dict (original, diffusers-hub or peft layout) to the
+    peft keys diffusers applies; raises on unknown keys, unpaired halves, inconsistent
+    ranks or modules outside `scope` ("motion": motion-module attention, "spatial": the
+    UNet's own attention layers, where the v3 domain adapter lives)."""
+    fmt = lora_format(sd.keys())
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, float] = {}
+    for key, value in sd.items():
+        if _ORIG_MOTION_LORA.match(key):
+            m = _ORIG_MOTION_LORA.match(key)
+            assert m is not None
+            module = (
+                f"{m.group('block')}.motion_modules.{m.group('mm')}.transformer_blocks.{m.group('tb')}."
+                f"attn{int(m.group('attn')) + 1}.{_LORA_PROJ[m.group('proj')]}"
+            )
+            part = "A" if m.group("part") == "down" else "B"
+        elif _OLD_LORA.match(key):
+            m = _OLD_LORA.match(key)
+            assert m is not None
+            module = f"{m.group('module')}.{_LORA_PROJ[m.group('proj')]}"
+            part = "A" if m.group("part") == "down" else "B"
+        else:
+            if (ma := _PEFT_ALPHA.match(key)) and not _PEFT_LORA.match(key):
+                alphas[ma.group("module")] = float(value.item())
+                continue
+            m = _PEFT_LORA.match(key)
+            assert m is not None
+            module, part = m.group("module"), m.group("part")
+        slot = parts.setdefault(module, {})
+        if part in slot:
+            raise ConversionError(f"LoRA has two {part} weights for {module}")
+        slot[part] = value
+
+    target = _MOTION_TARGET if scope == "motion" else _SPATIAL_TARGET
+    _fail_unknown(
+        f"{scope} LoRA (modules outside the {scope} attention layers)",
+        (m for m in parts if not target.match(m)),
+    )
+    out: dict[str, torch.Tensor] = {}
+    ranks = set()
+    for module, slot in sorted(parts.items()):
+        if set(slot) != {"A", "B"}:
+            raise ConversionError(f"LoRA for {module} lacks its {'up' if 'A' in slot else 'down'} weight")
+        a, b = slot["A"], slot["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ConversionError(
+                f"LoRA for {module}: shapes {tuple(a.shape)} / {tuple(b.shape)} do not pair"
+            )
+        ranks.add(int(a.shape[0]))
+        out[f"unet.{module}.lora_A.weight"] = a
+        out[f"unet.{module}.lora_B.weight"] = b
+    if len(ranks) != 1:
+        raise ConversionError(f"LoRA has mixed ranks {sorted(ranks)}")
+    alpha_values = set(alphas.values())
+    if len(alpha_values) > 1:
+        raise ConversionError("LoRA has per-module alphas, which is not supported")
+    return LoraWeights(
+        state_dict=out,
+        target_modules=set(parts),
+        rank=ranks.pop(),
+        network_alpha=alpha_values.pop() if alpha_values else None,
+        source_format=fmt,
+        scope=scope,
+    )

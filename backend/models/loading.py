@@ -1,0 +1,361 @@
+"""Loading registry entries into diffusers objects: the only loading path of the backend.
+
+The engine calls exactly these (each takes a `registry.RegistryEntry`, or a `Path`):
+
+* `load_base(entry, dtype, device) -> BaseComponents` — a diffusers SD1.5 folder, or a
+  single `.safetensors`/`.ckpt` with LDM/CompVis key names.  Single files need a diffusers
+  config: a sidecar folder `<stem>.config/` next to the file (the zoo writes one) or else the
+  SD1.5 configs shipped in `configs/sd15/`.  The real SD1.5 tokenizer is not shipped: it is
+  looked for in the sidecar, then in `<models>/base/stable-diffusion-v1-5/tokenizer`
+  (`animatediff-blender models fetch` downloads it there).
+* `load_motion_adapter(entry, dtype) -> MotionAdapter` — original AnimateDiff files
+  (v1/v2/v3, AnimateLCM, `.ckpt` or `.safetensors`), diffusers-layout files
+  (AnimateDiff-Lightning) and diffusers folders; widths and version from the weights.
+* `load_motion_lora(entry) -> convert.LoraWeights` — MotionLoRAs (original `v2_lora_*.ckpt`,
+  diffusers hub folders, peft files) as peft keys for
+  `pipe.load_lora_weights(lora.state_dict, adapter_name=...)`.
+* `load_domain_adapter(entry) -> convert.LoraWeights` — the v3 domain adapter (spatial LoRA).
+* `verify_lora_applied(unet, lora, adapter_name)` — after `load_lora_weights`, raises unless
+  every target module received the adapter (diffusers ignores keys it does not map).
+
+Every loader reads local files only and raises `convert.ConversionError` (a `ValueError`)
+with the file name and reason on a file it cannot use completely: no silent partial loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .convert import (
+    SAFETENSORS_SUFFIXES,
+    WEIGHT_SUFFIXES,
+    ConversionError,
+    LoraScope,
+    LoraWeights,
+    lora_to_peft,
+    motion_adapter_config,
+    motion_to_diffusers,
+    read_state_dict,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from .registry import RegistryEntry
+
+CONFIGS_DIR = Path(__file__).parent / "configs"
+SD15_CONFIG_DIR = CONFIGS_DIR / "sd15"
+SD15_TOKENIZER_DIRS = ("base/stable-diffusion-v1-5/tokenizer",)
+
+# Serve-time loading never reaches the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@dataclass
+class BaseComponents:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler_config: dict[str, Any]
+    source_format: str  # "diffusers" or "single_file"
+
+
+def _path(entry: RegistryEntry | Path) -> Path:
+    return Path(entry) if isinstance(entry, (str, Path)) else Path(entry.path)
+
+
+def _default_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    import torch
+
+    return dtype if dtype is not None else torch.float32
+
+
+def _cast(model: Any, dtype: torch.dtype) -> Any:
+    """`.to(dtype)` only when needed (diffusers warns on every cast)."""
+    if any(p.dtype != dtype for p in model.parameters()):
+        model = model.to(dtype)
+    return model
+
+
+# --------------------------------------------------------------------------- base models
+
+
+def load_base(
+    entry: RegistryEntry | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> BaseComponents:
+    path = _path(entry)
+    dtype = _default_dtype(dtype)
+    if path.is_dir():
+        comps = _load_base_folder(path, dtype)
+    elif path.suffix.lower() in WEIGHT_SUFFIXES:
+        comps = _load_base_single_file(path, dtype)
+    else:
+        raise ConversionError(f"{path.name}: not a diffusers folder or a weights file")
+    comps.unet.to(device)
+    comps.vae.to(device)
+    comps.text_encoder.to(device)
+    return comps
+
+
+def _load_base_folder(folder: Path, dtype: torch.dtype) -> BaseComponents:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (folder / sub).is_dir():
+            raise ConversionError(f"{folder.name}: diffusers folder lacks {sub}/")
+    # `models fetch` downloads only the fp16 files of SD1.5 (`*.fp16.safetensors`).
+    variant = (
+        "fp16"
+        if not (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+        and (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+        else None
+    )
+    try:
+        unet = UNet2DConditionModel.from_pretrained(
+            folder, subfolder="unet", dtype=dtype, variant=variant, local_files_only=True
+        )
+        vae = AutoencoderKL.from_pretrained(
+            folder, subfolder="vae", dtype=dtype, variant=variant, local_files_only=True
+        )
+        text_encoder = CLIPTextModel.from_pretrained(
+            folder / "text_encoder", dtype=dtype, variant=variant, local_files_only=True
+        )
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConversionError(f"{folder.name}: cannot load diffusers folder ({exc})") from exc
+    return BaseComponents(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        scheduler_config=_read_scheduler_config(folder),
+        source_format="diffusers",
+    )
+
+
+def _read_scheduler_config(folder: Path) -> dict[str, Any]:
+    cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{folder}: bad scheduler config")
+    return cfg
+
+
+def single_file_config_dir(path: Path) -> Path:
+    """The diffusers config for a single-file checkpoint: `<stem>.config/` next to it, else SD1.5."""
+    sidecar = path.with_name(path.stem + ".config")
+    return sidecar if sidecar.is_dir() else SD15_CONFIG_DIR
+
+
+def _find_tokenizer(path: Path, config_dir: Path) -> Path:
+    candidates = [config_dir / "tokenizer"]
+    models_dir = path.parent.parent  # <models>/base/<file>
+    candidates += [models_dir / rel for rel in SD15_TOKENIZER_DIRS]
+    for c in candidates:
+        if (c / "vocab.json").is_file() and (c / "merges.txt").is_file():
+            return c
+    raise ConversionError(
+        f"{path.name}: no CLIP tokenizer found for this single-file checkpoint (looked in "
+        + ", ".join(str(c) for c in candidates)
+        + "); run `animatediff-blender models fetch --only sd15` to download the SD1.5 tokenizer"
+    )
+
+
+def _strict_load(model: Any, sd: dict[str, Any], what: str, *, assign: bool = False) -> None:
+    """load_state_dict that reports every missing and unexpected key (diffusers' single-file
+    helpers load with strict=False, which would hide a partial conversion)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise ConversionError(
+            f"{what}: checkpoint does not match the model config: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    for key, value in sd.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ConversionError(
+                f"{what}: {key} has shape {tuple(value.shape)}, the config needs {tuple(own[key].shape)}"
+            )
+    model.load_state_dict(sd, strict=True, assign=assign)
+
+
+def _build_and_load(cls: Any, config: dict[str, Any], sd: dict[str, Any], what: str) -> Any:
+    """Build on the meta device (no random init of a 860M UNet) and assign the weights."""
+    import torch
+
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    _strict_load(model, sd, what, assign=True)
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        model = cls.from_config(config)  # a non-persistent buffer stayed on meta: build for real
+        _strict_load(model, sd, what)
+    return model.eval()
+
+
+def _load_base_single_file(path: Path, dtype: torch.dtype) -> BaseComponents:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    config_dir = single_file_config_dir(path)
+    tokenizer_dir = _find_tokenizer(path, config_dir)
+    ckpt = read_state_dict(path)
+    if not any(k.startswith("model.diffusion_model.") for k in ckpt):
+        raise ConversionError(
+            f"{path.name}: not an SD1.x single-file checkpoint (no model.diffusion_model.* keys)"
+        )
+
+    unet_cfg = dict(UNet2DConditionModel.load_config(config_dir / "unet", local_files_only=True))
+    vae_cfg = dict(AutoencoderKL.load_config(config_dir / "vae", local_files_only=True))
+    try:
+        unet_sd = convert_ldm_unet_checkpoint(ckpt, unet_cfg)
+        vae_sd = convert_ldm_vae_checkpoint(ckpt, vae_cfg)
+        text_sd = convert_ldm_clip_checkpoint(ckpt)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConversionError(f"{path.name}: cannot convert LDM keys ({type(exc).__name__}: {exc})") from exc
+
+    unet = _build_and_load(UNet2DConditionModel, unet_cfg, unet_sd, f"{path.name} (unet)")
+    vae = _build_and_load(AutoencoderKL, vae_cfg, vae_sd, f"{path.name} (vae)")
+
+    text_config = CLIPTextConfig.from_pretrained(config_dir / "text_encoder", local_files_only=True)
+    text_encoder = CLIPTextModel(text_config)
+    if not hasattr(text_encoder, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+        text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()}
+    own = text_encoder.state_dict()
+    # Older checkpoints carry the position_ids buffer, which newer transformers do not save.
+    text_sd = {k: v for k, v in text_sd.items() if not (k.endswith("position_ids") and k not in own)}
+    _strict_load(text_encoder, text_sd, f"{path.name} (text encoder)")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    if len(tokenizer) > text_config.vocab_size:
+        raise ConversionError(
+            f"{path.name}: tokenizer ({len(tokenizer)} tokens) does not fit the text encoder"
+        )
+    return BaseComponents(
+        unet=_cast(unet, dtype),
+        vae=_cast(vae, dtype),
+        text_encoder=_cast(text_encoder, dtype).eval(),
+        tokenizer=tokenizer,
+        scheduler_config=_read_scheduler_config(config_dir),
+        source_format="single_file",
+    )
+
+
+# --------------------------------------------------------------------------- motion modules
+
+
+def _weights_file(folder: Path, preferred: tuple[str, ...]) -> Path:
+    for name in preferred:
+        if (folder / name).is_file():
+            return folder / name
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in SAFETENSORS_SUFFIXES)
+    if not files:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in WEIGHT_SUFFIXES)
+    if len(files) != 1:
+        raise ConversionError(f"{folder.name}: expected one weights file in the folder, found {len(files)}")
+    return files[0]
+
+
+def load_motion_adapter(entry: RegistryEntry | Path, dtype: torch.dtype | None = None) -> MotionAdapter:
+    """A MotionAdapter with every weight of the file loaded (only the positional encodings,
+    which are fixed sinusoids, are recomputed)."""
+    import inspect
+
+    from diffusers import MotionAdapter
+
+    path = _path(entry)
+    dtype = _default_dtype(dtype)
+    weights = (
+        _weights_file(path, ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))
+        if path.is_dir()
+        else path
+    )
+    sd = read_state_dict(weights)
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    try:
+        converted = motion_to_diffusers(sd)
+        config = motion_adapter_config(shapes)
+    except ConversionError as exc:
+        raise ConversionError(f"{path.name}: {exc}") from exc
+    if path.is_dir() and (path / "config.json").is_file():
+        # A folder's config also knows what weights cannot tell (head count, groups).
+        saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        allowed = set(inspect.signature(MotionAdapter.__init__).parameters) - {"self"}
+        config.update({k: v for k, v in saved.items() if k in allowed})
+    try:
+        adapter = MotionAdapter(**config)
+    except (TypeError, ValueError) as exc:
+        raise ConversionError(f"{path.name}: cannot build a MotionAdapter for these weights ({exc})") from exc
+    own = adapter.state_dict()
+    unexpected = sorted(set(converted) - set(own))
+    missing = sorted(k for k in set(own) - set(converted) if not k.endswith(".pos_embed.pe"))
+    if unexpected or missing:
+        raise ConversionError(
+            f"{path.name}: motion module does not match the inferred MotionAdapter: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    for key, value in converted.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ConversionError(
+                f"{path.name}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}"
+            )
+    result = adapter.load_state_dict(converted, strict=False)
+    assert not result.unexpected_keys and all(k.endswith(".pos_embed.pe") for k in result.missing_keys)
+    return _cast(adapter, dtype).eval()
+
+
+# --------------------------------------------------------------------------- LoRAs
+
+
+def _load_lora(entry: RegistryEntry | Path, scope: LoraScope) -> LoraWeights:
+    path = _path(entry)
+    weights = (
+        _weights_file(path, ("diffusion_pytorch_model.safetensors", "pytorch_lora_weights.safetensors"))
+        if path.is_dir()
+        else path
+    )
+    try:
+        lora = lora_to_peft(read_state_dict(weights), scope)
+    except ConversionError as exc:
+        raise ConversionError(f"{path.name}: {exc}") from exc
+    lora.metadata["path"] = str(path)
+    return lora
+
+
+def load_motion_lora(entry: RegistryEntry | Path) -> LoraWeights:
+    return _load_lora(entry, "motion")
+
+
+def load_domain_adapter(entry: RegistryEntry | Path) -> LoraWeights:
+    return _load_lora(entry, "spatial")
+
+
+def verify_lora_applied(unet: Any, lora: LoraWeights, adapter_name: str) -> None:
+    """Raise unless each of `lora.target_modules` in `unet` (the pipeline's UNetMotionModel)
+    carries a peft LoRA layer for `adapter_name`."""
+    missing = []
+    for name in sorted(lora.target_modules):
+        try:
+            module = unet.get_submodule(name)
+        except AttributeError:
+            missing.append(name)
+            continue
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or adapter_name not in lora_a:
+            missing.append(name)
+    if missing:
+        raise ConversionError(
+            f"LoRA {adapter_name!r} was not applied to {len(missing)} of {len(lora.target_modules)} modules "
+            f"(e.g. {missing[:3]})"
+        )

@@ -1,0 +1,517 @@
+"""The model registry: what is in the models directory, under which id.
+
+    ModelRegistry(models_dir).scan() -> list[ModelInfo]       (protocol/messages.py)
+    ModelRegistry(models_dir).get("motion:mm_sd_v15_v2.ckpt") -> RegistryEntry
+    ModelRegistry(models_dir).default_ids() -> {"base": ..., "motion": ...}
+
+Layout: `<models>/base/`, `motion/`, `lora/`, `adapter/`; each file or folder directly in
+one of them is an entry with id `kind:name` (name = file name with extension, or folder
+name).  Safetensors files dropped at the top level are classified by their keys.  Clients
+only ever name ids: `get()` accepts nothing but an id of the last scan, so no request can
+reach a path outside the models directory.
+
+Every entry's version and layout are detected from its keys (safetensors headers are read
+without loading tensors; pickles through `torch.load(weights_only=True)`), and files that
+cannot be used are listed with `ok=False` and the reason instead of stopping the scan.
+Content hashes (sha256 of the file, or of a folder's files in sorted order) and detection
+results are cached in `<models>/.registry-cache.json` by (path, size, mtime), so rescans
+only re-read what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from animatediff_blender.protocol.messages import MODEL_ID_PATTERN, ModelInfo
+
+from .convert import (
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
+    WEIGHT_SUFFIXES,
+    ConversionError,
+    detect_motion_version,
+    lora_format,
+    lora_to_peft,
+    motion_layout,
+    read_state_dict,
+    read_tensor_shapes,
+)
+
+log = logging.getLogger(__name__)
+
+KINDS = ("base", "motion", "lora", "adapter")
+CACHE_FILE = ".registry-cache.json"
+# Cached detection results are only valid for the code that produced them.
+CACHE_VERSION = hashlib.sha256(
+    b"".join(Path(m).read_bytes() for m in (__file__, Path(__file__).with_name("convert.py")))
+).hexdigest()[:16]
+# Above this size a pickle is only checked for its zip structure at scan time (a 4 GB
+# base checkpoint would otherwise be unpickled on every new file); loading checks the rest.
+PICKLE_SCAN_LIMIT = 512 * 1024 * 1024
+
+# The 8 official MotionLoRAs: official name -> label.
+CAMERA_MOTIONS = {
+    "ZoomIn": "Zoom in",
+    "ZoomOut": "Zoom out",
+    "PanLeft": "Pan left",
+    "PanRight": "Pan right",
+    "TiltUp": "Tilt up",
+    "TiltDown": "Tilt down",
+    "RollingAnticlockwise": "Rolling anticlockwise",  # before "clockwise": it contains it
+    "RollingClockwise": "Rolling clockwise",
+}
+
+_ID_RX = re.compile(MODEL_ID_PATTERN)
+
+
+class UnknownModel(KeyError):
+    """No usable model has this id (unknown, malformed, or listed as broken)."""
+
+    def __init__(self, model_id: object, reason: str = "") -> None:
+        super().__init__(model_id)
+        self.model_id = model_id
+        self.reason = reason or "no such model in the registry"
+
+    def __str__(self) -> str:
+        return f"{self.model_id!r}: {self.reason}"
+
+
+@dataclass
+class RegistryEntry:
+    id: str
+    kind: str  # base | motion | lora | adapter
+    format: str  # diffusers | single_file | original | peft
+    version: str  # v1 v2 v3 lightning lcm (motion), sd15 / tiny (base), v2 (lora), v3 (adapter)
+    path: Path
+    label: str
+    size: int
+    sha256: str
+    camera_motion: str = ""
+    ok: bool = True
+    error: str = ""
+
+    def to_info(self) -> ModelInfo:
+        return ModelInfo(
+            id=self.id,
+            kind=self.kind,  # type: ignore[arg-type]
+            format=self.format,
+            label=self.label,
+            version=self.version,
+            size_bytes=self.size,
+            sha256=self.sha256,
+            ok=self.ok,
+            error=self.error,
+            camera_motion=self.camera_motion,
+        )
+
+
+def camera_motion_of(name: str) -> str:
+    """Official camera-move name found in a file or folder name ("v2_lora_PanLeft.ckpt",
+    "animatediff-motion-lora-pan-left"), or ""."""
+    flat = re.sub(r"[^a-z]", "", name.lower())
+    for move in CAMERA_MOTIONS:
+        if move.lower() in flat:
+            return move
+    return ""
+
+
+def is_valid_id(model_id: object) -> bool:
+    return (
+        isinstance(model_id, str)
+        and len(model_id) <= 180
+        and _ID_RX.fullmatch(model_id) is not None
+        and ".." not in model_id
+        and "/" not in model_id
+        and "\\" not in model_id
+    )
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def _files_of(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
+
+
+def _signature(path: Path) -> list[list[Any]]:
+    out = []
+    for p in _files_of(path):
+        st = p.stat()
+        out.append([p.relative_to(path).as_posix() if p != path else "", st.st_size, st.st_mtime_ns])
+    return out
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 of a file; for a folder, of each file's relative name and bytes in sorted order."""
+    h = hashlib.sha256()
+    for p in _files_of(path):
+        if p != path:
+            h.update(p.relative_to(path).as_posix().encode() + b"\0")
+        with open(p, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+@dataclass
+class _Detected:
+    kind: str
+    format: str
+    version: str
+    ok: bool = True
+    error: str = ""
+
+
+def _check_pickle(path: Path) -> None:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise ConversionError(f"{path.name}: not a torch checkpoint (no zip archive)")
+    with zipfile.ZipFile(path) as zf:
+        if not any(n.endswith("data.pkl") for n in zf.namelist()):
+            raise ConversionError(f"{path.name}: not a torch checkpoint (no data.pkl)")
+
+
+def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    return read_tensor_shapes(path)
+
+
+def _inspect_base(path: Path) -> _Detected:
+    if path.is_dir():
+        index = path / "model_index.json"
+        unet_cfg = path / "unet" / "config.json"
+        if not index.is_file() or not unet_cfg.is_file():
+            return _Detected(
+                "base",
+                "diffusers",
+                "",
+                False,
+                "not a diffusers pipeline folder (no model_index.json or unet/)",
+            )
+        cfg = json.loads(unet_cfg.read_text(encoding="utf-8"))
+        cad = cfg.get("cross_attention_dim")
+        if cad not in (None, 768) and cad > 768:
+            return _Detected(
+                "base", "diffusers", "", False, f"not an SD1.x model (cross_attention_dim {cad})"
+            )
+        return _Detected("base", "diffusers", "sd15" if cad in (None, 768) else "tiny")
+    if path.suffix.lower() in PICKLE_SUFFIXES and path.stat().st_size > PICKLE_SCAN_LIMIT:
+        _check_pickle(path)
+        return _Detected("base", "single_file", "sd15")
+    shapes = _shapes(path)
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    if not any(k.startswith("model.diffusion_model.") for k in shapes):
+        raise ConversionError("not an SD1.x single-file checkpoint (no model.diffusion_model.* keys)")
+    if any(k.startswith("conditioner.") for k in shapes):
+        raise ConversionError("SDXL checkpoints are not supported (AnimateDiff here is SD1.5)")
+    cad = shapes[key][1] if key in shapes and len(shapes[key]) == 2 else None
+    if cad is not None and cad > 768:
+        raise ConversionError(f"not an SD1.x checkpoint (cross-attention width {cad})")
+    return _Detected("base", "single_file", "sd15" if cad in (None, 768) else "tiny")
+
+
+def _inspect_motion(path: Path) -> _Detected:
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise ConversionError("motion adapter folder lacks config.json")
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        if cfg.get("_class_name", "MotionAdapter") != "MotionAdapter":
+            raise ConversionError(f"folder holds a {cfg.get('_class_name')}, not a MotionAdapter")
+        if not any(p.suffix.lower() in WEIGHT_SUFFIXES for p in path.iterdir()):
+            raise ConversionError("motion adapter folder has no weights file")
+        name = path.name.lower()
+        if "lightning" in name:
+            version = "lightning"
+        elif "lcm" in name:
+            version = "lcm"
+        elif cfg.get("use_motion_mid_block", True):
+            version = "v2"
+        else:
+            version = "v1" if cfg.get("motion_max_seq_length", 32) == 24 else "v3"
+        return _Detected("motion", "diffusers", version)
+    shapes = _shapes(path)
+    layout = motion_layout(shapes)
+    return _Detected("motion", layout, detect_motion_version(shapes, path.name))
+
+
+def _lora_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in WEIGHT_SUFFIXES)
+    if len(files) != 1:
+        raise ConversionError(f"expected one weights file in the folder, found {len(files)}")
+    return files[0]
+
+
+def _inspect_lora(path: Path, kind: str) -> _Detected:
+    sd = read_state_dict(_lora_file(path))
+    lora = lora_to_peft(sd, "motion" if kind == "lora" else "spatial")
+    if kind == "lora":
+        has_mid = any(m.startswith("mid_block.") for m in lora.target_modules)
+        return _Detected(kind, lora.source_format, "v2" if has_mid else "")
+    return _Detected(kind, lora.source_format, "v3")
+
+
+def _classify_top_level(path: Path) -> _Detected:
+    """Kind of a safetensors file dropped at the top of the models dir, from its keys."""
+    shapes = _shapes(path)
+    keys = list(shapes)
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return _inspect_base(path)
+    try:
+        motion_layout(keys)
+        return _inspect_motion(path)
+    except ConversionError:
+        pass
+    lora_format(keys)  # raises if no LoRA either
+    for kind in ("lora", "adapter"):
+        try:
+            return _inspect_lora(path, kind)
+        except ConversionError:
+            continue
+    raise ConversionError("LoRA targets neither motion modules nor the spatial attention layers")
+
+
+def _label(kind: str, name: str, det: _Detected, camera: str) -> str:
+    stem = name
+    for suffix in WEIGHT_SUFFIXES:
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+    if camera:
+        return CAMERA_MOTIONS[camera]
+    if kind == "motion" and det.version:
+        return f"{stem} ({det.version})"
+    if kind == "adapter":
+        return f"{stem} (domain adapter)"
+    return stem
+
+
+# --------------------------------------------------------------------------- registry
+
+
+class ModelRegistry:
+    """Scans a models directory; thread-safe (`get` may run while another thread rescans)."""
+
+    def __init__(self, models_dir: Path) -> None:
+        self.models_dir = Path(models_dir)
+        self._entries: dict[str, RegistryEntry] = {}
+        self._scanned = False
+        self._lock = threading.Lock()
+
+    # -- cache
+    def _cache_path(self) -> Path:
+        return self.models_dir / CACHE_FILE
+
+    def _load_cache(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self._cache_path().read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        if (
+            not isinstance(data, dict)
+            or data.get("version") != CACHE_VERSION
+            or not isinstance(data.get("entries"), dict)
+        ):
+            return {}
+        return data["entries"]
+
+    def _save_cache(self, entries: dict[str, Any]) -> None:
+        tmp = self._cache_path().with_suffix(f".tmp{os.getpid()}")
+        try:
+            tmp.write_text(
+                json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=1, sort_keys=True)
+            )
+            os.replace(tmp, self._cache_path())
+        except OSError as exc:  # a read-only models dir still scans, just without the cache
+            log.debug("cannot write registry cache: %s", exc)
+            tmp.unlink(missing_ok=True)
+
+    # -- scanning
+    def _candidates(self) -> list[tuple[str | None, Path]]:
+        out: list[tuple[str | None, Path]] = []
+        if not self.models_dir.is_dir():
+            return out
+        for kind in KINDS:
+            folder = self.models_dir / kind
+            if not folder.is_dir():
+                continue
+            for child in sorted(folder.iterdir()):
+                if child.name.startswith("."):
+                    continue
+                if child.is_dir():
+                    # `<stem>.config/` is the sidecar config of a single-file checkpoint
+                    if child.name.endswith(".config") and any(
+                        (folder / (child.name[: -len(".config")] + s)).exists() for s in WEIGHT_SUFFIXES
+                    ):
+                        continue
+                    out.append((kind, child))
+                elif child.suffix.lower() in WEIGHT_SUFFIXES:
+                    out.append((kind, child))
+        for child in sorted(self.models_dir.iterdir()):
+            if child.is_file() and not child.name.startswith(".") and child.suffix.lower() in WEIGHT_SUFFIXES:
+                out.append((None, child))
+        return out
+
+    def _inspect(self, kind: str | None, path: Path) -> _Detected:
+        if kind is None:
+            if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+                return _Detected(
+                    "base",
+                    "",
+                    "",
+                    False,
+                    "pickle files at the top level are not inspected: move it into base/, motion/, lora/ or adapter/",
+                )
+            return _classify_top_level(path)
+        if kind == "base":
+            return _inspect_base(path)
+        if kind == "motion":
+            return _inspect_motion(path)
+        return _inspect_lora(path, kind)
+
+    def _entry(
+        self, kind: str | None, path: Path, cache: dict[str, Any], new_cache: dict[str, Any]
+    ) -> RegistryEntry:
+        rel = path.relative_to(self.models_dir).as_posix()
+        try:
+            sig = _signature(path)
+            size = sum(s[1] for s in sig)
+        except OSError as exc:
+            return RegistryEntry(
+                f"{kind or 'base'}:{path.name}",
+                kind or "base",
+                "",
+                "",
+                path,
+                path.name,
+                0,
+                "",
+                ok=False,
+                error=str(exc),
+            )
+        cached = cache.get(rel)
+        if isinstance(cached, dict) and cached.get("signature") == sig:
+            det = _Detected(**cached["detected"])
+            sha = cached["sha256"]
+        else:
+            try:
+                det = self._inspect(kind, path)
+            except (ConversionError, OSError, ValueError, KeyError) as exc:
+                det = _Detected(kind or "base", "", "", False, str(exc))
+            try:
+                sha = content_sha256(path)
+            except OSError as exc:
+                det, sha = _Detected(det.kind, det.format, det.version, False, str(exc)), ""
+        new_cache[rel] = {"signature": sig, "detected": asdict(det), "sha256": sha}
+        camera = camera_motion_of(path.name) if det.kind == "lora" else ""
+        model_id = f"{det.kind}:{path.name}"
+        ok, error = det.ok, det.error
+        if not is_valid_id(model_id):
+            ok = False
+            error = (
+                f"name {path.name!r} cannot be used as a model id (letters, digits and . _ + - only, "
+                "starting with a letter or digit, at most 160 characters): rename it"
+            )
+        return RegistryEntry(
+            id=model_id,
+            kind=det.kind,
+            format=det.format,
+            version=det.version,
+            path=path,
+            label=_label(det.kind, path.name, det, camera),
+            size=size,
+            sha256=sha,
+            camera_motion=camera,
+            ok=ok,
+            error=error,
+        )
+
+    def scan(self) -> list[ModelInfo]:
+        """Re-read the models directory (cached hashes for unchanged files)."""
+        cache = self._load_cache()
+        new_cache: dict[str, Any] = {}
+        entries: dict[str, RegistryEntry] = {}
+        for kind, path in self._candidates():
+            entry = self._entry(kind, path, cache, new_cache)
+            if entry.id in entries:  # same name at top level and in a kind folder
+                entry.ok, entry.error = False, f"duplicate id {entry.id} (also {entries[entry.id].path})"
+                entry.id = f"{entry.id}#top"
+            entries[entry.id] = entry
+        if new_cache != cache and self.models_dir.is_dir():
+            self._save_cache(new_cache)
+        with self._lock:
+            self._entries = entries
+            self._scanned = True
+        return [e.to_info() for e in entries.values()]
+
+    def entries(self) -> list[RegistryEntry]:
+        self._ensure_scanned()
+        with self._lock:
+            return list(self._entries.values())
+
+    def infos(self) -> list[ModelInfo]:
+        return [e.to_info() for e in self.entries()]
+
+    def _ensure_scanned(self) -> None:
+        if not self._scanned:
+            self.scan()
+
+    def get(self, model_id: object, *, kind: str | None = None, require_ok: bool = False) -> RegistryEntry:
+        """The entry with this id (check `entry.ok`: broken files are entries too, with the
+        reason in `entry.error`).  `UnknownModel` for malformed, path-like or unknown ids, for
+        an entry of another kind than `kind`, and with `require_ok` for a broken entry."""
+        if not is_valid_id(model_id):
+            raise UnknownModel(model_id, "not a model id (expected kind:name, no paths)")
+        assert isinstance(model_id, str)
+        self._ensure_scanned()
+        with self._lock:
+            entry = self._entries.get(model_id)
+        if entry is None:
+            raise UnknownModel(model_id)
+        if kind is not None and entry.kind != kind:
+            raise UnknownModel(model_id, f"is a {entry.kind} model, not a {kind} model")
+        if require_ok and not entry.ok:
+            raise UnknownModel(model_id, f"cannot be used: {entry.error}")
+        return entry
+
+    def default_ids(self) -> dict[str, str]:
+        """Sensible defaults: the real SD1.5 folder over other bases, diffusers folders over
+        single files; the v2 motion module (what the MotionLoRAs were trained on) over v3, v1.
+        Adds "motion_lightning" / "motion_lcm" when such a motion module is present."""
+        usable = [e for e in self.entries() if e.ok]
+        out: dict[str, str] = {}
+        bases = sorted(
+            (e for e in usable if e.kind == "base"),
+            key=lambda e: (e.version != "sd15", e.format != "diffusers", e.id),
+        )
+        if bases:
+            out["base"] = bases[0].id
+        motion_rank = {"v2": 0, "v3": 1, "v1": 2}
+        motions = sorted(
+            (e for e in usable if e.kind == "motion" and e.version in motion_rank),
+            key=lambda e: (motion_rank[e.version], e.format != "diffusers", e.id),
+        )
+        if motions:
+            out["motion"] = motions[0].id
+        for version in ("lightning", "lcm"):
+            special = sorted(e.id for e in usable if e.kind == "motion" and e.version == version)
+            if special:
+                out[f"motion_{version}"] = special[0]
+        adapters = sorted(e.id for e in usable if e.kind == "adapter")
+        if adapters:
+            out["adapter"] = adapters[0]
+        return out

@@ -1,0 +1,340 @@
+"""Loading and key conversion: every zoo file through the backend's own loaders, and the
+same weights in different layouts giving identical tensors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from animatediff_blender.backend.models import convert, loading
+from animatediff_blender.backend.models.convert import ConversionError
+
+
+def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.fixture(scope="module")
+def base_folder(tiny_zoo: Path) -> loading.BaseComponents:
+    return loading.load_base(tiny_zoo / "base/tiny-sd15")
+
+
+def test_single_file_equals_folder(tiny_zoo: Path, base_folder: loading.BaseComponents) -> None:
+    single = loading.load_base(tiny_zoo / "base/tiny-sd15-ldm.safetensors")
+    assert single.source_format == "single_file" and base_folder.source_format == "diffusers"
+    for part in ("unet", "vae", "text_encoder"):
+        _assert_same_state(getattr(base_folder, part), getattr(single, part))
+    assert single.tokenizer("a cat").input_ids == base_folder.tokenizer("a cat").input_ids
+    assert single.scheduler_config["_class_name"] == "DDIMScheduler"
+    # And the folder equals the files on disk (diffusers' own loader, nothing dropped).
+    raw = load_file(str(tiny_zoo / "base/tiny-sd15/unet/diffusion_pytorch_model.safetensors"))
+    assert set(raw) == set(base_folder.unet.state_dict())
+
+
+def test_single_file_ckpt_and_dtype(
+    tiny_zoo: Path, tmp_path: Path, base_folder: loading.BaseComponents
+) -> None:
+    """A pickled single file ({"state_dict": ...}, as old checkpoints) loads the same weights."""
+    base = tmp_path / "base"
+    base.mkdir()
+    sd = load_file(str(tiny_zoo / "base/tiny-sd15-ldm.safetensors"))
+    torch.save({"state_dict": sd, "global_step": 1}, base / "tiny.ckpt")
+    shutil.copytree(tiny_zoo / "base/tiny-sd15-ldm.config", base / "tiny.config")
+    comps = loading.load_base(base / "tiny.ckpt", dtype=torch.float16)
+    assert comps.unet.dtype == torch.float16 and comps.text_encoder.dtype == torch.float16
+    ref = base_folder.vae.state_dict()
+    for k, v in comps.vae.state_dict().items():
+        assert torch.equal(v, ref[k].half()), k
+
+
+def test_single_file_without_config_falls_back_to_sd15(tiny_zoo: Path, tmp_path: Path) -> None:
+    base = tmp_path / "models" / "base"
+    base.mkdir(parents=True)
+    shutil.copy(tiny_zoo / "base/tiny-sd15-ldm.safetensors", base / "community.safetensors")
+    assert loading.single_file_config_dir(base / "community.safetensors") == loading.SD15_CONFIG_DIR
+    with pytest.raises(ConversionError, match="models fetch"):
+        loading.load_base(base / "community.safetensors")  # no SD1.5 tokenizer yet
+    shutil.copytree(tiny_zoo / "base/tiny-sd15/tokenizer", base / "stable-diffusion-v1-5" / "tokenizer")
+    # Now the shipped SD1.5 config is used, which the tiny weights do not fit: a clear error.
+    with pytest.raises(ConversionError, match="does not match|shape"):
+        loading.load_base(base / "community.safetensors")
+
+
+def test_shipped_sd15_configs_are_sd15_sized() -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    d = loading.SD15_CONFIG_DIR
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(d / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(d / "vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(d / "text_encoder"))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert (count(unet), count(vae), count(text)) == (859_520_964, 83_653_863, 123_060_480)
+    assert not (d / "tokenizer").exists()  # never invented: fetched instead
+
+
+def test_motion_adapter_layouts_identical(tiny_zoo: Path) -> None:
+    folder = loading.load_motion_adapter(tiny_zoo / "motion/tiny-motion-adapter-v2")
+    ckpt = loading.load_motion_adapter(tiny_zoo / "motion/mm_sd_v15_v2.ckpt")
+    st = loading.load_motion_adapter(tiny_zoo / "motion/mm_sd_v15_v2.safetensors")
+    _assert_same_state(folder, ckpt)
+    _assert_same_state(folder, st)
+    # Every tensor of the folder file reached the adapter (incl. the recomputed sinusoids).
+    raw = load_file(str(tiny_zoo / "motion/tiny-motion-adapter-v2/diffusion_pytorch_model.safetensors"))
+    own = ckpt.state_dict()
+    assert set(raw) == set(own)
+    for k, v in raw.items():
+        assert torch.equal(own[k], v), k
+    assert ckpt.config.use_motion_mid_block is True and ckpt.config.motion_max_seq_length == 32
+    assert list(ckpt.config.block_out_channels) == [32, 32, 64, 64]
+
+
+def test_motion_versions(tiny_zoo: Path) -> None:
+    v3_ckpt = loading.load_motion_adapter(tiny_zoo / "motion/v3_sd15_mm.ckpt")  # {"state_dict": ...} wrapped
+    v3_st = loading.load_motion_adapter(tiny_zoo / "motion/v3_sd15_mm.safetensors", dtype=torch.float16)
+    assert v3_ckpt.config.use_motion_mid_block is False
+    assert v3_st.dtype == torch.float16
+    for k, v in v3_ckpt.state_dict().items():
+        assert torch.equal(v.half(), v3_st.state_dict()[k]), k
+    v1 = loading.load_motion_adapter(tiny_zoo / "motion/mm_sd_v15.ckpt")
+    assert v1.config.motion_max_seq_length == 24 and v1.config.use_motion_mid_block is False
+
+    shapes = {
+        n: convert.read_tensor_shapes(tiny_zoo / "motion" / n)
+        for n in ("mm_sd_v15_v2.safetensors", "v3_sd15_mm.safetensors", "mm_sd_v15.ckpt")
+    }
+    assert convert.detect_motion_version(shapes["mm_sd_v15_v2.safetensors"]) == "v2"
+    assert convert.detect_motion_version(shapes["v3_sd15_mm.safetensors"]) == "v3"
+    assert convert.detect_motion_version(shapes["mm_sd_v15.ckpt"]) == "v1"
+    assert (
+        convert.detect_motion_version(shapes["mm_sd_v15_v2.safetensors"], "AnimateLCM_sd15_t2v.ckpt") == "lcm"
+    )
+    assert (
+        convert.detect_motion_version(
+            shapes["mm_sd_v15_v2.safetensors"], "animatediff_lightning_4step_diffusers.safetensors"
+        )
+        == "lightning"
+    )
+
+
+def test_lightning_style_diffusers_layout_file(tiny_zoo: Path, tmp_path: Path) -> None:
+    """AnimateDiff-Lightning ships MotionAdapter keys in one file (no config): widths inferred."""
+    raw = load_file(str(tiny_zoo / "motion/tiny-motion-adapter-v2/diffusion_pytorch_model.safetensors"))
+    path = tmp_path / "animatediff_lightning_4step_diffusers.safetensors"
+    save_file(raw, str(path))
+    adapter = loading.load_motion_adapter(path)
+    _assert_same_state(adapter, loading.load_motion_adapter(tiny_zoo / "motion/tiny-motion-adapter-v2"))
+    assert convert.detect_motion_version(convert.read_tensor_shapes(path), path.name) == "lightning"
+
+
+def test_motion_converter_raises_on_unknown_or_missing_keys(tiny_zoo: Path, tmp_path: Path) -> None:
+    sd = load_file(str(tiny_zoo / "motion/mm_sd_v15_v2.safetensors"))
+    bad = dict(sd)
+    bad[
+        "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.to_qq.weight"
+    ] = torch.zeros(1)
+    with pytest.raises(ConversionError, match="not understood"):
+        convert.motion_original_to_diffusers(bad)
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ConversionError, match="bad.safetensors"):
+        loading.load_motion_adapter(tmp_path / "bad.safetensors")
+    # A file missing one weight must not load partially.
+    partial = {k: v for k, v in sd.items() if not k.endswith("ff_norm.weight")}
+    save_file(partial, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ConversionError, match="missing"):
+        loading.load_motion_adapter(tmp_path / "partial.safetensors")
+
+
+def test_motion_lora_original_equals_diffusers_layout(tiny_zoo: Path) -> None:
+    orig = loading.load_motion_lora(tiny_zoo / "lora/v2_lora_ZoomIn.ckpt")
+    hub = loading.load_motion_lora(tiny_zoo / "lora/motion-lora-zoom-in")
+    assert (orig.source_format, hub.source_format) == ("original", "diffusers")
+    assert orig.state_dict.keys() == hub.state_dict.keys()
+    for k in orig.state_dict:
+        assert torch.equal(orig.state_dict[k], hub.state_dict[k]), k
+    assert orig.target_modules == hub.target_modules
+    assert orig.rank == 4 and orig.network_alpha is None
+    # q, k, v, out of both attention blocks of every motion module (2x4 down, 1 mid, 3x4 up).
+    assert len(orig.target_modules) == 8 * (8 + 1 + 12)
+    assert "mid_block.motion_modules.0.transformer_blocks.0.attn2.to_out.0" in orig.target_modules
+    key = "unet.down_blocks.0.motion_modules.0.transformer_blocks.0.attn1.to_q"
+    assert orig.state_dict[key + ".lora_A.weight"].shape == (4, 32)
+    assert orig.state_dict[key + ".lora_B.weight"].shape == (32, 4)
+    # peft layout round trip (what diffusers itself saves) gives the same again.
+    again = convert.lora_to_peft(orig.state_dict, "motion")
+    assert again.source_format == "peft" and again.state_dict.keys() == orig.state_dict.keys()
+
+
+def test_lora_converter_raises_instead_of_ignoring(tiny_zoo: Path) -> None:
+    sd = torch.load(str(tiny_zoo / "lora/v2_lora_PanLeft.ckpt"), weights_only=True)
+    with pytest.raises(ConversionError, match="not understood"):
+        convert.lora_to_peft(
+            {**sd, "lora_unet_down_blocks_0_attentions_0.alpha": torch.tensor(1.0)}, "motion"
+        )
+    half = {k: v for k, v in sd.items() if not k.endswith("to_q_lora.up.weight")}
+    with pytest.raises(ConversionError, match="lacks its up weight"):
+        convert.lora_to_peft(half, "motion")
+    # A spatial LoRA (the domain adapter) is not a MotionLoRA, and vice versa.
+    adapter = torch.load(str(tiny_zoo / "adapter/v3_sd15_adapter.ckpt"), weights_only=True)
+    with pytest.raises(ConversionError, match="outside the motion attention"):
+        convert.lora_to_peft(adapter, "motion")
+    with pytest.raises(ConversionError, match="outside the spatial attention"):
+        convert.lora_to_peft(sd, "spatial")
+    with pytest.raises(ConversionError, match="empty"):
+        convert.lora_to_peft({}, "motion")
+
+
+def test_domain_adapter_targets_spatial_attention(
+    tiny_zoo: Path, base_folder: loading.BaseComponents
+) -> None:
+    lora = loading.load_domain_adapter(tiny_zoo / "adapter/v3_sd15_adapter.ckpt")
+    assert lora.scope == "spatial" and lora.source_format == "original"
+    names = dict(base_folder.unet.named_modules())
+    for module in lora.target_modules:
+        assert module in names and isinstance(names[module], torch.nn.Linear), module
+    # every attention projection of every spatial transformer (attn1 and attn2)
+    expected = {
+        n for n in names if ".attentions." in n and n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))
+    }
+    assert lora.target_modules == expected
+
+
+def test_loras_apply_through_diffusers(tiny_zoo: Path, base_folder: loading.BaseComponents) -> None:
+    """The state dicts are what AnimateDiffPipeline.load_lora_weights applies, and they change outputs."""
+    from diffusers import AnimateDiffPipeline, DDIMScheduler
+
+    b = base_folder
+    pipe = AnimateDiffPipeline(
+        vae=b.vae,
+        text_encoder=b.text_encoder,
+        tokenizer=b.tokenizer,
+        unet=b.unet,
+        motion_adapter=loading.load_motion_adapter(tiny_zoo / "motion/mm_sd_v15_v2.ckpt"),
+        scheduler=DDIMScheduler.from_config(b.scheduler_config),
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    def run() -> torch.Tensor:
+        out = pipe(
+            "a cat",
+            num_frames=2,
+            height=64,
+            width=64,
+            num_inference_steps=2,  # with one step DDIM denoises only at t=1, where the UNet barely matters
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        )
+        return out.frames
+
+    plain = run()
+    motion = loading.load_motion_lora(tiny_zoo / "lora/v2_lora_ZoomIn.ckpt")
+    pipe.load_lora_weights(motion.state_dict, adapter_name="zoom")
+    loading.verify_lora_applied(pipe.unet, motion, "zoom")
+    with_motion = run()
+    assert (with_motion - plain).abs().max() > 1e-3
+
+    domain = loading.load_domain_adapter(tiny_zoo / "adapter/v3_sd15_adapter.ckpt")
+    pipe.load_lora_weights(domain.state_dict, adapter_name="domain")
+    loading.verify_lora_applied(pipe.unet, domain, "domain")
+    pipe.set_adapters(["zoom", "domain"], adapter_weights=[1.0, 1.0])
+    assert (run() - with_motion).abs().max() > 1e-3
+    with pytest.raises(ConversionError, match="not applied"):
+        loading.verify_lora_applied(pipe.unet, motion, "never-loaded")
+
+
+def test_pickles_only_with_weights_only(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"x": Evil()}, str(tmp_path / "evil.ckpt"), pickle_module=pickle)
+    with pytest.raises(ConversionError, match="evil.ckpt"):
+        convert.read_state_dict(tmp_path / "evil.ckpt")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_old_torch_refuses_pickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.save({"w": torch.zeros(2)}, str(tmp_path / "ok.ckpt"))
+    assert set(convert.read_state_dict(tmp_path / "ok.ckpt")) == {"w"}
+    monkeypatch.setattr(convert, "_torch_version", lambda: (2, 5))
+    with pytest.raises(ConversionError, match="2.10"):
+        convert.read_state_dict(tmp_path / "ok.ckpt")
+    # safetensors need no pickle and still load
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "ok.safetensors"))
+    assert set(convert.read_state_dict(tmp_path / "ok.safetensors")) == {"w"}
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    (tmp_path / "garbage.ckpt").write_bytes(os.urandom(256))
+    with pytest.raises(ConversionError, match="garbage.ckpt"):
+        convert.read_state_dict(tmp_path / "garbage.ckpt")
+    save_file({"w": torch.zeros(1000)}, str(tmp_path / "t.safetensors"))
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConversionError, match="truncated"):
+        convert.read_tensor_shapes(tmp_path / "t.safetensors")
+    with pytest.raises(ConversionError, match="t.safetensors"):
+        convert.read_state_dict(tmp_path / "t.safetensors")
+    (tmp_path / "x.onnx").write_bytes(b"")
+    with pytest.raises(ConversionError, match="unsupported"):
+        convert.read_state_dict(tmp_path / "x.onnx")
+
+
+def test_every_zoo_lora_loads(tiny_zoo: Path) -> None:
+    """All 8 camera MotionLoRAs (and the hub copy, and the domain adapter) through the loaders."""
+    from animatediff_blender.backend.models.registry import ModelRegistry
+
+    reg = ModelRegistry(tiny_zoo)
+    reg.scan()
+    loaded = {}
+    for entry in reg.entries():
+        if entry.kind == "lora":
+            loaded[entry.id] = loading.load_motion_lora(entry)
+        elif entry.kind == "adapter":
+            loaded[entry.id] = loading.load_domain_adapter(entry)
+    assert len(loaded) == 10
+    zoom_in = loaded["lora:v2_lora_ZoomIn.ckpt"].state_dict
+    for model_id, lora in loaded.items():
+        assert lora.rank == 4 and all(v.abs().sum() > 0 for v in lora.state_dict.values()), model_id
+        if model_id.startswith("lora:v2_lora_") and model_id != "lora:v2_lora_ZoomIn.ckpt":
+            assert lora.state_dict.keys() == zoom_in.keys()
+            assert any(not torch.equal(v, zoom_in[k]) for k, v in lora.state_dict.items())  # own weights
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "version"),
+    [
+        ({}, "v2"),
+        ({"use_motion_mid_block": False}, "v3"),
+        ({"use_motion_mid_block": False, "motion_max_seq_length": 24}, "v1"),
+    ],
+)
+def test_real_size_motion_modules_infer_their_config(kwargs: dict[str, object], version: str) -> None:
+    """Real mm_sd_v15_v2 / v3_sd15_mm / mm_sd_v15 shapes (built on the meta device, no memory)."""
+    from diffusers import MotionAdapter
+
+    from animatediff_blender.backend.models.zoo import motion_diffusers_to_original
+
+    with torch.device("meta"):
+        real = MotionAdapter(**kwargs)  # type: ignore[arg-type]
+    original = motion_diffusers_to_original(real.state_dict())
+    shapes = {k: tuple(v.shape) for k, v in original.items()}
+    assert shapes["down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight"] == (320, 320)
+    config = convert.motion_adapter_config(shapes)
+    assert config["block_out_channels"] == [320, 640, 1280, 1280]
+    for key, value in config.items():
+        assert real.config[key] == value or list(real.config[key] or []) == value, key
+    assert convert.detect_motion_version(shapes) == version
+    assert set(convert.motion_original_to_diffusers(original)) == {
+        k for k in real.state_dict() if not k.endswith("pos_embed.pe")
+    }

@@ -1,0 +1,192 @@
+"""The registry: ids, kinds, versions, labels, broken files, caching and id safety."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import msgspec
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from animatediff_blender.backend.models import registry as registry_mod
+from animatediff_blender.backend.models.registry import ModelRegistry, UnknownModel, camera_motion_of
+from animatediff_blender.protocol.messages import MODEL_ID_PATTERN, ModelInfo
+
+
+@pytest.fixture(scope="module")
+def zoo_registry(tiny_zoo: Path) -> ModelRegistry:
+    reg = ModelRegistry(tiny_zoo)
+    reg.scan()
+    return reg
+
+
+def test_scan_lists_the_zoo(zoo_registry: ModelRegistry) -> None:
+    by_id = {e.id: e for e in zoo_registry.entries()}
+    assert all(e.ok for e in by_id.values()), [(e.id, e.error) for e in by_id.values() if not e.ok]
+    expected = {
+        "base:tiny-sd15": ("base", "diffusers", "tiny"),
+        "base:tiny-sd15-ldm.safetensors": ("base", "single_file", "tiny"),
+        "motion:tiny-motion-adapter-v2": ("motion", "diffusers", "v2"),
+        "motion:mm_sd_v15_v2.ckpt": ("motion", "original", "v2"),
+        "motion:mm_sd_v15_v2.safetensors": ("motion", "original", "v2"),
+        "motion:v3_sd15_mm.ckpt": ("motion", "original", "v3"),
+        "motion:v3_sd15_mm.safetensors": ("motion", "original", "v3"),
+        "motion:mm_sd_v15.ckpt": ("motion", "original", "v1"),
+        "lora:v2_lora_ZoomIn.ckpt": ("lora", "original", "v2"),
+        "lora:motion-lora-zoom-in": ("lora", "diffusers", "v2"),
+        "adapter:v3_sd15_adapter.ckpt": ("adapter", "original", "v3"),
+    }
+    for model_id, (kind, fmt, version) in expected.items():
+        e = by_id[model_id]
+        assert (e.kind, e.format, e.version) == (kind, fmt, version), model_id
+        assert re.fullmatch(MODEL_ID_PATTERN, model_id)
+        assert len(e.sha256) == 64 and e.size > 0
+    # the sidecar config of the single file is not a model of its own
+    assert not any("tiny-sd15-ldm.config" in i for i in by_id)
+    assert len([i for i in by_id if i.startswith("lora:")]) == 9
+    assert by_id["motion:mm_sd_v15_v2.ckpt"].label == "mm_sd_v15_v2 (v2)"
+
+
+def test_camera_move_labels(zoo_registry: ModelRegistry) -> None:
+    labels = {e.id: (e.label, e.camera_motion) for e in zoo_registry.entries() if e.kind == "lora"}
+    assert labels["lora:v2_lora_ZoomIn.ckpt"] == ("Zoom in", "ZoomIn")
+    assert labels["lora:v2_lora_PanLeft.ckpt"] == ("Pan left", "PanLeft")
+    assert labels["lora:v2_lora_RollingClockwise.ckpt"] == ("Rolling clockwise", "RollingClockwise")
+    assert labels["lora:v2_lora_RollingAnticlockwise.ckpt"] == (
+        "Rolling anticlockwise",
+        "RollingAnticlockwise",
+    )
+    assert labels["lora:motion-lora-zoom-in"] == ("Zoom in", "ZoomIn")
+    assert camera_motion_of("animatediff-motion-lora-rolling-anticlockwise") == "RollingAnticlockwise"
+    assert camera_motion_of("animatediff-motion-lora-tilt-down") == "TiltDown"
+    assert camera_motion_of("my_dance_lora.safetensors") == ""
+
+
+def test_infos_are_valid_protocol_messages(zoo_registry: ModelRegistry) -> None:
+    infos = zoo_registry.infos()
+    decoded = msgspec.json.decode(msgspec.json.encode(infos), type=list[ModelInfo])
+    assert decoded == infos
+
+
+def test_defaults(zoo_registry: ModelRegistry) -> None:
+    defaults = zoo_registry.default_ids()
+    assert defaults["base"] == "base:tiny-sd15"
+    assert defaults["motion"] == "motion:tiny-motion-adapter-v2"
+    assert defaults["adapter"] == "adapter:v3_sd15_adapter.ckpt"
+    for model_id in defaults.values():
+        assert zoo_registry.get(model_id).ok
+
+
+def test_get(zoo_registry: ModelRegistry, tiny_zoo: Path) -> None:
+    entry = zoo_registry.get("motion:v3_sd15_mm.ckpt")
+    assert entry.path == tiny_zoo / "motion" / "v3_sd15_mm.ckpt"
+    assert zoo_registry.get("lora:v2_lora_TiltUp.ckpt", kind="lora").camera_motion == "TiltUp"
+    with pytest.raises(UnknownModel, match="not a base model"):
+        zoo_registry.get("lora:v2_lora_TiltUp.ckpt", kind="base")
+    with pytest.raises(UnknownModel, match="no such model"):
+        zoo_registry.get("motion:nope.ckpt")
+    with pytest.raises(KeyError):  # UnknownModel is a KeyError for callers that expect one
+        zoo_registry.get("base:missing")
+
+
+@pytest.mark.parametrize(
+    "bad_id",
+    [
+        "../base/tiny-sd15",
+        "base:../tiny-sd15",
+        "base:..",
+        "base:tiny-sd15/../../etc",
+        "base:tiny-sd15/unet",
+        "/etc/passwd",
+        "base:/etc/passwd",
+        "base:C:\\Windows",
+        "base:tiny..sd15",
+        "base:.hidden",
+        "tiny-sd15",
+        "",
+        "base:" + "a" * 200,
+        None,
+        42,
+        ["base:tiny-sd15"],
+    ],
+)
+def test_path_like_ids_rejected(zoo_registry: ModelRegistry, bad_id: object) -> None:
+    with pytest.raises(UnknownModel, match="not a model id"):
+        zoo_registry.get(bad_id)
+
+
+def test_broken_files_are_listed_with_reasons(models_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    models = models_copy("motion/mm_sd_v15_v2.safetensors", "lora/v2_lora_PanLeft.ckpt")
+    data = (models / "motion/mm_sd_v15_v2.safetensors").read_bytes()
+    (models / "motion/truncated.safetensors").write_bytes(data[: len(data) // 3])
+    (models / "lora/garbage.ckpt").write_bytes(os.urandom(1000))
+    save_file({"foo.weight": torch.zeros(2)}, str(models / "motion/not_a_motion_module.safetensors"))
+    shutil.copy(models / "lora/v2_lora_PanLeft.ckpt", models / "lora/bad name (copy).ckpt")
+    (models / "adapter").mkdir()
+    shutil.copy(models / "lora/v2_lora_PanLeft.ckpt", models / "adapter/wrong_kind.ckpt")
+    (models / "motion/notes.txt").write_text("ignored: not a weights file")
+
+    reg = ModelRegistry(models)
+    infos = {i.id: i for i in reg.scan()}
+    assert infos["motion:mm_sd_v15_v2.safetensors"].ok
+    assert infos["lora:v2_lora_PanLeft.ckpt"].ok
+    broken = {i.id: i.error for i in infos.values() if not i.ok}
+    assert "truncated" in broken["motion:truncated.safetensors"]
+    assert "garbage.ckpt" in broken["lora:garbage.ckpt"] or "cannot read" in broken["lora:garbage.ckpt"]
+    assert "not understood" in broken["motion:not_a_motion_module.safetensors"]
+    assert "rename" in broken["lora:bad name (copy).ckpt"]
+    assert "outside the spatial attention" in broken["adapter:wrong_kind.ckpt"]
+    assert not any("notes" in i for i in infos)
+    entry = reg.get("motion:truncated.safetensors")  # listed, so callers can say why
+    assert not entry.ok and "truncated" in entry.error
+    with pytest.raises(UnknownModel, match="cannot be used: .*truncated"):
+        reg.get("motion:truncated.safetensors", require_ok=True)
+
+
+def test_top_level_files_classified_by_keys(models_copy) -> None:  # type: ignore[no-untyped-def]
+    models = models_copy()
+    src = models_copy("motion/v3_sd15_mm.safetensors", "lora/motion-lora-zoom-in")
+    shutil.copy(src / "motion/v3_sd15_mm.safetensors", models / "dropped_here.safetensors")
+    shutil.copy(
+        src / "lora/motion-lora-zoom-in/diffusion_pytorch_model.safetensors",
+        models / "a_motion_lora.safetensors",
+    )
+    reg = ModelRegistry(models)
+    by_id = {i.id: i for i in reg.scan()}
+    assert by_id["motion:dropped_here.safetensors"].version == "v3"
+    assert by_id["lora:a_motion_lora.safetensors"].ok
+    assert reg.get("motion:dropped_here.safetensors").path == models / "dropped_here.safetensors"
+
+
+def test_hash_cache(models_copy, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    models = models_copy("motion/mm_sd_v15_v2.safetensors", "base/tiny-sd15")
+    first = {i.id: i.sha256 for i in ModelRegistry(models).scan()}
+    assert (models / registry_mod.CACHE_FILE).is_file()
+    assert first["motion:mm_sd_v15_v2.safetensors"] == registry_mod.content_sha256(
+        models / "motion/mm_sd_v15_v2.safetensors"
+    )
+
+    def no_hashing(path: Path) -> str:
+        raise AssertionError(f"re-hashed {path}")
+
+    monkeypatch.setattr(registry_mod, "content_sha256", no_hashing)
+    assert {i.id: i.sha256 for i in ModelRegistry(models).scan()} == first  # served from the cache
+
+    monkeypatch.undo()
+    with open(models / "base/tiny-sd15/scheduler/scheduler_config.json", "a") as f:
+        f.write("\n")
+    again = {i.id: i.sha256 for i in ModelRegistry(models).scan()}
+    assert again["base:tiny-sd15"] != first["base:tiny-sd15"]
+    assert again["motion:mm_sd_v15_v2.safetensors"] == first["motion:mm_sd_v15_v2.safetensors"]
+
+
+def test_empty_or_missing_dir(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path / "does-not-exist")
+    assert reg.scan() == []
+    assert reg.default_ids() == {}
+    with pytest.raises(UnknownModel):
+        reg.get("base:anything")
