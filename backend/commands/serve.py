@@ -139,9 +139,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import logging
+    import os
     import signal
     import sys
     import threading
+
+    # The server reads local files only; this stops any library from reaching a hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from animatediff_blender.backend.engine.interface import EngineError
     from animatediff_blender.backend.server.config import ConfigError, ServerConfig, load_or_create_key

@@ -25,7 +25,6 @@ with the file name and reason on a file it cannot use completely: no silent part
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,8 +52,9 @@ CONFIGS_DIR = Path(__file__).parent / "configs"
 SD15_CONFIG_DIR = CONFIGS_DIR / "sd15"
 SD15_TOKENIZER_DIRS = ("base/stable-diffusion-v1-5/tokenizer",)
 
-# Serve-time loading never reaches the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Serve-time loading never reaches the network: every load passes local_files_only=True,
+# and `serve` sets HF_HUB_OFFLINE before importing diffusers.  (Not set here: importing this
+# module must not switch `models fetch` in the same process offline.)
 
 
 @dataclass
