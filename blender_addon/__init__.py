@@ -1,0 +1,87 @@
+"""AnimateDiff for Blender: type a prompt, get a generated clip on the Video Sequencer.
+
+Registration is light on purpose: no network, no thread and no import of the bundled
+wheels happens here.  The worker thread starts on first use (Generate, Refresh, or a
+.blend with pending jobs), and `api.py` is the synchronous path for scripts and
+`blender -b` (where timers never run).
+"""
+
+import atexit
+
+import bpy
+import bpy.utils.previews
+from bpy.app.handlers import persistent
+
+from . import operators, panels, preferences, properties, timer
+from .state import STATE
+
+_MODULES = (properties, preferences, operators, panels)
+
+
+@persistent
+def _on_load_post(*_args):
+    """Reconnect to jobs stored in the opened .blend that were still running."""
+    if bpy.app.background:
+        return  # batch scripts use the synchronous API
+    from . import jobs
+
+    try:
+        _ensure_rows()
+        jobs.resume_pending()
+    except Exception as exc:  # noqa: BLE001 - never break file loading
+        print(f"AnimateDiff: could not resume pending jobs: {exc}")
+
+
+def _ensure_rows():
+    from .properties import ensure_camera_loras
+
+    for scene in bpy.data.scenes:
+        ensure_camera_loras(scene.animatediff)
+
+
+def _first_resume():
+    # Start the worker soon after Blender starts: it connects once for the model list, and
+    # the one-time import of the bundled wheels happens now rather than on the first Generate.
+    from . import jobs
+    from .settings import network_refusal
+
+    try:
+        if network_refusal(jobs.client_config()["address"]) is None:
+            jobs.worker()
+    except Exception as exc:  # noqa: BLE001
+        print(f"AnimateDiff: could not start the worker: {exc}")
+    _on_load_post()
+    return None  # run once
+
+
+def register():
+    for mod in _MODULES:
+        mod.register()
+    if not bpy.app.background:
+        STATE.previews = bpy.utils.previews.new()
+        timer.register()
+        # The add-on may be enabled with a file already open: look at its jobs soon.
+        bpy.app.timers.register(_first_resume, first_interval=0.5)
+    if _on_load_post not in bpy.app.handlers.load_post:
+        bpy.app.handlers.load_post.append(_on_load_post)
+    # Blender does not unregister add-ons when it quits: stop a backend we started anyway.
+    atexit.register(operators.stop_backend)
+
+
+def unregister():
+    atexit.unregister(operators.stop_backend)
+    if _on_load_post in bpy.app.handlers.load_post:
+        bpy.app.handlers.load_post.remove(_on_load_post)
+    if bpy.app.timers.is_registered(_first_resume):
+        bpy.app.timers.unregister(_first_resume)
+    timer.unregister()
+    if STATE.worker is not None:
+        STATE.worker.stop()
+        STATE.worker = None
+    operators.stop_backend()
+    if STATE.previews is not None:
+        bpy.utils.previews.remove(STATE.previews)
+        STATE.previews = None
+        STATE.preview_keys.clear()
+    for mod in reversed(_MODULES):
+        mod.unregister()

@@ -1,0 +1,180 @@
+"""Render a shot list through the AnimateDiff add-on, headless.
+
+    blender -b film.blend --python-exit-code 1 -P batch.py -- shots.toml [options]
+    python batch.py shots.toml --blend film.blend [options]      # a Python with the `bpy` wheel
+
+Options:
+    --out-blend PATH     save the result here (default: the opened .blend, else <shots>.blend)
+    --address ADDR       backend address (default: the add-on preferences, tcp://127.0.0.1:5557)
+    --key-file PATH      shared HMAC key file (default: the preferences, else the user's default key)
+    --server-public-key PATH / --client-secret-key PATH   CurveZMQ certificates
+    --timeout SECONDS    per shot (default 3600); a shot running longer is cancelled
+    --addon-zip ZIP      install this extension zip into a throw-away Blender profile first
+                         (only when run as `python batch.py`: Blender picks its profile at start)
+    --repo NAME          extension repository the add-on is installed in (default user_default)
+
+The shot list is TOML (`[[shot]]` tables, optional `[defaults]`) or JSON (a list, or
+{"shots": [...], "defaults": {...}}).  Keys per shot: name, prompt, negative_prompt,
+prompt_travel, base_model, motion_module, motion_loras ({"ZoomIn": 0.8, "lora:x.safetensors": 0.5}),
+frames, width, height, steps, guidance, seed, preset (quality | fast | lightning | lcm),
+context_length, context_stride, channel, start_frame.  Keys left out come from the scene's
+AnimateDiff settings (frames: the scene length; size: the render size).
+
+Every shot is rendered even if one fails; the .blend is saved with the strips that
+succeeded; the exit code is 0 only when every shot succeeded (1: a shot failed, 2: bad
+arguments, shot list or installation).
+"""
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import tempfile
+import time
+
+ADDON_ID = "animatediff_blender"
+
+
+class BatchError(Exception):
+    pass
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="batch.py", description="Render an AnimateDiff shot list into a .blend")
+    ap.add_argument("shots")
+    ap.add_argument("--blend", help="open this .blend first (python batch.py only)")
+    ap.add_argument("--out-blend")
+    ap.add_argument("--address")
+    ap.add_argument("--key-file")
+    ap.add_argument("--server-public-key")
+    ap.add_argument("--client-secret-key")
+    ap.add_argument("--timeout", type=float, default=3600.0)
+    ap.add_argument("--addon-zip")
+    ap.add_argument("--repo", default="user_default")
+    return ap.parse_args(argv)
+
+
+def load_shots(path):
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise BatchError(f"cannot read the shot list: {exc}") from exc
+    try:
+        if path.lower().endswith(".json"):
+            doc = json.loads(raw.decode("utf-8"))
+        else:
+            import tomllib
+
+            doc = tomllib.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BatchError(f"{path}: not valid {'JSON' if path.lower().endswith('.json') else 'TOML'}: {exc}") from exc
+    defaults = {}
+    if isinstance(doc, list):
+        shots = doc
+    elif isinstance(doc, dict):
+        shots = doc.get("shot", doc.get("shots"))
+        defaults = doc.get("defaults", {}) or {}
+    else:
+        shots = None
+    if not isinstance(shots, list) or not shots or not all(isinstance(s, dict) for s in shots):
+        raise BatchError(f"{path}: expected a non-empty list of shots ([[shot]] tables in TOML)")
+    if not isinstance(defaults, dict):
+        raise BatchError(f"{path}: [defaults] must be a table")
+    return [{**defaults, **s} for s in shots]
+
+
+def find_addon(repo, zip_path, inside_blender):
+    import bpy
+
+    module = f"bl_ext.{repo}.{ADDON_ID}"
+    if module not in bpy.context.preferences.addons:
+        try:
+            bpy.ops.preferences.addon_enable(module=module)
+        except Exception:  # noqa: BLE001 - not installed: handled below
+            pass
+    if module not in bpy.context.preferences.addons and zip_path:
+        if inside_blender:
+            raise BatchError("--addon-zip works with `python batch.py` only; in Blender, install the zip "
+                             "(Preferences > Get Extensions > Install from Disk) or run blender with "
+                             "BLENDER_USER_RESOURCES pointing at a profile that has it")
+        result = bpy.ops.extensions.package_install_files(filepath=os.path.abspath(zip_path), repo=repo,
+                                                          enable_on_install=True)
+        if result != {"FINISHED"}:
+            raise BatchError(f"installing {zip_path} failed: {result}")
+    if module not in bpy.context.preferences.addons:
+        raise BatchError(f"the AnimateDiff extension is not installed in this Blender profile (looked for "
+                         f"{module}); install it, or pass --addon-zip with `python batch.py`")
+    return importlib.import_module(module)
+
+
+def main(argv, inside_blender):
+    args = parse_args(argv)
+    shots = load_shots(args.shots)
+    if args.addon_zip and not inside_blender and "BLENDER_USER_RESOURCES" not in os.environ:
+        # A throw-away profile: the user's own Blender setup stays untouched.
+        os.environ["BLENDER_USER_RESOURCES"] = tempfile.mkdtemp(prefix="animatediff-batch-profile-")
+    import bpy
+
+    if args.blend:
+        if inside_blender:
+            raise BatchError("--blend is for `python batch.py`; with blender, pass the .blend before -P")
+        bpy.ops.wm.open_mainfile(filepath=os.path.abspath(args.blend))
+    addon = find_addon(args.repo, args.addon_zip, inside_blender)
+    api = importlib.import_module(addon.__name__ + ".api")
+    settings = importlib.import_module(addon.__name__ + ".settings")
+    scene = bpy.context.scene
+
+    # Validate every shot before rendering any.
+    names = []
+    for i, shot in enumerate(shots):
+        shot = dict(shot)
+        names.append(str(shot.pop("name", f"shot {i + 1}")))
+        try:
+            settings.plan_from_scene(scene, **shot)
+        except (ValueError, TypeError) as exc:
+            raise BatchError(f"{names[-1]}: {exc}") from exc
+
+    out_blend = args.out_blend or bpy.data.filepath or os.path.splitext(os.path.abspath(args.shots))[0] + ".blend"
+    out_blend = os.path.abspath(out_blend)
+    # Save first: frames go to //animatediff/ next to the .blend, with relative paths.
+    bpy.ops.wm.save_as_mainfile(filepath=out_blend)
+
+    connection = {"address": args.address, "key_file": args.key_file,
+                  "server_public_key_file": args.server_public_key,
+                  "client_secret_key_file": args.client_secret_key}
+    connection = {k: v for k, v in connection.items() if v}
+    failures = 0
+    for i, (name, shot) in enumerate(zip(names, shots, strict=True)):
+        shot = {k: v for k, v in shot.items() if k != "name"}
+        print(f"[{i + 1}/{len(shots)}] {name}: {str(shot.get('prompt', ''))[:60]!r}", flush=True)
+        t0 = time.monotonic()
+        try:
+            strip = api.generate(scene, timeout=args.timeout, **connection, **shot)
+        except api.AnimateDiffError as exc:
+            failures += 1
+            print(f"[{i + 1}/{len(shots)}] {name}: FAILED: {exc}", flush=True)
+            continue
+        print(f"[{i + 1}/{len(shots)}] {name}: strip {strip.name!r} on channel {strip.channel} at frame "
+              f"{int(strip.frame_start)}, {len(strip.elements)} frames ({time.monotonic() - t0:.1f} s)", flush=True)
+        bpy.ops.wm.save_mainfile()  # keep what is done even if a later shot hangs
+    bpy.ops.wm.save_mainfile()
+    print(f"batch: {len(shots)} shots, {len(shots) - failures} ok, {failures} failed; saved {out_blend}", flush=True)
+    return 1 if failures else 0
+
+
+def run():
+    inside_blender = "bpy" in sys.modules  # blender -P pre-imports bpy; `python batch.py` does not
+    argv = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else sys.argv[1:]
+    try:
+        code = main(argv, inside_blender)
+    except BatchError as exc:
+        print(f"batch: error: {exc}", file=sys.stderr, flush=True)
+        code = 2
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,59 @@
+"""Frames on disk (no bpy: the worker thread calls this).
+
+Frames go to a hidden temporary folder first and are renamed into place in one step,
+so a crash or a dead backend never leaves a half-written take where a strip points.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+FRAME_NAME = "frame_{:04d}.png"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def short_id(job_id: str) -> str:
+    return job_id[:8]
+
+
+def frame_names(count: int) -> list[str]:
+    return [FRAME_NAME.format(i) for i in range(count)]
+
+
+def job_dir(out_root: str | os.PathLike[str], job_id: str) -> Path:
+    return Path(out_root) / short_id(job_id)
+
+
+def write_frames(out_root: str | os.PathLike[str], job_id: str, frames: list[bytes]) -> tuple[Path, list[str]]:
+    """Write PNG frames to `<out_root>/<short id>/frame_0000.png...`; returns (folder, names).
+
+    An existing complete folder for this job (collected before) is reused as it is.
+    """
+    if not frames:
+        raise ValueError("the backend sent no frames")
+    for i, data in enumerate(frames):
+        if not data.startswith(PNG_MAGIC):
+            raise ValueError(f"frame {i} is not a PNG image")
+    root = Path(out_root)
+    root.mkdir(parents=True, exist_ok=True)
+    dest = job_dir(root, job_id)
+    names = frame_names(len(frames))
+    if dest.is_dir() and all((dest / n).is_file() for n in names):
+        return dest, names
+    tmp = Path(tempfile.mkdtemp(prefix=f".{short_id(job_id)}-partial-", dir=root))
+    try:
+        for name, data in zip(names, frames, strict=True):
+            with open(tmp / name, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        if dest.exists():  # an incomplete leftover: replace it
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest, names

@@ -1,0 +1,222 @@
+"""Main-thread bookkeeping of jobs: submit through the worker, apply what it reports.
+
+Everything here is quick: it only touches Blender data and queues; the network and
+disk work happens on the worker thread.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from . import messages as m
+from . import settings as st
+from .properties import PENDING_STATES
+from .state import STATE
+from .worker import Worker  # light: the protocol and zmq are imported by the thread itself
+
+
+def preferences() -> Any:
+    import bpy
+
+    addon = bpy.context.preferences.addons.get(__package__)
+    return addon.preferences if addon else None
+
+
+def client_config() -> dict[str, Any]:
+    """ClientConfig fields from the preferences (defaults when not installed)."""
+    import bpy
+
+    prefs = preferences()
+    cfg: dict[str, Any] = {
+        "address": "tcp://127.0.0.1:5557", "timeout_s": 10.0,
+        "client_name": f"blender {bpy.app.version_string}",
+    }
+    if prefs is not None:
+        cfg["address"] = prefs.address.strip() or cfg["address"]
+        cfg["timeout_s"] = float(prefs.timeout_s)
+        for key in ("key_file", "server_public_key_file", "client_secret_key_file"):
+            value = getattr(prefs, key).strip()
+            cfg[key] = bpy.path.abspath(value) if value else None
+    return cfg
+
+
+def worker() -> Any:
+    """The running worker; started on first use (never at registration)."""
+    w = STATE.worker
+    cfg = client_config()
+    if w is None or not w.is_alive():
+        w = STATE.worker = Worker(STATE.outbox, cfg)
+        w.start()
+    else:
+        w.send(m.Configure(cfg))
+    return w
+
+
+def submit(scene: Any, plan: st.Plan) -> Any:
+    """Add a job row and hand the request to the worker.  Returns the row."""
+    s = scene.animatediff
+    job = s.jobs.add()
+    job.local_id = uuid.uuid4().hex
+    job.state = "submitting"
+    job.prompt = str(plan.request.get("prompt", ""))[:200]
+    job.channel = plan.channel
+    job.frame_start = plan.start_frame
+    job.frames = int(plan.request.get("frames", 16))
+    job.out_root = st.output_root(scene)
+    job.request_json = st.request_json(plan)
+    s.active_job = len(s.jobs) - 1
+    STATE.job_shadow[job.local_id] = {"scene": scene.name, **{k: getattr(job, k) for k in SHADOW_FIELDS}}
+    worker().send(m.SubmitJob(job.local_id, plan.request, plan.camera_motions, job.out_root,
+                              client_tag=f"{scene.name}"[:200]))
+    return job
+
+
+SHADOW_FIELDS = ("local_id", "job_id", "state", "prompt", "channel", "frame_start", "frames", "out_root",
+                 "request_json")
+
+
+def find_job(key: str, by: str = "job_id") -> tuple[Any, Any] | tuple[None, None]:
+    import bpy
+
+    if not key:
+        return None, None
+    for scene in bpy.data.scenes:
+        for job in scene.animatediff.jobs:
+            if getattr(job, by) == key:
+                return scene, job
+    return None, None
+
+
+def find_or_restore_job(key: str, by: str = "job_id") -> tuple[Any, Any] | tuple[None, None]:
+    """The job row; if an undo removed it, re-created from the shadow copy."""
+    import bpy
+
+    scene, job = find_job(key, by)
+    if job is not None:
+        return scene, job
+    shadow = next((v for v in STATE.job_shadow.values() if v.get(by) == key), None)
+    if shadow is None:
+        return None, None
+    scene = bpy.data.scenes.get(shadow["scene"])
+    if scene is None:
+        return None, None
+    job = scene.animatediff.jobs.add()
+    for k in SHADOW_FIELDS:
+        setattr(job, k, shadow[k])
+    return scene, job
+
+
+def pending_jobs() -> dict[str, str]:
+    """job id -> output folder of every job still owed a result, in every scene."""
+    import bpy
+
+    out: dict[str, str] = {}
+    for scene in bpy.data.scenes:
+        for job in scene.animatediff.jobs:
+            if job.job_id and job.state in PENDING_STATES:
+                out[job.job_id] = job.out_root
+            elif not job.job_id and job.state == "submitting":
+                # Blender quit before the backend answered: the job id is unknown.
+                job.state = "failed"
+                job.message = "submission was interrupted (Blender closed before the backend answered)"
+    return out
+
+
+def resume_pending() -> int:
+    jobs = pending_jobs()
+    if jobs:
+        worker().send(m.WatchJobs(jobs))
+    return len(jobs)
+
+
+def cancel(job: Any) -> None:
+    if job.job_id and job.state in PENDING_STATES:
+        worker().send(m.CancelJob(job.job_id))
+        job.message = "cancelling..."
+    elif job.state == "submitting":
+        job.message = "will cancel once the backend accepted it"
+        job["cancel_when_accepted"] = True
+
+
+def apply(msg: Any) -> None:
+    """Apply one worker message to Blender data.  Main thread only."""
+    if isinstance(msg, m.ConnectionState):
+        STATE.connected = msg.connected
+        STATE.connection_message = msg.message
+        if msg.models is not None:
+            STATE.models = msg.models
+            STATE.defaults = msg.defaults
+            STATE.server_version = msg.server_version
+            STATE.device = msg.device
+            import bpy
+
+            from .properties import fill_model_lists
+
+            wm = getattr(bpy.context, "window_manager", None)
+            if wm is not None and hasattr(wm, "animatediff_models"):
+                fill_model_lists(wm)
+        return
+    if isinstance(msg, m.TestResult):
+        STATE.test_running = False
+        STATE.test_message = ("OK: " if msg.ok else "Failed: ") + msg.message
+        return
+    if isinstance(msg, (m.JobAccepted, m.JobRejected)):
+        _scene, job = find_or_restore_job(msg.local_id, by="local_id")
+        if job is None:
+            return
+        if isinstance(msg, m.JobRejected):
+            job.state, job.message = "failed", msg.message
+            STATE.job_shadow.pop(msg.local_id, None)
+            return
+        job.job_id, job.queue_position = msg.job_id, msg.queue_position
+        if msg.local_id in STATE.job_shadow:
+            STATE.job_shadow[msg.local_id]["job_id"] = msg.job_id
+        job.state = "queued" if msg.queue_position > 0 else "running"
+        job.message = f"queued at position {msg.queue_position}" if msg.queue_position > 0 else ""
+        if job.get("cancel_when_accepted"):
+            worker().send(m.CancelJob(msg.job_id))
+        return
+    scene, job = find_or_restore_job(getattr(msg, "job_id", ""))
+    if job is None:
+        return
+    if isinstance(msg, (m.JobFailed, m.JobDone)):
+        STATE.job_shadow.pop(job.local_id, None)
+    if isinstance(msg, m.JobProgress):
+        job.state = msg.state
+        job.step, job.total_steps, job.remaining_s = msg.step, msg.total_steps, msg.remaining_s
+        job.queue_position = msg.queue_position
+        job.message = (f"queued at position {msg.queue_position}" if msg.state == "queued" and msg.queue_position > 0
+                       else msg.phase if msg.phase not in ("", "denoise") else "")
+        if msg.preview_path:
+            job.preview_path = msg.preview_path
+    elif isinstance(msg, m.JobNote):
+        job.message = msg.message
+        if job.state in ("queued", "running"):
+            job.state = "lost"
+    elif isinstance(msg, m.JobFailed):
+        job.state, job.message = msg.state, msg.message
+    elif isinstance(msg, m.JobDone):
+        _insert(scene, job, msg)
+
+
+def _insert(scene: Any, job: Any, msg: m.JobDone) -> None:
+    import json
+
+    from .strips import insert_strip
+
+    try:
+        placed = json.loads(job.request_json) if job.request_json else {}
+    except ValueError:
+        placed = {}
+    info = {"seed": msg.seed, "request": msg.settings or placed.get("request", {}),
+            "camera_motions": placed.get("camera_motions", {}), "frames": len(msg.files),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        strip = insert_strip(scene, msg.job_id, msg.directory, msg.files, job.channel, job.frame_start, info)
+    except (OSError, RuntimeError, ValueError) as exc:
+        job.state, job.message = "failed", f"could not add the strip: {exc}"
+        return
+    job.state, job.message, job.strip_name = "finished", f"on channel {strip.channel}", strip.name
+    job.step = job.total_steps

@@ -1,0 +1,112 @@
+"""Small messages between the main thread and the worker thread (plain dataclasses, no bpy)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# ----------------------------------------------------------------- main thread -> worker
+
+
+@dataclass
+class Configure:
+    """Connection settings (from the preferences); the worker reconnects when they change."""
+
+    config: dict[str, Any]
+
+
+@dataclass
+class SubmitJob:
+    local_id: str  # the job list entry, before the backend gives a job id
+    request: dict[str, Any]  # GenerateRequest fields
+    camera_motions: dict[str, float]  # "ZoomIn" -> weight, resolved to ids by the worker
+    out_root: str  # absolute folder the frames go under
+    client_tag: str = ""
+
+
+@dataclass
+class CancelJob:
+    job_id: str
+
+
+@dataclass
+class WatchJobs:
+    jobs: dict[str, str]  # job id -> out_root
+
+
+@dataclass
+class RefreshModels:
+    pass
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+# ----------------------------------------------------------------- worker -> main thread
+
+
+@dataclass
+class ConnectionState:
+    connected: bool
+    message: str  # "connected to 0.1.0 on cuda:0 ..." or why not
+    models: list[dict[str, Any]] | None = None
+    defaults: dict[str, str] = field(default_factory=dict)
+    server_version: str = ""
+    device: str = ""
+
+
+@dataclass
+class TestResult:
+    ok: bool
+    message: str
+
+
+@dataclass
+class JobAccepted:
+    local_id: str
+    job_id: str
+    queue_position: int
+
+
+@dataclass
+class JobRejected:
+    local_id: str
+    message: str
+
+
+@dataclass
+class JobProgress:
+    job_id: str
+    state: str  # "queued" | "running"
+    step: int = 0
+    total_steps: int = 0
+    remaining_s: float = -1.0
+    phase: str = ""
+    preview_path: str = ""  # a PNG the worker wrote, or ""
+    queue_position: int = -1
+
+
+@dataclass
+class JobDone:
+    job_id: str
+    directory: str  # absolute; every frame is in it
+    files: list[str]
+    seed: int
+    settings: dict[str, Any]
+
+
+@dataclass
+class JobFailed:
+    job_id: str
+    message: str
+    state: str = "failed"  # "failed" | "cancelled" | "interrupted" | "lost"
+
+
+@dataclass
+class JobNote:
+    """A transient problem shown on a job without ending it (backend unreachable...)."""
+
+    job_id: str
+    message: str

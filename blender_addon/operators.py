@@ -1,0 +1,279 @@
+"""Operators: Generate, Cancel, Regenerate, Match camera, seed, models, connection, backend."""
+
+import json
+import shlex
+import subprocess
+
+import bpy
+from bpy.props import BoolProperty, StringProperty
+from bpy.types import Operator
+
+from . import jobs
+from . import messages as m
+from . import sequencer_compat as sc
+from . import settings as st
+from .properties import PENDING_STATES, ensure_camera_loras, sync_extra_loras
+from .state import STATE
+
+
+class ADB_OT_generate(Operator):
+    """Send the prompt to the AnimateDiff backend; the clip lands on the sequencer when done"""
+
+    bl_idname = "animatediff.generate"
+    bl_label = "Generate"
+    bl_options = {"REGISTER"}
+
+    def execute(self, context):
+        scene = context.scene
+        ensure_camera_loras(scene.animatediff)
+        try:
+            plan = st.plan_from_scene(scene)
+        except ValueError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        refusal = st.network_refusal(jobs.client_config()["address"])
+        if refusal:
+            self.report({"ERROR"}, refusal)
+            return {"CANCELLED"}
+        maybe_autostart()
+        job = jobs.submit(scene, plan)
+        self.report({"INFO"}, f"AnimateDiff: submitted ({job.frames} frames -> channel {job.channel})")
+        return {"FINISHED"}
+
+
+class ADB_OT_cancel(Operator):
+    """Cancel this job on the backend"""
+
+    bl_idname = "animatediff.cancel"
+    bl_label = "Cancel"
+
+    local_id: StringProperty()  # type: ignore[valid-type]
+
+    def execute(self, context):
+        _scene, job = jobs.find_job(self.local_id, by="local_id")
+        if job is None:
+            s = context.scene.animatediff
+            job = s.jobs[s.active_job] if 0 <= s.active_job < len(s.jobs) else None
+        if job is None or job.state not in PENDING_STATES:
+            self.report({"WARNING"}, "no running job to cancel")
+            return {"CANCELLED"}
+        jobs.cancel(job)
+        return {"FINISHED"}
+
+
+class ADB_OT_clear_jobs(Operator):
+    """Remove finished, failed and cancelled jobs from the list"""
+
+    bl_idname = "animatediff.clear_jobs"
+    bl_label = "Clear finished"
+
+    def execute(self, context):
+        s = context.scene.animatediff
+        for i in reversed(range(len(s.jobs))):
+            if s.jobs[i].state not in PENDING_STATES:
+                s.jobs.remove(i)
+        s.active_job = min(s.active_job, max(0, len(s.jobs) - 1))
+        return {"FINISHED"}
+
+
+class ADB_OT_randomize_seed(Operator):
+    """Pick a new random seed"""
+
+    bl_idname = "animatediff.randomize_seed"
+    bl_label = "Random seed"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context):
+        context.scene.animatediff.seed = st.random_seed()
+        return {"FINISHED"}
+
+
+class ADB_OT_match_camera(Operator):
+    """Read the active camera's animation over the frame range and set the camera MotionLoRAs"""
+
+    bl_idname = "animatediff.match_camera"
+    bl_label = "Match scene camera"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context):
+        from . import camera_match
+
+        scene = context.scene
+        try:
+            motion = camera_match.analyse(scene)
+        except ValueError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        camera_match.apply_to_settings(scene.animatediff, motion.weights)
+        used = ", ".join(f"{k} {v:.2f}" for k, v in motion.weights.items() if v > 0) or "no camera move found"
+        self.report({"INFO"}, f"Camera: {used}")
+        return {"FINISHED"}
+
+
+class ADB_OT_refresh_models(Operator):
+    """Ask the backend for its model list (in the background)"""
+
+    bl_idname = "animatediff.refresh_models"
+    bl_label = "Refresh models"
+
+    def execute(self, context):
+        refusal = st.network_refusal(jobs.client_config()["address"])
+        if refusal:
+            self.report({"ERROR"}, refusal)
+            return {"CANCELLED"}
+        maybe_autostart()
+        jobs.worker().send(m.RefreshModels())
+        return {"FINISHED"}
+
+
+class ADB_OT_sync_loras(Operator):
+    """Add rows for the LoRAs the backend lists"""
+
+    bl_idname = "animatediff.sync_loras"
+    bl_label = "Sync LoRAs"
+
+    def execute(self, context):
+        sync_extra_loras(context.scene.animatediff)
+        return {"FINISHED"}
+
+
+class ADB_OT_test_connection(Operator):
+    """Connect to the backend and report its version, device and models"""
+
+    bl_idname = "animatediff.test_connection"
+    bl_label = "Test connection"
+
+    def execute(self, context):
+        from .worker import test_connection
+
+        cfg = jobs.client_config()
+        refusal = st.network_refusal(cfg["address"])
+        if refusal:
+            STATE.test_message = "Failed: " + refusal
+            return {"CANCELLED"}
+        STATE.test_running = True
+        STATE.test_message = ""
+        test_connection(cfg, STATE.outbox)
+        return {"FINISHED"}
+
+
+class ADB_OT_regenerate(Operator):
+    """Submit the selected AnimateDiff strip's settings again, as a new take on the channel above"""
+
+    bl_idname = "animatediff.regenerate"
+    bl_label = "Regenerate"
+
+    new_seed: BoolProperty(name="New seed", default=True)  # type: ignore[valid-type]
+
+    def execute(self, context):
+        from .strips import stored_settings
+
+        scene = context.scene
+        strip = sc.active_strip(context)
+        selected = sc.selected_strips(context)
+        if strip is None or (selected and strip not in selected):
+            strip = selected[0] if selected else strip
+        data = stored_settings(strip) if strip is not None else None
+        if not data:
+            self.report({"ERROR"}, "select a strip made by AnimateDiff")
+            return {"CANCELLED"}
+        request = dict(data.get("request") or {})
+        request.pop("motion_loras", None)
+        request = {k: v for k, v in request.items() if k in st.REQUEST_KEYS}
+        if self.new_seed:
+            request["seed"] = st.random_seed()
+        plan = st.Plan(request, {}, strip.channel + 1, sc.strip_start(strip))
+        stored_loras = (data.get("request") or {}).get("motion_loras") or []
+        plan.request["motion_loras"] = [x for x in stored_loras if isinstance(x, dict) and "id" in x]
+        refusal = st.network_refusal(jobs.client_config()["address"])
+        if refusal:
+            self.report({"ERROR"}, refusal)
+            return {"CANCELLED"}
+        maybe_autostart()
+        jobs.submit(scene, plan)
+        return {"FINISHED"}
+
+
+class ADB_OT_start_backend(Operator):
+    """Start the configured local backend command (loopback addresses only)"""
+
+    bl_idname = "animatediff.start_backend"
+    bl_label = "Start local backend"
+
+    def execute(self, context):
+        try:
+            start_backend()
+        except (ValueError, OSError) as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+class ADB_OT_stop_backend(Operator):
+    """Stop the local backend this Blender started"""
+
+    bl_idname = "animatediff.stop_backend"
+    bl_label = "Stop local backend"
+
+    def execute(self, context):
+        stop_backend()
+        return {"FINISHED"}
+
+
+def start_backend() -> None:
+    prefs = jobs.preferences()
+    if prefs is None or not prefs.backend_command.strip():
+        raise ValueError("set a local backend command in the add-on preferences first")
+    if not st.is_loopback(prefs.address):
+        raise ValueError(f"{prefs.address} is not a loopback address: only a local backend is started")
+    proc = STATE.backend_process
+    if proc is not None and proc.poll() is None:
+        return
+    STATE.backend_process = subprocess.Popen(shlex.split(prefs.backend_command), stdin=subprocess.DEVNULL)
+
+
+def stop_backend() -> None:
+    proc = STATE.backend_process
+    STATE.backend_process = None
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def maybe_autostart() -> None:
+    prefs = jobs.preferences()
+    if prefs is not None and prefs.auto_start and prefs.backend_command.strip():
+        try:
+            start_backend()
+        except (ValueError, OSError) as exc:
+            print(f"AnimateDiff: local backend not started: {exc}")
+
+
+def job_request_summary(job) -> str:
+    try:
+        data = json.loads(job.request_json)
+    except ValueError:
+        return ""
+    req = data.get("request", {})
+    return f"{req.get('frames')} frames {req.get('width')}x{req.get('height')} seed {req.get('seed')}"
+
+
+CLASSES = (
+    ADB_OT_generate, ADB_OT_cancel, ADB_OT_clear_jobs, ADB_OT_randomize_seed, ADB_OT_match_camera,
+    ADB_OT_refresh_models, ADB_OT_sync_loras, ADB_OT_test_connection, ADB_OT_regenerate,
+    ADB_OT_start_backend, ADB_OT_stop_backend,
+)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+
+
+def unregister() -> None:
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

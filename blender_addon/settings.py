@@ -1,0 +1,158 @@
+"""Scene settings -> a GenerateRequest (as a dict) and where the result goes.  Main thread."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from .properties import CAMERA_MOTIONS
+
+CAMERA_NAMES = {name for name, _ in CAMERA_MOTIONS}
+REQUEST_KEYS = (
+    "prompt", "negative_prompt", "prompt_travel", "base_model", "motion_module", "domain_adapter",
+    "domain_adapter_scale", "frames", "width", "height", "steps", "guidance", "seed", "preset",
+    "context_length", "context_stride", "preview_every",
+)
+PLACEMENT_KEYS = ("channel", "start_frame")
+PRESET_ALIASES = {"fast": "lightning"}
+
+
+@dataclass
+class Plan:
+    request: dict[str, Any]
+    camera_motions: dict[str, float]
+    channel: int
+    start_frame: int
+
+
+def round8(value: float) -> int:
+    return max(8, int(round(value / 8.0)) * 8)
+
+
+def render_size(scene: Any) -> tuple[int, int]:
+    r = scene.render
+    pct = r.resolution_percentage / 100.0
+    return round8(r.resolution_x * pct), round8(r.resolution_y * pct)
+
+
+def scene_length(scene: Any) -> int:
+    return max(1, scene.frame_end - scene.frame_start + 1)
+
+
+def random_seed() -> int:
+    return random.randint(0, 2**31 - 1)
+
+
+def plan_from_scene(scene: Any, **overrides: Any) -> Plan:
+    """The request the panel describes, with keyword overrides (the API's and batch's)."""
+    s = scene.animatediff
+    unknown = set(overrides) - set(REQUEST_KEYS) - set(PLACEMENT_KEYS) - {"motion_loras"}
+    if unknown:
+        raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    width, height = render_size(scene) if s.use_render_size else (s.width, s.height)
+    req: dict[str, Any] = {
+        "prompt": s.prompt,
+        "negative_prompt": s.negative_prompt,
+        "base_model": s.base_model.strip() or None,
+        "motion_module": s.motion_module.strip() or None,
+        "frames": scene_length(scene) if s.use_scene_length else s.frames,
+        "width": width,
+        "height": height,
+        "steps": s.steps or None,
+        "guidance": s.guidance or None,
+        "seed": s.seed,
+        "preset": s.preset,
+    }
+    camera = {x.motion: round(float(x.weight), 4) for x in s.camera_loras if x.enabled and x.weight > 0}
+    loras = [{"id": x.model_id, "weight": float(x.weight)} for x in s.extra_loras if x.enabled]
+    channel = s.channel
+    start = scene.frame_current if s.use_current_frame else s.start_frame
+    if "motion_loras" in overrides:
+        camera, loras = split_loras(overrides.pop("motion_loras"))
+    for key, value in overrides.items():
+        if key == "channel":
+            channel = int(value)
+        elif key == "start_frame":
+            start = int(value)
+        else:
+            req[key] = value
+    if req.get("preset") in PRESET_ALIASES:
+        req["preset"] = PRESET_ALIASES[req["preset"]]
+    for key in ("width", "height"):
+        if isinstance(req.get(key), int | float):
+            req[key] = round8(req[key])
+    req["motion_loras"] = loras
+    if not str(req.get("prompt") or "").strip() and not req.get("prompt_travel"):
+        raise ValueError("the prompt is empty")
+    return Plan(req, camera, max(1, channel), start)
+
+
+def split_loras(spec: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """{name-or-id: weight} (or a list of {id, weight}) -> camera motions and LoRA ids."""
+    camera: dict[str, float] = {}
+    loras: list[dict[str, Any]] = []
+    items = spec.items() if isinstance(spec, dict) else [(x["id"], x.get("weight", 1.0)) for x in spec or []]
+    for name, weight in items:
+        if name in CAMERA_NAMES:
+            camera[name] = float(weight)
+        elif ":" in str(name):
+            loras.append({"id": str(name), "weight": float(weight)})
+        else:
+            raise ValueError(f"unknown MotionLoRA {name!r}: use a camera motion "
+                             f"({', '.join(sorted(CAMERA_NAMES))}) or a model id like lora:name.safetensors")
+    return camera, loras
+
+
+def output_root(scene: Any) -> str:
+    """Absolute folder for results: next to the saved .blend, else the add-on's user folder."""
+    import bpy
+
+    if bpy.data.filepath:
+        return bpy.path.abspath("//animatediff")
+    try:
+        return bpy.utils.extension_path_user(__package__, path="renders", create=True)
+    except (ValueError, AttributeError):  # not installed as an extension (development)
+        import tempfile
+
+        return os.path.join(tempfile.gettempdir(), "animatediff_blender_renders")
+
+
+def request_json(plan: Plan) -> str:
+    return json.dumps({"request": plan.request, "camera_motions": plan.camera_motions,
+                       "channel": plan.channel, "start_frame": plan.start_frame}, sort_keys=True)
+
+
+def is_loopback(address: str) -> bool:
+    """tcp://127.x / [::1] / localhost, ipc://, inproc:// (same rule as protocol.auth, without
+    importing zmq on the main thread)."""
+    import ipaddress
+
+    scheme, sep, rest = address.strip().partition("://")
+    if not sep:
+        return False
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host = rest.rsplit(";", 1)[-1].rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def network_refusal(address: str) -> str | None:
+    """Why the UI may not contact `address`, or None.  Blender's "Allow Online Access" is
+    respected for remote backends (scripts and batch runs name their address explicitly)."""
+    import bpy
+
+    if bpy.app.background or is_loopback(address) or getattr(bpy.app, "online_access", True):
+        return None
+    return (f"{address} is a remote backend and Blender's online access is off: enable "
+            "Preferences > System > Network > Allow Online Access")
+

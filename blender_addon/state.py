@@ -1,0 +1,39 @@
+"""Process-wide state of the add-on that is not Blender data (lives until unregister)."""
+
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class AddonState:
+    outbox: queue.Queue[Any] = field(default_factory=queue.Queue)  # worker -> main thread
+    worker: Any = None  # worker.Worker, started lazily
+    models: list[dict[str, Any]] = field(default_factory=list)  # the backend's model list (cached)
+    defaults: dict[str, str] = field(default_factory=dict)
+    connected: bool = False
+    connection_message: str = "not connected yet"
+    server_version: str = ""
+    device: str = ""
+    test_message: str = ""  # "Test connection" result shown in the preferences
+    test_running: bool = False
+    previews: Any = None  # bpy.utils.previews collection
+    preview_keys: dict[str, str] = field(default_factory=dict)  # job id -> key in previews
+    # local id -> the job row's fields, kept outside Blender data: an undo can remove the
+    # row while the backend still works; the row is then re-created from here.
+    job_shadow: dict[str, dict[str, Any]] = field(default_factory=dict)
+    backend_process: Any = None  # auto-started local backend (subprocess.Popen)
+    # Timing of the main-thread timer (tests and the responsiveness check read it).
+    drain_max_s: float = 0.0
+    drain_calls: int = 0
+    apply_max_s: dict[str, float] = field(default_factory=dict)  # per worker message type
+
+
+STATE = AddonState()
+
+
+def reset() -> None:
+    global STATE
+    STATE.__init__()  # type: ignore[misc]

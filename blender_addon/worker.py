@@ -1,0 +1,475 @@
+"""The background thread that owns the backend connection.
+
+Blender's main thread never calls the client: it puts commands on `Worker.inbox` and a
+timer (`timer.py`) drains the messages this thread puts on the outbox.  ZeroMQ sockets
+are not thread-safe, so this thread is the only one that touches the socket.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import files
+from . import messages as m
+
+POLL_S = 0.1  # how long one poll waits for an event
+SILENCE_CHECK_S = 4.0  # ask the backend for the job states after this long without events
+RECONNECT_MIN_S = 1.0
+RECONNECT_MAX_S = 15.0
+# ClientError codes that mean "the connection is bad", not "the request was refused".
+CONNECTION_CODES = {"", "timeout", "connection", "protocol", "bad_signature", "corrupt", "version", "auth"}
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    """Read a field of a msgspec Struct or a dict alike."""
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _to_builtins(obj: Any) -> Any:
+    try:
+        import msgspec
+
+        return msgspec.to_builtins(obj)
+    except Exception:  # noqa: BLE001 - best effort, only for display/storage
+        return obj if isinstance(obj, dict) else {}
+
+
+def make_client(config: dict[str, Any]) -> Any:
+    from .protocol.client import BackendClient
+
+    return BackendClient(client_config(config))
+
+
+def client_config(config: dict[str, Any]) -> Any:
+    from pathlib import Path
+
+    from .protocol.client import ClientConfig
+
+    known = {k: v for k, v in config.items() if k in ClientConfig.__dataclass_fields__}
+    for key in ("key_file", "server_public_key_file", "client_secret_key_file"):
+        if known.get(key):
+            known[key] = Path(known[key])
+    return ClientConfig(**known)
+
+
+def describe_welcome(welcome: Any) -> str:
+    models = list(_get(welcome, "models", []) or [])
+    usable = sum(1 for x in models if _get(x, "ok", True))
+    text = (f"backend {_get(welcome, 'server_version', '?')} on {_get(welcome, 'device', '') or 'unknown device'}, "
+            f"{len(models)} models ({usable} usable)")
+    if _get(welcome, "warming_up", False):
+        text += ", warming up"
+    return text
+
+
+def error_text(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) < 400 else text[:400] + "..."
+
+
+def test_connection(config: dict[str, Any], outbox: queue.Queue[Any]) -> threading.Thread:
+    """Connect once in a throw-away thread and report what the backend says."""
+
+    def run() -> None:
+        client = None
+        try:
+            client = make_client(config)
+            welcome = client.connect()
+            outbox.put(m.TestResult(True, describe_welcome(welcome)))
+            outbox.put(_connection_state(True, welcome))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a message for the user
+            outbox.put(m.TestResult(False, f"{config.get('address', '?')}: {error_text(exc)}"))
+        finally:
+            if client is not None:
+                try:
+                    client.close()
+                except Exception:  # noqa: BLE001
+                    pass
+
+    t = threading.Thread(target=run, name="animatediff-test-connection", daemon=True)
+    t.start()
+    return t
+
+
+def _connection_state(ok: bool, welcome: Any) -> m.ConnectionState:
+    return m.ConnectionState(
+        connected=ok,
+        message=describe_welcome(welcome),
+        models=[_to_builtins(x) for x in (_get(welcome, "models", []) or [])],
+        defaults=dict(_get(welcome, "defaults", {}) or {}),
+        server_version=str(_get(welcome, "server_version", "")),
+        device=str(_get(welcome, "device", "")),
+    )
+
+
+def resolve_request(request: dict[str, Any], camera_motions: dict[str, float], models: Any) -> Any:
+    """A GenerateRequest from the panel's fields; camera motions ("ZoomIn") become the ids
+    of the backend's MotionLoRAs for them.  ValueError says what is wrong, in words."""
+    import msgspec
+
+    from .protocol.messages import GenerateRequest
+
+    request = dict(request)
+    loras = list(request.get("motion_loras") or [])
+    models = list(models or [])
+    for motion, weight in camera_motions.items():
+        match = [x for x in models if _get(x, "kind") == "lora" and _get(x, "camera_motion") == motion
+                 and _get(x, "ok", True)]
+        if not match:
+            raise ValueError(f"the backend has no usable MotionLoRA for camera motion {motion}")
+        loras.append({"id": _get(match[0], "id"), "weight": float(weight)})
+    request["motion_loras"] = loras
+    try:
+        return msgspec.convert(request, GenerateRequest, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"invalid settings: {exc}") from exc
+
+
+@dataclass
+class Track:
+    out_root: str
+    frames: dict[int, bytes] = field(default_factory=dict)
+    preview_path: str = ""
+
+
+class Worker(threading.Thread):
+    def __init__(self, outbox: queue.Queue[Any], config: dict[str, Any]) -> None:
+        super().__init__(name="animatediff-worker", daemon=True)
+        self.inbox: queue.Queue[Any] = queue.Queue()
+        self.outbox = outbox
+        self.config = dict(config)
+        self.client: Any = None
+        self.welcome: Any = None
+        self.jobs: dict[str, Track] = {}
+        self.waiting: list[m.SubmitJob] = []  # submits queued until connected
+        self.waiting_cancels: set[str] = set()
+        self.want_connection = True
+        self.next_connect = 0.0
+        self.backoff = RECONNECT_MIN_S
+        self.last_heard = time.monotonic()
+        self.preview_dir = os.path.join(tempfile.gettempdir(), f"animatediff_blender_previews_{os.getpid()}")
+        self._halt = threading.Event()
+
+    # ------------------------------------------------------------ public (any thread)
+
+    def send(self, command: Any) -> None:
+        self.inbox.put(command)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._halt.set()
+        self.inbox.put(m.Shutdown())
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout)
+
+    # ------------------------------------------------------------ thread
+
+    def run(self) -> None:
+        try:
+            while not self._halt.is_set():
+                self._commands(block=self.client is None)
+                if self._halt.is_set():
+                    break
+                if self.client is None:
+                    if self._needs_connection() and time.monotonic() >= self.next_connect:
+                        self._connect()
+                    continue
+                try:
+                    self._pump()
+                except Exception as exc:  # noqa: BLE001 - the thread must outlive any bug or peer
+                    self._lost(exc)
+        finally:
+            self._drop_client()
+
+    def _needs_connection(self) -> bool:
+        return self.want_connection or bool(self.jobs) or bool(self.waiting)
+
+    def _commands(self, block: bool) -> None:
+        timeout = 0.2 if block else 0.0
+        while True:
+            try:
+                cmd = self.inbox.get(timeout=timeout) if timeout else self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            timeout = 0.0
+            self._command(cmd)
+
+    def _command(self, cmd: Any) -> None:
+        if isinstance(cmd, m.Shutdown):
+            self._halt.set()
+        elif isinstance(cmd, m.Configure):
+            if cmd.config != self.config:
+                self.config = dict(cmd.config)
+                self._drop_client()
+                self.next_connect = 0.0
+                self.backoff = RECONNECT_MIN_S
+        elif isinstance(cmd, m.RefreshModels):
+            self.want_connection = True
+            self.next_connect = 0.0
+            if self.client is not None:
+                self._refresh_models()
+        elif isinstance(cmd, m.SubmitJob):
+            if self.client is None:
+                self.waiting.append(cmd)
+                self.next_connect = min(self.next_connect, time.monotonic())
+            else:
+                self._submit(cmd)
+        elif isinstance(cmd, m.CancelJob):
+            if self.client is None:
+                self.outbox.put(m.JobNote(cmd.job_id, "cancel requested; waiting for the backend"))
+                self.waiting_cancels.add(cmd.job_id)
+            else:
+                self._guard(lambda: self.client.cancel(cmd.job_id))
+        elif isinstance(cmd, m.WatchJobs):
+            for job_id, root in cmd.jobs.items():
+                self.jobs.setdefault(job_id, Track(root))
+            if self.client is not None:
+                self._watch(list(cmd.jobs))
+
+    # ------------------------------------------------------------ connection
+
+    def _connect(self) -> None:
+        try:
+            client = make_client(self.config)
+            welcome = client.connect()
+        except Exception as exc:  # noqa: BLE001
+            reason = error_text(exc)
+            self.outbox.put(m.ConnectionState(False, f"cannot connect to {self.config.get('address', '?')}: {reason}"))
+            for job_id in self.jobs:
+                self.outbox.put(m.JobNote(job_id, f"backend unreachable ({reason}); retrying"))  # still owed
+            for sub in self.waiting:
+                self.outbox.put(m.JobRejected(sub.local_id, f"cannot connect to the backend: {reason}"))
+            self.waiting.clear()
+            # Retry only while jobs are owed; otherwise wait for the next request (Refresh, Generate).
+            self.want_connection = False
+            self.next_connect = time.monotonic() + self.backoff
+            self.backoff = min(self.backoff * 2, RECONNECT_MAX_S)
+            return
+        self.client, self.welcome = client, welcome
+        self.want_connection = False
+        self.backoff = RECONNECT_MIN_S
+        self.last_heard = time.monotonic()
+        self.outbox.put(_connection_state(True, welcome))
+        if self.jobs:
+            self._watch(list(self.jobs))
+        for job_id in sorted(self.waiting_cancels):
+            self._guard(lambda j=job_id: self.client.cancel(j))
+        self.waiting_cancels = set()
+        waiting, self.waiting = self.waiting, []
+        for sub in waiting:
+            self._submit(sub)
+
+    def _drop_client(self) -> None:
+        if self.client is not None:
+            try:
+                self.client.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self.client = None
+
+    def _lost(self, exc: BaseException) -> None:
+        reason = error_text(exc)
+        self._drop_client()
+        self.outbox.put(m.ConnectionState(False, f"lost the backend: {reason}"))
+        for job_id in self.jobs:
+            self.outbox.put(m.JobNote(job_id, f"lost the backend ({reason}); reconnecting"))
+        self.next_connect = time.monotonic() + self.backoff
+        self.backoff = min(self.backoff * 2, RECONNECT_MAX_S)
+
+    def _guard(self, fn: Any, job_ids: list[str] | None = None) -> Any:
+        """Run one client call.  A connection-level failure drops the client (the jobs
+        are asked for again after the reconnect); a refusal of the request itself ends
+        the jobs it was about, with the backend's words."""
+        from .protocol.client import ClientError
+
+        try:
+            return fn()
+        except ClientError as exc:
+            if getattr(exc, "code", "") in CONNECTION_CODES:
+                self._lost(exc)
+            else:
+                for job_id in job_ids or []:
+                    self._end(job_id, m.JobFailed(job_id, f"backend refused: {error_text(exc)}"))
+        except Exception as exc:  # noqa: BLE001 - never let the worker thread die
+            self._lost(exc)
+        return None
+
+    def _refresh_models(self) -> None:
+        try:
+            welcome = self.client.connect() if not hasattr(self.client, "list_models") else None
+            if welcome is None:
+                models = self.client.list_models()
+                self.outbox.put(m.ConnectionState(
+                    True, describe_welcome({"models": models, "server_version": _get(self.welcome, "server_version"),
+                                            "device": _get(self.welcome, "device")}),
+                    models=[_to_builtins(x) for x in models], defaults=dict(_get(self.welcome, "defaults", {}) or {}),
+                    server_version=str(_get(self.welcome, "server_version", "")),
+                    device=str(_get(self.welcome, "device", ""))))
+            else:
+                self.welcome = welcome
+                self.outbox.put(_connection_state(True, welcome))
+        except Exception as exc:  # noqa: BLE001
+            self._lost(exc)
+
+    # ------------------------------------------------------------ jobs
+
+    def _submit(self, sub: m.SubmitJob) -> None:
+        from .protocol.client import ClientError
+
+        try:
+            req = resolve_request(sub.request, sub.camera_motions, _get(self.welcome, "models", []))
+        except ValueError as exc:
+            self.outbox.put(m.JobRejected(sub.local_id, str(exc)))
+            return
+        try:
+            accepted = self.client.submit(req, client_tag=sub.client_tag)
+        except ClientError as exc:
+            code = getattr(exc, "code", "")
+            self.outbox.put(m.JobRejected(sub.local_id, f"refused by the backend: {error_text(exc)}"))
+            if code in CONNECTION_CODES:
+                self._lost(exc)
+            return
+        except Exception as exc:  # noqa: BLE001
+            self.outbox.put(m.JobRejected(sub.local_id, f"submit failed: {error_text(exc)}"))
+            self._lost(exc)
+            return
+        job_id = str(_get(accepted, "job_id"))
+        self.jobs[job_id] = Track(sub.out_root)
+        self.last_heard = time.monotonic()
+        self.outbox.put(m.JobAccepted(sub.local_id, job_id, int(_get(accepted, "queue_position", 0))))
+
+    def _watch(self, job_ids: list[str]) -> None:
+        statuses = self._guard(lambda: self.client.watch(job_ids), job_ids)
+        if statuses is None:
+            return
+        self.last_heard = time.monotonic()
+        for st in statuses:
+            self._status(st)
+
+    def _status(self, st: Any) -> None:
+        job_id = str(_get(st, "job_id"))
+        if job_id not in self.jobs:
+            return
+        state = str(_get(st, "state", ""))
+        if state == "finished":
+            self._collect(job_id, None)
+        elif state in ("failed", "interrupted"):
+            msg = _get(st, "error", "") or state
+            code = _get(st, "error_code", "")
+            self._end(job_id, m.JobFailed(job_id, f"{code}: {msg}" if code else msg, state))
+        elif state == "cancelled":
+            self._end(job_id, m.JobFailed(job_id, "cancelled", "cancelled"))
+        else:
+            self.outbox.put(m.JobProgress(job_id, state, int(_get(st, "step", 0)), int(_get(st, "total_steps", 0)),
+                                          queue_position=int(_get(st, "queue_position", -1))))
+
+    def _end(self, job_id: str, msg: Any) -> None:
+        track = self.jobs.pop(job_id, None)
+        if track and track.preview_path:
+            _remove(track.preview_path)
+        self.outbox.put(msg)
+
+    def _collect(self, job_id: str, finished: Any) -> None:
+        track = self.jobs.get(job_id)
+        if track is None:
+            return
+        total = int(_get(finished, "frames", 0)) if finished is not None else 0
+        frames: list[bytes] | None = None
+        if finished is not None and total and all(i in track.frames for i in range(total)):
+            frames = [track.frames[i] for i in range(total)]
+        if frames is None:
+            result = self._guard(lambda: self.client.fetch(job_id), [job_id])
+            if result is None:
+                return  # connection lost; collected after the reconnect
+            frames = list(_get(result, "frames", []) or [])
+            if finished is None:
+                finished = _get(result, "finished", None)
+        try:
+            directory, names = files.write_frames(track.out_root, job_id, frames)
+        except (OSError, ValueError) as exc:
+            self._end(job_id, m.JobFailed(job_id, f"could not store the frames: {error_text(exc)}"))
+            return
+        settings = _to_builtins(_get(finished, "settings", {})) if finished is not None else {}
+        self._end(job_id, m.JobDone(job_id, str(directory), names, int(_get(finished, "seed", 0) or 0),
+                                    settings if isinstance(settings, dict) else {}))
+
+    def _pump(self) -> None:
+        from .protocol.client import ClientError
+
+        try:
+            event = self.client.poll(POLL_S)
+        except ClientError as exc:
+            self._lost(exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - garbage from the peer must not kill the thread
+            self._lost(exc)
+            return
+        now = time.monotonic()
+        if event is None:
+            if self.jobs and now - self.last_heard > SILENCE_CHECK_S:
+                self.last_heard = now
+                self._watch(list(self.jobs))
+            return
+        self.last_heard = now
+        try:
+            self._event(event)
+        except Exception as exc:  # noqa: BLE001
+            job_id = str(_get(_get(event, "content"), "job_id", ""))
+            if job_id in self.jobs:
+                self._end(job_id, m.JobFailed(job_id, f"bad reply from the backend: {error_text(exc)}"))
+
+    def _event(self, event: Any) -> None:
+        kind = _get(event, "msg_type", "")
+        content = _get(event, "content")
+        buffers = list(_get(event, "buffers", []) or [])
+        job_id = str(_get(content, "job_id", ""))
+        track = self.jobs.get(job_id)
+        if track is None:
+            return
+        if kind == "progress":
+            preview = ""
+            if _get(content, "has_preview", False) and buffers:
+                preview = self._write_preview(job_id, track, int(_get(content, "step", 0)), buffers[0])
+            self.outbox.put(m.JobProgress(job_id, "running", int(_get(content, "step", 0)),
+                                          int(_get(content, "total_steps", 0)),
+                                          float(_get(content, "remaining_s", -1.0)), str(_get(content, "phase", "")),
+                                          preview))
+        elif kind == "frames":
+            start = int(_get(content, "start", 0))
+            for i, data in enumerate(buffers):
+                track.frames[start + i] = bytes(data)
+        elif kind == "finished":
+            self._collect(job_id, content)
+        elif kind == "failed":
+            self._end(job_id, m.JobFailed(job_id, f"{_get(content, 'code', 'failed')}: {_get(content, 'message', '')}"))
+        elif kind == "cancelled":
+            self._end(job_id, m.JobFailed(job_id, "cancelled", "cancelled"))
+
+    def _write_preview(self, job_id: str, track: Track, step: int, data: bytes) -> str:
+        if not bytes(data[:8]) == files.PNG_MAGIC:
+            return ""
+        try:
+            os.makedirs(self.preview_dir, exist_ok=True)
+            path = os.path.join(self.preview_dir, f"{files.short_id(job_id)}_{step:04d}.png")
+            with open(path, "wb") as fh:
+                fh.write(bytes(data))
+        except OSError:
+            return ""
+        if track.preview_path and track.preview_path != path:
+            _remove(track.preview_path)
+        track.preview_path = path
+        return path
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass

@@ -1,0 +1,103 @@
+"""The batch entry point renders a 3-shot list headless into a .blend, and fails loudly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, free_port, newest, oldest, require, run_bpy
+
+pytestmark = pytest.mark.blender
+
+SHOTS = """
+[defaults]
+negative_prompt = "blurry"
+frames = 6
+width = 64
+height = 64
+steps = 4
+
+[[shot]]
+name = "opening"
+prompt = "a quiet harbour at dawn"
+channel = 2
+start_frame = 1
+seed = 1
+
+[[shot]]
+name = "push in"
+prompt = "the lighthouse, closer"
+motion_loras = { ZoomIn = 0.7 }
+channel = 2
+start_frame = 7
+seed = 2
+
+[[shot]]
+name = "storm"
+prompt = "waves crash on the rocks"
+frames = 4
+preset = "fast"
+channel = 3
+start_frame = 1
+"""
+
+
+def run_batch(bpy_python, tmp: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    require(bpy_python)
+    env = dict(os.environ)
+    env["BLENDER_USER_RESOURCES"] = str(tmp / f"batch-profile-{len(list(tmp.glob('batch-profile-*')))}")
+    env["ANIMATEDIFF_BLENDER_CONFIG"] = str(tmp / "config")
+    cmd = [str(bpy_python.python), str(ROOT / "blender_addon" / "batch.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp)
+
+
+@pytest.mark.parametrize("which", ["oldest", "newest"])
+def test_batch_renders_three_shots(which, addon_zips, backend_factory, tmp_path: Path) -> None:
+    bpy_python = oldest() if which == "oldest" else newest()
+    backend = backend_factory()
+    shots = tmp_path / "shots.toml"
+    shots.write_text(SHOTS)
+    out_blend = tmp_path / "film" / "film.blend"
+    out_blend.parent.mkdir()
+    proc = run_batch(bpy_python, tmp_path, str(shots), "--addon-zip", str(addon_zips[bpy_python.py_tag]),
+                     "--address", backend.address, "--key-file", str(backend.key_file),
+                     "--out-blend", str(out_blend))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "batch: 3 shots, 3 ok, 0 failed" in proc.stdout
+    assert "step " in proc.stdout  # progress printed
+    r = run_bpy(bpy_python, "check_blend.py", {"zip": str(addon_zips[bpy_python.py_tag]), "blend": str(out_blend)},
+                tmp_path)
+    got = [(s["channel"], s["start"], s["duration"], s["files_exist"]) for s in r["strips"]]
+    assert got == [(2, 1, 6, True), (2, 7, 6, True), (3, 1, 4, True)], got
+    assert all(s["directory"].startswith("//animatediff/") for s in r["strips"])
+    push_in = r["strips"][1]["settings"]
+    assert push_in["camera_motions"] == {"ZoomIn": 0.7}
+    assert push_in["request"]["motion_loras"] == [{"id": "lora:fake_ZoomIn", "weight": 0.7}]
+    assert push_in["request"]["negative_prompt"] == "blurry"
+    assert r["strips"][2]["settings"]["request"]["preset"] == "lightning"
+    assert len(list((out_blend.parent / "animatediff").iterdir())) == 3
+
+
+def test_batch_fails_loudly(addon_zips, tmp_path: Path) -> None:
+    bpy_python = newest()
+    zip_path = str(addon_zips[bpy_python.py_tag])
+    shots = tmp_path / "shots.json"
+    shots.write_text('{"shots": [{"prompt": "a"}, {"prompt": "b", "frames": 2}]}')
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    key = tmp_path / "k.key"
+    key.write_bytes(b"k" * 64)
+    key.chmod(0o600)
+    proc = run_batch(bpy_python, tmp_path, str(shots), "--addon-zip", zip_path, "--address", dead,
+                     "--key-file", str(key), "--out-blend", str(tmp_path / "o.blend"), "--timeout", "30",
+                     timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.count("FAILED: cannot connect to the backend") == 2
+    assert "0 ok, 2 failed" in proc.stdout
+    # A bad shot list is refused before anything is rendered.
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[shot]]\nprompt = "x"\nfps = 3\n')
+    proc = run_batch(bpy_python, tmp_path, str(bad), "--addon-zip", zip_path, "--address", dead, timeout=120)
+    assert proc.returncode == 2 and "unknown setting(s): fps" in proc.stderr

@@ -1,0 +1,77 @@
+"""The built zip installs into real Blender (4.2 LTS and the newest 5.x), registers,
+imports its bundled wheels, gives the expected camera-motion weights, and disables cleanly."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from .conftest import bpy_pythons, run_bpy
+
+pytestmark = pytest.mark.blender
+
+ZERO = {"ZoomIn", "ZoomOut", "PanLeft", "PanRight", "TiltUp", "TiltDown", "RollingClockwise",
+        "RollingAnticlockwise"}
+
+
+def only(weights: dict[str, float], **expected: float) -> None:
+    for name in ZERO:
+        assert weights[name] == pytest.approx(expected.get(name, 0.0), abs=0.02), (name, weights)
+
+
+@pytest.mark.parametrize("bpy_python", bpy_pythons(), ids=lambda b: f"blender-{b.label}")
+def test_install_register_camera_unregister(bpy_python, addon_zips, tmp_path: Path) -> None:
+    zip_path = addon_zips[bpy_python.py_tag]
+    r = run_bpy(bpy_python, "install_check.py", {"zip": str(zip_path)}, tmp_path)
+    assert r["module"] == "bl_ext.user_default.animatediff_blender"
+    # The wheels came from the extension's own site-packages, not from anywhere else.
+    assert "extensions" in r["zmq_file"] and str(tmp_path) in r["zmq_file"]
+    assert r["zmq"] == "27.3.0" and r["msgspec"] == "0.22.0" and r["zmq_has_curve"]
+    # Defaults: scene length, render size x percentage rounded to 8, current frame.
+    plan = r["plan"]
+    assert plan["request"]["frames"] == 24
+    assert (plan["request"]["width"], plan["request"]["height"]) == (480, 272)
+    assert plan["start_frame"] == 7 and plan["channel"] == 2
+    assert plan["request"]["base_model"] is None and plan["request"]["motion_module"] is None
+    assert "empty" in r["empty_prompt_error"]
+    assert r["override"] == {"camera": {"ZoomIn": 0.5}, "loras": [{"id": "lora:custom.safetensors", "weight": 0.3}],
+                             "preset": "lightning"}
+    cam = r["camera"]
+    only(cam["pan_left_15deg"]["weights"], PanLeft=0.5)  # 15 deg of 30
+    only(cam["pan_right_truck"]["weights"], PanRight=1.0)  # 3 m sideways, clamped
+    only(cam["dolly_in_1m"]["weights"], ZoomIn=0.5)  # 1 m of 2
+    only(cam["dolly_out_5m"]["weights"], ZoomOut=1.0)
+    only(cam["roll_cw_30"]["weights"], RollingClockwise=1.0)
+    only(cam["tilt_up_9"]["weights"], TiltUp=0.3)
+    only(cam["still"]["weights"])  # below the threshold: nothing
+    combined = cam["combined"]["weights"]
+    assert combined["ZoomIn"] == pytest.approx(0.8, abs=0.03)
+    # Turning right 12 deg (0.4) while the straight path drifts left in camera space.
+    assert 0.25 < combined["PanRight"] < 0.42
+    assert r["applied"]["ZoomIn"][0] and r["applied"]["PanRight"][0] and not r["applied"]["PanLeft"][0]
+    for prop in ("prompt", "negative_prompt", "base_model", "motion_module", "preset", "seed", "channel",
+                 "address", "key_file", "timeout_s"):
+        assert prop in r["drawn_props"], prop
+    assert {"animatediff.generate", "animatediff.regenerate", "animatediff.match_camera",
+            "animatediff.test_connection", "animatediff.cancel"} <= set(r["drawn_ops"]), r["drawn_ops"]
+    assert r["disabled"] is True
+
+
+def test_zip_contents(addon_zips) -> None:
+    for tag, path in addon_zips.items():
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            manifest = z.read("blender_manifest.toml").decode()
+            init = z.read("__init__.py").decode()
+        assert "__init__.py" in names and "protocol/client.py" in names and "protocol/wire.py" in names
+        wheels = [n for n in names if n.endswith(".whl")]
+        assert len(wheels) == 2, wheels
+        assert not any(x in n.lower() for n in names for x in ("torch", "diffusers", "numpy", "__pycache__"))
+        assert "bl_info" not in init
+        if tag == "py311":
+            assert 'blender_version_max = "5.1.0"' in manifest and all("cp311" in w for w in wheels)
+        else:
+            assert 'blender_version_min = "5.1.0"' in manifest
+            assert all("cp313" in w or "abi3" in w for w in wheels)
