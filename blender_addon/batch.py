@@ -88,8 +88,11 @@ def load_shots(path):
 def find_addon(repo, zip_path, inside_blender):
     import bpy
 
+    import addon_utils
+
     module = f"bl_ext.{repo}.{ADDON_ID}"
-    if module not in bpy.context.preferences.addons:
+    installed = any(m.__name__ == module for m in addon_utils.modules(refresh=True))
+    if module not in bpy.context.preferences.addons and installed:
         try:
             bpy.ops.preferences.addon_enable(module=module)
         except Exception:  # noqa: BLE001 - not installed: handled below
