@@ -234,7 +234,7 @@ print("STRIP=" + json.dumps({
     "frame_final_duration": int(s.frame_final_duration), "directory": os.path.normpath(directory),
     "relative_directory": s.directory, "files": [e.filename for e in s.elements],
     "fps": scene.render.fps / scene.render.fps_base,
-    "settings": s.get("animatediff_settings", ""),
+    "settings": s.get("animatediff", ""),
 }))
 """
 
