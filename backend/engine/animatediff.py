@@ -1,0 +1,744 @@
+"""The real engine: AnimateDiff on diffusers 0.42.1's `AnimateDiffPipeline`.
+
+Everything that decides the frames is stock diffusers (the pipeline's own denoising loop,
+FreeNoise for long clips, peft LoRA adapters); this module only chooses settings, keeps
+models warm between jobs, reports progress and makes sure that one job's state (LoRAs,
+context windows, memory-saving wrappers) never leaks into the next.
+
+Per job the pipeline goes through a fixed sequence, undone in reverse in a `finally`:
+
+1. FreeNoise on (long clips, prompt travel).  It swaps the motion modules' transformer
+   blocks, keeping their names, and must come before LoRAs: the swap reloads the blocks'
+   state dicts strictly and would fail on peft-wrapped layers.
+2. LoRAs (MotionLoRAs + domain adapter) injected with peft and *verified* (see
+   `_verify_lora`): every tensor read from the file must be in the model.
+3. Memory savers for long clips (split inference wrappers, chunked feed-forward).  These
+   rename modules, which is why they come after LoRA injection and verification.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import re
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import torch
+
+from animatediff_blender.protocol.messages import GenerateRequest, ModelInfo
+
+from .interface import (
+    CancelCheck,
+    EngineError,
+    GenerationResult,
+    JobCancelled,
+    ProgressCallback,
+    StepProgress,
+)
+from .presets import DEFAULT_CONTEXT_LENGTH, DEFAULT_CONTEXT_STRIDE, PRESETS, get_preset
+
+log = logging.getLogger(__name__)
+
+# Latent -> RGB approximation for SD1.x latents (the widely used factors of
+# ComfyUI's / A1111's "approx" previewer): rgb = latent^T @ F, roughly in [-1, 1].
+SD15_LATENT_RGB_FACTORS = torch.tensor(
+    [
+        [0.3512, 0.2297, 0.3227],
+        [0.3250, 0.4974, 0.2350],
+        [-0.2829, 0.1762, 0.2721],
+        [-0.2120, -0.2616, -0.7177],
+    ]
+)
+PREVIEW_MAX_SIDE = 128
+
+# Which registry kind each request field must name.
+_FIELD_KINDS = {
+    "base_model": "base",
+    "motion_module": "motion",
+    "motion_loras": "lora",
+    "domain_adapter": "adapter",
+}
+
+_DTYPES = {
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+
+LORA_CACHE_SIZE = 16  # LoRA files read from disk, kept on the CPU by registry id
+DOMAIN_ADAPTER_NAME = "adb_domain"
+
+
+def latents_to_preview(latents: torch.Tensor, max_side: int = PREVIEW_MAX_SIDE) -> np.ndarray:
+    """A cheap RGB preview of the middle frame of video latents (B, C, F, h, w): the SD1.5
+    linear latent->RGB approximation, no VAE.  Returns an HxWx3 uint8 array, at most
+    `max_side` pixels on its longer side (the latent resolution, strided down if larger)."""
+    frame = latents[0, :, latents.shape[2] // 2].detach().to("cpu", torch.float32)  # (C, h, w)
+    if frame.shape[0] != SD15_LATENT_RGB_FACTORS.shape[0]:
+        raise ValueError(f"expected {SD15_LATENT_RGB_FACTORS.shape[0]} latent channels, got {frame.shape[0]}")
+    rgb = torch.einsum("chw,cr->hwr", frame, SD15_LATENT_RGB_FACTORS)
+    stride = max(1, -(-max(rgb.shape[0], rgb.shape[1]) // max_side))
+    rgb = rgb[::stride, ::stride]
+    out = ((rgb + 1.0) * 127.5).clamp(0, 255).round().to(torch.uint8)
+    return out.numpy()
+
+
+def _to_uint8_frames(video: np.ndarray) -> list[np.ndarray]:
+    """(B, F, H, W, 3) float in [0, 1] -> list of HxWx3 uint8, rounded exactly as diffusers'
+    `numpy_to_pil` does, so frames equal the stock pipeline's PIL output."""
+    arr = (video[0] * 255).round().astype("uint8")
+    return [np.ascontiguousarray(f) for f in arr]
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+@contextmanager
+def _model_errors(model_id: str) -> Iterator[None]:
+    """Loader failures (unreadable or unconvertible files) -> EngineError("model_error")."""
+    try:
+        yield
+    except (EngineError, JobCancelled):
+        raise
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        if _is_oom(exc):
+            raise
+        raise EngineError("model_error", f"{model_id}: cannot load: {exc}") from exc
+
+
+def _strip_unet(name: str) -> str:
+    return name[len("unet.") :] if name.startswith("unet.") else name
+
+
+# Keys of LoRA state dicts in the formats diffusers reads -> (module, "A" | "B").
+_LORA_KEY_PATTERNS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"^(?P<m>.+)\.lora_A(?:\.[^.]+)?\.weight$"), "A"),
+    (re.compile(r"^(?P<m>.+)\.lora_B(?:\.[^.]+)?\.weight$"), "B"),
+    (re.compile(r"^(?P<m>.+)\.lora(?:_linear_layer)?\.down\.weight$"), "A"),
+    (re.compile(r"^(?P<m>.+)\.lora(?:_linear_layer)?\.up\.weight$"), "B"),
+    (re.compile(r"^(?P<m>.+)\.lora_down\.weight$"), "A"),
+    (re.compile(r"^(?P<m>.+)\.lora_up\.weight$"), "B"),
+]
+_OLD_PROCESSOR = re.compile(
+    r"^(?P<p>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$"
+)
+
+
+def lora_key_target(key: str) -> tuple[str, str] | None:
+    """Module name (relative to the UNet) and matrix ("A" down, "B" up) a LoRA tensor key
+    feeds, for the key formats `load_lora_weights` accepts; None for other keys (alphas)."""
+    key = _strip_unet(key)
+    m = _OLD_PROCESSOR.match(key)
+    if m:
+        proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
+        return f"{m['p']}.{proj}", "A" if m["part"] == "down" else "B"
+    for pattern, part in _LORA_KEY_PATTERNS:
+        mm = pattern.match(key)
+        if mm:
+            return mm["m"], part
+    return None
+
+
+@dataclass
+class _LoraJob:
+    adapter_name: str
+    model_id: str
+    weight: float
+    weights: Any  # models.loading.LoraWeights
+
+
+class AnimateDiffEngine:
+    """`Engine` (see interface.py) on diffusers' AnimateDiffPipeline.
+
+    `generate` must be called from one thread at a time (the server's GPU worker);
+    `resolve`, `list_models` and `default_models` are safe from other threads.
+    """
+
+    def __init__(
+        self,
+        models_dir: Path,
+        device: str | None = None,
+        dtype: str | None = None,
+        *,
+        decode_chunk_size: int = 16,
+        memory_saving: bool = True,
+    ) -> None:
+        from animatediff_blender.backend.models.registry import ModelRegistry
+
+        self.models_dir = Path(models_dir)
+        self.device = self._pick_device(device)
+        self.dtype = self._pick_dtype(dtype, self.device)
+        self.decode_chunk_size = decode_chunk_size
+        # Long clips: FreeNoise split inference + chunked feed-forward bound memory;
+        # the maths are the same per frame / per position, only batched differently.
+        self.memory_saving = memory_saving
+
+        self._registry_lock = threading.RLock()
+        self._registry = ModelRegistry(self.models_dir)
+        self._registry.scan()
+
+        self._gpu_lock = threading.Lock()
+        self._base_id: str | None = None
+        self._base: Any = None  # models.loading.BaseComponents; its UNet2D stays on the CPU
+        self._motion_id: str | None = None
+        self._adapter: Any = None  # MotionAdapter (CPU)
+        self._pipe: Any = None  # AnimateDiffPipeline on self.device
+        self._lora_cache: OrderedDict[str, Any] = OrderedDict()
+        # What was (re)loaded from disk or rebuilt, for tests and logs: "base", "motion",
+        # "pipeline", "lora".
+        self.load_counts: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ device
+
+    @staticmethod
+    def _pick_device(device: str | None) -> torch.device:
+        if device:
+            try:
+                dev = torch.device(device)
+            except RuntimeError as exc:
+                raise EngineError("device", f"unknown device {device!r} ({exc})") from None
+            if dev.type == "cuda":
+                if not torch.cuda.is_available():
+                    raise EngineError(
+                        "device", f"device {device!r} asked for, but CUDA is not available here"
+                    )
+                if dev.index is None:
+                    dev = torch.device("cuda", torch.cuda.current_device())
+            return dev
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @staticmethod
+    def _pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+        if dtype is None:
+            # fp16 is AnimateDiff's usual precision on GPUs; CPUs are slow and imprecise in it.
+            return torch.float16 if device.type == "cuda" else torch.float32
+        try:
+            return _DTYPES[dtype.lower()]
+        except KeyError:
+            raise EngineError("device", f"unknown dtype {dtype!r}; use fp16, bf16 or fp32") from None
+
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+        return str(self.device)
+
+    def capabilities(self) -> list[str]:
+        return [
+            "motion_lora",
+            "domain_adapter",
+            "context_windows",
+            "prompt_travel",
+            "preview",
+            "presets:" + ",".join(PRESETS),
+        ]
+
+    # ------------------------------------------------------------------ registry
+
+    def list_models(self, rescan: bool = False) -> list[ModelInfo]:
+        with self._registry_lock:
+            if rescan:
+                self._registry.scan()
+            return list(self._registry.infos())
+
+    def default_models(self) -> dict[str, str]:
+        with self._registry_lock:
+            return dict(self._registry.default_ids())
+
+    def _entry(self, model_id: str, field: str) -> Any:
+        kind = _FIELD_KINDS[field]
+        with self._registry_lock:
+            try:
+                entry = self._registry.get(model_id)
+            except (KeyError, LookupError, ValueError) as exc:
+                reason = getattr(exc, "reason", "") or "not in the server's models folder"
+                raise EngineError(
+                    "unknown_model", f"{field}: no {kind} model {model_id!r}: {reason}"
+                ) from None
+        if entry.kind != kind:
+            raise EngineError(
+                "unknown_model",
+                f"{field}: {model_id!r} is a {entry.kind} model, but {field} needs a {kind} model",
+            )
+        if not getattr(entry, "ok", True):
+            raise EngineError(
+                "model_error",
+                f"{field}: {model_id!r} cannot be used: {getattr(entry, 'error', '') or 'broken file'}",
+            )
+        return entry
+
+    # ------------------------------------------------------------------ resolve
+
+    def resolve(self, request: GenerateRequest) -> GenerateRequest:
+        preset = get_preset(request.preset)
+        defaults = self.default_models()
+        base = request.base_model or defaults.get("base")
+        motion = request.motion_module or defaults.get("motion")
+        if not base:
+            raise EngineError(
+                "unknown_model", "base_model: none given and the server has no base model installed"
+            )
+        if not motion:
+            raise EngineError(
+                "unknown_model", "motion_module: none given and the server has no motion module installed"
+            )
+        self._entry(base, "base_model")
+        motion_entry = self._entry(motion, "motion_module")
+        for lora in request.motion_loras:
+            self._entry(lora.id, "motion_loras")
+        if request.domain_adapter:
+            self._entry(request.domain_adapter, "domain_adapter")
+
+        steps = request.steps if request.steps is not None else preset.steps
+        if steps < preset.min_steps or (preset.max_steps is not None and steps > preset.max_steps):
+            raise EngineError(
+                "invalid_request",
+                f"steps: the {preset.name} preset runs {preset.min_steps}-{preset.max_steps} steps, got {steps}",
+            )
+        guidance = request.guidance if request.guidance is not None else preset.guidance
+        context_length = request.context_length or DEFAULT_CONTEXT_LENGTH
+        context_stride = request.context_stride or DEFAULT_CONTEXT_STRIDE
+        if context_stride > context_length:
+            raise EngineError(
+                "invalid_request",
+                f"context_stride ({context_stride}) must not exceed context_length ({context_length}): "
+                "frames between windows would get no motion context",
+            )
+        max_len = self._max_context(motion_entry)
+        if max_len is not None and context_length > max_len and request.frames > min(context_length, max_len):
+            raise EngineError(
+                "invalid_request",
+                f"context_length: the motion module {motion!r} handles at most {max_len} frames at once, "
+                f"got {context_length}",
+            )
+        if request.prompt_travel:
+            bad = sorted(k for k in request.prompt_travel if not 0 <= k < request.frames)
+            if bad:
+                raise EngineError(
+                    "invalid_request",
+                    f"prompt_travel: frame {bad[0]} is outside the clip (frames 0-{request.frames - 1})",
+                )
+        return msgspec.structs.replace(
+            request,
+            base_model=base,
+            motion_module=motion,
+            steps=steps,
+            guidance=float(guidance),
+            context_length=context_length,
+            context_stride=context_stride,
+        )
+
+    @staticmethod
+    def _max_context(motion_entry: Any) -> int | None:
+        version = str(getattr(motion_entry, "version", "") or "")
+        if version == "v1":
+            return 24
+        if version in ("v2", "v3", "lightning", "lcm"):
+            return 32
+        return None  # unknown: checked against the loaded adapter's config at run time
+
+    # ------------------------------------------------------------------ warm cache
+
+    def _free(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _ensure_pipeline(self, base_id: str, motion_id: str, progress: ProgressCallback) -> Any:
+        from diffusers import AnimateDiffPipeline, UNetMotionModel
+
+        from animatediff_blender.backend.models import loading
+
+        if self._base_id != base_id:
+            progress(StepProgress(0, 0, None, phase="loading"))
+            self._pipe = None
+            self._base = None
+            self._base_id = None
+            self._free()
+            with _model_errors(base_id):
+                base = loading.load_base(self._entry(base_id, "base_model"), self.dtype, "cpu")
+            # The UNet2D stays on the CPU: the motion UNet is rebuilt from it when the
+            # motion module changes, without rereading the base model.
+            base.vae.to(self.device)
+            base.text_encoder.to(self.device)
+            self._base, self._base_id = base, base_id
+            self.load_counts["base"] += 1
+        if self._motion_id != motion_id:
+            progress(StepProgress(0, 0, None, phase="loading"))
+            self._pipe = None
+            self._adapter = None
+            self._motion_id = None
+            self._free()
+            with _model_errors(motion_id):
+                self._adapter = loading.load_motion_adapter(
+                    self._entry(motion_id, "motion_module"), self.dtype
+                )
+            self._motion_id = motion_id
+            self.load_counts["motion"] += 1
+        if self._pipe is None:
+            # from_unet2d copies both models' weights and keeps the UNet2D's dtype (self.dtype).
+            unet = UNetMotionModel.from_unet2d(self._base.unet, self._adapter)
+            unet = unet.to(self.device).eval()
+            pipe = AnimateDiffPipeline(
+                vae=self._base.vae,
+                text_encoder=self._base.text_encoder,
+                tokenizer=self._base.tokenizer,
+                unet=unet,
+                motion_adapter=self._adapter,
+                scheduler=PRESETS["quality"].make_scheduler(self._base.scheduler_config),
+            )
+            pipe.set_progress_bar_config(disable=True)
+            self._pipe = pipe
+            self.load_counts["pipeline"] += 1
+        return self._pipe
+
+    def _lora_weights(self, model_id: str, field: str) -> Any:
+        from animatediff_blender.backend.models import loading
+
+        cached = self._lora_cache.get(model_id)
+        if cached is not None:
+            self._lora_cache.move_to_end(model_id)
+            return cached
+        entry = self._entry(model_id, field)
+        with _model_errors(model_id):
+            weights = (
+                loading.load_domain_adapter(entry)
+                if field == "domain_adapter"
+                else loading.load_motion_lora(entry)
+            )
+        self._lora_cache[model_id] = weights
+        self.load_counts["lora"] += 1
+        while len(self._lora_cache) > LORA_CACHE_SIZE:
+            self._lora_cache.popitem(last=False)
+        return weights
+
+    # ------------------------------------------------------------------ per-job pipeline state
+
+    @staticmethod
+    def _motion_blocks(unet: Any) -> list[Any]:
+        blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+        return [b for b in blocks if getattr(b, "motion_modules", None) is not None]
+
+    def _enable_free_noise(self, pipe: Any, context_length: int, context_stride: int) -> None:
+        pipe.enable_free_noise(
+            context_length=context_length,
+            context_stride=context_stride,
+            weighting_scheme="pyramid",
+            noise_type="shuffle_context",
+        )
+
+    def _disable_free_noise(self, pipe: Any) -> None:
+        # Not pipe.disable_free_noise(): in 0.42.1 it also walks a mid block without motion
+        # modules (v1/v3 motion modules) and raises.
+        pipe._free_noise_context_length = None
+        for block in self._motion_blocks(pipe.unet):
+            pipe._disable_free_noise_in_block(block)
+
+    @staticmethod
+    def _spatial_transformer_blocks(unet: Any) -> list[Any]:
+        from diffusers.models.attention import BasicTransformerBlock
+
+        return [
+            m
+            for name, m in unet.named_modules()
+            if isinstance(m, BasicTransformerBlock)
+            and ".attentions." in f".{name}"
+            and "motion_modules" not in name
+        ]
+
+    def _enable_memory_saving(self, pipe: Any) -> None:
+        pipe.enable_free_noise_split_inference()
+        # Chunk the spatial feed-forwards per frame (what `unet.enable_forward_chunking()` does),
+        # but not the motion modules': per spatial position that would be thousands of calls.
+        for block in self._spatial_transformer_blocks(pipe.unet):
+            block.set_chunk_feed_forward(1, 0)
+
+    def _disable_memory_saving(self, pipe: Any) -> None:
+        from diffusers.pipelines.free_noise_utils import SplitInferenceModule
+
+        def unwrap(module: torch.nn.Module) -> None:
+            for name, child in list(module.named_children()):
+                while isinstance(child, SplitInferenceModule):
+                    child = child.module
+                    setattr(module, name, child)
+                unwrap(child)
+
+        unwrap(pipe.unet)
+        for block in self._spatial_transformer_blocks(pipe.unet):
+            block.set_chunk_feed_forward(None, 0)
+
+    def _apply_loras(self, pipe: Any, jobs: list[_LoraJob]) -> None:
+        for job in jobs:
+            try:
+                pipe.load_lora_weights(dict(job.weights.state_dict), adapter_name=job.adapter_name)
+            except EngineError:
+                raise
+            except Exception as exc:
+                raise EngineError("model_error", f"{job.model_id}: could not apply the LoRA: {exc}") from exc
+            self._verify_lora(pipe.unet, job)
+        pipe.set_adapters(
+            [j.adapter_name for j in jobs], adapter_weights=[self._effective_weight(j) for j in jobs]
+        )
+
+    @staticmethod
+    def _effective_weight(job: _LoraJob) -> float:
+        # The peft keys carry no alpha, so peft scales by 1 (its default alpha = rank);
+        # a file's network alpha scales by alpha / rank as in kohya/diffusers.
+        alpha = getattr(job.weights, "network_alpha", None)
+        rank = getattr(job.weights, "rank", None)
+        if alpha is not None and rank:
+            return job.weight * float(alpha) / float(rank)
+        return job.weight
+
+    @staticmethod
+    def _verify_lora(unet: Any, job: _LoraJob) -> None:
+        """Prove that every LoRA tensor read from the file is in the model.
+
+        `load_lora_weights` ignores keys it does not understand or modules it cannot find
+        (an unconverted original MotionLoRA loads *nothing*, silently).  Checks: the peft
+        layers of this adapter sit on exactly the file's target modules, and their A/B
+        matrices equal the file's tensors (or, for key formats this check cannot map, the
+        number of injected matrices equals the number read)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        name = job.adapter_name
+        injected: dict[str, Any] = {}
+        for mod_name, module in unet.named_modules():
+            if isinstance(module, BaseTunerLayer) and name in getattr(module, "lora_A", {}):
+                injected[mod_name] = module
+        expected = {_strip_unet(t) for t in job.weights.target_modules}
+        if not injected:
+            raise EngineError(
+                "model_error",
+                f"{job.model_id}: the LoRA changed nothing: none of its {len(expected)} target layers exist in the "
+                "loaded model (wrong format, or made for another model?)",
+            )
+        missing = sorted(expected - set(injected))
+        extra = sorted(set(injected) - expected)
+        if missing or extra:
+            detail = (
+                f"{len(missing)} of its layers are not in the model (e.g. {missing[0]})" if missing else ""
+            )
+            if extra:
+                detail += (
+                    "; " if detail else ""
+                ) + f"{len(extra)} unexpected layers were adapted (e.g. {extra[0]})"
+            raise EngineError(
+                "model_error",
+                f"{job.model_id}: the LoRA does not fit the loaded model: {detail}. "
+                "A MotionLoRA must match its motion module's version (the official ones are for v2).",
+            )
+        read = 0
+        mapped = 0
+        for key, tensor in job.weights.state_dict.items():
+            if not torch.is_tensor(tensor) or tensor.ndim < 2:
+                continue  # alphas
+            read += 1
+            target = lora_key_target(key)
+            if target is None or target[0] not in injected:
+                continue
+            module_name, part = target
+            layer = injected[module_name]
+            loaded = (layer.lora_A if part == "A" else layer.lora_B)[name].weight
+            if loaded.shape != tensor.shape or not torch.equal(
+                loaded.detach().cpu(), tensor.to(loaded.dtype).cpu()
+            ):
+                raise EngineError(
+                    "model_error",
+                    f"{job.model_id}: the LoRA weights of {module_name} did not load as read from the file",
+                )
+            mapped += 1
+        # Every tensor is either compared above or, when the key format is one this check
+        # cannot map, at least counted against the injected matrices.
+        count = 2 * len(injected)
+        if (mapped and mapped != read) or (not mapped and count != read):
+            raise EngineError(
+                "model_error",
+                f"{job.model_id}: {read} LoRA tensors were read but {count} were applied",
+            )
+
+    @contextmanager
+    def _job_state(
+        self, pipe: Any, free_noise: tuple[int, int] | None, loras: list[_LoraJob]
+    ) -> Iterator[None]:
+        try:
+            if free_noise is not None:
+                self._enable_free_noise(pipe, *free_noise)
+            if loras:
+                self._apply_loras(pipe, loras)
+            if free_noise is not None and self.memory_saving:
+                self._enable_memory_saving(pipe)
+            yield
+        finally:
+            # Undo in reverse order; each step is safe when its "do" never ran.
+            self._disable_memory_saving(pipe)
+            if loras:
+                pipe.unload_lora_weights()
+            self._disable_free_noise(pipe)
+
+    # ------------------------------------------------------------------ generate
+
+    def generate(
+        self,
+        request: GenerateRequest,
+        progress: ProgressCallback,
+        should_cancel: CancelCheck,
+    ) -> GenerationResult:
+        settings = self.resolve(request)
+        with self._gpu_lock:
+            try:
+                return self._generate(settings, progress, should_cancel)
+            except (JobCancelled, EngineError):
+                self._free()
+                raise
+            except Exception as exc:
+                if _is_oom(exc):
+                    self._free()
+                    raise EngineError("out_of_memory", self._oom_message(settings)) from exc
+                # Unknown failure: do not trust the pipeline's state; the next job rebuilds it
+                # from the still-loaded base model and motion module (no disk reads).
+                self._pipe = None
+                self._free()
+                raise
+
+    def _oom_message(self, s: GenerateRequest) -> str:
+        return (
+            f"Out of memory on {self.device_name()} for {s.frames} frames at {s.width}x{s.height} "
+            f"(context window {s.context_length} frames).  Try fewer frames, a smaller size, or a shorter "
+            "context_length: clips longer than the window are generated window by window, so length costs "
+            "less memory than size."
+        )
+
+    def _generate(
+        self, s: GenerateRequest, progress: ProgressCallback, should_cancel: CancelCheck
+    ) -> GenerationResult:
+        assert s.base_model and s.motion_module and s.steps is not None and s.guidance is not None
+        assert s.context_length is not None and s.context_stride is not None
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if should_cancel():
+            raise JobCancelled()
+        pipe = self._ensure_pipeline(s.base_model, s.motion_module, progress)
+        loras = [
+            _LoraJob(f"adb_lora{i}", lora.id, float(lora.weight), self._lora_weights(lora.id, "motion_loras"))
+            for i, lora in enumerate(s.motion_loras)
+        ]
+        if s.domain_adapter:
+            loras.append(
+                _LoraJob(
+                    DOMAIN_ADAPTER_NAME,
+                    s.domain_adapter,
+                    float(s.domain_adapter_scale),
+                    self._lora_weights(s.domain_adapter, "domain_adapter"),
+                )
+            )
+        max_len = int(pipe.motion_adapter.config.motion_max_seq_length)
+        if s.context_length > max_len and s.frames > min(s.context_length, max_len):
+            raise EngineError(
+                "invalid_request",
+                f"context_length: the motion module {s.motion_module!r} handles at most {max_len} frames at once, "
+                f"got {s.context_length}",
+            )
+        # Sliding windows when the clip is longer than one window; prompt travel needs
+        # FreeNoise's per-frame prompt interpolation even for a single window.
+        free_noise: tuple[int, int] | None = None
+        if s.frames > s.context_length or s.prompt_travel:
+            free_noise = (min(s.context_length, s.frames), s.context_stride)
+        prompt: str | dict[int, str] = s.prompt
+        if s.prompt_travel:
+            prompt = {0: s.prompt, **{int(k): v for k, v in s.prompt_travel.items()}}
+
+        pipe.scheduler = get_preset(s.preset).make_scheduler(self._base.scheduler_config)
+        timings["load"] = time.perf_counter() - t0
+
+        preview_every = s.preview_every
+
+        def on_step_end(_pipe: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            step = i + 1
+            preview = None
+            if preview_every and step % preview_every == 0:
+                preview = latents_to_preview(callback_kwargs["latents"])
+            progress(StepProgress(step, int(_pipe.num_timesteps), preview, phase="denoise"))
+            if should_cancel():
+                raise JobCancelled()
+            return callback_kwargs
+
+        with self._job_state(pipe, free_noise, loras):
+            t1 = time.perf_counter()
+            generator = torch.Generator("cpu").manual_seed(s.seed)
+            latents = pipe(
+                prompt=prompt,
+                negative_prompt=s.negative_prompt,
+                num_frames=s.frames,
+                height=s.height,
+                width=s.width,
+                num_inference_steps=s.steps,
+                guidance_scale=s.guidance,
+                generator=generator,
+                output_type="latent",
+                callback_on_step_end=on_step_end,
+                callback_on_step_end_tensor_inputs=["latents"],
+            ).frames
+            self._sync()
+            timings["denoise"] = time.perf_counter() - t1
+        if should_cancel():
+            raise JobCancelled()
+        progress(StepProgress(s.steps, s.steps, None, phase="decode"))
+        t2 = time.perf_counter()
+        with torch.no_grad():
+            video = pipe.decode_latents(latents, self.decode_chunk_size)
+            video_np = pipe.video_processor.postprocess_video(video=video, output_type="np")
+        del latents, video
+        frames = _to_uint8_frames(np.asarray(video_np))
+        timings["decode"] = time.perf_counter() - t2
+        timings["total"] = time.perf_counter() - t0
+        return GenerationResult(frames=frames, settings=s, timings=timings)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    @property
+    def pipeline(self) -> Any:
+        """The loaded AnimateDiffPipeline (None before the first job), for benchmarks and tests.
+        Between jobs it holds no LoRA, FreeNoise or memory-saving state."""
+        return self._pipe
+
+    def warm_up(self, base_model: str | None = None, motion_module: str | None = None) -> None:
+        """Load the given (default: the server's default) base model and motion module now,
+        so that the first job does not pay for it."""
+        settings = self.resolve(
+            GenerateRequest(prompt="", base_model=base_model, motion_module=motion_module)
+        )
+        assert settings.base_model and settings.motion_module
+        with self._gpu_lock:
+            self._ensure_pipeline(settings.base_model, settings.motion_module, lambda _p: None)
+
+    def unload(self) -> None:
+        """Drop every loaded model (the next job loads again)."""
+        with self._gpu_lock:
+            self._pipe = None
+            self._base = self._adapter = None
+            self._base_id = self._motion_id = None
+            self._lora_cache.clear()
+            self._free()

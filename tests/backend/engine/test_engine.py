@@ -1,0 +1,316 @@
+"""Engine behaviour beyond stock parity: presets, resolve, LoRA bookkeeping, progress,
+cancellation, the warm cache and OOM reporting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from engine_helpers import (
+    ADAPTER,
+    BASE,
+    LORA_PAN,
+    LORA_ZOOM,
+    MOTION,
+    MOTION_CKPT,
+    MOTION_V3,
+    max_abs_diff,
+    never,
+    no_progress,
+    request,
+)
+
+from animatediff_blender.backend.engine.animatediff import AnimateDiffEngine, latents_to_preview
+from animatediff_blender.backend.engine.interface import EngineError, JobCancelled, StepProgress
+from animatediff_blender.backend.engine.presets import PRESETS
+from animatediff_blender.protocol.messages import MotionLora
+
+# --------------------------------------------------------------------------- resolve / presets
+
+
+def test_resolve_fills_preset_defaults_and_explicit_fields_win(engine: AnimateDiffEngine) -> None:
+    r = engine.resolve(request(steps=None, guidance=None, base_model=None, motion_module=None))
+    assert (r.steps, r.guidance, r.context_length, r.context_stride) == (25, 7.5, 16, 4)
+    defaults = engine.default_models()
+    assert r.base_model == defaults["base"] and r.motion_module == defaults["motion"]
+    lightning = engine.resolve(request(preset="lightning", steps=None, guidance=None))
+    assert (lightning.steps, lightning.guidance) == (4, 1.0)
+    lcm = engine.resolve(request(preset="lcm", steps=None, guidance=None))
+    assert (lcm.steps, lcm.guidance) == (6, 1.5)
+    explicit = engine.resolve(
+        request(preset="lightning", steps=2, guidance=1.2, context_length=12, context_stride=3)
+    )
+    assert (explicit.steps, explicit.guidance, explicit.context_length, explicit.context_stride) == (
+        2,
+        1.2,
+        12,
+        3,
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "words"),
+    [
+        ({"base_model": "base:nope"}, "unknown_model", ["base:nope", "base"]),
+        ({"motion_module": "motion:nope.ckpt"}, "unknown_model", ["motion:nope.ckpt", "motion"]),
+        ({"motion_module": LORA_ZOOM}, "unknown_model", [LORA_ZOOM, "lora", "motion"]),
+        ({"base_model": MOTION}, "unknown_model", [MOTION, "base"]),
+        ({"motion_loras": [MotionLora(id=ADAPTER)]}, "unknown_model", [ADAPTER, "adapter", "lora"]),
+        ({"domain_adapter": LORA_PAN}, "unknown_model", [LORA_PAN, "adapter"]),
+        ({"preset": "lightning", "steps": 9}, "invalid_request", ["lightning", "9"]),
+        ({"context_length": 8, "context_stride": 9}, "invalid_request", ["context_stride"]),
+        ({"frames": 8, "prompt_travel": {8: "x"}}, "invalid_request", ["prompt_travel", "8"]),
+    ],
+)
+def test_resolve_rejects_bad_requests(
+    engine: AnimateDiffEngine, fields: dict[str, Any], code: str, words: list[str]
+) -> None:
+    with pytest.raises(EngineError) as info:
+        engine.resolve(request(**fields))
+    assert info.value.code == code
+    for word in words:
+        assert word in info.value.message
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_each_preset_runs_end_to_end_with_its_scheduler(engine: AnimateDiffEngine, preset: str) -> None:
+    seen: list[StepProgress] = []
+    steps = 2
+    result = engine.generate(request(preset=preset, steps=steps, guidance=None), seen.append, never)
+    assert type(engine._pipe.scheduler) is PRESETS[preset].scheduler_class
+    assert result.settings.guidance == PRESETS[preset].guidance
+    assert [p.step for p in seen if p.phase == "denoise"] == list(range(1, steps + 1))
+    assert len(result.frames) == 8
+    assert all(f.shape == (64, 64, 3) and f.dtype == np.uint8 for f in result.frames)
+    assert set(result.timings) >= {"load", "denoise", "decode"}
+
+
+def test_lightning_scheduler_settings() -> None:
+    sched: Any = PRESETS["lightning"].make_scheduler(
+        {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear"}
+    )
+    assert sched.config.timestep_spacing == "trailing" and sched.config.beta_schedule == "linear"
+    quality: Any = PRESETS["quality"].make_scheduler({"num_train_timesteps": 1000})
+    assert (quality.config.steps_offset, quality.config.clip_sample, quality.config.beta_end) == (
+        1,
+        False,
+        0.012,
+    )
+
+
+# --------------------------------------------------------------------------- LoRAs
+
+
+def test_lora_changes_output_sign_matters_and_never_leaks(engine: AnimateDiffEngine) -> None:
+    def run(**kw: Any) -> list[np.ndarray]:
+        return engine.generate(request(**kw), no_progress, never).frames
+
+    plain = run()
+    plus = run(motion_loras=[MotionLora(id=LORA_ZOOM, weight=1.0)])
+    reads = engine.load_counts["lora"]
+    minus = run(motion_loras=[MotionLora(id=LORA_ZOOM, weight=-1.0)])
+    assert engine.load_counts["lora"] == reads  # the file is read once, then cached by id
+    run(domain_adapter=ADAPTER, domain_adapter_scale=1.0)
+    after = run()
+    assert max_abs_diff(plus, plain) > 0
+    assert max_abs_diff(minus, plain) > 0
+    assert max_abs_diff(plus, minus) > 0
+    # A job without LoRAs after LoRA jobs gives the frames of a clean pipeline (which
+    # test_stock_parity shows equal stock diffusers)...
+    assert max_abs_diff(after, plain) == 0
+    # ...and no peft layer is left behind.
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    assert not any(isinstance(m, BaseTunerLayer) for m in engine._pipe.unet.modules())
+
+
+def test_lora_apply_proof_raises_when_keys_target_nothing(
+    engine: AnimateDiffEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The silent no-op trap: an unconverted original MotionLoRA (no `unet.` prefix,
+    original names) makes `load_lora_weights` load nothing and say nothing."""
+    from animatediff_blender.backend.models import loading
+    from animatediff_blender.backend.models.convert import LoraWeights
+
+    good = loading.load_motion_lora(engine._entry(LORA_ZOOM, "motion_loras"))
+    raw = {k[len("unet.") :]: v for k, v in good.state_dict.items()}  # prefix lost: diffusers skips all
+    bad = LoraWeights(
+        state_dict=raw,
+        target_modules=set(good.target_modules),
+        rank=good.rank,
+        network_alpha=None,
+        source_format="original",
+    )
+    monkeypatch.setattr(loading, "load_motion_lora", lambda entry: bad)
+    engine._lora_cache.pop(LORA_ZOOM, None)
+    try:
+        with pytest.raises(EngineError) as info:
+            engine.generate(request(motion_loras=[MotionLora(id=LORA_ZOOM)]), no_progress, never)
+    finally:
+        engine._lora_cache.pop(LORA_ZOOM, None)
+    assert info.value.code == "model_error" and LORA_ZOOM in info.value.message
+    # The failed job left the pipeline clean.
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    assert not any(isinstance(m, BaseTunerLayer) for m in engine._pipe.unet.modules())
+
+
+def test_lora_apply_proof_raises_when_tensors_differ(
+    engine: AnimateDiffEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Targets all present but one tensor would not land as read (simulated by a diffusers
+    load that perturbs a weight): the tensor comparison catches it."""
+    eng = engine
+    eng.generate(request(), no_progress, never)
+    pipe = eng._pipe
+    original = type(pipe).load_lora_weights
+
+    def tampering(self: Any, state_dict: dict[str, Any], **kw: Any) -> None:
+        original(self, state_dict, **kw)
+        for m in self.unet.modules():
+            if hasattr(m, "lora_B") and kw["adapter_name"] in m.lora_B:
+                # A new Parameter: on the CPU peft may share storage with the file's tensor.
+                m.lora_B[kw["adapter_name"]].weight = torch.nn.Parameter(
+                    m.lora_B[kw["adapter_name"]].weight * 0
+                )
+                break
+
+    monkeypatch.setattr(type(pipe), "load_lora_weights", tampering)
+    with pytest.raises(EngineError) as info:
+        eng.generate(request(motion_loras=[MotionLora(id=LORA_ZOOM)]), no_progress, never)
+    assert info.value.code == "model_error" and "did not load" in info.value.message
+
+
+def test_v2_motion_lora_on_v3_module_is_refused(engine: AnimateDiffEngine) -> None:
+    """v3 has no mid-block motion module: part of a v2 LoRA would silently go nowhere."""
+    with pytest.raises(EngineError) as info:
+        engine.generate(
+            request(motion_module=MOTION_V3, motion_loras=[MotionLora(id=LORA_ZOOM)]), no_progress, never
+        )
+    assert info.value.code == "model_error" and "mid_block" in info.value.message
+
+
+# --------------------------------------------------------------------------- progress / cancel
+
+
+def test_progress_every_step_and_previews_at_cadence(engine: AnimateDiffEngine) -> None:
+    seen: list[StepProgress] = []
+    engine.generate(request(steps=4, preview_every=2), seen.append, never)
+    denoise = [p for p in seen if p.phase == "denoise"]
+    assert [p.step for p in denoise] == [1, 2, 3, 4]
+    assert all(p.total_steps == 4 for p in denoise)
+    assert [p.step for p in denoise if p.preview is not None] == [2, 4]
+    preview = denoise[1].preview
+    assert preview is not None and preview.dtype == np.uint8 and preview.shape == (8, 8, 3)
+    assert seen[-1].phase == "decode"
+    seen.clear()
+    engine.generate(request(steps=2, preview_every=0), seen.append, never)
+    assert all(p.preview is None for p in seen)
+
+
+def test_preview_is_small_rgb_of_the_middle_frame() -> None:
+    latents = torch.zeros(1, 4, 5, 96, 200)
+    latents[0, 0, 2] = 1.0  # only the middle frame's first channel
+    img = latents_to_preview(latents)
+    assert img.dtype == np.uint8 and img.shape == (48, 100, 3) and max(img.shape) <= 128
+    assert img[0, 0].tolist() == [172, 157, 169]  # (1 + 0.3512/0.2297/0.3227) * 127.5, rounded
+    latents[0, 0, 2] = 0.0
+    assert latents_to_preview(latents)[0, 0].tolist() == [128, 128, 128]
+
+
+def test_cancel_between_steps_then_next_job_is_unaffected(engine: AnimateDiffEngine) -> None:
+    fresh = engine.generate(request(frames=12, context_length=8), no_progress, never).frames
+    seen: list[StepProgress] = []
+
+    def should_cancel() -> bool:
+        return any(p.phase == "denoise" for p in seen)  # cancel after the first step
+
+    with pytest.raises(JobCancelled):
+        engine.generate(
+            request(steps=3, frames=12, context_length=8, motion_loras=[MotionLora(id=LORA_ZOOM)]),
+            seen.append,
+            should_cancel,
+        )
+    assert [p.step for p in seen if p.phase == "denoise"] == [1]
+    # No LoRA, FreeNoise block or split-inference wrapper survived the cancelled job.
+    again = engine.generate(request(frames=12, context_length=8), no_progress, never).frames
+    assert max_abs_diff(again, fresh) == 0
+    from diffusers.models.attention import FreeNoiseTransformerBlock
+    from diffusers.pipelines.free_noise_utils import SplitInferenceModule
+
+    leftovers = (FreeNoiseTransformerBlock, SplitInferenceModule)
+    assert not any(isinstance(m, leftovers) for m in engine._pipe.unet.modules())
+
+
+# --------------------------------------------------------------------------- warm cache
+
+
+def test_warm_cache_reuses_components_and_swaps_only_the_motion_module(make_engine: Any) -> None:
+    eng = make_engine()
+    assert eng.pipeline is None and not eng.load_counts  # nothing loads before it is needed
+    eng.warm_up(BASE, MOTION)
+    assert eng.load_counts == {"base": 1, "motion": 1, "pipeline": 1}
+    eng.generate(request(), no_progress, never)
+    assert eng.load_counts == {"base": 1, "motion": 1, "pipeline": 1}
+    vae, text_encoder, adapter = eng._base.vae, eng._base.text_encoder, eng._adapter
+    eng.generate(request(seed=99, prompt="a dog"), no_progress, never)
+    assert eng.load_counts == {"base": 1, "motion": 1, "pipeline": 1}
+    assert eng._adapter is adapter
+    eng.generate(request(motion_module=MOTION_CKPT), no_progress, never)
+    assert eng.load_counts == {"base": 1, "motion": 2, "pipeline": 2}
+    assert eng._base.vae is vae and eng._base.text_encoder is text_encoder
+    assert eng._adapter is not adapter
+    eng.generate(request(motion_module=MOTION_CKPT, base_model=BASE), no_progress, never)
+    assert eng.load_counts["pipeline"] == 2
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_out_of_memory_becomes_a_readable_engine_error(
+    engine: AnimateDiffEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eng = engine
+    good = eng.generate(request(), no_progress, never).frames
+    pipe_cls = type(eng._pipe)
+    original_call = pipe_cls.__call__
+
+    def oom(self: Any, *a: Any, **kw: Any) -> Any:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipe_cls, "__call__", oom)
+    with pytest.raises(EngineError) as info:
+        eng.generate(request(frames=16, motion_loras=[MotionLora(id=LORA_ZOOM)]), no_progress, never)
+    assert info.value.code == "out_of_memory"
+    assert (
+        "16 frames" in info.value.message
+        and "64x64" in info.value.message
+        and "fewer frames" in info.value.message
+    )
+    monkeypatch.setattr(pipe_cls, "__call__", original_call)
+    assert max_abs_diff(eng.generate(request(), no_progress, never).frames, good) == 0
+
+
+def test_capabilities_and_device(engine: AnimateDiffEngine) -> None:
+    caps = engine.capabilities()
+    for cap in ("motion_lora", "domain_adapter", "context_windows", "prompt_travel", "preview"):
+        assert cap in caps
+    assert "presets:quality,lightning,lcm" in caps
+    assert engine.device_name() == "cpu" and engine.dtype == torch.float32
+    ids = {m.id for m in engine.list_models()}
+    assert {BASE, MOTION, LORA_ZOOM, ADAPTER} <= ids
+
+
+def test_unknown_dtype_or_device_is_refused(zoo: Any) -> None:
+    with pytest.raises(EngineError) as info:
+        AnimateDiffEngine(zoo, device="cpu", dtype="fp8")
+    assert info.value.code == "device" and "fp8" in info.value.message
+    with pytest.raises(EngineError) as info:
+        AnimateDiffEngine(zoo, device="tpu-ish")
+    assert info.value.code == "device"
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineError) as info:
+            AnimateDiffEngine(zoo, device="cuda")
+        assert info.value.code == "device" and "CUDA" in info.value.message
