@@ -86,9 +86,8 @@ def load_shots(path):
 
 
 def find_addon(repo, zip_path, inside_blender):
-    import bpy
-
     import addon_utils
+    import bpy
 
     module = f"bl_ext.{repo}.{ADDON_ID}"
     installed = any(m.__name__ == module for m in addon_utils.modules(refresh=True))
