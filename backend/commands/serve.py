@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     # The server reads local files only; this stops any library from reaching a hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from animatediff_blender.backend.engine.interface import EngineError
+    from animatediff_blender.backend.engine.interface import Engine, EngineError
     from animatediff_blender.backend.server.config import ConfigError, ServerConfig, load_or_create_key
     from animatediff_blender.backend.server.server import Server
 
@@ -181,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
             retention_hours=args.retention_hours,
             retention_max_bytes=int(args.retention_max_gb * 1024**3),
         )
+        engine: Engine
         if args.engine == "fake":
             from animatediff_blender.backend.engine.fake import FakeEngine
 
@@ -190,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
 
             log.info("loading the AnimateDiff engine (models: %s)", models_dir)
             engine = AnimateDiffEngine(models_dir, args.device, args.dtype)
-        server = Server(config, engine)  # type: ignore[arg-type]
+        server = Server(config, engine)
     except (ConfigError, EngineError) as exc:
         print(f"animatediff-blender serve: {exc}", file=sys.stderr)
         return 2

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import re
 import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,84 @@ _DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
 }
+
+_SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+_COMPILE_KINDS = ("off", "regional", "full")
+MEGA_CACHE_FILE = "mega-cache.bin"
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """Opt-in speed levers on top of stock diffusers (each one switchable, for measuring).
+
+    None of them changes the maths beyond float rounding: compiled kernels and fused
+    projections sum in another order, so frames match the eager pipeline within a
+    tolerance (the benchmark reports the PSNR), not bit for bit.  `FastPath.off()` is the
+    stock eager path, the CPU default, bit-identical to stock diffusers.
+
+    compile: "regional" compiles each repeated block (spatial/temporal transformer blocks,
+        ResNet blocks) in place with `dynamic=False`: the same block class compiles once and
+        is reused, so compile time is seconds, and FreeNoise/LoRA/memory-saving swaps of
+        submodules only recompile what they touch.  "full" compiles the whole UNet.
+    compile_mode: torch.compile mode ("default", "max-autotune-no-cudagraphs",
+        "reduce-overhead" = CUDA graphs, "max-autotune").
+    compile_backend: "inductor"; tests use "aot_eager" (no C++/Triton codegen).
+    channels_last: UNet weights in NHWC layout.
+    fuse_qkv: one QKV projection per spatial self-attention (KV for cross-attention);
+        undone for jobs with LoRAs (peft adapts to_q/to_k/to_v, which the fused processor
+        would bypass).
+    sdpa: scaled-dot-product attention backend ("auto" lets torch choose).
+    warm_shapes: (frames, width, height, cfg) that `warm_up` compiles for, so that the
+        first artist's job does not pay for compilation.
+    """
+
+    compile: str = "off"
+    compile_mode: str = "default"
+    compile_backend: str = "inductor"
+    channels_last: bool = False
+    fuse_qkv: bool = False
+    sdpa: str = "auto"
+    warm_shapes: tuple[tuple[int, int, int, bool], ...] = field(
+        default=((16, 512, 512, True), (16, 512, 512, False))
+    )
+
+    def __post_init__(self) -> None:
+        if self.compile not in _COMPILE_KINDS:
+            raise EngineError(
+                "device", f"fast path: compile must be one of {_COMPILE_KINDS}, got {self.compile!r}"
+            )
+        if self.sdpa not in _SDPA_BACKENDS:
+            raise EngineError("device", f"fast path: sdpa must be one of {_SDPA_BACKENDS}, got {self.sdpa!r}")
+
+    @classmethod
+    def off(cls) -> FastPath:
+        return cls()
+
+    @classmethod
+    def default_for(cls, device: torch.device | str) -> FastPath:
+        """On by default on CUDA (regional compile: the lever the baseline shows pays), off
+        on the CPU (inductor's CPU compile costs more than it saves, and the CPU path stays
+        bit-identical to stock diffusers)."""
+        return cls(compile="regional") if torch.device(device).type == "cuda" else cls.off()
+
+    @property
+    def enabled(self) -> bool:
+        return self != replace(FastPath.off(), warm_shapes=self.warm_shapes)
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "off"
+        parts = []
+        if self.compile != "off":
+            parts.append(f"compile={self.compile}:{self.compile_mode}")
+        if self.channels_last:
+            parts.append("channels_last")
+        if self.fuse_qkv:
+            parts.append("fuse_qkv")
+        if self.sdpa != "auto":
+            parts.append(f"sdpa={self.sdpa}")
+        return ",".join(parts)
+
 
 LORA_CACHE_SIZE = 16  # LoRA files read from disk, kept on the CPU by registry id
 DOMAIN_ADAPTER_NAME = "adb_domain"
@@ -178,6 +257,8 @@ class AnimateDiffEngine:
         *,
         decode_chunk_size: int = 16,
         memory_saving: bool = True,
+        fast: FastPath | bool | None = None,
+        compile_cache_dir: Path | None = None,
     ) -> None:
         from animatediff_blender.backend.models.registry import ModelRegistry
 
@@ -188,6 +269,18 @@ class AnimateDiffEngine:
         # Long clips: FreeNoise split inference + chunked feed-forward bound memory;
         # the maths are the same per frame / per position, only batched differently.
         self.memory_saving = memory_saving
+        # None: the device's default (on for CUDA, off on the CPU); True: the CUDA default
+        # wherever we run; False: stock eager.
+        if fast is None:
+            fast = FastPath.default_for(self.device)
+        elif fast is True:
+            fast = FastPath.default_for("cuda")
+        elif fast is False:
+            fast = FastPath.off()
+        self.fast: FastPath = fast
+        self.compile_cache_dir = Path(compile_cache_dir) if compile_cache_dir is not None else None
+        self._cache_loaded = False
+        self.warm_up_s: float | None = None  # how long the last warm_up took (load + compile)
 
         self._registry_lock = threading.RLock()
         self._registry = ModelRegistry(self.models_dir)
@@ -406,9 +499,129 @@ class AnimateDiffEngine:
                 scheduler=PRESETS["quality"].make_scheduler(self._base.scheduler_config),
             )
             pipe.set_progress_bar_config(disable=True)
+            self._apply_fast(pipe)
             self._pipe = pipe
             self.load_counts["pipeline"] += 1
         return self._pipe
+
+    # ------------------------------------------------------------------ fast path
+
+    def _apply_fast(self, pipe: Any) -> None:
+        """Apply the opt-in levers to a freshly built pipeline (nothing when fast is off)."""
+        fast = self.fast
+        if not fast.enabled:
+            return
+        if fast.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+        if fast.fuse_qkv:
+            self._set_fused(pipe.unet, True)
+        self._compile(pipe.unet)
+
+    @staticmethod
+    def _spatial_attentions(unet: Any) -> list[Any]:
+        from diffusers.models.attention_processor import Attention
+
+        return [
+            m
+            for name, m in unet.named_modules()
+            if isinstance(m, Attention) and ".attentions." in f".{name}" and "motion_modules" not in name
+        ]
+
+    def _set_fused(self, unet: Any, fused: bool) -> None:
+        """Spatial attention only: FreeNoise swaps the motion modules' blocks with a strict
+        state-dict load, which extra fused weights would break."""
+        from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
+
+        for attn in self._spatial_attentions(unet):
+            if fused:
+                if not getattr(attn, "fused_projections", False):
+                    with torch.no_grad():
+                        attn.fuse_projections(fuse=True)
+                attn.set_processor(FusedAttnProcessor2_0())
+            else:
+                attn.set_processor(AttnProcessor2_0())
+
+    def _compile_targets(self, unet: Any) -> list[torch.nn.Module]:
+        from diffusers.models.attention import BasicTransformerBlock, FreeNoiseTransformerBlock
+        from diffusers.models.resnet import ResnetBlock2D
+
+        kinds = (BasicTransformerBlock, FreeNoiseTransformerBlock, ResnetBlock2D)
+        return [m for m in unet.modules() if isinstance(m, kinds)]
+
+    def _compile(self, unet: Any) -> None:
+        """Compile in place (idempotent): module names and state dicts stay as they are,
+        so LoRA injection, FreeNoise and the memory savers work unchanged.  Blocks that a
+        job swapped in (FreeNoise) are compiled when next seen."""
+        fast = self.fast
+        if fast.compile == "off":
+            return
+        self._load_compile_cache()
+        import torch._dynamo.config as dynamo_config
+
+        # dynamic=False compiles one graph per input shape: SD1.5's blocks see a few dozen
+        # (channels x resolution x frames x CFG batch); the default limit of 8 per code
+        # object would silently fall back to eager for the rest.
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+        targets = [unet] if fast.compile == "full" else self._compile_targets(unet)
+        for module in targets:
+            if getattr(module, "_compiled_call_impl", None) is None:
+                module.compile(dynamic=False, mode=fast.compile_mode, backend=fast.compile_backend)
+
+    def _load_compile_cache(self) -> None:
+        """Point inductor's on-disk cache at `compile_cache_dir` and load torch's
+        mega-cache from the last run, so a restarted server skips most of the compile."""
+        if self._cache_loaded or self.compile_cache_dir is None:
+            return
+        self._cache_loaded = True
+        inductor_dir = self.compile_cache_dir / "inductor"
+        inductor_dir.mkdir(parents=True, exist_ok=True)
+        # Inductor and Triton read these on every lookup; an explicit setting wins.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_dir))
+        os.environ.setdefault("TRITON_CACHE_DIR", str(inductor_dir / "triton"))
+        mega = self.compile_cache_dir / MEGA_CACHE_FILE
+        if mega.is_file() and hasattr(torch.compiler, "load_cache_artifacts"):
+            try:
+                torch.compiler.load_cache_artifacts(mega.read_bytes())
+                log.info("loaded compiled artefacts from %s", mega)
+            except Exception as exc:  # a stale or foreign cache only costs a recompile
+                log.warning("could not load compiled artefacts from %s: %r", mega, exc)
+
+    def _save_compile_cache(self) -> None:
+        if self.compile_cache_dir is None or self.fast.compile == "off":
+            return
+        if not hasattr(torch.compiler, "save_cache_artifacts"):
+            return
+        try:
+            saved = torch.compiler.save_cache_artifacts()
+        except Exception as exc:
+            log.warning("could not collect compiled artefacts: %r", exc)
+            return
+        if not saved:
+            return
+        data = saved[0]
+        mega = self.compile_cache_dir / MEGA_CACHE_FILE
+        tmp = mega.with_suffix(".tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, mega)
+        except OSError as exc:
+            log.warning("could not write %s: %r", mega, exc)
+
+    def _sdpa_context(self) -> Any:
+        from contextlib import nullcontext
+
+        if self.fast.sdpa == "auto":
+            return nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "math": SDPBackend.MATH,
+        }[self.fast.sdpa]
+        return sdpa_kernel([backend])
 
     def _lora_weights(self, model_id: str, field: str) -> Any:
         from animatediff_blender.backend.models import loading
@@ -579,13 +792,17 @@ class AnimateDiffEngine:
     def _job_state(
         self, pipe: Any, free_noise: tuple[int, int] | None, loras: list[_LoraJob]
     ) -> Iterator[None]:
+        fused = self.fast.fuse_qkv
         try:
             if free_noise is not None:
                 self._enable_free_noise(pipe, *free_noise)
+            if loras and fused:
+                self._set_fused(pipe.unet, False)  # the fused processor would skip peft's layers
             if loras:
                 self._apply_loras(pipe, loras)
             if free_noise is not None and self.memory_saving:
                 self._enable_memory_saving(pipe)
+            self._compile(pipe.unet)  # blocks FreeNoise swapped in
             yield
         finally:
             # Undo in reverse order; each step is safe when its "do" never ran.
@@ -593,6 +810,9 @@ class AnimateDiffEngine:
             if loras:
                 pipe.unload_lora_weights()
             self._disable_free_noise(pipe)
+            if loras and fused:
+                self._set_fused(pipe.unet, True)
+            self._compile(pipe.unet)  # FreeNoise's undo builds fresh blocks
 
     # ------------------------------------------------------------------ generate
 
@@ -684,19 +904,8 @@ class AnimateDiffEngine:
         with self._job_state(pipe, free_noise, loras):
             t1 = time.perf_counter()
             generator = torch.Generator("cpu").manual_seed(s.seed)
-            latents = pipe(
-                prompt=prompt,
-                negative_prompt=s.negative_prompt,
-                num_frames=s.frames,
-                height=s.height,
-                width=s.width,
-                num_inference_steps=s.steps,
-                guidance_scale=s.guidance,
-                generator=generator,
-                output_type="latent",
-                callback_on_step_end=on_step_end,
-                callback_on_step_end_tensor_inputs=["latents"],
-            ).frames
+            with self._sdpa_context():
+                latents = self._call_pipe(pipe, s, prompt, generator, on_step_end)
             self._sync()
             timings["denoise"] = time.perf_counter() - t1
         if should_cancel():
@@ -712,6 +921,22 @@ class AnimateDiffEngine:
         timings["total"] = time.perf_counter() - t0
         return GenerationResult(frames=frames, settings=s, timings=timings)
 
+    @staticmethod
+    def _call_pipe(pipe: Any, s: GenerateRequest, prompt: Any, generator: Any, on_step_end: Any) -> Any:
+        return pipe(
+            prompt=prompt,
+            negative_prompt=s.negative_prompt,
+            num_frames=s.frames,
+            height=s.height,
+            width=s.width,
+            num_inference_steps=s.steps,
+            guidance_scale=s.guidance,
+            generator=generator,
+            output_type="latent",
+            callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=["latents"],
+        ).frames
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -724,15 +949,40 @@ class AnimateDiffEngine:
         Between jobs it holds no LoRA, FreeNoise or memory-saving state."""
         return self._pipe
 
-    def warm_up(self, base_model: str | None = None, motion_module: str | None = None) -> None:
+    def warm_up(
+        self,
+        base_model: str | None = None,
+        motion_module: str | None = None,
+        shapes: tuple[tuple[int, int, int, bool], ...] | None = None,
+    ) -> None:
         """Load the given (default: the server's default) base model and motion module now,
-        so that the first job does not pay for it."""
+        so that the first job does not pay for it.  With compilation on, also run a 2-step
+        job per shape (frames, width, height, cfg; default `fast.warm_shapes`) so that the
+        compile happens here, while the server's handshake says "warming up", and save the
+        compiled artefacts for the next start."""
+        t0 = time.perf_counter()
         settings = self.resolve(
             GenerateRequest(prompt="", base_model=base_model, motion_module=motion_module)
         )
         assert settings.base_model and settings.motion_module
         with self._gpu_lock:
             self._ensure_pipeline(settings.base_model, settings.motion_module, lambda _p: None)
+            if self.fast.compile != "off":
+                for frames, width, height, cfg in shapes if shapes is not None else self.fast.warm_shapes:
+                    job = msgspec.structs.replace(
+                        settings,
+                        prompt="warm-up",
+                        frames=frames,
+                        width=width,
+                        height=height,
+                        steps=2,
+                        guidance=7.5 if cfg else 1.0,
+                        preview_every=0,
+                        context_length=max(frames, settings.context_length or 0),
+                    )
+                    self._generate(job, lambda _p: None, lambda: False)
+                self._save_compile_cache()
+        self.warm_up_s = time.perf_counter() - t0
 
     def unload(self) -> None:
         """Drop every loaded model (the next job loads again)."""

@@ -89,4 +89,12 @@ class EngineReady:
     """The engine finished warming up."""
 
 
-Event = JobStarted | JobProgress | JobDone | JobEnded | Reply | EngineReady
+@dataclass
+class DeviceFree:
+    """The engine is done with this job (frames computed); the job itself finishes later,
+    once its frames are encoded and persisted.  The loop may hand the worker the next job."""
+
+    job_id: str
+
+
+Event = JobStarted | JobProgress | JobDone | JobEnded | Reply | EngineReady | DeviceFree

@@ -54,6 +54,7 @@ from animatediff_blender.protocol.wire import (
 from .config import MAX_REQUEST_BUFFERS, MAX_REQUEST_BYTES, ServerConfig, check_bind_policy
 from .jobqueue import ClientOverLimit, FairQueue, QueueFull
 from .jobs import (
+    DeviceFree,
     EngineReady,
     Event,
     Job,
@@ -401,6 +402,12 @@ class Server:
             return
         job = self.live.get(event.job_id)
         if job is None:
+            return
+        if isinstance(event, DeviceFree):
+            # Its frames are still being encoded and stored (the job stays live and
+            # "running"); the device can start the next job meanwhile.
+            if self.running is job:
+                self.running = None
             return
         if isinstance(event, JobStarted):
             self._log(job, "started", steps=job.settings.steps)

@@ -1,28 +1,39 @@
-"""The single GPU worker thread: runs one job at a time through the engine, encodes
-PNGs, persists the frames and the job's final state, then tells the network loop.
+"""The single GPU worker thread: runs one job at a time through the engine; a
+finisher thread then encodes the PNGs (on a small pool), persists the frames and the
+job's final state, and tells the network loop.
 
-The loop hands a job over only when the worker is idle (`busy` is the loop's
-business), so the inbox never holds more than one job.  Every outcome is stored
-before the loop hears of it: a client is never told "finished" about frames that a
-crash could still lose.
+CPU work overlaps GPU work: as soon as the engine returns job N's frames, the worker
+posts `DeviceFree` and the loop hands it job N+1 while the finisher still encodes and
+stores job N.  The loop hands a job over only when the device is free, so the inbox
+never holds more than one job.  Every outcome is stored before the loop hears of it: a
+client is never told "finished" about frames that a crash could still lose.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable
 
 import msgspec
+import numpy as np
 
-from animatediff_blender.backend.engine.interface import Engine, EngineError, JobCancelled, StepProgress
+from animatediff_blender.backend.engine.interface import (
+    Engine,
+    EngineError,
+    GenerationResult,
+    JobCancelled,
+    StepProgress,
+)
 from animatediff_blender.protocol import messages
 
 from .images import check_frame, encode_png, encode_preview
-from .jobs import EngineReady, Event, Job, JobDone, JobEnded, JobProgress, JobStarted
+from .jobs import DeviceFree, EngineReady, Event, Job, JobDone, JobEnded, JobProgress, JobStarted
 from .store import JobStore
 
 log = logging.getLogger("animatediff_blender.server.worker")
@@ -44,8 +55,16 @@ class Worker:
         self.job_timeout_s = job_timeout_s
         self.preview_max_px = preview_max_px
         self.png_compress_level = png_compress_level
+        # Replaceable in tests (a slow encoder shows the overlap).
+        self.encode: Callable[[np.ndarray, int], bytes] = encode_png
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="gpu-worker", daemon=True)
+        # One finisher keeps jobs finishing in order; the pool encodes one job's frames in
+        # parallel (Pillow's zlib releases the GIL).
+        self._finisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="job-finisher")
+        self._encoders = concurrent.futures.ThreadPoolExecutor(
+            max(1, min(4, (os.cpu_count() or 2) - 1)), thread_name_prefix="png-encoder"
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -54,10 +73,20 @@ class Worker:
         self._inbox.put(job)
 
     def stop(self, timeout: float) -> bool:
-        """Ask the thread to exit after the current job; True if it did within `timeout`."""
+        """Ask the thread to exit after the current job and the finisher to store what it
+        holds; True if both did within `timeout`."""
+        deadline = time.monotonic() + timeout
         self._inbox.put(None)
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        if self._thread.is_alive() or self._thread.ident is not None:
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            return False
+        done = threading.Event()
+        self._finisher.submit(done.set)  # runs after every job queued before it
+        ok = done.wait(max(0.0, deadline - time.monotonic()))
+        self._finisher.shutdown(wait=ok)
+        self._encoders.shutdown(wait=ok)
+        return ok
 
     # ------------------------------------------------------------------ thread
 
@@ -116,7 +145,6 @@ class Worker:
                 check_frame(frame, settings.width, settings.height)
             if not result.frames:
                 raise ValueError("engine returned no frames")
-            pngs = [encode_png(f, self.png_compress_level) for f in result.frames]
         except JobCancelled:
             if job.interrupt:
                 self._end(
@@ -137,7 +165,22 @@ class Worker:
         if job.timed_out or time.monotonic() > job.deadline:
             self._timeout(job)
             return
+        # The device is free: encoding and storing happen on the finisher thread while
+        # the loop hands this worker the next job.
+        self._finisher.submit(self._finish_safely, job, result, start)
+        self.post(DeviceFree(job.job_id))
 
+    def _finish_safely(self, job: Job, result: GenerationResult, start: float) -> None:
+        try:
+            self._finish(job, result, start)
+        except Exception as exc:
+            log.exception("job=%s event=finish_error", job.job_id)
+            self._end(job, "failed", "internal", f"could not encode the frames: {type(exc).__name__}: {exc}")
+
+    def _finish(self, job: Job, result: GenerationResult, start: float) -> None:
+        settings = result.settings
+        level = self.png_compress_level
+        pngs = list(self._encoders.map(lambda f: self.encode(f, level), result.frames))
         elapsed = time.monotonic() - start
         try:
             size = self.store.save_frames(job.job_id, pngs)
