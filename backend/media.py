@@ -43,8 +43,14 @@ def write_mp4(frames: Sequence[np.ndarray], path: Path, fps: float = 8.0) -> Pat
         import imageio_ffmpeg  # noqa: F401  (presence check: ships its own ffmpeg binary)
     except ImportError:
         return None
+    # yuv420p plays everywhere (browsers, QuickTime); macro_block_size=1 keeps the size as is.
     imageio.mimwrite(
-        path, [_even_size(_as_rgb8(f)) for f in frames], fps=fps, codec="libx264", macro_block_size=1
+        path,
+        [_even_size(_as_rgb8(f)) for f in frames],
+        fps=fps,
+        codec="libx264",
+        macro_block_size=1,
+        pixelformat="yuv420p",
     )
     return path
 

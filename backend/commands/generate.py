@@ -329,10 +329,7 @@ def _generate(args: argparse.Namespace, request: GenerateRequest) -> JobResult:
 
 def save(result: JobResult, out: Path, *, fps: float) -> list[tuple[str, Path]]:
     """Write the PNG frames as they came (no re-encoding), then a GIF and maybe an MP4."""
-    import importlib.util
-
-    import imageio.v3 as iio
-    import numpy as np
+    from animatediff_blender.backend import media
 
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -340,22 +337,16 @@ def save(result: JobResult, out: Path, *, fps: float) -> list[tuple[str, Path]]:
         path = out / f"frame_{i:04d}.png"
         path.write_bytes(data)
         paths.append(path)
-    written: list[tuple[str, Path]] = [("frames", out / "frame_0000.png ...")] if paths else []
-    images = np.stack([iio.imread(p) for p in paths]) if paths else None
-    if images is None:
-        return written
-    if images.ndim == 4 and images.shape[-1] == 4:
-        images = images[..., :3]
-    gif = out / "clip.gif"
-    # duration is per frame in milliseconds; loop=0 repeats forever.
-    iio.imwrite(gif, images, extension=".gif", duration=1000.0 / fps, loop=0)
-    written.append(("gif", gif))
-    if importlib.util.find_spec("imageio_ffmpeg") is not None:
-        mp4 = out / "clip.mp4"
-        try:
-            # macro_block_size=1 keeps odd sizes instead of resizing; yuv420p plays everywhere.
-            iio.imwrite(mp4, images, plugin="FFMPEG", fps=fps, macro_block_size=1, pixelformat="yuv420p")
+    if not paths:
+        return []
+    written: list[tuple[str, Path]] = [("frames", out / "frame_0000.png ...")]
+    images = [media.decode_png(data) for data in result.frames]
+    written.append(("gif", media.write_gif(images, out / "clip.gif", fps=fps)))
+    try:
+        mp4 = media.write_mp4(images, out / "clip.mp4", fps=fps)
+    except Exception as exc:  # an MP4 is a bonus: never lose the frames over it
+        print(f"warning: no MP4 written: {exc}", file=sys.stderr)
+    else:
+        if mp4 is not None:
             written.append(("mp4", mp4))
-        except Exception as exc:  # an MP4 is a bonus: never lose the frames over it
-            print(f"warning: no MP4 written: {exc}", file=sys.stderr)
     return written
