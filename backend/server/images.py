@@ -1,4 +1,5 @@
-"""PNG encoding of engine output (numpy HxWx3 uint8 RGB -> PNG bytes), with Pillow."""
+"""Checks and PNG encoding of engine output (numpy HxWx3 uint8 RGB -> PNG bytes); the
+encoder itself is `backend.media.encode_png`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import io
 
 import numpy as np
 from PIL import Image
+
+from ..media import encode_png
+
+__all__ = ["check_frame", "encode_png", "encode_preview"]
 
 
 def check_frame(frame: np.ndarray, width: int, height: int) -> None:
@@ -16,12 +21,6 @@ def check_frame(frame: np.ndarray, width: int, height: int) -> None:
         raise ValueError(
             f"engine returned a frame of shape {shape} and type {dtype}, expected ({height}, {width}, 3) uint8"
         )
-
-
-def encode_png(frame: np.ndarray, compress_level: int = 4) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(frame)).save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
 
 
 def encode_preview(frame: np.ndarray, max_px: int) -> bytes:
