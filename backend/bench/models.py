@@ -23,7 +23,12 @@ SD15_UNET: dict[str, Any] = {
     "sample_size": 64,
     "in_channels": 4,
     "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     "block_out_channels": [320, 640, 1280, 1280],
     "layers_per_block": 2,
@@ -78,9 +83,12 @@ def build_bench_models(dest: Path, size: Size, seed: int = 0) -> Path:
         unet_cfg, vae_cfg = tiny.UNET_CONFIG, tiny.VAE_CONFIG
         text_cfg = dict(tiny.TEXT_ENCODER_CONFIG, vocab_size=vocab)
         motion_cfg = tiny.motion_adapter_config("v2")
-    UNet2DConditionModel(**unet_cfg).save_pretrained(base / "unet")
-    AutoencoderKL(**vae_cfg).save_pretrained(base / "vae")
-    CLIPTextModel(CLIPTextConfig(**text_cfg)).save_pretrained(base / "text_encoder")
+    # Real sizes are stored in fp16 (half the disk and load time; the GPU runs fp16/bf16),
+    # tiny ones in fp32 so that the CPU run can be bit-identical to stock.
+    store = torch.float16 if size == "real" else torch.float32
+    UNet2DConditionModel(**unet_cfg).to(store).save_pretrained(base / "unet")
+    AutoencoderKL(**vae_cfg).to(store).save_pretrained(base / "vae")
+    CLIPTextModel(CLIPTextConfig(**text_cfg)).to(store).save_pretrained(base / "text_encoder")
     (base / "scheduler" / "scheduler_config.json").write_text(json.dumps(tiny.SCHEDULER_CONFIG, indent=2))
     (base / "model_index.json").write_text(
         json.dumps(
@@ -99,6 +107,6 @@ def build_bench_models(dest: Path, size: Size, seed: int = 0) -> Path:
             indent=2,
         )
     )
-    MotionAdapter(**motion_cfg).save_pretrained(dest / "motion" / MOTION_NAME)
+    MotionAdapter(**motion_cfg).to(store).save_pretrained(dest / "motion" / MOTION_NAME)
     marker.write_text("ok")
     return dest

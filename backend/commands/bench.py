@@ -3,8 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
+
+CASES = ("quality", "lightning", "long64", "long128", "server")
+
+EPILOG = """\
+cases (real size / tiny size):
+  quality    16 frames 512x512, 25 DDIM steps, CFG 7.5      (tiny: 4 frames 64x64, 2 steps)
+  lightning  16 frames 512x512, 4 Euler-trailing steps, CFG 1 (tiny: 4 frames, 1 step)
+  long64     64 frames, FreeNoise context 16 stride 4, 25 steps (tiny: 8 frames, context 4 stride 2)
+  long128    128 frames, same                                (tiny: 12 frames, context 4 stride 2)
+  server     the lightning settings through an in-process server and a real client:
+             submit -> all frames persisted and received
+
+levers (--lever, repeatable; each one is a separate engine run on every case):
+  default          the engine's default for the device (regional compile on CUDA, eager on CPU)
+  eager            no fast path: stock diffusers maths, our engine's plumbing
+  compile[:MODE]   regional torch.compile (dynamic=False), MODE e.g. max-autotune-no-cudagraphs
+  compile-full[:MODE]  the whole UNet compiled
+  channels-last    fuse-qkv    sdpa:flash|efficient|cudnn|math    bf16
+  join with +, e.g. compile+channels-last
+"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,31 +38,87 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Prints denoise/decode/end-to-end seconds, peak memory, counted TFLOP/s, share of the card's "
             "peak, the speed-up over stock and the PSNR of our frames against stock's; writes JSON."
         ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--size", choices=["real", "tiny"], default=None, help="model size (default: real on CUDA, tiny on CPU)")
+    p.add_argument(
+        "--size",
+        choices=["real", "tiny"],
+        default=None,
+        help="model size (default: real on CUDA, tiny on CPU)",
+    )
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="default: fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--case", action="append", dest="cases", help="run only these cases (repeatable)")
-    p.add_argument("--compile-anchor", action="store_true", help="also time stock diffusers with torch.compile(unet)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the card's dense fp16/bf16 peak, for the share")
-    p.add_argument("--workdir", type=Path, default=None, help="where random-weight models are written (cached)")
-    p.add_argument("--json", type=Path, default=Path("bench-result.json"), help="result file (default: %(default)s)")
-    p.set_defaults(func=run)
+    p.add_argument(
+        "--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="default: fp16 on CUDA, fp32 on CPU"
+    )
+    p.add_argument(
+        "--case", action="append", dest="cases", choices=CASES, help="run only these cases (repeatable)"
+    )
+    p.add_argument(
+        "--lever",
+        action="append",
+        dest="levers",
+        help="engine configuration to measure (repeatable; default: default)",
+    )
+    p.add_argument(
+        "--compile-anchor",
+        action="store_true",
+        help="also time stock diffusers with the UNet under torch.compile",
+    )
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend (default: %(default)s; tests: aot_eager)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed runs per runner after one warm run (default: per case)",
+    )
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="the card's dense fp16/bf16 peak, for the share"
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where random-weight models and the compile cache live (reused)",
+    )
+    p.add_argument(
+        "--json", type=Path, default=Path("bench-result.json"), help="result file (default: %(default)s)"
+    )
+    p.set_defaults(func=run)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     from animatediff_blender.backend.bench.models import Size
     from animatediff_blender.backend.bench.run import run_benchmark
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("animatediff-blender bench: CUDA is not available here; use --device cpu", file=sys.stderr)
+        return 2
     size: Size = args.size or ("real" if device.startswith("cuda") else "tiny")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     workdir = args.workdir or Path(tempfile.gettempdir()) / "animatediff-blender-bench"
-    report = run_benchmark(
-        size=size, device=device, dtype=dtype, workdir=workdir, only=args.cases,
-        compile_anchor=args.compile_anchor, peak_tflops=args.peak_tflops, out_json=args.json,
-    )  # fmt: skip
-    print(f"bench: {report['device']}, torch {report['torch']}, diffusers {report['diffusers']}; wrote {args.json}")
-    return 0
+    try:
+        report = run_benchmark(
+            size=size, device=device, dtype=dtype, workdir=workdir, only=args.cases, levers=args.levers,
+            compile_anchor=args.compile_anchor, compile_backend=args.compile_backend, repeats=args.repeats,
+            peak_tflops=args.peak_tflops, out_json=args.json,
+        )  # fmt: skip
+    except ValueError as exc:
+        print(f"animatediff-blender bench: {exc}", file=sys.stderr)
+        return 2
+    failed = [r for r in report["results"] if r.get("error")]
+    print(
+        f"bench: {report['device']}, torch {report['torch']}, diffusers {report['diffusers']}; "
+        f"{len(report['results'])} results, {len(failed)} failed; wrote {args.json}"
+    )
+    return 1 if failed else 0

@@ -79,6 +79,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("fp16", "bf16", "fp32", "float16", "bfloat16", "float32"),
         help="weights dtype (default: fp16 on CUDA, fp32 on CPU)",
     )
+    p.add_argument(
+        "--fast",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="GPU fast path (regional torch.compile, compiled during warm-up and cached in "
+        "<data-dir>/compile-cache); auto: on for CUDA, off on the CPU (default: %(default)s)",
+    )
     p.add_argument("--fake-step-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests and demos
 
     lim = p.add_argument_group("limits (checked before any GPU work)")
@@ -190,7 +197,10 @@ def run(args: argparse.Namespace) -> int:
             from animatediff_blender.backend.engine.animatediff import AnimateDiffEngine
 
             log.info("loading the AnimateDiff engine (models: %s)", models_dir)
-            engine = AnimateDiffEngine(models_dir, args.device, args.dtype)
+            fast = {"auto": None, "on": True, "off": False}[args.fast]
+            engine = AnimateDiffEngine(
+                models_dir, args.device, args.dtype, fast=fast, compile_cache_dir=data_dir / "compile-cache"
+            )
         server = Server(config, engine)
     except (ConfigError, EngineError) as exc:
         print(f"animatediff-blender serve: {exc}", file=sys.stderr)

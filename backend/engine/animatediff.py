@@ -515,6 +515,16 @@ class AnimateDiffEngine:
             pipe.unet.to(memory_format=torch.channels_last)
         if fast.fuse_qkv:
             self._set_fused(pipe.unet, True)
+        if fast.sdpa != "auto":
+            # Around the UNet only: the text encoder's masked attention has no flash kernel.
+            unet = pipe.unet
+            inner = unet.forward
+
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                with self._sdpa_context():
+                    return inner(*args, **kwargs)
+
+            unet.forward = forward
         self._compile(pipe.unet)
 
     @staticmethod
@@ -542,10 +552,12 @@ class AnimateDiffEngine:
                 attn.set_processor(AttnProcessor2_0())
 
     def _compile_targets(self, unet: Any) -> list[torch.nn.Module]:
-        from diffusers.models.attention import BasicTransformerBlock, FreeNoiseTransformerBlock
+        from diffusers.models.attention import BasicTransformerBlock
         from diffusers.models.resnet import ResnetBlock2D
 
-        kinds = (BasicTransformerBlock, FreeNoiseTransformerBlock, ResnetBlock2D)
+        # Not FreeNoise's window blocks (long clips): their Python loop over windows would
+        # unroll into one large graph per clip length; they run eager, the rest compiled.
+        kinds = (BasicTransformerBlock, ResnetBlock2D)
         return [m for m in unet.modules() if isinstance(m, kinds)]
 
     def _compile(self, unet: Any) -> None:
@@ -563,10 +575,12 @@ class AnimateDiffEngine:
         # object would silently fall back to eager for the rest.
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
         dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+        # Modes are inductor's; other backends (tests: "eager") take none.
+        mode = fast.compile_mode if fast.compile_backend == "inductor" else None
         targets = [unet] if fast.compile == "full" else self._compile_targets(unet)
         for module in targets:
             if getattr(module, "_compiled_call_impl", None) is None:
-                module.compile(dynamic=False, mode=fast.compile_mode, backend=fast.compile_backend)
+                module.compile(dynamic=False, mode=mode, backend=fast.compile_backend)
 
     def _load_compile_cache(self) -> None:
         """Point inductor's on-disk cache at `compile_cache_dir` and load torch's
@@ -678,7 +692,19 @@ class AnimateDiffEngine:
         ]
 
     def _enable_memory_saving(self, pipe: Any) -> None:
+        from diffusers.pipelines.free_noise_utils import SplitInferenceModule
+
         pipe.enable_free_noise_split_inference()
+        # Motion modules without a motion mid block (v1, v3) keep the UNet2D's
+        # UNetMidBlock2DCrossAttn, which calls its resnets and attentions positionally:
+        # SplitInferenceModule only splits keyword tensors, so it would run nothing (IndexError)
+        # or mismatch batches.  Leave that block whole: at the lowest resolution it is small.
+        mid = pipe.unet.mid_block
+        if mid is not None and getattr(mid, "motion_modules", None) is None:
+            for modules in (mid.resnets, getattr(mid, "attentions", [])):
+                for i, module in enumerate(modules):
+                    if isinstance(module, SplitInferenceModule):
+                        modules[i] = module.module
         # Chunk the spatial feed-forwards per frame (what `unet.enable_forward_chunking()` does),
         # but not the motion modules': per spatial position that would be thousands of calls.
         for block in self._spatial_transformer_blocks(pipe.unet):
@@ -802,7 +828,6 @@ class AnimateDiffEngine:
                 self._apply_loras(pipe, loras)
             if free_noise is not None and self.memory_saving:
                 self._enable_memory_saving(pipe)
-            self._compile(pipe.unet)  # blocks FreeNoise swapped in
             yield
         finally:
             # Undo in reverse order; each step is safe when its "do" never ran.
@@ -904,8 +929,7 @@ class AnimateDiffEngine:
         with self._job_state(pipe, free_noise, loras):
             t1 = time.perf_counter()
             generator = torch.Generator("cpu").manual_seed(s.seed)
-            with self._sdpa_context():
-                latents = self._call_pipe(pipe, s, prompt, generator, on_step_end)
+            latents = self._call_pipe(pipe, s, prompt, generator, on_step_end)
             self._sync()
             timings["denoise"] = time.perf_counter() - t1
         if should_cancel():
@@ -953,13 +977,13 @@ class AnimateDiffEngine:
         self,
         base_model: str | None = None,
         motion_module: str | None = None,
-        shapes: tuple[tuple[int, int, int, bool], ...] | None = None,
+        requests: list[GenerateRequest] | None = None,
     ) -> None:
         """Load the given (default: the server's default) base model and motion module now,
-        so that the first job does not pay for it.  With compilation on, also run a 2-step
-        job per shape (frames, width, height, cfg; default `fast.warm_shapes`) so that the
-        compile happens here, while the server's handshake says "warming up", and save the
-        compiled artefacts for the next start."""
+        so that the first job does not pay for it.  With compilation on, also run each of
+        `requests` (default: one per `fast.warm_shapes`) for 2 steps, so that compiling
+        happens here -- while the server's handshake says "warming up" -- and not in the
+        first artist's job, and save the compiled artefacts for the next start."""
         t0 = time.perf_counter()
         settings = self.resolve(
             GenerateRequest(prompt="", base_model=base_model, motion_module=motion_module)
@@ -968,17 +992,29 @@ class AnimateDiffEngine:
         with self._gpu_lock:
             self._ensure_pipeline(settings.base_model, settings.motion_module, lambda _p: None)
             if self.fast.compile != "off":
-                for frames, width, height, cfg in shapes if shapes is not None else self.fast.warm_shapes:
-                    job = msgspec.structs.replace(
-                        settings,
-                        prompt="warm-up",
-                        frames=frames,
-                        width=width,
-                        height=height,
-                        steps=2,
-                        guidance=7.5 if cfg else 1.0,
-                        preview_every=0,
-                        context_length=max(frames, settings.context_length or 0),
+                if requests is None:
+                    requests = [
+                        GenerateRequest(
+                            prompt="warm-up",
+                            frames=frames,
+                            width=width,
+                            height=height,
+                            guidance=7.5 if cfg else 1.0,
+                        )
+                        for frames, width, height, cfg in self.fast.warm_shapes
+                    ]
+                for request in requests:
+                    job = self.resolve(
+                        msgspec.structs.replace(
+                            request,
+                            base_model=settings.base_model,
+                            motion_module=settings.motion_module,
+                            preset="quality",
+                            steps=2,
+                            preview_every=0,
+                            motion_loras=[],
+                            domain_adapter=None,
+                        )
                     )
                     self._generate(job, lambda _p: None, lambda: False)
                 self._save_compile_cache()

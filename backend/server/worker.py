@@ -63,7 +63,7 @@ class Worker:
         # parallel (Pillow's zlib releases the GIL).
         self._finisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="job-finisher")
         self._encoders = concurrent.futures.ThreadPoolExecutor(
-            max(1, min(4, (os.cpu_count() or 2) - 1)), thread_name_prefix="png-encoder"
+            max(1, min(8, (os.cpu_count() or 2) - 1)), thread_name_prefix="png-encoder"
         )
 
     def start(self) -> None:

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The one prepared GPU benchmark run (issue #6): stock diffusers vs our engine on real
+# SD1.5 + AnimateDiff v2 sizes with random weights, every case, the levers one at a time.
+# Writes JSON per phase plus one log into $OUT.  Fits ~8 minutes on an H100/H200: phases
+# run in priority order and a phase that no longer fits the budget is skipped (and says so).
+#
+# The GPU machine has torch, transformers, safetensors, peft, huggingface-hub, pillow and
+# numpy, but NOT diffusers, importlib_metadata, pyzmq or msgspec.  Bring them as wheels in
+# .whl/ (git-ignored), made once on a machine with network, from the repository root:
+#
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+#     -d .whl diffusers==0.42.1 importlib_metadata pyzmq==27.1.0 msgspec==0.22.0
+#
+# Then, from the session's device tool (one call; carry the wheels):
+#   run(command="bash scripts/gpu_bench.sh", carry=[".whl"], timeout_s=560)
+#
+# CPU rehearsal (tiny sizes, proves the script; timings meaningless):
+#   BENCH_ARGS="--device cpu --size tiny --compile-backend eager" BENCH_BUDGET_S=900 \
+#     OUT=/tmp/gpu-bench-out bash scripts/gpu_bench.sh
+#
+# Environment: OUT (results folder), BENCH_BUDGET_S (seconds for all phases, default 480),
+# BENCH_ARGS (extra arguments for every phase), BENCH_WORKDIR (models + compile cache),
+# BENCH_PHASES (default "main long64 levers long128 modes"; a second GPU session runs
+# e.g. BENCH_PHASES="levers long128 modes" for what the first one skipped).
+set -u -o pipefail
+
+OUT=${OUT:-$PWD/gpu-bench-out}
+BUDGET=${BENCH_BUDGET_S:-480}
+WORKDIR=${BENCH_WORKDIR:-/tmp/adb-bench}
+EXTRA=${BENCH_ARGS:-}
+START=$(date +%s)
+mkdir -p "$OUT" "$WORKDIR"
+LOG="$OUT/bench.log"
+: >"$LOG"
+
+say() { echo "[gpu_bench $(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+
+# --- dependencies: the carried wheels, only where a package is missing -----------------
+if ! python3 -c "import diffusers, zmq, msgspec" 2>/dev/null; then
+    if ! ls .whl/*.whl >/dev/null 2>&1; then
+        say "diffusers/pyzmq/msgspec missing and no .whl/ carried: see this script's header"
+        exit 2
+    fi
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 || { say "wheel install failed"; exit 2; }
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+# --- the project, importable as animatediff_blender.* without installing it -------------
+if ! python3 -c "import animatediff_blender.backend.bench.run" 2>/dev/null; then
+    ROOT=$(mktemp -d)/pkgroot
+    mkdir -p "$ROOT/animatediff_blender"
+    cp pkg/*.py "$ROOT/animatediff_blender/"
+    ln -s "$PWD/protocol" "$ROOT/animatediff_blender/protocol"
+    ln -s "$PWD/backend" "$ROOT/animatediff_blender/backend"
+    export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+{
+    nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
+    python3 -c "import sys, torch, diffusers, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
+} 2>&1 | tee -a "$LOG"
+
+# phase NAME MIN_SECONDS ARGS...: one bench process, bounded by what is left of the budget.
+PHASES=${BENCH_PHASES:-main long64 levers long128 modes}
+phase() {
+    local name=$1 need=$2
+    shift 2
+    case " $PHASES " in *" $name "*) ;; *) say "phase $name not selected (BENCH_PHASES)"; return 0 ;; esac
+    local t
+    t=$(left)
+    if [ "$t" -lt "$need" ]; then
+        say "SKIPPED phase $name: ${t}s left, it needs about ${need}s (run it in another session)"
+        return 0
+    fi
+    say "phase $name (up to ${t}s): bench $* $EXTRA"
+    # shellcheck disable=SC2086  # EXTRA is a list of arguments
+    timeout --kill-after=10 "$t" python3 -c \
+        "import sys; from animatediff_blender.backend.cli import main; sys.exit(main(sys.argv[1:]))" \
+        bench --workdir "$WORKDIR" --json "$OUT/$name.json" "$@" $EXTRA 2>&1 |
+        grep --line-buffered -v -e "Loading weights" -e "Loading pipeline components" -e "Writing model shards" |
+        tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    say "phase $name ended with exit code $rc$([ "$rc" = 124 ] && echo ' (out of time: partial JSON kept)')"
+}
+
+# 1. The targets: quality (denoise), lightning, end to end through the server, against
+#    stock and stock + torch.compile; the engine at its default (regional compile on CUDA).
+phase main 200 --case quality --case lightning --case server --compile-anchor
+# 2. Long clip, 64 frames, windows of 16, stride 4 (one timed run each: ~26 s stock).
+phase long64 120 --case long64 --repeats 0
+# 3. Levers one at a time on the quality case.  "default" again first: a second process
+#    with the compile cache of phase 1 on disk = the warm-up cost after a server restart.
+phase levers 150 --case quality --repeats 1 --lever default --lever eager --lever channels-last \
+    --lever fuse-qkv --lever sdpa:flash --lever sdpa:efficient --lever bf16 \
+    --lever compile+channels-last+fuse-qkv --lever compile-full
+# 4. 128 frames (target: at most 2.1x the 64-frame time).
+phase long128 200 --case long128 --repeats 0
+# 5. Compile modes (long autotuning; only when time is left).
+phase modes 150 --case quality --repeats 1 --lever compile:max-autotune-no-cudagraphs --lever compile:reduce-overhead
+
+say "done in $(($(date +%s) - START))s; results: $(ls "$OUT" | tr '\n' ' ')"

@@ -1,0 +1,91 @@
+"""CPU smoke run of the benchmark (`animatediff-blender bench --size tiny --device cpu`):
+every case, including the one through the server, with the engine's default (eager on
+the CPU).  Not timed: it proves the benchmark runs and reports every number."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from animatediff_blender.backend.bench.run import CASE_NAMES, RESULT_FIELDS, psnr
+from animatediff_blender.backend.cli import main
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_every_case_runs_and_reports_every_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    code = main(
+        ["bench", "--size", "tiny", "--device", "cpu", "--repeats", "0", "--workdir", str(tmp_path / "work"),
+         "--json", str(out)]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    report = json.loads(out.read_text())
+    for key in (
+        "device",
+        "torch",
+        "diffusers",
+        "python",
+        "dtype",
+        "size",
+        "peak_tflops",
+        "levers",
+        "total_s",
+    ):
+        assert key in report
+    assert report["size"] == "tiny" and report["levers"] == ["default"]
+    assert set(report["cases"]) == set(CASE_NAMES)
+    rows = {(r["case"], r["runner"]): r for r in report["results"]}
+    expected = {(c, "stock") for c in CASE_NAMES} | {
+        (c, "engine[default]") for c in CASE_NAMES if c != "server"
+    }
+    expected.add(("server", "server[default]"))
+    assert set(rows) == expected
+    for (case, runner), r in rows.items():
+        assert set(RESULT_FIELDS) <= set(r), (case, runner)
+        assert not r["error"], (case, runner, r["error"])
+        assert r["denoise_s"] > 0 and r["decode_s"] > 0 and r["end_to_end_s"] >= r["denoise_s"]
+        assert r["flops_per_step"] > 0 and r["tflops"] > 0 and r["ratio_to_anchor"] > 0
+        value = r["psnr_vs_anchor_db"]
+        db = math.inf if value == "inf" else float(value)
+        if case.startswith("long"):
+            # FreeNoise: the engine's split inference sums in another order (<= 1 level of 255).
+            assert db >= 40, (case, runner, db)
+        else:
+            # CPU fp32 eager engine == stock diffusers, bit for bit.
+            assert db == math.inf, (case, runner, db)
+    # The long cases count FLOPs over all frames (FreeNoise runs the spatial layers on the
+    # whole clip), so more frames -> more FLOPs per step.
+    assert rows[("long128", "stock")]["flops_per_step"] > rows[("long64", "stock")]["flops_per_step"]
+    # CFG doubles the UNet batch: quality (CFG 7.5) counts ~2x the FLOPs of lightning (CFG 1).
+    ratio = rows[("quality", "stock")]["flops_per_step"] / rows[("lightning", "stock")]["flops_per_step"]
+    assert 1.9 < ratio < 2.1
+    server = rows[("server", "server[default]")]
+    assert {"engine_total_s", "server_overhead_s", "handshake_warming_up"} <= set(server["extra"])
+    assert server["warm_up_s"] is not None and server["warm_up_s"] > 0
+    # Every row was printed.
+    assert printed.count("PSNR") == len(rows)
+
+
+def test_psnr() -> None:
+    import numpy as np
+
+    a = [np.zeros((4, 4, 3), np.uint8)]
+    assert psnr(a, a) == math.inf
+    b = [np.full((4, 4, 3), 255, np.uint8)]
+    assert psnr(a, b) == 0.0
+    with pytest.raises(ValueError):
+        psnr(a, a + a)
+
+
+def test_bad_arguments_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        ["bench", "--size", "tiny", "--device", "cpu", "--lever", "warp-drive", "--workdir", str(tmp_path),
+         "--json", str(tmp_path / "x.json")]
+    )  # fmt: skip
+    assert code == 2
+    assert "unknown lever" in capsys.readouterr().err

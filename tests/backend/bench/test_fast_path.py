@@ -1,0 +1,147 @@
+"""The engine's opt-in fast path (FastPath): each lever switchable, applied where it
+should be, kept across a job's LoRA / FreeNoise state changes, and frames within a
+stated tolerance of the eager path.  On the CPU, torch.compile runs with the "eager"
+backend (dynamo's graph capture and the regional wiring, no C++/Triton codegen): the
+inductor kernels themselves are measured by the GPU benchmark."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from animatediff_blender.backend.bench.run import parse_lever
+from animatediff_blender.backend.engine.animatediff import AnimateDiffEngine, FastPath
+from animatediff_blender.backend.engine.interface import EngineError
+from animatediff_blender.protocol.messages import GenerateRequest
+
+pytestmark = pytest.mark.timeout(600)
+
+BASE = "base:tiny-sd15"
+MOTION = "motion:tiny-motion-adapter-v2"
+ADAPTER = "adapter:v3_sd15_adapter.ckpt"
+# Compiled graphs and fused projections sum in another order than eager diffusers.
+TOLERANCE = 2  # uint8 levels
+
+
+def _request(**kw: Any) -> GenerateRequest:
+    fields: dict[str, Any] = dict(
+        prompt="a cat walking on the beach", negative_prompt="blurry", base_model=BASE, motion_module=MOTION,
+        frames=4, width=64, height=64, steps=2, seed=7, preview_every=0,
+    )  # fmt: skip
+    fields.update(kw)
+    return GenerateRequest(**fields)
+
+
+def _frames(engine: AnimateDiffEngine, **kw: Any) -> np.ndarray:
+    result = engine.generate(_request(**kw), lambda _p: None, lambda: False)
+    return np.stack(result.frames).astype(np.int16)
+
+
+def test_lever_specs() -> None:
+    assert parse_lever("default", "cpu", "fp32", "inductor").fast == FastPath.off()
+    assert parse_lever("default", "cuda", "fp16", "inductor").fast.compile == "regional"
+    lever = parse_lever(
+        "compile:max-autotune-no-cudagraphs+channels-last+fuse-qkv+sdpa:flash+bf16",
+        "cuda",
+        "fp16",
+        "inductor",
+    )
+    fast = lever.fast
+    assert (fast.compile, fast.compile_mode, fast.channels_last, fast.fuse_qkv, fast.sdpa) == (
+        "regional", "max-autotune-no-cudagraphs", True, True, "flash",
+    )  # fmt: skip
+    assert lever.dtype == "bf16"
+    assert parse_lever("compile-full", "cuda", "fp16", "inductor").fast.compile == "full"
+    assert not parse_lever("eager", "cuda", "fp16", "inductor").fast.enabled
+    with pytest.raises(ValueError, match="unknown lever"):
+        parse_lever("compile+turbo", "cuda", "fp16", "inductor")
+    with pytest.raises(ValueError, match="sdpa must be one of"):
+        parse_lever("sdpa:warp", "cuda", "fp16", "inductor")
+
+
+def test_defaults_per_device(tiny_zoo: Path) -> None:
+    assert AnimateDiffEngine(tiny_zoo, "cpu").fast == FastPath.off()  # CPU: stock eager, bit-identical
+    assert FastPath.default_for("cuda").compile == "regional"
+    assert AnimateDiffEngine(tiny_zoo, "cpu", fast=True).fast.compile == "regional"
+    with pytest.raises(EngineError, match="compile must be one of"):
+        FastPath(compile="everything")
+
+
+@pytest.fixture
+def one_thread() -> Any:
+    """Tiny models: one OpenMP thread is faster than several fighting over shared CI cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _compiled(module: torch.nn.Module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def test_levers_apply_survive_job_state_and_keep_frames(
+    tiny_zoo: Path, tmp_path: Path, one_thread: None
+) -> None:
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+    from diffusers.models.resnet import ResnetBlock2D
+
+    eager = AnimateDiffEngine(tiny_zoo, "cpu", "fp32")
+    fast = AnimateDiffEngine(
+        tiny_zoo, "cpu", "fp32",
+        fast=FastPath(compile="regional", compile_backend="eager", channels_last=True, fuse_qkv=True, sdpa="math",
+                      warm_shapes=((4, 64, 64, True),)),
+        compile_cache_dir=tmp_path / "cache",
+    )  # fmt: skip
+    fast.warm_up(BASE, MOTION)  # compiles here, not in the first job
+    assert fast.warm_up_s is not None and fast.warm_up_s > 0
+    unet = fast.pipeline.unet
+    blocks = [m for m in unet.modules() if isinstance(m, (BasicTransformerBlock, ResnetBlock2D))]
+    assert blocks and all(_compiled(m) for m in blocks)
+    spatial = fast._spatial_attentions(unet)
+    assert spatial and all(isinstance(a.processor, FusedAttnProcessor2_0) for a in spatial)
+    conv = unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+    plain = _frames(eager)
+    assert np.abs(_frames(fast) - plain).max() <= TOLERANCE
+
+    # A domain adapter (a LoRA on the spatial attention projections) must take effect: the
+    # fused processor would bypass peft's layers, so the engine unfuses for the job.
+    with_adapter = _frames(eager, domain_adapter=ADAPTER, domain_adapter_scale=1.0)
+    assert np.abs(with_adapter - plain).max() > 10 * TOLERANCE  # the adapter matters
+    assert (
+        np.abs(_frames(fast, domain_adapter=ADAPTER, domain_adapter_scale=1.0) - with_adapter).max()
+        <= TOLERANCE
+    )
+    assert all(isinstance(a.processor, FusedAttnProcessor2_0) for a in fast._spatial_attentions(unet))
+
+    # FreeNoise swaps the motion modules' blocks in and out; the fresh blocks get compiled.
+    long = {"frames": 8, "context_length": 4, "context_stride": 2}
+    assert np.abs(_frames(fast, **long) - _frames(eager, **long)).max() <= TOLERANCE
+    blocks = [m for m in unet.modules() if isinstance(m, (BasicTransformerBlock, ResnetBlock2D))]
+    assert all(_compiled(m) for m in blocks)
+
+
+def test_compile_cache_dir_is_used_and_a_bad_cache_is_survived(
+    tiny_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "mega-cache.bin").write_bytes(b"not a cache")
+    engine = AnimateDiffEngine(
+        tiny_zoo, "cpu", fast=FastPath(compile="regional", compile_backend="eager"), compile_cache_dir=cache
+    )
+    engine._load_compile_cache()  # logs a warning, does not raise
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache / "inductor")
+    assert (cache / "inductor").is_dir()
+    engine._save_compile_cache()  # nothing compiled yet: no crash

@@ -1,0 +1,104 @@
+"""CPU work of job N (PNG encoding, storing) overlaps the device work of job N+1, and a
+job is still reported finished only after its frames are on disk."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from server_helpers import small_request
+
+from animatediff_blender.backend.engine.fake import FakeEngine
+from animatediff_blender.backend.server.images import encode_png
+from animatediff_blender.backend.server.server import Server
+from animatediff_blender.backend.server.store import JobStore
+from animatediff_blender.protocol import messages
+from animatediff_blender.protocol.client import BackendClient
+
+pytestmark = pytest.mark.timeout(60)
+
+ENCODE_DELAY_S = 0.3  # per frame: slower than the fake engine's whole job
+
+
+class RecordingEngine(FakeEngine):
+    def __init__(self) -> None:
+        super().__init__(step_delay_s=0.01)
+        self.starts: dict[str, float] = {}
+
+    def generate(self, request: Any, progress: Any, should_cancel: Any) -> Any:
+        self.starts[request.prompt] = time.monotonic()
+        return super().generate(request, progress, should_cancel)
+
+
+def test_next_job_starts_while_the_previous_one_is_encoded(
+    make_server: Callable[..., Server], make_client: Callable[..., BackendClient]
+) -> None:
+    engine = RecordingEngine()
+    server = make_server(engine=engine)
+    encoded: dict[int, float] = {}
+    lock = threading.Lock()
+
+    def slow_encode(frame: np.ndarray, level: int) -> bytes:
+        time.sleep(ENCODE_DELAY_S)
+        with lock:
+            encoded[id(frame)] = time.monotonic()
+        return encode_png(frame, level)
+
+    server.worker.encode = slow_encode
+    client = make_client(server)
+    client.connect()
+    first = client.submit(small_request("first", frames=2, steps=1)).job_id
+    second = client.submit(small_request("second", frames=2, steps=1)).job_id
+
+    finished: dict[str, float] = {}
+    frames_seen: dict[str, int] = {}
+    deadline = time.monotonic() + 30
+    while len(finished) < 2 and time.monotonic() < deadline:
+        event = client.poll(0.5)
+        if event is None:
+            continue
+        content = event.content
+        if isinstance(content, messages.Frames):
+            frames_seen[content.job_id] = frames_seen.get(content.job_id, 0) + content.count
+        elif isinstance(content, messages.Finished):
+            finished[content.job_id] = time.monotonic()
+            # Reported finished only once its frames are stored (fetchable from disk).
+            stored = sorted((server.config.data_dir / "jobs" / content.job_id).glob("*.png"))
+            assert len(stored) == content.frames == frames_seen[content.job_id]
+        elif isinstance(content, messages.Failed):
+            pytest.fail(f"job failed: {content.message}")
+    assert set(finished) == {first, second}
+    assert finished[first] < finished[second]  # jobs still finish in order
+
+    # Job 1's frames took >= 2 x 0.3 s to encode on the finisher; job 2 reached the
+    # engine before that encoding was over.
+    last_encode_of_first = sorted(encoded.values())[1]
+    assert engine.starts["second"] < last_encode_of_first
+    assert engine.starts["second"] - engine.starts["first"] < 2 * ENCODE_DELAY_S
+
+
+def test_stop_waits_for_frames_being_encoded(
+    make_server: Callable[..., Server], make_client: Callable[..., BackendClient]
+) -> None:
+    """A shutdown right after the engine returned still stores and reports the job."""
+    server = make_server(engine=FakeEngine())
+    server.worker.encode = lambda frame, level: (time.sleep(0.2), encode_png(frame, level))[1]
+    client = make_client(server)
+    client.connect()
+    job_id = client.submit(small_request("x", frames=3, steps=1)).job_id
+    deadline = time.monotonic() + 10
+    encoding = False
+    while not encoding and time.monotonic() < deadline:
+        # The device is free (the loop could dispatch) while the job is still live: its
+        # frames are being encoded.
+        job = server.live.get(job_id)
+        encoding = job is not None and job.state == "running" and server.running is None
+        time.sleep(0.005)
+    assert encoding
+    server.stop()
+    record = JobStore(server.config.data_dir).get(job_id)
+    assert record is not None and record.state == "finished" and record.frames == 3
