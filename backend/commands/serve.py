@@ -82,9 +82,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--fast",
         choices=("auto", "on", "off"),
-        default="auto",
+        default="off",
         help="GPU fast path (regional torch.compile, compiled during warm-up and cached in "
-        "<data-dir>/compile-cache); auto: on for CUDA, off on the CPU (default: %(default)s)",
+        "<data-dir>/compile-cache); auto: on for CUDA, off on the CPU.  Off by default until "
+        "its speed-up is measured on a GPU (backend/bench/README.md) (default: %(default)s)",
     )
     p.add_argument("--fake-step-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests and demos
 
