@@ -346,25 +346,14 @@ def motion_diffusers_to_original(sd: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _motion_attention_modules(adapter: Any) -> list[str]:
-    """Module paths (diffusers names) of the linears MotionLoRAs adapt."""
-    names = []
-    for name, _ in adapter.named_modules():
-        if re.search(
-            r"motion_modules\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$", name
-        ):
-            names.append(name)
-    return sorted(names)
+_ATTENTION_LINEARS = r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
+MOTION_LORA_TARGETS = re.compile(r"motion_modules\.\d+\." + _ATTENTION_LINEARS)  # what MotionLoRAs adapt
+SPATIAL_LORA_TARGETS = re.compile(r"attentions\.\d+\." + _ATTENTION_LINEARS)  # the v3 domain adapter
 
 
-def _spatial_attention_modules(unet: Any) -> list[str]:
-    names = []
-    for name, _ in unet.named_modules():
-        if re.search(
-            r"attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$", name
-        ):
-            names.append(name)
-    return sorted(names)
+def _matching_modules(model: Any, pattern: re.Pattern[str]) -> list[str]:
+    """Sorted module paths (diffusers names) of `model` that `pattern` finds."""
+    return sorted(name for name, _ in model.named_modules() if pattern.search(name))
 
 
 def _old_lora_key(module: str, part: str) -> str:
@@ -495,7 +484,7 @@ def _build_motion(dest: Path) -> Any:
 def _build_loras(dest: Path, adapter: Any) -> None:
     shapes = {}
     modules = dict(adapter.named_modules())
-    for name in _motion_attention_modules(adapter):
+    for name in _matching_modules(adapter, MOTION_LORA_TARGETS):
         w = modules[name].weight
         shapes[name] = (int(w.shape[0]), int(w.shape[1]))
     for i, move in enumerate(CAMERA_MOVES):
@@ -529,7 +518,7 @@ def motion_diffusers_to_original_lora(sd: dict[str, Any]) -> dict[str, Any]:
 def _build_domain_adapter(dest: Path, unet: Any) -> None:
     modules = dict(unet.named_modules())
     shapes = {}
-    for name in _spatial_attention_modules(unet):
+    for name in _matching_modules(unet, SPATIAL_LORA_TARGETS):
         w = modules[name].weight
         shapes[name] = (int(w.shape[0]), int(w.shape[1]))
     # AnimateDiff's own loader (animatediff/utils/convert_lora_safetensor_to_diffusers.py,
