@@ -25,6 +25,7 @@ with the file name and reason on a file it cannot use completely: no silent part
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -168,12 +169,20 @@ def _find_tokenizer(path: Path, config_dir: Path) -> Path:
     )
 
 
-def _strict_load(model: Any, sd: dict[str, Any], what: str, *, assign: bool = False) -> None:
+def _strict_load(
+    model: Any,
+    sd: dict[str, Any],
+    what: str,
+    *,
+    assign: bool = False,
+    may_be_missing: Callable[[str], bool] | None = None,
+) -> None:
     """load_state_dict that reports every missing and unexpected key (diffusers' single-file
-    helpers load with strict=False, which would hide a partial conversion)."""
+    helpers load with strict=False, which would hide a partial conversion).  Only keys for
+    which `may_be_missing` is true (recomputed buffers) may be absent from `sd`."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
+    missing = sorted(k for k in set(own) - set(sd) if not (may_be_missing and may_be_missing(k)))
     if missing or unexpected:
         raise ConversionError(
             f"{what}: checkpoint does not match the model config: "
@@ -184,7 +193,7 @@ def _strict_load(model: Any, sd: dict[str, Any], what: str, *, assign: bool = Fa
             raise ConversionError(
                 f"{what}: {key} has shape {tuple(value.shape)}, the config needs {tuple(own[key].shape)}"
             )
-    model.load_state_dict(sd, strict=True, assign=assign)
+    model.load_state_dict(sd, strict=may_be_missing is None, assign=assign)
 
 
 def _build_and_load(cls: Any, config: dict[str, Any], sd: dict[str, Any], what: str) -> Any:
@@ -297,21 +306,10 @@ def load_motion_adapter(entry: RegistryEntry | Path, dtype: torch.dtype | None =
         adapter = MotionAdapter(**config)
     except (TypeError, ValueError) as exc:
         raise ConversionError(f"{path.name}: cannot build a MotionAdapter for these weights ({exc})") from exc
-    own = adapter.state_dict()
-    unexpected = sorted(set(converted) - set(own))
-    missing = sorted(k for k in set(own) - set(converted) if not k.endswith(".pos_embed.pe"))
-    if unexpected or missing:
-        raise ConversionError(
-            f"{path.name}: motion module does not match the inferred MotionAdapter: "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
-    for key, value in converted.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise ConversionError(
-                f"{path.name}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}"
-            )
-    result = adapter.load_state_dict(converted, strict=False)
-    assert not result.unexpected_keys and all(k.endswith(".pos_embed.pe") for k in result.missing_keys)
+    # Positional encodings are recomputed by diffusers, never read from the file.
+    _strict_load(
+        adapter, converted, f"{path.name} (motion module)", may_be_missing=lambda k: k.endswith(".pos_embed.pe")
+    )
     return _cast(adapter, dtype).eval()
 
 
