@@ -320,17 +320,24 @@ _MM_PREFIX = re.compile(
 )
 
 
+def _split_motion_key(key: str) -> tuple[str, str]:
+    """`down_blocks.0.motion_modules.1.transformer_blocks.0.attn1.to_q.weight` ->
+    (`down_blocks.0.motion_modules.1.`, `transformer_blocks.0.attention_blocks.0.to_q.weight`):
+    the motion module's prefix, and the rest with attention blocks under their original names."""
+    m = _MM_PREFIX.match(key)
+    if not m:
+        raise KeyError(f"not a motion module key: {key}")
+    rest = re.sub(r"(^|\.)attn1\.", r"\1attention_blocks.0.", m.group(2))
+    rest = re.sub(r"(^|\.)attn2\.", r"\1attention_blocks.1.", rest)
+    return m.group(1), rest
+
+
 def motion_diffusers_to_original(sd: dict[str, Any]) -> dict[str, Any]:
     """Diffusers MotionAdapter keys -> original AnimateDiff keys (the inverse of
     `convert.motion_original_to_diffusers`).  Keeps `pos_embed.pe` as `pos_encoder.pe`."""
     out: dict[str, Any] = {}
     for key, value in sd.items():
-        m = _MM_PREFIX.match(key)
-        if not m:
-            raise KeyError(f"not a motion module key: {key}")
-        rest = m.group(2)
-        rest = re.sub(r"(^|\.)attn1\.", r"\1attention_blocks.0.", rest)
-        rest = re.sub(r"(^|\.)attn2\.", r"\1attention_blocks.1.", rest)
+        module, rest = _split_motion_key(key)
         rest = re.sub(r"\.norm1\.", ".norms.0.", rest)
         rest = re.sub(r"\.norm2\.", ".norms.1.", rest)
         rest = re.sub(r"\.norm3\.", ".ff_norm.", rest)
@@ -338,11 +345,11 @@ def motion_diffusers_to_original(sd: dict[str, Any]) -> dict[str, Any]:
             # diffusers keeps one table per transformer block; the original one per attention block
             block = rest.removesuffix(".pos_embed.pe")
             for i in (0, 1):
-                out[f"{m.group(1)}temporal_transformer.{block}.attention_blocks.{i}.pos_encoder.pe"] = (
+                out[f"{module}temporal_transformer.{block}.attention_blocks.{i}.pos_encoder.pe"] = (
                     value.clone()
                 )
             continue
-        out[m.group(1) + "temporal_transformer." + rest] = value
+        out[module + "temporal_transformer." + rest] = value
     return out
 
 
@@ -505,13 +512,8 @@ def motion_diffusers_to_original_lora(sd: dict[str, Any]) -> dict[str, Any]:
     """Old-style LoRA keys on diffusers motion names -> original v2_lora_*.ckpt keys."""
     out: dict[str, Any] = {}
     for key, value in sd.items():
-        m = _MM_PREFIX.match(key)
-        if not m:
-            raise KeyError(f"not a motion module key: {key}")
-        rest = m.group(2)
-        rest = re.sub(r"(^|\.)attn1\.", r"\1attention_blocks.0.", rest)
-        rest = re.sub(r"(^|\.)attn2\.", r"\1attention_blocks.1.", rest)
-        out[m.group(1) + "temporal_transformer." + rest] = value
+        module, rest = _split_motion_key(key)
+        out[module + "temporal_transformer." + rest] = value
     return out
 
 
