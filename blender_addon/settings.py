@@ -126,24 +126,11 @@ def request_json(plan: Plan) -> str:
 
 
 def is_loopback(address: str) -> bool:
-    """tcp://127.x / [::1] / localhost, ipc://, inproc:// (same rule as protocol.auth, without
-    importing zmq on the main thread)."""
-    import ipaddress
+    """The protocol's rule (ipc://, inproc://, tcp:// on 127.0.0.0/8, ::1 or localhost), from
+    its stdlib-only module so that zmq is not imported on the main thread."""
+    from .protocol.endpoints import is_loopback as protocol_rule
 
-    scheme, sep, rest = address.strip().partition("://")
-    if not sep:
-        return False
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    host = rest.rsplit(";", 1)[-1].rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return protocol_rule(address.strip())
 
 
 def network_refusal(address: str) -> str | None:

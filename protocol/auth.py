@@ -11,7 +11,6 @@ The server refuses to listen on a non-loopback address without both (`is_loopbac
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import secrets
@@ -24,6 +23,8 @@ from pathlib import Path
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+
+from .endpoints import is_loopback
 
 __all__ = [
     "AuthError",
@@ -242,32 +243,3 @@ def configure_client_curve(
     socket.curve_serverkey = server_public
     socket.curve_publickey = public
     socket.curve_secretkey = secret
-
-
-# --------------------------------------------------------------------------- addresses
-
-
-def is_loopback(address: str) -> bool:
-    """True when a ZeroMQ endpoint is reachable only from this machine: `ipc://`,
-    `inproc://`, or `tcp://` on 127.0.0.0/8, ::1 or `localhost`.  A wildcard (`*`,
-    0.0.0.0), an interface name or any other host is not."""
-    scheme, sep, rest = address.partition("://")
-    if not sep:
-        return False
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    # tcp://[source;]host:port — a source address only names the local side.
-    rest = rest.rsplit(";", 1)[-1]
-    host, colon, _port = rest.rpartition(":")
-    if not colon:
-        return False
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -1,0 +1,32 @@
+"""ZeroMQ endpoint rules that need only the standard library (the Blender add-on calls them
+on its main thread, where importing zmq would cost tens of milliseconds)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+
+def is_loopback(address: str) -> bool:
+    """True when a ZeroMQ endpoint is reachable only from this machine: `ipc://`,
+    `inproc://`, or `tcp://` on 127.0.0.0/8, ::1 or `localhost`.  A wildcard (`*`,
+    0.0.0.0), an interface name or any other host is not."""
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        return False
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    # tcp://[source;]host:port — a source address only names the local side.
+    rest = rest.rsplit(";", 1)[-1]
+    host, colon, _port = rest.rpartition(":")
+    if not colon:
+        return False
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
