@@ -14,7 +14,7 @@
 #     -d .whl diffusers==0.42.1 importlib_metadata pyzmq==27.1.0 msgspec==0.22.0
 #
 # Then, from the session's device tool (one call; carry the wheels):
-#   run(command="bash scripts/gpu_bench.sh", carry=[".whl"], timeout_s=560)
+#   run(command="BENCH_BUDGET_S=570 bash scripts/gpu_bench.sh", carry=[".whl"], timeout_s=600)
 #
 # CPU rehearsal (tiny sizes, proves the script; timings meaningless):
 #   BENCH_ARGS="--device cpu --size tiny --compile-backend eager" BENCH_BUDGET_S=900 \
@@ -22,8 +22,8 @@
 #
 # Environment: OUT (results folder), BENCH_BUDGET_S (seconds for all phases, default 480),
 # BENCH_ARGS (extra arguments for every phase), BENCH_WORKDIR (models + compile cache),
-# BENCH_PHASES (default "main long64 levers long128 modes"; a second GPU session runs
-# e.g. BENCH_PHASES="levers long128 modes" for what the first one skipped).
+# BENCH_PHASES (default "main long64 restart long128 levers modes"; a second GPU session
+# runs e.g. BENCH_PHASES="long128 levers modes" for what the first one skipped).
 set -u -o pipefail
 
 OUT=${OUT:-$PWD/gpu-bench-out}
@@ -66,7 +66,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 } 2>&1 | tee -a "$LOG"
 
 # phase NAME MIN_SECONDS ARGS...: one bench process, bounded by what is left of the budget.
-PHASES=${BENCH_PHASES:-main long64 levers long128 modes}
+PHASES=${BENCH_PHASES:-main long64 restart long128 levers modes}
 phase() {
     local name=$1 need=$2
     shift 2
@@ -89,18 +89,20 @@ phase() {
 }
 
 # 1. The targets: quality (denoise), lightning, end to end through the server, against
-#    stock and stock + torch.compile; the engine at its default (regional compile on CUDA).
-phase main 200 --case quality --case lightning --case server --compile-anchor
+#    stock and (quality) stock + torch.compile; the engine at its default (regional compile
+#    on CUDA); one UNet step of stock and of the engine profiled (kernel time by category).
+phase main 200 --case quality --case lightning --case server --compile-anchor --profile
 # 2. Long clip, 64 frames, windows of 16, stride 4 (one timed run each: ~26 s stock).
-phase long64 120 --case long64 --repeats 0
-# 3. Levers one at a time on the quality case.  "default" again first: a second process
-#    with the compile cache of phase 1 on disk = the warm-up cost after a server restart.
-phase levers 150 --case quality --repeats 1 --lever default --lever eager --lever channels-last \
-    --lever fuse-qkv --lever sdpa:flash --lever sdpa:efficient --lever bf16 \
-    --lever compile+channels-last+fuse-qkv --lever compile-full
-# 4. 128 frames (target: at most 2.1x the 64-frame time).
-phase long128 200 --case long128 --repeats 0
-# 5. Compile modes (long autotuning; only when time is left).
+phase long64 100 --case long64 --repeats 0
+# 3. A server restart: a second process with phase 1's compile cache on disk; its warm-up
+#    (load + compile from the cache) is what the first job after a restart would pay.
+phase restart 40 --case server --engine-only --repeats 1
+# 4. 128 frames (target: at most 2.1x the engine's 64-frame time; no stock run needed).
+phase long128 90 --case long128 --engine-only --repeats 0
+# 5. Levers one at a time on the quality case.
+phase levers 150 --case quality --repeats 1 --lever eager --lever compile+channels-last+fuse-qkv \
+    --lever sdpa:flash --lever sdpa:efficient --lever compile-full --lever bf16 --lever channels-last
+# 6. Compile modes (long autotuning; only when time is left).
 phase modes 150 --case quality --repeats 1 --lever compile:max-autotune-no-cudagraphs --lever compile:reduce-overhead
 
 say "done in $(($(date +%s) - START))s; results: $(ls "$OUT" | tr '\n' ' ')"

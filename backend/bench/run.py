@@ -36,9 +36,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from animatediff_blender.backend.bench.models import BASE_NAME, MOTION_NAME, Size, build_bench_models
+from animatediff_blender.backend.bench.profile import capture_unet_call, format_profile, profile_unet_step
 from animatediff_blender.protocol.messages import GenerateRequest
 
 # Dense fp16/bf16 tensor throughput (TFLOP/s) for "share of peak".  Override with --peak-tflops.
@@ -84,7 +86,9 @@ def cases_for(size: Size) -> dict[str, Case]:
     if size == "real":
         return {
             "quality": Case("quality", 16, 512, 512, 25, 7.5, "quality"),
-            "lightning": Case("lightning", 16, 512, 512, 4, 1.0, "lightning"),
+            # No compiled anchor: the targets compare stock + compile on the quality case only,
+            # and a second compile of the stock UNet costs a minute of GPU time.
+            "lightning": Case("lightning", 16, 512, 512, 4, 1.0, "lightning", compile_anchor=False),
             "long64": Case(
                 "long64", 64, 512, 512, 25, 7.5, "quality", 16, 4, repeats=1, compile_anchor=False
             ),
@@ -309,6 +313,7 @@ def _blank(case: Case, runner: str) -> CaseResult:
 def run_stock(
     models: Path, cases: list[Case], device: str, dtype_name: str, clock: Clock, seed: int,
     compile_backend: str, compile_anchor: bool, print_fn: Callable[[str], None],
+    profile_case: str | None = None, profiles: list[dict[str, Any]] | None = None,
 ) -> dict[str, tuple[list[Run], float]]:  # fmt: skip
     """Stock diffusers, built once: every case eager, then (with `compile_anchor`) the
     short cases again with the UNet compiled, then the FreeNoise cases (FreeNoise stays
@@ -372,6 +377,11 @@ def run_stock(
             res.peak_mem_gib = clock.peak_gib()
             print_fn(format_row(res))
             out[case.name] = ([Run(res, frames)], res.flops_per_step)
+            if case.name == profile_case and profiles is not None:
+                _profile(
+                    profiles, "stock", pipe.unet, functools.partial(call, case, 1), clock, res.flops_per_step,
+                    print_fn,
+                )  # fmt: skip
         except Exception as exc:
             traceback.print_exc()
             res.error = _error(exc)
@@ -415,6 +425,25 @@ def _compile_anchor(
         pipe.unet._compiled_call_impl = None  # eager again
 
 
+def _profile(
+    profiles: list[dict[str, Any]], runner: str, unet: Any, one_step_run: Callable[[], Any], clock: Clock,
+    flops: float, print_fn: Callable[[str], None],
+) -> None:  # fmt: skip
+    """Profile one UNet step: the UNet's arguments are captured from a 1-step run of the
+    real pipeline, then the UNet alone is replayed.  A profiler failure is recorded, never
+    fatal."""
+    try:
+        with capture_unet_call(unet) as calls:
+            one_step_run()
+        args, kwargs = calls[0]
+        found = profile_unet_step(runner, lambda: unet(*args, **kwargs), cuda=clock.cuda, flops_per_step=flops)
+        profiles.append(found)
+        print_fn(format_profile(found))
+    except Exception as exc:
+        traceback.print_exc()
+        profiles.append({"runner": runner, "error": _error(exc)})
+
+
 def _engine(models: Path, device: str, lever: Lever, cache_dir: Path) -> Any:
     from animatediff_blender.backend.engine.animatediff import AnimateDiffEngine
 
@@ -425,7 +454,8 @@ def _engine(models: Path, device: str, lever: Lever, cache_dir: Path) -> Any:
 
 def run_engine(
     models: Path, cases: list[Case], device: str, lever: Lever, clock: Clock, seed: int, cache_dir: Path,
-    print_fn: Callable[[str], None],
+    print_fn: Callable[[str], None], profile_case: str | None = None,
+    profiles: list[dict[str, Any]] | None = None, flops: dict[str, float] | None = None,
 ) -> dict[str, Run]:  # fmt: skip
     """One engine (models loaded once) through every case: warm-up for the case's shape
     (compiles when the lever compiles), then the timed runs."""
@@ -460,6 +490,13 @@ def run_engine(
                 res.peak_mem_gib = clock.peak_gib()
                 print_fn(format_row(res))
                 out[case.name] = Run(res, frames)
+                if case.name == profile_case and profiles is not None:
+                    one_step = msgspec.structs.replace(request, steps=1)
+                    _profile(
+                        profiles, f"engine[{lever.name}]", engine.pipeline.unet,
+                        functools.partial(engine.generate, one_step, lambda _p: None, lambda: False), clock,
+                        (flops or {}).get(case.name, 0.0), print_fn,
+                    )  # fmt: skip
             except Exception as exc:
                 traceback.print_exc()
                 res.error = _error(exc)
@@ -569,7 +606,12 @@ def run_benchmark(
     seed: int = 0,
     out_json: Path | None = None,
     print_fn: Callable[[str], None] = print,
+    profile: bool = False,
+    engine_only: bool = False,
 ) -> dict[str, Any]:
+    """`profile`: also profile one UNet step of the quality case (stock and the first
+    lever).  `engine_only`: no stock runs (no ratios, PSNR or counted FLOPs): for cases
+    whose targets compare the engine with itself (128 vs 64 frames, restart warm-up)."""
     import torch
 
     cuda = device.startswith("cuda")
@@ -591,6 +633,7 @@ def run_benchmark(
             size=size, device=device, dtype=dtype, workdir=workdir, only=only, levers=levers,
             compile_anchor=compile_anchor, compile_backend=compile_backend, repeats=repeats, peak=peak,
             gpu=gpu, seed=seed, out_json=out_json, print_fn=print_fn, all_cases=all_cases,
+            profile=profile, engine_only=engine_only,
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
@@ -599,7 +642,8 @@ def run_benchmark(
 def _run(
     *, size: Size, device: str, dtype: str, workdir: Path, only: list[str] | None, levers: list[str] | None,
     compile_anchor: bool, compile_backend: str, repeats: int | None, peak: float, gpu: str, seed: int,
-    out_json: Path | None, print_fn: Callable[[str], None], all_cases: dict[str, Case],
+    out_json: Path | None, print_fn: Callable[[str], None], all_cases: dict[str, Case], profile: bool,
+    engine_only: bool,
 ) -> dict[str, Any]:  # fmt: skip
     import diffusers
     import torch
@@ -607,7 +651,7 @@ def _run(
     started = time.time()
     parsed = [parse_lever(spec, device, dtype, compile_backend) for spec in (levers or ["default"])]
     t_models = time.perf_counter()
-    models = build_bench_models(workdir / f"models-{size}", size)
+    models = build_bench_models(workdir / f"models-{size}", size, init_device=device if size == "real" else "cpu")
     print_fn(f"bench: models ready in {time.perf_counter() - t_models:.1f} s ({models})")
     cache_dir = workdir / "compile-cache"
     clock = Clock(device)
@@ -624,6 +668,7 @@ def _run(
         "levers": [lv.name for lv in parsed],
         "compile_anchor": compile_anchor,
         "compile_backend": compile_backend,
+        "engine_only": engine_only,
         "started_at": started,
         "cases": {},
         "results": [],
@@ -655,20 +700,25 @@ def _run(
         report["partial"] = [r.result.as_dict() for rs in runs.values() for r in rs]
         save()
 
-    stock = run_stock(
-        models, stock_cases, device, dtype, clock, seed, compile_backend, compile_anchor, print_fn
-    )
+    profiles: list[dict[str, Any]] = []
+    report["profiles"] = profiles
+    profile_case = "quality" if profile else None
+    stock = {} if engine_only else run_stock(
+        models, stock_cases, device, dtype, clock, seed, compile_backend, compile_anchor, print_fn,
+        profile_case, profiles,
+    )  # fmt: skip
     for name, (stock_runs, counted) in stock.items():
         runs[name].extend(stock_runs)
         flops[name] = counted
     clock.reset_peak()
     partial()
-    for lever in parsed:
+    for index, lever in enumerate(parsed):
         engine_cases = [c for c in selected if not c.server]
         if engine_cases:
             for name, run in run_engine(
-                models, engine_cases, device, lever, clock, seed, cache_dir, print_fn
-            ).items():
+                models, engine_cases, device, lever, clock, seed, cache_dir, print_fn,
+                profile_case if index == 0 else None, profiles, flops,
+            ).items():  # fmt: skip
                 runs[name].append(run)
             clock.reset_peak()
         for case in (c for c in selected if c.server):
@@ -692,6 +742,11 @@ def _run(
             f"{', through the server' if case.server else ''})"
         )
         anchor_name = anchor_of[case.name]
+        if engine_only:
+            for run in runs[case.name]:
+                report["results"].append(run.result.as_dict())
+                print_fn(format_row(run.result))
+            continue
         anchor_run = runs[anchor_name][0]
         anchor = anchor_run.result
         group = runs[case.name] if anchor_name == case.name else [

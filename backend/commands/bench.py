@@ -80,6 +80,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--peak-tflops", type=float, default=None, help="the card's dense fp16/bf16 peak, for the share"
     )
     p.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile one UNet step of the quality case (stock and the first lever): kernel time by category",
+    )
+    p.add_argument(
+        "--engine-only",
+        action="store_true",
+        help="skip stock diffusers (no ratios or PSNR): e.g. 128 vs 64 frames, warm-up after a restart",
+    )
+    p.add_argument(
         "--workdir",
         type=Path,
         default=None,
@@ -111,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         report = run_benchmark(
             size=size, device=device, dtype=dtype, workdir=workdir, only=args.cases, levers=args.levers,
             compile_anchor=args.compile_anchor, compile_backend=args.compile_backend, repeats=args.repeats,
-            peak_tflops=args.peak_tflops, out_json=args.json,
+            peak_tflops=args.peak_tflops, out_json=args.json, profile=args.profile, engine_only=args.engine_only,
         )  # fmt: skip
     except ValueError as exc:
         print(f"animatediff-blender bench: {exc}", file=sys.stderr)

@@ -280,6 +280,8 @@ class AnimateDiffEngine:
         self.fast: FastPath = fast
         self.compile_cache_dir = Path(compile_cache_dir) if compile_cache_dir is not None else None
         self._cache_loaded = False
+        # FreeNoise block id -> the plain motion transformer block it stands in for (one job).
+        self._plain_motion_blocks: dict[int, Any] = {}
         self.warm_up_s: float | None = None  # how long the last warm_up took (load + compile)
 
         self._registry_lock = threading.RLock()
@@ -665,19 +667,72 @@ class AnimateDiffEngine:
         return [b for b in blocks if getattr(b, "motion_modules", None) is not None]
 
     def _enable_free_noise(self, pipe: Any, context_length: int, context_stride: int) -> None:
-        pipe.enable_free_noise(
-            context_length=context_length,
-            context_stride=context_stride,
-            weighting_scheme="pyramid",
-            noise_type="shuffle_context",
-        )
+        # diffusers' own swap builds every FreeNoise block afresh (random init on the CPU,
+        # then a copy of the weights) and, on disable, every plain block again: seconds per
+        # long job at real sizes.  Ours builds them on the meta device around the plain
+        # blocks' own tensors (no init, no copy) and keeps the plain blocks to put back.
+        pipe._enable_free_noise_in_block = lambda block: self._swap_in_free_noise_blocks(pipe, block)
+        try:
+            pipe.enable_free_noise(
+                context_length=context_length,
+                context_stride=context_stride,
+                weighting_scheme="pyramid",
+                noise_type="shuffle_context",
+            )
+        finally:
+            del pipe._enable_free_noise_in_block
+
+    def _swap_in_free_noise_blocks(self, pipe: Any, block: Any) -> None:
+        from diffusers.models.attention import FreeNoiseTransformerBlock
+
+        for motion_module in block.motion_modules:
+            blocks = motion_module.transformer_blocks
+            for i, plain in enumerate(blocks):
+                if isinstance(plain, FreeNoiseTransformerBlock):
+                    plain.set_free_noise_properties(
+                        pipe._free_noise_context_length,
+                        pipe._free_noise_context_stride,
+                        pipe._free_noise_weighting_scheme,
+                    )
+                    continue
+                with torch.device("meta"):
+                    windowed = FreeNoiseTransformerBlock(
+                        dim=plain.dim,
+                        num_attention_heads=plain.num_attention_heads,
+                        attention_head_dim=plain.attention_head_dim,
+                        dropout=plain.dropout,
+                        cross_attention_dim=plain.cross_attention_dim,
+                        activation_fn=plain.activation_fn,
+                        attention_bias=plain.attention_bias,
+                        only_cross_attention=plain.only_cross_attention,
+                        double_self_attention=plain.double_self_attention,
+                        positional_embeddings=plain.positional_embeddings,
+                        num_positional_embeddings=plain.num_positional_embeddings,
+                        context_length=pipe._free_noise_context_length,
+                        context_stride=pipe._free_noise_context_stride,
+                        weighting_scheme=pipe._free_noise_weighting_scheme,
+                    )
+                windowed.load_state_dict(plain.state_dict(), strict=True, assign=True)
+                windowed.set_chunk_feed_forward(plain._chunk_size, plain._chunk_dim)
+                self._plain_motion_blocks[id(windowed)] = plain
+                blocks[i] = windowed
 
     def _disable_free_noise(self, pipe: Any) -> None:
         # Not pipe.disable_free_noise(): in 0.42.1 it also walks a mid block without motion
         # modules (v1/v3 motion modules) and raises.
+        from diffusers.models.attention import FreeNoiseTransformerBlock
+
         pipe._free_noise_context_length = None
         for block in self._motion_blocks(pipe.unet):
-            pipe._disable_free_noise_in_block(block)
+            for motion_module in block.motion_modules:
+                blocks = motion_module.transformer_blocks
+                for i, current in enumerate(blocks):
+                    if isinstance(current, FreeNoiseTransformerBlock):
+                        plain = self._plain_motion_blocks.pop(id(current), None)
+                        if plain is not None:
+                            blocks[i] = plain
+            pipe._disable_free_noise_in_block(block)  # anything not swapped by us (none expected)
+        self._plain_motion_blocks.clear()
 
     @staticmethod
     def _spatial_transformer_blocks(unet: Any) -> list[Any]:

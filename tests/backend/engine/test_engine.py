@@ -244,6 +244,37 @@ def test_cancel_between_steps_then_next_job_is_unaffected(engine: AnimateDiffEng
     assert not any(isinstance(m, leftovers) for m in engine._pipe.unet.modules())
 
 
+def test_long_clip_swaps_motion_blocks_without_rebuilding_them(engine: AnimateDiffEngine) -> None:
+    """FreeNoise windows stand in for the plain motion blocks during a long job, on the same
+    weight tensors (no copy, nothing left on the meta device), and the very same plain
+    blocks come back afterwards (already compiled ones stay compiled)."""
+    from diffusers.models.attention import BasicTransformerBlock, FreeNoiseTransformerBlock
+
+    engine.generate(request(), no_progress, never)
+    unet = engine._pipe.unet
+
+    def motion_blocks() -> list[Any]:
+        return [b for name, b in unet.named_modules() if "motion_modules" in name and name.endswith(
+            tuple(f"transformer_blocks.{i}" for i in range(4)))]  # fmt: skip
+
+    before = motion_blocks()
+    assert before and all(type(b) is BasicTransformerBlock for b in before)
+    storage = {b.attn1.to_q.weight.data_ptr() for b in before}
+    seen: list[Any] = []
+
+    def watch(progress: StepProgress) -> None:
+        if not seen:  # the memory saver wraps each block in a SplitInferenceModule
+            seen.extend(getattr(b, "module", b) for b in motion_blocks())
+
+    engine.generate(request(frames=12, context_length=8), watch, never)
+    assert seen and all(isinstance(b, FreeNoiseTransformerBlock) for b in seen)
+    assert {b.attn1.to_q.weight.data_ptr() for b in seen} == storage
+    assert not any(t.is_meta for b in seen for t in [*b.parameters(), *b.buffers()])
+    after = motion_blocks()
+    assert len(after) == len(before) and all(a is b for a, b in zip(after, before, strict=True))
+    assert not engine._plain_motion_blocks
+
+
 # --------------------------------------------------------------------------- warm cache
 
 

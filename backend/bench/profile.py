@@ -1,0 +1,154 @@
+"""Where one denoising step's time goes: the UNet call of a real pipeline step, replayed
+under torch.profiler, its kernels grouped into a few categories (matrix products,
+convolutions, attention, norms, compiled fusions, copies, element-wise).
+
+The numbers answer "what is in the way" when a speed target is missed: the share of the
+step the GPU is busy at all (launch gaps), and which kind of kernel takes the time.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+# Checked in order: the first pattern that matches a kernel (or, on the CPU, an aten op)
+# name gives its category.  cuDNN's convolution kernels mention "gemm" too, so
+# convolutions come before matrix products.
+_CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("attention", re.compile(r"flash|fmha|attention|scaled_dot_product|sdpa", re.I)),
+    ("convolution", re.compile(r"conv|fprop|dgrad|wgrad|cudnn", re.I)),
+    ("matmul", re.compile(r"gemm|nvjet|cutlass|cublas|xmma|matmul|aten::(mm|addmm|bmm|baddbmm|linear)\b", re.I)),
+    ("norm", re.compile(r"norm", re.I)),
+    ("copy/layout", re.compile(r"copy|transpose|permute|\bcat\b|cat_|contiguous|clone|memcpy|memset|nchw|nhwc", re.I)),
+    ("element-wise", re.compile(r"elementwise|vectorized|unrolled|reduce|silu|gelu|add|mul|div|softmax", re.I)),
+)  # fmt: skip
+
+
+def categorize(name: str) -> str:
+    """The category of one kernel (CUDA) or aten op (CPU) name."""
+    if name.startswith("triton_"):
+        # Inductor's generated kernels: name the fused work they mostly do.
+        if "norm" in name:
+            return "compiled: norm"
+        if re.search(r"_(mm|addmm|bmm)_|tem_fused", name):
+            return "compiled: matmul"
+        return "compiled: fused"
+    for category, pattern in _CATEGORIES:
+        if pattern.search(name):
+            return category
+    return "other"
+
+
+@contextmanager
+def capture_unet_call(unet: Any) -> Iterator[list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+    """Record the arguments of every UNet call made inside the block."""
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    previous = unet.__dict__.get("forward")  # an instance-level wrapper (sdpa lever), if any
+    inner = unet.forward
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        calls.append((args, kwargs))
+        return inner(*args, **kwargs)
+
+    unet.forward = recording
+    try:
+        yield calls
+    finally:
+        if previous is None:
+            del unet.forward
+        else:
+            unet.forward = previous
+
+
+def _device_us(event: Any) -> float:
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        value = getattr(event, attr, None)
+        if value:
+            return float(value)
+    return 0.0
+
+
+def profile_unet_step(
+    runner: str,
+    call: Callable[[], Any],
+    *,
+    cuda: bool,
+    repeats: int = 3,
+    flops_per_step: float = 0.0,
+    top: int = 15,
+) -> dict[str, Any]:
+    """Profile `call` (one UNet step on the CFG batch) `repeats` times; per call: wall
+    time (un-profiled, synchronised), summed kernel time, busy share, time per category
+    and the top kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        call()  # anything lazy (a compile left over, cuBLAS handles) happens here
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            call()
+        sync()
+        wall_ms = (time.perf_counter() - t0) * 1000 / repeats
+        activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+        with profile(activities=[activity]) as prof:
+            for _ in range(repeats):
+                call()
+            sync()
+    kernels: dict[str, list[float]] = {}  # name -> [count, total us]
+    for event in prof.key_averages():
+        us = _device_us(event) if cuda else float(getattr(event, "self_cpu_time_total", 0.0))
+        if us <= 0:
+            continue
+        if not cuda and not event.key.startswith("aten::"):
+            continue
+        entry = kernels.setdefault(event.key, [0.0, 0.0])
+        entry[0] += event.count
+        entry[1] += us
+    total_ms = sum(us for _, us in kernels.values()) / 1000 / repeats
+    categories: dict[str, float] = {}
+    for name, (_, us) in kernels.items():
+        cat = categorize(name)
+        categories[cat] = categories.get(cat, 0.0) + us / 1000 / repeats
+    ranked = sorted(kernels.items(), key=lambda kv: kv[1][1], reverse=True)[:top]
+    return {
+        "runner": runner,
+        "device": "cuda" if cuda else "cpu",
+        "repeats": repeats,
+        "wall_ms": wall_ms,
+        "kernel_ms": total_ms,
+        # Kernel time over wall time: well under 1 means the GPU waits for the CPU (launches).
+        "busy_share": total_ms / wall_ms if wall_ms > 0 else 0.0,
+        "tflops": flops_per_step / (wall_ms / 1000) / 1e12 if wall_ms > 0 and flops_per_step else 0.0,
+        "kernel_count": sum(int(c) for c, _ in kernels.values()) // repeats,
+        "categories": dict(sorted(categories.items(), key=lambda kv: kv[1], reverse=True)),
+        "top": [
+            {"name": name[:160], "calls": int(count) // repeats, "ms": us / 1000 / repeats,
+             "category": categorize(name)}
+            for name, (count, us) in ranked
+        ],  # fmt: skip
+    }
+
+
+def format_profile(p: dict[str, Any]) -> str:
+    """A short table for the log."""
+    kernel_ms = p["kernel_ms"] or 1.0
+    lines = [
+        f"profile {p['runner']}: one UNet step {p['wall_ms']:.1f} ms wall, {p['kernel_ms']:.1f} ms in "
+        f"{p['kernel_count']} kernels (busy {100 * p['busy_share']:.0f}%)"
+        + (f", {p['tflops']:.0f} TFLOP/s" if p.get("tflops") else "")
+    ]
+    for cat, ms in p["categories"].items():
+        lines.append(f"    {cat:18s} {ms:8.2f} ms  {100 * ms / kernel_ms:5.1f}%")
+    lines.append("  top kernels:")
+    for k in p["top"]:
+        lines.append(f"    {k['ms']:8.2f} ms  x{k['calls']:<4d} {k['category']:16s} {k['name'][:110]}")
+    return "\n".join(lines)
