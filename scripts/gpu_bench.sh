@@ -44,9 +44,14 @@ if ! python3 -c "import diffusers, zmq, msgspec" 2>/dev/null; then
         say "diffusers/pyzmq/msgspec missing and no .whl/ carried: see this script's header"
         exit 2
     fi
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 || { say "wheel install failed"; exit 2; }
+    # A wheel is a zip laid out for site-packages: unpacking takes seconds where pip takes
+    # ~20 (device time is scarce); pip only if that does not import.
+    for w in .whl/*.whl; do python3 -m zipfile -e "$w" /tmp/site; done
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    if ! python3 -c "import diffusers, zmq, msgspec" >>"$LOG" 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 || { say "wheel install failed"; exit 2; }
+    fi
 fi
 
 # --- the project, importable as animatediff_blender.* without installing it -------------
@@ -104,5 +109,10 @@ phase levers 150 --case quality --repeats 1 --lever eager --lever compile+channe
     --lever sdpa:flash --lever sdpa:efficient --lever compile-full --lever bf16 --lever channels-last
 # 6. Compile modes (long autotuning; only when time is left).
 phase modes 150 --case quality --repeats 1 --lever compile:max-autotune-no-cudagraphs --lever compile:reduce-overhead
+
+# 7. (Not in the default list: BENCH_PHASES=verify.)  A short check of the engine's
+#    default after a change: quality against stock (+ profile), long64 and the server
+#    case engine-only, in one process (one model load, one compile of each shape).
+phase verify 100 --case quality --case long64 --case server --anchor quality --repeats 0 --profile
 
 say "done in $(($(date +%s) - START))s; results: $(ls "$OUT" | tr '\n' ' ')"

@@ -608,10 +608,12 @@ def run_benchmark(
     print_fn: Callable[[str], None] = print,
     profile: bool = False,
     engine_only: bool = False,
+    anchors: list[str] | None = None,
 ) -> dict[str, Any]:
     """`profile`: also profile one UNet step of the quality case (stock and the first
     lever).  `engine_only`: no stock runs (no ratios, PSNR or counted FLOPs): for cases
-    whose targets compare the engine with itself (128 vs 64 frames, restart warm-up)."""
+    whose targets compare the engine with itself (128 vs 64 frames, restart warm-up).
+    `anchors`: run stock only for these cases (the others as with `engine_only`)."""
     import torch
 
     cuda = device.startswith("cuda")
@@ -633,7 +635,7 @@ def run_benchmark(
             size=size, device=device, dtype=dtype, workdir=workdir, only=only, levers=levers,
             compile_anchor=compile_anchor, compile_backend=compile_backend, repeats=repeats, peak=peak,
             gpu=gpu, seed=seed, out_json=out_json, print_fn=print_fn, all_cases=all_cases,
-            profile=profile, engine_only=engine_only,
+            profile=profile, anchors=[] if engine_only else anchors,
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
@@ -643,7 +645,7 @@ def _run(
     *, size: Size, device: str, dtype: str, workdir: Path, only: list[str] | None, levers: list[str] | None,
     compile_anchor: bool, compile_backend: str, repeats: int | None, peak: float, gpu: str, seed: int,
     out_json: Path | None, print_fn: Callable[[str], None], all_cases: dict[str, Case], profile: bool,
-    engine_only: bool,
+    anchors: list[str] | None,
 ) -> dict[str, Any]:  # fmt: skip
     import diffusers
     import torch
@@ -668,7 +670,7 @@ def _run(
         "levers": [lv.name for lv in parsed],
         "compile_anchor": compile_anchor,
         "compile_backend": compile_backend,
-        "engine_only": engine_only,
+        "anchors": anchors,  # None: every case has its stock anchor
         "started_at": started,
         "cases": {},
         "results": [],
@@ -690,7 +692,12 @@ def _run(
     # The server case reuses the lightning anchor when that ran (same settings).
     keys = {c.settings_key(): c.name for c in selected if not c.server}
     anchor_of = {c.name: keys.get(c.settings_key(), c.name) for c in selected}
-    stock_cases = [c for c in selected if anchor_of[c.name] == c.name]
+    if anchors is not None:
+        unknown_anchors = sorted(set(anchors) - {c.name for c in selected})
+        if unknown_anchors:
+            raise ValueError(f"--anchor {unknown_anchors}: not among the selected cases")
+        anchor_of = {c.name: anchor_of[c.name] for c in selected if anchor_of[c.name] in anchors}
+    stock_cases = [c for c in selected if anchor_of.get(c.name) == c.name]
 
     runs: dict[str, list[Run]] = {c.name: [] for c in selected}
     flops: dict[str, float] = {}
@@ -703,7 +710,7 @@ def _run(
     profiles: list[dict[str, Any]] = []
     report["profiles"] = profiles
     profile_case = "quality" if profile else None
-    stock = {} if engine_only else run_stock(
+    stock = {} if not stock_cases else run_stock(
         models, stock_cases, device, dtype, clock, seed, compile_backend, compile_anchor, print_fn,
         profile_case, profiles,
     )  # fmt: skip
@@ -741,8 +748,8 @@ def _run(
             f"CFG {case.guidance:g}{', context ' + str(case.context_length) if case.free_noise else ''}"
             f"{', through the server' if case.server else ''})"
         )
-        anchor_name = anchor_of[case.name]
-        if engine_only:
+        anchor_name = anchor_of.get(case.name)
+        if anchor_name is None:  # no stock run for this case: raw rows
             for run in runs[case.name]:
                 report["results"].append(run.result.as_dict())
                 print_fn(format_row(run.result))

@@ -85,6 +85,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="profile one UNet step of the quality case (stock and the first lever): kernel time by category",
     )
     p.add_argument(
+        "--anchor",
+        action="append",
+        dest="anchors",
+        choices=CASES,
+        help="run stock diffusers only for these cases (repeatable; default: every case)",
+    )
+    p.add_argument(
         "--engine-only",
         action="store_true",
         help="skip stock diffusers (no ratios or PSNR): e.g. 128 vs 64 frames, warm-up after a restart",
@@ -122,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
             size=size, device=device, dtype=dtype, workdir=workdir, only=args.cases, levers=args.levers,
             compile_anchor=args.compile_anchor, compile_backend=args.compile_backend, repeats=args.repeats,
             peak_tflops=args.peak_tflops, out_json=args.json, profile=args.profile, engine_only=args.engine_only,
+            anchors=args.anchors,
         )  # fmt: skip
     except ValueError as exc:
         print(f"animatediff-blender bench: {exc}", file=sys.stderr)

@@ -40,6 +40,7 @@ from animatediff_blender.protocol.messages import GenerateRequest, ModelInfo
 from .interface import (
     CancelCheck,
     EngineError,
+    FrameSink,
     GenerationResult,
     JobCancelled,
     ProgressCallback,
@@ -256,7 +257,8 @@ class AnimateDiffEngine:
         dtype: str | None = None,
         *,
         decode_chunk_size: int = 16,
-        memory_saving: bool = True,
+        stream_chunk_size: int = 4,
+        memory_saving: bool | None = None,
         fast: FastPath | bool | None = None,
         compile_cache_dir: Path | None = None,
     ) -> None:
@@ -266,8 +268,13 @@ class AnimateDiffEngine:
         self.device = self._pick_device(device)
         self.dtype = self._pick_dtype(dtype, self.device)
         self.decode_chunk_size = decode_chunk_size
-        # Long clips: FreeNoise split inference + chunked feed-forward bound memory;
-        # the maths are the same per frame / per position, only batched differently.
+        # Frames per hand-over to a frame sink (generate(on_frames=...)).
+        self.stream_chunk_size = max(1, stream_chunk_size)
+        # Long clips: FreeNoise split inference + chunked feed-forward bound memory; the
+        # maths are the same per frame / per position, only batched differently, but on an
+        # H200 they made a 64-frame clip 2.75x slower for 1 GiB less peak.  None (default):
+        # only when a long clip ran out of memory without them (the job is retried once);
+        # True: always for long clips; False: never.
         self.memory_saving = memory_saving
         # None: the device's default (on for CUDA, off on the CPU); True: the CUDA default
         # wherever we run; False: stock eager.
@@ -554,13 +561,25 @@ class AnimateDiffEngine:
                 attn.set_processor(AttnProcessor2_0())
 
     def _compile_targets(self, unet: Any) -> list[torch.nn.Module]:
-        from diffusers.models.attention import BasicTransformerBlock
-        from diffusers.models.resnet import ResnetBlock2D
+        from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
+        from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 
-        # Not FreeNoise's window blocks (long clips): their Python loop over windows would
-        # unroll into one large graph per clip length; they run eager, the rest compiled.
-        kinds = (BasicTransformerBlock, ResnetBlock2D)
+        # Whole spatial and temporal transformers, not just their inner blocks: the group
+        # norm, the 5D<->4D permutes and copies, the projections and the residual around
+        # the blocks fuse with them (eager, that glue took ~17% of a step on an H200).
+        # FreeNoise's window blocks inside a motion module run their Python loop eagerly
+        # (a graph break), their attention and feed-forward compiled: see
+        # _swap_in_free_noise_blocks.
+        kinds = (Transformer2DModel, AnimateDiffTransformer3D, ResnetBlock2D, Downsample2D, Upsample2D)
         return [m for m in unet.modules() if isinstance(m, kinds)]
+
+    def _compile_module(self, module: torch.nn.Module) -> None:
+        fast = self.fast
+        # Modes are inductor's; other backends (tests: "eager") take none.
+        mode = fast.compile_mode if fast.compile_backend == "inductor" else None
+        if getattr(module, "_compiled_call_impl", None) is None:
+            module.compile(dynamic=False, mode=mode, backend=fast.compile_backend)
 
     def _compile(self, unet: Any) -> None:
         """Compile in place (idempotent): module names and state dicts stay as they are,
@@ -577,12 +596,9 @@ class AnimateDiffEngine:
         # object would silently fall back to eager for the rest.
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
         dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
-        # Modes are inductor's; other backends (tests: "eager") take none.
-        mode = fast.compile_mode if fast.compile_backend == "inductor" else None
         targets = [unet] if fast.compile == "full" else self._compile_targets(unet)
         for module in targets:
-            if getattr(module, "_compiled_call_impl", None) is None:
-                module.compile(dynamic=False, mode=mode, backend=fast.compile_backend)
+            self._compile_module(module)
 
     def _load_compile_cache(self) -> None:
         """Point inductor's on-disk cache at `compile_cache_dir` and load torch's
@@ -714,6 +730,14 @@ class AnimateDiffEngine:
                     )
                 windowed.load_state_dict(plain.state_dict(), strict=True, assign=True)
                 windowed.set_chunk_feed_forward(plain._chunk_size, plain._chunk_dim)
+                if self.fast.compile != "off":
+                    # The window loop stays eager (traced, it would unroll into one graph per
+                    # clip length); each window's attention has the same shape whatever the
+                    # length, so compiled once it serves every clip.
+                    windowed.forward = torch.compiler.disable(windowed.forward)  # type: ignore[method-assign]
+                    for child in (windowed.attn1, windowed.attn2, windowed.ff):
+                        if child is not None:
+                            self._compile_module(child)
                 self._plain_motion_blocks[id(windowed)] = plain
                 blocks[i] = windowed
 
@@ -871,7 +895,7 @@ class AnimateDiffEngine:
 
     @contextmanager
     def _job_state(
-        self, pipe: Any, free_noise: tuple[int, int] | None, loras: list[_LoraJob]
+        self, pipe: Any, free_noise: tuple[int, int] | None, loras: list[_LoraJob], memory_saving: bool
     ) -> Iterator[None]:
         fused = self.fast.fuse_qkv
         try:
@@ -881,7 +905,7 @@ class AnimateDiffEngine:
                 self._set_fused(pipe.unet, False)  # the fused processor would skip peft's layers
             if loras:
                 self._apply_loras(pipe, loras)
-            if free_noise is not None and self.memory_saving:
+            if free_noise is not None and memory_saving:
                 self._enable_memory_saving(pipe)
             yield
         finally:
@@ -901,23 +925,49 @@ class AnimateDiffEngine:
         request: GenerateRequest,
         progress: ProgressCallback,
         should_cancel: CancelCheck,
+        on_frames: FrameSink | None = None,
     ) -> GenerationResult:
         settings = self.resolve(request)
+        delivered = 0  # frames handed to on_frames: a job that delivered some is not retried
+
+        def sink(start: int, frames: list[np.ndarray]) -> None:
+            nonlocal delivered
+            delivered += len(frames)
+            assert on_frames is not None
+            on_frames(start, frames)
+
         with self._gpu_lock:
-            try:
-                return self._generate(settings, progress, should_cancel)
-            except (JobCancelled, EngineError):
-                self._free()
-                raise
-            except Exception as exc:
-                if _is_oom(exc):
+            saving = self.memory_saving is True
+            while True:
+                try:
+                    return self._generate(
+                        settings, progress, should_cancel, memory_saving=saving,
+                        on_frames=sink if on_frames is not None else None,
+                    )  # fmt: skip
+                except (JobCancelled, EngineError):
                     self._free()
-                    raise EngineError("out_of_memory", self._oom_message(settings)) from exc
-                # Unknown failure: do not trust the pipeline's state; the next job rebuilds it
-                # from the still-loaded base model and motion module (no disk reads).
-                self._pipe = None
-                self._free()
-                raise
+                    raise
+                except Exception as exc:
+                    if not _is_oom(exc):
+                        # Unknown failure: do not trust the pipeline's state; the next job
+                        # rebuilds it from the still-loaded models (no disk reads).
+                        self._pipe = None
+                        self._free()
+                        raise
+                    self._free()
+                    if saving or delivered or self.memory_saving is False or not self._is_long(settings):
+                        raise EngineError("out_of_memory", self._oom_message(settings)) from exc
+                    log.warning(
+                        "out of memory for %d frames at %dx%d: retrying with the memory savers on",
+                        settings.frames, settings.width, settings.height,
+                    )  # fmt: skip
+                    saving = True
+
+    @staticmethod
+    def _is_long(s: GenerateRequest) -> bool:
+        """Whether the job runs FreeNoise (the memory savers only apply there)."""
+        assert s.context_length is not None
+        return s.frames > s.context_length or bool(s.prompt_travel)
 
     def _oom_message(self, s: GenerateRequest) -> str:
         return (
@@ -928,8 +978,9 @@ class AnimateDiffEngine:
         )
 
     def _generate(
-        self, s: GenerateRequest, progress: ProgressCallback, should_cancel: CancelCheck
-    ) -> GenerationResult:
+        self, s: GenerateRequest, progress: ProgressCallback, should_cancel: CancelCheck, *,
+        memory_saving: bool = False, on_frames: FrameSink | None = None,
+    ) -> GenerationResult:  # fmt: skip
         assert s.base_model and s.motion_module and s.steps is not None and s.guidance is not None
         assert s.context_length is not None and s.context_stride is not None
         timings: dict[str, float] = {}
@@ -981,7 +1032,7 @@ class AnimateDiffEngine:
                 raise JobCancelled()
             return callback_kwargs
 
-        with self._job_state(pipe, free_noise, loras):
+        with self._job_state(pipe, free_noise, loras, memory_saving):
             t1 = time.perf_counter()
             generator = torch.Generator("cpu").manual_seed(s.seed)
             latents = self._call_pipe(pipe, s, prompt, generator, on_step_end)
@@ -991,11 +1042,20 @@ class AnimateDiffEngine:
             raise JobCancelled()
         progress(StepProgress(s.steps, s.steps, None, phase="decode"))
         t2 = time.perf_counter()
+        # With a frame sink, decode a few frames at a time and hand each batch over at
+        # once: the server encodes and stores them while the device decodes the next.
+        step = self.stream_chunk_size if on_frames is not None else s.frames
+        frames: list[np.ndarray] = []
         with torch.no_grad():
-            video = pipe.decode_latents(latents, self.decode_chunk_size)
-            video_np = pipe.video_processor.postprocess_video(video=video, output_type="np")
-        del latents, video
-        frames = _to_uint8_frames(np.asarray(video_np))
+            for start in range(0, s.frames, step):
+                video = pipe.decode_latents(latents[:, :, start : start + step], self.decode_chunk_size)
+                video_np = pipe.video_processor.postprocess_video(video=video, output_type="np")
+                del video
+                ready = _to_uint8_frames(np.asarray(video_np))
+                frames.extend(ready)
+                if on_frames is not None:
+                    on_frames(start, ready)
+        del latents
         timings["decode"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t0
         return GenerationResult(frames=frames, settings=s, timings=timings)

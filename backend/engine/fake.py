@@ -28,6 +28,7 @@ from animatediff_blender.protocol.messages import GenerateRequest, ModelInfo
 from .interface import (
     CancelCheck,
     EngineError,
+    FrameSink,
     GenerationResult,
     JobCancelled,
     ProgressCallback,
@@ -65,6 +66,7 @@ class FakeEngine:
 
     def __init__(self, step_delay_s: float = 0.0, device: str = "cpu (fake engine)") -> None:
         self.step_delay_s = step_delay_s
+        self.decode_chunk = 4  # frames handed to `on_frames` at a time
         self._device = device
         self._models = {m.id: m for m in FAKE_MODELS}
         self._lock = threading.Lock()
@@ -107,6 +109,7 @@ class FakeEngine:
         request: GenerateRequest,
         progress: ProgressCallback,
         should_cancel: CancelCheck,
+        on_frames: FrameSink | None = None,
     ) -> GenerationResult:
         with self._lock:
             self.generate_calls += 1
@@ -131,7 +134,14 @@ class FakeEngine:
         if should_cancel():
             raise JobCancelled()
         denoise = time.perf_counter() - started
-        frames = self.render(settings)
+        # Frames come out in chunks, as a real engine's VAE decode hands them over.
+        frames: list[np.ndarray] = []
+        for start in range(0, settings.frames, self.decode_chunk):
+            end = min(start + self.decode_chunk, settings.frames)
+            chunk = [self.render_frame(settings, i) for i in range(start, end)]
+            frames.extend(chunk)
+            if on_frames is not None:
+                on_frames(start, chunk)
         return GenerationResult(
             frames=frames,
             settings=settings,

@@ -46,6 +46,8 @@ class GenerationResult:
 
 ProgressCallback = Callable[[StepProgress], None]
 CancelCheck = Callable[[], bool]
+# on_frames(start, frames): frames start..start+len-1 are final (HxWx3 uint8 RGB).
+FrameSink = Callable[[int, list[np.ndarray]], None]
 
 
 class Engine(Protocol):
@@ -71,8 +73,14 @@ class Engine(Protocol):
         request: GenerateRequest,
         progress: ProgressCallback,
         should_cancel: CancelCheck,
+        on_frames: FrameSink | None = None,
     ) -> GenerationResult:
         """Run one job.  Calls `progress` after every denoising step and checks
         `should_cancel` between steps (raising JobCancelled).  Raises EngineError
-        with code "out_of_memory" on device OOM (after freeing what it can)."""
+        with code "out_of_memory" on device OOM (after freeing what it can).
+
+        `on_frames`, when given, is called as frames become final (while later ones are
+        still decoding), in order, each frame once, all of them before `generate`
+        returns: the server encodes and stores them while the device works on.  The
+        result still carries every frame."""
         ...

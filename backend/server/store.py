@@ -144,21 +144,39 @@ class JobStore:
 
     def save_frames(self, job_id: str, pngs: list[bytes]) -> int:
         """Write the frames durably; returns the bytes written."""
-        final = self.job_dir(job_id)
-        partial = final.with_name(final.name + ".partial")
+        partial = self.begin_frames(job_id)
+        total = sum(self.write_frame(partial, i, data) for i, data in enumerate(pngs))
+        self.commit_frames(job_id, partial)
+        return total
+
+    # The three steps of save_frames, for a writer that stores frames as they come (in
+    # any order, from several threads: each frame is its own file).
+
+    def begin_frames(self, job_id: str) -> Path:
+        """A fresh `<job_id>.partial/` folder to write frames into."""
+        partial = self.job_dir(job_id).with_name(job_id + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        total = 0
-        for i, data in enumerate(pngs):
-            with open(partial / frame_name(i), "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            total += len(data)
+        return partial
+
+    @staticmethod
+    def write_frame(partial: Path, index: int, data: bytes) -> int:
+        with open(partial / frame_name(index), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return len(data)
+
+    def commit_frames(self, job_id: str, partial: Path) -> None:
+        """Make the written frames the job's frames (atomically, durably)."""
+        final = self.job_dir(job_id)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         _fsync_dir(self.jobs_dir)
-        return total
+
+    @staticmethod
+    def discard_frames(partial: Path) -> None:
+        shutil.rmtree(partial, ignore_errors=True)
 
     def load_frames(self, job_id: str, count: int) -> list[bytes]:
         folder = self.job_dir(job_id)

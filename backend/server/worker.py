@@ -1,10 +1,11 @@
 """The single GPU worker thread: runs one job at a time through the engine; a
-finisher thread then encodes the PNGs (on a small pool), persists the frames and the
-job's final state, and tells the network loop.
+finisher thread then waits for the frames to be encoded and stored, persists the job's
+final state, and tells the network loop.
 
-CPU work overlaps GPU work: as soon as the engine returns job N's frames, the worker
-posts `DeviceFree` and the loop hands it job N+1 while the finisher still encodes and
-stores job N.  The loop hands a job over only when the device is free, so the inbox
+CPU work overlaps GPU work twice over: frames are PNG-encoded and stored on a pool
+(`FrameWriter`) as the engine hands them over, while it still decodes the next ones;
+and as soon as the engine returns job N, the worker posts `DeviceFree` and the loop
+hands it job N+1 while the finisher still completes job N.  The loop hands a job over only when the device is free, so the inbox
 never holds more than one job.  Every outcome is stored before the loop hears of it: a
 client is never told "finished" about frames that a crash could still lose.
 """
@@ -12,7 +13,6 @@ client is never told "finished" about frames that a crash could still lose.
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import logging
 import os
 import queue
@@ -32,6 +32,7 @@ from animatediff_blender.backend.engine.interface import (
 )
 from animatediff_blender.protocol import messages
 
+from .framewriter import FrameWriter
 from .images import check_frame, encode_png, encode_preview
 from .jobs import DeviceFree, EngineReady, Event, Job, JobDone, JobEnded, JobProgress, JobStarted
 from .store import JobStore
@@ -138,13 +139,22 @@ class Worker:
                     log.warning("job=%s event=bad_preview error=%r", job.job_id, exc)
             self.post(JobProgress(job.job_id, p.step, p.total_steps, elapsed, remaining, p.phase, preview))
 
+        settings = job.settings
+        writer = FrameWriter(
+            self.store, job.job_id, self._encoders, self.encode, self.png_compress_level,
+            settings.width, settings.height,
+        )  # fmt: skip
         try:
-            result = self.engine.generate(job.settings, progress, should_cancel)
-            settings = result.settings
-            for frame in result.frames:
-                check_frame(frame, settings.width, settings.height)
-            if not result.frames:
-                raise ValueError("engine returned no frames")
+            try:
+                result = self.engine.generate(job.settings, progress, should_cancel, on_frames=writer.add)
+                settings = result.settings
+                for frame in result.frames:
+                    check_frame(frame, settings.width, settings.height)
+                if not result.frames:
+                    raise ValueError("engine returned no frames")
+            except BaseException:
+                writer.abort()  # frames already handed over are not kept
+                raise
         except JobCancelled:
             if job.interrupt:
                 self._end(
@@ -163,30 +173,30 @@ class Worker:
             self._end(job, "failed", "internal", f"the engine failed: {type(exc).__name__}: {exc}")
             return
         if job.timed_out or time.monotonic() > job.deadline:
+            writer.abort()
             self._timeout(job)
             return
-        # The device is free: encoding and storing happen on the finisher thread while
-        # the loop hands this worker the next job.
-        self._finisher.submit(self._finish_safely, job, result, start)
+        # The device is free: the rest of encoding and storing happens on the finisher
+        # thread while the loop hands this worker the next job.
+        self._finisher.submit(self._finish_safely, job, result, start, writer)
         self.post(DeviceFree(job.job_id))
 
-    def _finish_safely(self, job: Job, result: GenerationResult, start: float) -> None:
+    def _finish_safely(self, job: Job, result: GenerationResult, start: float, writer: FrameWriter) -> None:
         try:
-            self._finish(job, result, start)
+            self._finish(job, result, start, writer)
         except Exception as exc:
             log.exception("job=%s event=finish_error", job.job_id)
             self._end(job, "failed", "internal", f"could not encode the frames: {type(exc).__name__}: {exc}")
 
-    def _finish(self, job: Job, result: GenerationResult, start: float) -> None:
+    def _finish(self, job: Job, result: GenerationResult, start: float, writer: FrameWriter) -> None:
         settings = result.settings
-        level = self.png_compress_level
-        pngs = list(self._encoders.map(lambda f: self.encode(f, level), result.frames))
-        elapsed = time.monotonic() - start
         try:
-            size = self.store.save_frames(job.job_id, pngs)
+            stored = writer.finish(result.frames)
         except OSError as exc:
             self._end(job, "failed", "storage", f"could not store the frames: {exc}")
             return
+        pngs, size = stored.pngs, stored.bytes
+        elapsed = time.monotonic() - start
         finished = messages.Finished(
             job_id=job.job_id,
             frames=len(pngs),
@@ -209,8 +219,7 @@ class Worker:
             total_steps=job.total_steps,
             bytes=size,
         )
-        digests = [hashlib.sha256(p).hexdigest() for p in pngs]
-        self.post(JobDone(job.job_id, pngs, digests, finished))
+        self.post(JobDone(job.job_id, pngs, stored.sha256, finished))
 
     def _timeout(self, job: Job) -> None:
         self._end(

@@ -87,9 +87,13 @@ def _compiled(module: torch.nn.Module) -> bool:
 def test_levers_apply_survive_job_state_and_keep_frames(
     tiny_zoo: Path, tmp_path: Path, one_thread: None
 ) -> None:
-    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention import FreeNoiseTransformerBlock
     from diffusers.models.attention_processor import FusedAttnProcessor2_0
     from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+    from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+
+    kinds = (Transformer2DModel, AnimateDiffTransformer3D, ResnetBlock2D)
 
     eager = AnimateDiffEngine(tiny_zoo, "cpu", "fp32")
     fast = AnimateDiffEngine(
@@ -101,8 +105,8 @@ def test_levers_apply_survive_job_state_and_keep_frames(
     fast.warm_up(BASE, MOTION)  # compiles here, not in the first job
     assert fast.warm_up_s is not None and fast.warm_up_s > 0
     unet = fast.pipeline.unet
-    blocks = [m for m in unet.modules() if isinstance(m, (BasicTransformerBlock, ResnetBlock2D))]
-    assert blocks and all(_compiled(m) for m in blocks)
+    blocks = [m for m in unet.modules() if isinstance(m, kinds)]
+    assert {type(b) for b in blocks} == set(kinds) and all(_compiled(m) for m in blocks)
     spatial = fast._spatial_attentions(unet)
     assert spatial and all(isinstance(a.processor, FusedAttnProcessor2_0) for a in spatial)
     conv = unet.conv_in.weight
@@ -121,11 +125,22 @@ def test_levers_apply_survive_job_state_and_keep_frames(
     )
     assert all(isinstance(a.processor, FusedAttnProcessor2_0) for a in fast._spatial_attentions(unet))
 
-    # FreeNoise swaps the motion modules' blocks in and out; the fresh blocks get compiled.
+    # FreeNoise swaps the motion modules' blocks in and out: its window loop runs eagerly,
+    # each window's attention and the feed-forward compiled; afterwards the plain blocks
+    # (still compiled) are back.
     long = {"frames": 8, "context_length": 4, "context_stride": 2}
-    assert np.abs(_frames(fast, **long) - _frames(eager, **long)).max() <= TOLERANCE
-    blocks = [m for m in unet.modules() if isinstance(m, (BasicTransformerBlock, ResnetBlock2D))]
+    windowed: list[Any] = []
+
+    def watch(_progress: Any) -> None:
+        if not windowed:
+            windowed.extend(m for m in unet.modules() if isinstance(m, FreeNoiseTransformerBlock))
+
+    result = fast.generate(_request(**long), watch, lambda: False)
+    assert np.abs(np.stack(result.frames).astype(np.int16) - _frames(eager, **long)).max() <= TOLERANCE
+    assert windowed and all(_compiled(w.attn1) and _compiled(w.ff) for w in windowed)
+    blocks = [m for m in unet.modules() if isinstance(m, kinds)]
     assert all(_compiled(m) for m in blocks)
+    assert not any(isinstance(m, FreeNoiseTransformerBlock) for m in unet.modules())
 
 
 def test_compile_cache_dir_is_used_and_a_bad_cache_is_survived(

@@ -324,6 +324,48 @@ def test_out_of_memory_becomes_a_readable_engine_error(
     assert max_abs_diff(eng.generate(request(), no_progress, never).frames, good) == 0
 
 
+def test_long_clip_out_of_memory_is_retried_with_the_memory_savers(
+    make_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Default (memory_saving=None): a long clip runs without the savers (faster); when it
+    runs out of memory it is retried once with them, and the frames match the savers'
+    always-on path.  Short clips and memory_saving=False are not retried."""
+    from diffusers.pipelines.free_noise_utils import SplitInferenceModule
+
+    eng = make_engine()
+    always = make_engine(memory_saving=True)
+    long_job = request(frames=12, context_length=8)
+    reference = always.generate(long_job, no_progress, never).frames
+    eng.generate(request(), no_progress, never)
+    pipe_cls = type(eng._pipe)
+    original_call = pipe_cls.__call__
+    attempts: list[bool] = []  # per pipeline call: were the savers on?
+
+    def oom_without_savers(self: Any, *a: Any, **kw: Any) -> Any:
+        saving = any(isinstance(m, SplitInferenceModule) for m in self.unet.modules())
+        attempts.append(saving)
+        if not saving:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return original_call(self, *a, **kw)
+
+    monkeypatch.setattr(pipe_cls, "__call__", oom_without_savers)
+    frames = eng.generate(long_job, no_progress, never).frames
+    assert attempts == [False, True]
+    assert max_abs_diff(frames, reference) == 0
+    attempts.clear()
+    with pytest.raises(EngineError) as info:  # a short clip has nothing to save: no retry
+        eng.generate(request(), no_progress, never)
+    assert info.value.code == "out_of_memory" and attempts == [False]
+    attempts.clear()
+    never_saving = make_engine(memory_saving=False)
+    with pytest.raises(EngineError):
+        never_saving.generate(long_job, no_progress, never)
+    assert attempts == [False]
+    monkeypatch.setattr(pipe_cls, "__call__", original_call)
+    # Nothing of the savers stayed behind.
+    assert not any(isinstance(m, SplitInferenceModule) for m in eng._pipe.unet.modules())
+
+
 def test_capabilities_and_device(engine: AnimateDiffEngine) -> None:
     caps = engine.capabilities()
     for cap in ("motion_lora", "domain_adapter", "context_windows", "prompt_travel", "preview"):

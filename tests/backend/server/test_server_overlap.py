@@ -29,9 +29,68 @@ class RecordingEngine(FakeEngine):
         super().__init__(step_delay_s=0.01)
         self.starts: dict[str, float] = {}
 
-    def generate(self, request: Any, progress: Any, should_cancel: Any) -> Any:
+    def generate(self, request: Any, progress: Any, should_cancel: Any, on_frames: Any = None) -> Any:
         self.starts[request.prompt] = time.monotonic()
-        return super().generate(request, progress, should_cancel)
+        return super().generate(request, progress, should_cancel, on_frames)
+
+
+class SlowDecodeEngine(FakeEngine):
+    """Hands frames over one at a time, DECODE_DELAY_S apart, and records when it returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decode_chunk = 1
+        self.returned_at = 0.0
+
+    def generate(self, request: Any, progress: Any, should_cancel: Any, on_frames: Any = None) -> Any:
+        def slow_sink(start: int, frames: list[np.ndarray]) -> None:
+            on_frames(start, frames)
+            time.sleep(DECODE_DELAY_S)  # the device decoding the next frame
+
+        result = super().generate(request, progress, should_cancel, slow_sink if on_frames else None)
+        self.returned_at = time.monotonic()
+        return result
+
+
+DECODE_DELAY_S = 0.2
+
+
+def test_frames_are_encoded_and_stored_while_later_ones_still_decode(
+    make_server: Callable[..., Server], make_client: Callable[..., BackendClient]
+) -> None:
+    engine = SlowDecodeEngine()
+    server = make_server(engine=engine)
+    encoded: list[float] = []
+    server.worker.encode = lambda frame, level: (encoded.append(time.monotonic()), encode_png(frame, level))[1]
+    client = make_client(server)
+    client.connect()
+    result = client.run_job(small_request("stream", frames=4, steps=1), timeout_s=30)
+    assert len(result.frames) == 4
+    # Three of the four frames were encoded before the engine had decoded the last one.
+    assert sum(t < engine.returned_at for t in encoded) >= 3
+    stored = sorted((server.config.data_dir / "jobs" / result.job_id).glob("*.png"))
+    assert [p.read_bytes() for p in stored] == list(result.frames)
+    assert not list((server.config.data_dir / "jobs").glob("*.partial"))
+
+
+def test_a_job_failing_mid_decode_leaves_no_partial_frames(
+    make_server: Callable[..., Server], make_client: Callable[..., BackendClient]
+) -> None:
+    class FailingDecode(FakeEngine):
+        def generate(self, request: Any, progress: Any, should_cancel: Any, on_frames: Any = None) -> Any:
+            def sink(start: int, frames: list[np.ndarray]) -> None:
+                on_frames(start, frames)
+                raise RuntimeError("decoder exploded")
+
+            return super().generate(request, progress, should_cancel, sink)
+
+    server = make_server(engine=FailingDecode())
+    client = make_client(server)
+    client.connect()
+    with pytest.raises(Exception, match="decoder exploded"):
+        client.run_job(small_request("boom", frames=8, steps=1), timeout_s=30)
+    jobs = server.config.data_dir / "jobs"
+    assert not list(jobs.glob("*.partial")) and not [p for p in jobs.glob("*") if p.is_dir()]
 
 
 def test_next_job_starts_while_the_previous_one_is_encoded(

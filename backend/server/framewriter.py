@@ -1,0 +1,91 @@
+"""One job's frames, encoded (PNG), stored (fsync'd, one file each) and digested on a
+thread pool as the engine hands them over -- while the device still decodes the next
+ones -- then committed in one atomic rename.
+
+Nothing here tells a client anything: the worker reports the job finished only after
+`finish()` returned and the frames are committed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .images import check_frame
+from .store import JobStore
+
+
+@dataclass(frozen=True)
+class StoredFrames:
+    pngs: list[bytes]
+    sha256: list[str]
+    bytes: int
+
+
+class FrameWriter:
+    def __init__(
+        self,
+        store: JobStore,
+        job_id: str,
+        pool: concurrent.futures.Executor,
+        encode: Callable[[np.ndarray, int], bytes],
+        compress_level: int,
+        width: int,
+        height: int,
+    ) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.pool = pool
+        self.encode = encode
+        self.compress_level = compress_level
+        self.width, self.height = width, height
+        self._partial: Path | None = None
+        self._futures: dict[int, concurrent.futures.Future[tuple[bytes, str, int]]] = {}
+
+    def add(self, start: int, frames: list[np.ndarray]) -> None:
+        """The engine's frame sink: queue frames start..start+len-1 (called on the worker
+        thread).  A bad frame raises here, inside the engine's call, and fails the job."""
+        for index, frame in enumerate(frames, start):
+            check_frame(frame, self.width, self.height)
+            if index in self._futures:
+                raise ValueError(f"engine handed over frame {index} twice")
+            self._futures[index] = self.pool.submit(self._one, self._folder(), index, frame)
+
+    def finish(self, frames: list[np.ndarray]) -> StoredFrames:
+        """Encode and store whatever was not handed over yet, wait for all of it and
+        commit.  Raises OSError when storing failed (the partial folder is removed)."""
+        try:
+            for index, frame in enumerate(frames):
+                if index not in self._futures:
+                    check_frame(frame, self.width, self.height)
+                    self._futures[index] = self.pool.submit(self._one, self._folder(), index, frame)
+            if sorted(self._futures) != list(range(len(frames))):
+                raise ValueError(f"engine handed over frames {sorted(self._futures)[:8]}... for {len(frames)} frames")
+            done = [self._futures[i].result() for i in range(len(frames))]
+            self.store.commit_frames(self.job_id, self._folder())
+        except BaseException:
+            self.abort()
+            raise
+        return StoredFrames([d[0] for d in done], [d[1] for d in done], sum(d[2] for d in done))
+
+    def abort(self) -> None:
+        """Wait for queued work (it writes into the partial folder), then remove it."""
+        concurrent.futures.wait(list(self._futures.values()))
+        if self._partial is not None:
+            self.store.discard_frames(self._partial)
+            self._partial = None
+
+    def _folder(self) -> Path:
+        if self._partial is None:
+            self._partial = self.store.begin_frames(self.job_id)
+        return self._partial
+
+    def _one(self, folder: Path, index: int, frame: np.ndarray) -> tuple[bytes, str, int]:
+        png = self.encode(frame, self.compress_level)
+        size = self.store.write_frame(folder, index, png)
+        return png, hashlib.sha256(png).hexdigest(), size
