@@ -728,6 +728,7 @@ def _run(
             ).items():  # fmt: skip
                 runs[name].append(run)
             clock.reset_peak()
+            partial()
         for case in (c for c in selected if c.server):
             print_fn(f"bench: server[{lever.name}], {case.name}")
             try:
