@@ -702,8 +702,22 @@ def _run(
     runs: dict[str, list[Run]] = {c.name: [] for c in selected}
     flops: dict[str, float] = {}
 
+    compared: set[int] = set()
+
     def partial() -> None:
-        """Raw rows so far (no ratios yet): kept if the process is stopped mid-way."""
+        """Rows so far, compared with their anchor as soon as it exists (printed then): kept
+        if the process is stopped mid-way (a GPU lease running out)."""
+        for case in selected:
+            anchor_name = anchor_of.get(case.name)
+            if anchor_name is None or not runs.get(anchor_name):
+                continue
+            anchor_run = runs[anchor_name][0]
+            for run in runs[case.name]:
+                if run is anchor_run or id(run) in compared or run.result.error or anchor_run.result.error:
+                    continue
+                compared.add(id(run))
+                _compare(run.result, run.frames, anchor_run, case, flops.get(anchor_name, 0.0), peak)
+                print_fn(format_row(run.result))
         report["partial"] = [r.result.as_dict() for rs in runs.values() for r in rs]
         save()
 
@@ -769,19 +783,27 @@ def _run(
                 report["results"].append(r.as_dict())
                 print_fn(format_row(r))
                 continue
-            r.flops_per_step = flops.get(anchor_name, 0.0)
-            r.tflops = r.flops_per_step * case.steps / r.denoise_s / 1e12 if r.denoise_s > 0 else 0.0
-            r.share_of_peak = r.tflops / peak if peak else 0.0
-            r.ratio_to_anchor = anchor.denoise_s / r.denoise_s if r.denoise_s > 0 else 0.0
-            r.ratio_e2e_to_anchor = anchor.end_to_end_s / r.end_to_end_s if r.end_to_end_s > 0 else 0.0
-            try:
-                r.psnr_vs_anchor_db = psnr(run.frames, anchor_run.frames)
-            except ValueError as exc:
-                r.error = f"PSNR: {exc}"
+            _compare(r, run.frames, anchor_run, case, flops.get(anchor_name, 0.0), peak)
             report["results"].append(r.as_dict())
             print_fn(format_row(r))
     save()
     return report
+
+
+def _compare(
+    r: CaseResult, frames: list[np.ndarray], anchor_run: Run, case: Case, flops_per_step: float, peak: float
+) -> None:
+    """Fill the fields that compare a successful row with its (successful) stock anchor."""
+    anchor = anchor_run.result
+    r.flops_per_step = flops_per_step
+    r.tflops = flops_per_step * case.steps / r.denoise_s / 1e12 if r.denoise_s > 0 else 0.0
+    r.share_of_peak = r.tflops / peak if peak else 0.0
+    r.ratio_to_anchor = anchor.denoise_s / r.denoise_s if r.denoise_s > 0 else 0.0
+    r.ratio_e2e_to_anchor = anchor.end_to_end_s / r.end_to_end_s if r.end_to_end_s > 0 else 0.0
+    try:
+        r.psnr_vs_anchor_db = psnr(frames, anchor_run.frames)
+    except ValueError as exc:
+        r.error = f"PSNR: {exc}"
 
 
 def format_row(r: CaseResult) -> str:
