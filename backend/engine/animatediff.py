@@ -94,10 +94,13 @@ class FastPath:
     tolerance (the benchmark reports the PSNR), not bit for bit.  `FastPath.off()` is the
     stock eager path, the CPU default, bit-identical to stock diffusers.
 
-    compile: "regional" compiles each repeated block (spatial/temporal transformer blocks,
-        ResNet blocks) in place with `dynamic=False`: the same block class compiles once and
-        is reused, so compile time is seconds, and FreeNoise/LoRA/memory-saving swaps of
-        submodules only recompile what they touch.  "full" compiles the whole UNet.
+    compile: "regional" compiles each whole spatial transformer, motion module, ResNet block
+        and sampler in place with `dynamic=False` (one graph per class and input shape), so
+        FreeNoise/LoRA/memory-saving swaps of submodules only recompile what they touch.
+        On an H200 it matched compiling the whole UNet (2.90 s vs 2.87 s for 16 frames,
+        25 steps; stock 4.09 s) after ~90 s of warm-up; each new clip length or size
+        compiles its shapes on first use (~50 s for 64 frames).  "full" compiles the
+        whole UNet (a LoRA set or clip length recompiles all of it).
     compile_mode: torch.compile mode ("default", "max-autotune-no-cudagraphs",
         "reduce-overhead" = CUDA graphs, "max-autotune").
     compile_backend: "inductor"; tests use "aot_eager" (no C++/Triton codegen).

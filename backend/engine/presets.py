@@ -11,6 +11,8 @@ from typing import Any
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from animatediff_blender.backend.schedules import ANIMATEDIFF_DDIM, SD15_BETAS
+
 DEFAULT_CONTEXT_LENGTH = 16
 DEFAULT_CONTEXT_STRIDE = 4
 
@@ -41,15 +43,7 @@ PRESETS: dict[str, Preset] = {
     "quality": Preset(
         name="quality",
         scheduler_class=DDIMScheduler,
-        scheduler_kwargs={
-            "beta_start": 0.00085,
-            "beta_end": 0.012,
-            "beta_schedule": "linear",
-            "steps_offset": 1,
-            "clip_sample": False,
-            "set_alpha_to_one": False,
-            "timestep_spacing": "linspace",
-        },
+        scheduler_kwargs=dict(ANIMATEDIFF_DDIM),
         steps=25,
         guidance=7.5,
     ),
@@ -57,12 +51,7 @@ PRESETS: dict[str, Preset] = {
     "lightning": Preset(
         name="lightning",
         scheduler_class=EulerDiscreteScheduler,
-        scheduler_kwargs={
-            "beta_start": 0.00085,
-            "beta_end": 0.012,
-            "timestep_spacing": "trailing",
-            "beta_schedule": "linear",
-        },
+        scheduler_kwargs={**SD15_BETAS, "timestep_spacing": "trailing"},
         steps=4,
         guidance=1.0,
         min_steps=1,
@@ -72,7 +61,7 @@ PRESETS: dict[str, Preset] = {
     "lcm": Preset(
         name="lcm",
         scheduler_class=LCMScheduler,
-        scheduler_kwargs={"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "linear"},
+        scheduler_kwargs=dict(SD15_BETAS),
         steps=6,
         guidance=1.5,
     ),

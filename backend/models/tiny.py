@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from animatediff_blender.backend.schedules import ANIMATEDIFF_DDIM
+
 BLOCK_OUT_CHANNELS = (32, 32, 64, 64)
 CROSS_ATTENTION_DIM = 32
 NORM_NUM_GROUPS = 32  # as SD1.5; widths are multiples of it
@@ -58,17 +60,7 @@ TEXT_ENCODER_CONFIG: dict[str, Any] = {
 }
 
 # AnimateDiff's own inference schedule (configs/inference/inference-v2.yaml).
-SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "DDIMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "linear",
-    "steps_offset": 1,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "timestep_spacing": "linspace",
-}
+SCHEDULER_CONFIG: dict[str, Any] = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, **ANIMATEDIFF_DDIM}
 
 
 def motion_adapter_config(version: str) -> dict[str, Any]:

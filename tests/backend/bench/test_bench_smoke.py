@@ -67,8 +67,11 @@ def test_every_case_runs_and_reports_every_field(tmp_path: Path, capsys: pytest.
     server = rows[("server", "server[default]")]
     assert {"engine_total_s", "server_overhead_s", "handshake_warming_up"} <= set(server["extra"])
     assert server["warm_up_s"] is not None and server["warm_up_s"] > 0
-    # Every row was printed.
-    assert printed.count("PSNR") == len(rows)
+    # Every row was printed in the closing table; the engine's and the server's rows also
+    # as soon as they could be compared (a run stopped early keeps them in its log).
+    closing = printed.split("bench: results", 1)[1]
+    assert closing.count("PSNR") == len(rows)
+    assert printed.count("PSNR") == len(rows) + sum(1 for _, runner in rows if runner != "stock")
 
 
 def test_psnr() -> None:
@@ -89,3 +92,52 @@ def test_bad_arguments_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture
     )  # fmt: skip
     assert code == 2
     assert "unknown lever" in capsys.readouterr().err
+
+
+def test_anchor_subset_and_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--anchor: stock runs only for the named cases (the others report raw engine rows);
+    --profile: one UNet step of stock and of the engine, its time split into categories."""
+    out = tmp_path / "bench.json"
+    code = main(
+        ["bench", "--size", "tiny", "--device", "cpu", "--repeats", "0", "--case", "quality", "--case", "long64",
+         "--anchor", "quality", "--profile", "--workdir", str(tmp_path / "work"), "--json", str(out)]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    report = json.loads(out.read_text())
+    rows = {(r["case"], r["runner"]): r for r in report["results"]}
+    assert set(rows) == {("quality", "stock"), ("quality", "engine[default]"), ("long64", "engine[default]")}
+    assert rows[("quality", "engine[default]")]["ratio_to_anchor"] > 0
+    assert rows[("quality", "engine[default]")]["psnr_vs_anchor_db"] == "inf"
+    long = rows[("long64", "engine[default]")]
+    assert long["denoise_s"] > 0 and long["ratio_to_anchor"] == 0 and long["psnr_vs_anchor_db"] is None
+    profiles = {p["runner"]: p for p in report["profiles"]}
+    assert set(profiles) == {"stock", "engine[default]"}
+    for p in profiles.values():
+        assert "error" not in p, p
+        assert p["wall_ms"] > 0 and p["kernel_ms"] > 0 and p["kernel_count"] > 0
+        assert sum(p["categories"].values()) == pytest.approx(p["kernel_ms"], rel=1e-6)
+        assert {"convolution", "matmul", "attention"} <= set(p["categories"])
+        assert p["top"] and all(k["ms"] > 0 for k in p["top"])
+    assert "profile stock: one UNet step" in printed
+
+
+@pytest.mark.parametrize(
+    ("name", "category"),
+    [
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7", "attention"),
+        ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc", "convolution"),
+        ("nvjet_sm90_hsh_256x128_64x4_1x2_h_bz_coopA_bias_TNT", "matmul"),
+        ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::Half>", "norm"),
+        ("triton_poi_fused_convolution_native_group_norm_silu_1", "compiled: norm"),
+        ("triton_poi_fused_gelu_mul_split_view_3", "compiled: fused"),
+        ("void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda>", "copy/layout"),
+        ("aten::addmm", "matmul"),
+        ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+        ("some_unknown_kernel", "other"),
+    ],
+)
+def test_kernel_categories(name: str, category: str) -> None:
+    from animatediff_blender.backend.bench.profile import categorize
+
+    assert categorize(name) == category
