@@ -24,6 +24,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -186,6 +187,22 @@ def _to_uint8_frames(video: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(f) for f in arr]
 
 
+def _shares_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two modules with the same structure still hold the very same tensors."""
+    ours, theirs = a.state_dict(), b.state_dict()
+    return ours.keys() == theirs.keys() and all(
+        x.data_ptr() == theirs[k].data_ptr() and x.shape == theirs[k].shape for k, x in ours.items()
+    )
+
+
+def _inductor_default_cache_dir() -> str:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # moved in some torch release: only an explicit setting is kept then
+        return ""
+    return str(default_cache_dir())
+
+
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
@@ -292,6 +309,9 @@ class AnimateDiffEngine:
         self._cache_loaded = False
         # FreeNoise block id -> the plain motion transformer block it stands in for (one job).
         self._plain_motion_blocks: dict[int, Any] = {}
+        # plain motion transformer block -> its FreeNoise stand-in (same tensors), kept
+        # while the plain block lives.
+        self._free_noise_blocks: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self.warm_up_s: float | None = None  # how long the last warm_up took (load + compile)
 
         self._registry_lock = threading.RLock()
@@ -611,8 +631,13 @@ class AnimateDiffEngine:
         self._cache_loaded = True
         inductor_dir = self.compile_cache_dir / "inductor"
         inductor_dir.mkdir(parents=True, exist_ok=True)
-        # Inductor and Triton read these on every lookup; an explicit setting wins.
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_dir))
+        # Inductor and Triton read these on every lookup; a setting of the user's wins.
+        # Inductor writes its default (/tmp/torchinductor_<user>, lost on reboot) into the
+        # environment the first time anything asks for it -- which may have happened
+        # already -- so that value is not the user's and is replaced.
+        current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        if current is None or os.path.abspath(current) == os.path.abspath(_inductor_default_cache_dir()):
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_dir)
         os.environ.setdefault("TRITON_CACHE_DIR", str(inductor_dir / "triton"))
         mega = self.compile_cache_dir / MEGA_CACHE_FILE
         if mega.is_file() and hasattr(torch.compiler, "load_cache_artifacts"):
@@ -704,45 +729,59 @@ class AnimateDiffEngine:
     def _swap_in_free_noise_blocks(self, pipe: Any, block: Any) -> None:
         from diffusers.models.attention import FreeNoiseTransformerBlock
 
+        settings = (
+            pipe._free_noise_context_length,
+            pipe._free_noise_context_stride,
+            pipe._free_noise_weighting_scheme,
+        )
         for motion_module in block.motion_modules:
             blocks = motion_module.transformer_blocks
             for i, plain in enumerate(blocks):
                 if isinstance(plain, FreeNoiseTransformerBlock):
-                    plain.set_free_noise_properties(
-                        pipe._free_noise_context_length,
-                        pipe._free_noise_context_stride,
-                        pipe._free_noise_weighting_scheme,
-                    )
+                    plain.set_free_noise_properties(*settings)
                     continue
-                with torch.device("meta"):
-                    windowed = FreeNoiseTransformerBlock(
-                        dim=plain.dim,
-                        num_attention_heads=plain.num_attention_heads,
-                        attention_head_dim=plain.attention_head_dim,
-                        dropout=plain.dropout,
-                        cross_attention_dim=plain.cross_attention_dim,
-                        activation_fn=plain.activation_fn,
-                        attention_bias=plain.attention_bias,
-                        only_cross_attention=plain.only_cross_attention,
-                        double_self_attention=plain.double_self_attention,
-                        positional_embeddings=plain.positional_embeddings,
-                        num_positional_embeddings=plain.num_positional_embeddings,
-                        context_length=pipe._free_noise_context_length,
-                        context_stride=pipe._free_noise_context_stride,
-                        weighting_scheme=pipe._free_noise_weighting_scheme,
-                    )
-                windowed.load_state_dict(plain.state_dict(), strict=True, assign=True)
+                windowed = self._free_noise_blocks.get(plain)
+                if windowed is None or not _shares_weights(windowed, plain):
+                    windowed = self._windowed_block(plain, *settings)
+                    self._free_noise_blocks[plain] = windowed
+                else:
+                    windowed.set_free_noise_properties(*settings)
                 windowed.set_chunk_feed_forward(plain._chunk_size, plain._chunk_dim)
-                if self.fast.compile != "off":
-                    # The window loop stays eager (traced, it would unroll into one graph per
-                    # clip length); each window's attention has the same shape whatever the
-                    # length, so compiled once it serves every clip.
-                    windowed.forward = torch.compiler.disable(windowed.forward)  # type: ignore[method-assign]
-                    for child in (windowed.attn1, windowed.attn2, windowed.ff):
-                        if child is not None:
-                            self._compile_module(child)
                 self._plain_motion_blocks[id(windowed)] = plain
                 blocks[i] = windowed
+
+    def _windowed_block(self, plain: Any, context_length: int, context_stride: int, weighting: str) -> Any:
+        """A FreeNoise block for `plain`, built on the meta device around plain's own tensors
+        (no init, no copy) and kept for later long jobs (compiled once)."""
+        from diffusers.models.attention import FreeNoiseTransformerBlock
+
+        with torch.device("meta"):
+            windowed = FreeNoiseTransformerBlock(
+                dim=plain.dim,
+                num_attention_heads=plain.num_attention_heads,
+                attention_head_dim=plain.attention_head_dim,
+                dropout=plain.dropout,
+                cross_attention_dim=plain.cross_attention_dim,
+                activation_fn=plain.activation_fn,
+                attention_bias=plain.attention_bias,
+                only_cross_attention=plain.only_cross_attention,
+                double_self_attention=plain.double_self_attention,
+                positional_embeddings=plain.positional_embeddings,
+                num_positional_embeddings=plain.num_positional_embeddings,
+                context_length=context_length,
+                context_stride=context_stride,
+                weighting_scheme=weighting,
+            )
+        windowed.load_state_dict(plain.state_dict(), strict=True, assign=True)
+        if self.fast.compile != "off":
+            # The window loop stays eager (traced, it would unroll into one graph per clip
+            # length); each window's attention has the same shape whatever the length, so
+            # compiled once it serves every clip.
+            windowed.forward = torch.compiler.disable(windowed.forward)  # type: ignore[method-assign]
+            for child in (windowed.attn1, windowed.attn2, windowed.ff):
+                if child is not None:
+                    self._compile_module(child)
+        return windowed
 
     def _disable_free_noise(self, pipe: Any) -> None:
         # Not pipe.disable_free_noise(): in 0.42.1 it also walks a mid block without motion

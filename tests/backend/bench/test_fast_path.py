@@ -159,4 +159,17 @@ def test_compile_cache_dir_is_used_and_a_bad_cache_is_survived(
 
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache / "inductor")
     assert (cache / "inductor").is_dir()
+
+    # Inductor puts its own default into the environment when first asked: that is not a
+    # user's choice and gives way to the data directory's cache (else the compiled kernels
+    # would sit in /tmp, gone after a reboot).  A user's own setting is kept.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    for preset, expected in ((default_cache_dir(), str(cache / "inductor")), (str(tmp_path / "mine"), None)):
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", preset)
+        again = AnimateDiffEngine(
+            tiny_zoo, "cpu", fast=FastPath(compile="regional", compile_backend="eager"), compile_cache_dir=cache
+        )
+        again._load_compile_cache()
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == (expected or preset)
     engine._save_compile_cache()  # nothing compiled yet: no crash

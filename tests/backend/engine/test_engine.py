@@ -273,6 +273,20 @@ def test_long_clip_swaps_motion_blocks_without_rebuilding_them(engine: AnimateDi
     after = motion_blocks()
     assert len(after) == len(before) and all(a is b for a, b in zip(after, before, strict=True))
     assert not engine._plain_motion_blocks
+    # The next long job (other window settings) reuses the same stand-ins, re-set.
+    first = list(seen)
+    seen.clear()
+    engine.generate(request(frames=12, context_length=8, context_stride=2), watch, never)
+    assert len(seen) == len(first) and all(a is b for a, b in zip(seen, first, strict=True))
+    assert {b.context_stride for b in seen} == {2}
+    # A plain block whose tensors were replaced gets a fresh stand-in on its tensors.
+    plain = before[0]
+    with torch.no_grad():
+        plain.attn1.to_q.weight = torch.nn.Parameter(plain.attn1.to_q.weight.clone())
+    seen.clear()
+    engine.generate(request(frames=12, context_length=8), watch, never)
+    assert seen[0] is not first[0] and seen[0].attn1.to_q.weight.data_ptr() == plain.attn1.to_q.weight.data_ptr()
+    assert all(a is b for a, b in zip(seen[1:], first[1:], strict=True))
 
 
 # --------------------------------------------------------------------------- warm cache
