@@ -46,6 +46,9 @@ class FrameWriter:
         self.width, self.height = width, height
         self._partial: Path | None = None
         self._futures: dict[int, concurrent.futures.Future[tuple[bytes, str, int]]] = {}
+        # A storage error while the engine runs is kept for finish(): raised inside the
+        # engine's call it would look like an engine failure.
+        self._storage_error: OSError | None = None
 
     def add(self, start: int, frames: list[np.ndarray]) -> None:
         """The engine's frame sink: queue frames start..start+len-1 (called on the worker
@@ -54,12 +57,21 @@ class FrameWriter:
             check_frame(frame, self.width, self.height)
             if index in self._futures:
                 raise ValueError(f"engine handed over frame {index} twice")
-            self._futures[index] = self.pool.submit(self._one, self._folder(), index, frame)
+            if self._storage_error is not None:
+                return  # finish() reports it
+            try:
+                folder = self._folder()
+            except OSError as exc:
+                self._storage_error = exc
+                return
+            self._futures[index] = self.pool.submit(self._one, folder, index, frame)
 
     def finish(self, frames: list[np.ndarray]) -> StoredFrames:
         """Encode and store whatever was not handed over yet, wait for all of it and
         commit.  Raises OSError when storing failed (the partial folder is removed)."""
         try:
+            if self._storage_error is not None:
+                raise self._storage_error
             for index, frame in enumerate(frames):
                 if index not in self._futures:
                     check_frame(frame, self.width, self.height)

@@ -161,3 +161,27 @@ def test_stop_waits_for_frames_being_encoded(
     server.stop()
     record = JobStore(server.config.data_dir).get(job_id)
     assert record is not None and record.state == "finished" and record.frames == 3
+
+
+def test_a_storage_failure_fails_the_job_as_storage_and_the_server_goes_on(
+    make_server: Callable[..., Server], make_client: Callable[..., BackendClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Disk trouble while frames stream in is the server's, not the engine's: the job fails
+    with code "storage" (the engine keeps its pipeline) and the next job runs normally."""
+    from animatediff_blender.protocol.client import ClientError
+
+    server = make_server(engine=FakeEngine())
+    original = server.store.begin_frames
+
+    def full_disk(job_id: str) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(server.store, "begin_frames", full_disk)
+    client = make_client(server)
+    client.connect()
+    with pytest.raises(ClientError) as info:
+        client.run_job(small_request("full", frames=8, steps=1), timeout_s=30)
+    assert info.value.code == "storage" and "No space left" in str(info.value)
+    monkeypatch.setattr(server.store, "begin_frames", original)
+    result = client.run_job(small_request("after", frames=4, steps=1), timeout_s=30)
+    assert len(result.frames) == 4
