@@ -106,7 +106,7 @@ phase restart 40 --case server --engine-only --repeats 1
 phase long128 90 --case long128 --engine-only --repeats 0
 # 5. Levers one at a time on the quality case.
 phase levers 150 --case quality --repeats 1 --lever eager --lever compile+channels-last+fuse-qkv \
-    --lever sdpa:flash --lever sdpa:efficient --lever compile-full --lever bf16 --lever channels-last
+    --lever sdpa:flash --lever sdpa:efficient --lever compile-dynamic --lever bf16 --lever channels-last
 # 6. Compile modes (long autotuning; only when time is left).
 phase modes 150 --case quality --repeats 1 --lever compile:max-autotune-no-cudagraphs --lever compile:reduce-overhead
 

@@ -154,7 +154,8 @@ class Lever:
 
 def parse_lever(spec: str, device: str, dtype: str, compile_backend: str) -> Lever:
     """`default` (the engine's default for the device), `eager`, or `+`-joined levers:
-    `compile` (regional), `compile-full`, `compile:<mode>`, `channels-last`, `fuse-qkv`,
+    `compile` (regional), `compile-full`, `compile:<mode>`, `compile-dynamic` (regional,
+    shapes made symbolic once they change), `channels-last`, `fuse-qkv`,
     `sdpa:<flash|efficient|cudnn|math>`, `bf16`, `fp16`."""
     from animatediff_blender.backend.engine.animatediff import FastPath
     from animatediff_blender.backend.engine.interface import EngineError
@@ -173,6 +174,8 @@ def parse_lever(spec: str, device: str, dtype: str, compile_backend: str) -> Lev
             kw.update(compile="regional", compile_mode=arg or "default")
         elif name == "compile-full":
             kw.update(compile="full", compile_mode=arg or "default")
+        elif name == "compile-dynamic":
+            kw.update(compile="regional", compile_mode=arg or "default", compile_dynamic=True)
         elif name == "channels-last":
             kw["channels_last"] = True
         elif name == "fuse-qkv":

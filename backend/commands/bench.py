@@ -23,6 +23,7 @@ levers (--lever, repeatable; each one is a separate engine run on every case):
   eager            no fast path: stock diffusers maths, our engine's plumbing
   compile[:MODE]   regional torch.compile (dynamic=False), MODE e.g. max-autotune-no-cudagraphs
   compile-full[:MODE]  the whole UNet compiled
+  compile-dynamic  regional, a dimension made symbolic once it changes (fewer compiles per clip length)
   channels-last    fuse-qkv    sdpa:flash|efficient|cudnn|math    bf16
   join with +, e.g. compile+channels-last
 """

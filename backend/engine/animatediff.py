@@ -105,6 +105,9 @@ class FastPath:
     compile_mode: torch.compile mode ("default", "max-autotune-no-cudagraphs",
         "reduce-overhead" = CUDA graphs, "max-autotune").
     compile_backend: "inductor"; tests use "aot_eager" (no C++/Triton codegen).
+    compile_dynamic: False compiles one graph per input shape (each new clip length or size
+        compiles on its first job); True lets torch make a dimension symbolic once it has
+        seen it change (`dynamic=None`): fewer compiles, possibly slower kernels.
     channels_last: UNet weights in NHWC layout.
     fuse_qkv: one QKV projection per spatial self-attention (KV for cross-attention);
         undone for jobs with LoRAs (peft adapts to_q/to_k/to_v, which the fused processor
@@ -117,6 +120,7 @@ class FastPath:
     compile: str = "off"
     compile_mode: str = "default"
     compile_backend: str = "inductor"
+    compile_dynamic: bool = False
     channels_last: bool = False
     fuse_qkv: bool = False
     sdpa: str = "auto"
@@ -152,7 +156,7 @@ class FastPath:
             return "off"
         parts = []
         if self.compile != "off":
-            parts.append(f"compile={self.compile}:{self.compile_mode}")
+            parts.append(f"compile={self.compile}:{self.compile_mode}" + (":dynamic" if self.compile_dynamic else ""))
         if self.channels_last:
             parts.append("channels_last")
         if self.fuse_qkv:
@@ -602,7 +606,7 @@ class AnimateDiffEngine:
         # Modes are inductor's; other backends (tests: "eager") take none.
         mode = fast.compile_mode if fast.compile_backend == "inductor" else None
         if getattr(module, "_compiled_call_impl", None) is None:
-            module.compile(dynamic=False, mode=mode, backend=fast.compile_backend)
+            module.compile(dynamic=None if fast.compile_dynamic else False, mode=mode, backend=fast.compile_backend)
 
     def _compile(self, unet: Any) -> None:
         """Compile in place (idempotent): module names and state dicts stay as they are,

@@ -56,6 +56,9 @@ def test_lever_specs() -> None:
     )  # fmt: skip
     assert lever.dtype == "bf16"
     assert parse_lever("compile-full", "cuda", "fp16", "inductor").fast.compile == "full"
+    dynamic = parse_lever("compile-dynamic", "cuda", "fp16", "inductor").fast
+    assert (dynamic.compile, dynamic.compile_dynamic) == ("regional", True)
+    assert "dynamic" in dynamic.describe() and not parse_lever("compile", "cuda", "fp16", "inductor").fast.compile_dynamic
     assert not parse_lever("eager", "cuda", "fp16", "inductor").fast.enabled
     with pytest.raises(ValueError, match="unknown lever"):
         parse_lever("compile+turbo", "cuda", "fp16", "inductor")
@@ -173,3 +176,16 @@ def test_compile_cache_dir_is_used_and_a_bad_cache_is_survived(
         again._load_compile_cache()
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == (expected or preset)
     engine._save_compile_cache()  # nothing compiled yet: no crash
+
+
+def test_dynamic_compile_serves_two_clip_lengths(tiny_zoo: Path, one_thread: None) -> None:
+    """compile_dynamic: the same compiled blocks serve another clip length (torch makes the
+    changed dimension symbolic) and the frames still match the eager path."""
+    eager = AnimateDiffEngine(tiny_zoo, "cpu", "fp32")
+    fast = AnimateDiffEngine(
+        tiny_zoo, "cpu", "fp32",
+        fast=FastPath(compile="regional", compile_backend="eager", compile_dynamic=True, warm_shapes=((4, 64, 64, True),)),
+    )  # fmt: skip
+    fast.warm_up(BASE, MOTION)
+    for frames in (4, 6):
+        assert np.abs(_frames(fast, frames=frames) - _frames(eager, frames=frames)).max() <= TOLERANCE
