@@ -165,11 +165,4 @@ class ADB_PT_view3d(Panel):
 CLASSES = (ADB_PT_sequencer, ADB_PT_view3d)
 
 
-def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister() -> None:
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+register, unregister = bpy.utils.register_classes_factory(CLASSES)
