@@ -3,7 +3,8 @@ thread pool as the engine hands them over -- while the device still decodes the 
 ones -- then committed in one atomic rename.
 
 Nothing here tells a client anything: the worker reports the job finished only after
-`finish()` returned and the frames are committed.
+`finish()` returned and the frames are committed.  The frames themselves are checked by
+the worker (`check_frame`) before `finish()`; a bad one fails the job there.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import check_frame
 from .store import JobStore
 
 
@@ -35,15 +35,12 @@ class FrameWriter:
         pool: concurrent.futures.Executor,
         encode: Callable[[np.ndarray, int], bytes],
         compress_level: int,
-        width: int,
-        height: int,
     ) -> None:
         self.store = store
         self.job_id = job_id
         self.pool = pool
         self.encode = encode
         self.compress_level = compress_level
-        self.width, self.height = width, height
         self._partial: Path | None = None
         self._futures: dict[int, concurrent.futures.Future[tuple[bytes, str, int]]] = {}
         # A storage error while the engine runs is kept for finish(): raised inside the
@@ -52,19 +49,16 @@ class FrameWriter:
 
     def add(self, start: int, frames: list[np.ndarray]) -> None:
         """The engine's frame sink: queue frames start..start+len-1 (called on the worker
-        thread).  A bad frame raises here, inside the engine's call, and fails the job."""
+        thread)."""
         for index, frame in enumerate(frames, start):
-            check_frame(frame, self.width, self.height)
             if index in self._futures:
                 raise ValueError(f"engine handed over frame {index} twice")
             if self._storage_error is not None:
                 return  # finish() reports it
             try:
-                folder = self._folder()
+                self._submit(index, frame)
             except OSError as exc:
                 self._storage_error = exc
-                return
-            self._futures[index] = self.pool.submit(self._one, folder, index, frame)
 
     def finish(self, frames: list[np.ndarray]) -> StoredFrames:
         """Encode and store whatever was not handed over yet, wait for all of it and
@@ -74,8 +68,7 @@ class FrameWriter:
                 raise self._storage_error
             for index, frame in enumerate(frames):
                 if index not in self._futures:
-                    check_frame(frame, self.width, self.height)
-                    self._futures[index] = self.pool.submit(self._one, self._folder(), index, frame)
+                    self._submit(index, frame)
             if sorted(self._futures) != list(range(len(frames))):
                 raise ValueError(f"engine handed over frames {sorted(self._futures)[:8]}... for {len(frames)} frames")
             done = [self._futures[i].result() for i in range(len(frames))]
@@ -91,6 +84,9 @@ class FrameWriter:
         if self._partial is not None:
             self.store.discard_frames(self._partial)
             self._partial = None
+
+    def _submit(self, index: int, frame: np.ndarray) -> None:
+        self._futures[index] = self.pool.submit(self._one, self._folder(), index, frame)
 
     def _folder(self) -> Path:
         if self._partial is None:

@@ -139,11 +139,7 @@ class Worker:
                     log.warning("job=%s event=bad_preview error=%r", job.job_id, exc)
             self.post(JobProgress(job.job_id, p.step, p.total_steps, elapsed, remaining, p.phase, preview))
 
-        settings = job.settings
-        writer = FrameWriter(
-            self.store, job.job_id, self._encoders, self.encode, self.png_compress_level,
-            settings.width, settings.height,
-        )  # fmt: skip
+        writer = FrameWriter(self.store, job.job_id, self._encoders, self.encode, self.png_compress_level)
         try:
             try:
                 result = self.engine.generate(job.settings, progress, should_cancel, on_frames=writer.add)

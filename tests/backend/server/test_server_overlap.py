@@ -185,3 +185,29 @@ def test_a_storage_failure_fails_the_job_as_storage_and_the_server_goes_on(
     monkeypatch.setattr(server.store, "begin_frames", original)
     result = client.run_job(small_request("after", frames=4, steps=1), timeout_s=30)
     assert len(result.frames) == 4
+
+
+def test_a_bad_frame_handed_over_fails_the_job_and_keeps_nothing(
+    make_server: Callable[..., Server], make_client: Callable[..., BackendClient]
+) -> None:
+    """A frame of the wrong size, streamed or returned, fails the job with the engine's
+    error (checked once, by the worker) and leaves no frames behind."""
+    from animatediff_blender.protocol.client import ClientError
+
+    class WrongSize(FakeEngine):
+        def generate(self, request: Any, progress: Any, should_cancel: Any, on_frames: Any = None) -> Any:
+            def sink(start: int, frames: list[np.ndarray]) -> None:
+                on_frames(start, [f[:-1] if start == 0 else f for f in frames])
+
+            result = super().generate(request, progress, should_cancel, sink)
+            result.frames[0] = result.frames[0][:-1]
+            return result
+
+    server = make_server(engine=WrongSize())
+    client = make_client(server)
+    client.connect()
+    with pytest.raises(ClientError) as info:
+        client.run_job(small_request("bad", frames=8, steps=1), timeout_s=30)
+    assert "shape" in str(info.value)
+    jobs = server.config.data_dir / "jobs"
+    assert not [p for p in jobs.glob("*") if p.is_dir()]
