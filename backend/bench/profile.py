@@ -43,24 +43,35 @@ def categorize(name: str) -> str:
 
 
 @contextmanager
+def around_forward(module: Any, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
+    """Inside the block, `module.forward` is `wrap(module.forward)`; afterwards exactly
+    what was there before (the class's method, or an instance-level wrapper such as the
+    engine's sdpa lever)."""
+    previous = module.__dict__.get("forward")
+    module.forward = wrap(module.forward)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+
+
+@contextmanager
 def capture_unet_call(unet: Any) -> Iterator[list[tuple[tuple[Any, ...], dict[str, Any]]]]:
     """Record the arguments of every UNet call made inside the block."""
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-    previous = unet.__dict__.get("forward")  # an instance-level wrapper (sdpa lever), if any
-    inner = unet.forward
 
-    def recording(*args: Any, **kwargs: Any) -> Any:
-        calls.append((args, kwargs))
-        return inner(*args, **kwargs)
+    def recording(inner: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            calls.append((args, kwargs))
+            return inner(*args, **kwargs)
 
-    unet.forward = recording
-    try:
+        return forward
+
+    with around_forward(unet, recording):
         yield calls
-    finally:
-        if previous is None:
-            del unet.forward
-        else:
-            unet.forward = previous
 
 
 def _device_us(event: Any) -> float:

@@ -40,7 +40,12 @@ import msgspec
 import numpy as np
 
 from animatediff_blender.backend.bench.models import BASE_NAME, MOTION_NAME, Size, build_bench_models
-from animatediff_blender.backend.bench.profile import capture_unet_call, format_profile, profile_unet_step
+from animatediff_blender.backend.bench.profile import (
+    around_forward,
+    capture_unet_call,
+    format_profile,
+    profile_unet_step,
+)
 from animatediff_blender.protocol.messages import GenerateRequest
 
 # Dense fp16/bf16 tensor throughput (TFLOP/s) for "share of peak".  Override with --peak-tflops.
@@ -238,25 +243,27 @@ class UnetFlops:
         self.unet = unet
         self.total = 0.0
         self.calls = 0
+        self._patch = around_forward(unet, self._counting)
 
-    def __enter__(self) -> UnetFlops:
+    def _counting(self, inner: Callable[..., Any]) -> Callable[..., Any]:
         from torch.utils.flop_counter import FlopCounterMode
 
-        original = self.unet.forward
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> Any:
             counter = FlopCounterMode(display=False)
             with counter:
-                out = original(*args, **kwargs)
+                out = inner(*args, **kwargs)
             self.total += float(counter.get_total_flops())
             self.calls += 1
             return out
 
-        self.unet.forward = counted
+        return forward
+
+    def __enter__(self) -> UnetFlops:
+        self._patch.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        del self.unet.forward  # back to the class's method
+    def __exit__(self, *exc: Any) -> None:
+        self._patch.__exit__(*exc)
 
 
 def _request(case: Case, seed: int) -> GenerateRequest:
