@@ -793,7 +793,8 @@ def _run(
                 report["results"].append(r.as_dict())
                 print_fn(format_row(r))
                 continue
-            _compare(r, run.frames, anchor_run, case, flops.get(anchor_name, 0.0), peak)
+            if id(run) not in compared:  # the rows partial() compared already keep their fields
+                _compare(r, run.frames, anchor_run, case, flops.get(anchor_name, 0.0), peak)
             report["results"].append(r.as_dict())
             print_fn(format_row(r))
     save()
