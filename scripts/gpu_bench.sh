@@ -22,8 +22,8 @@
 #
 # Environment: OUT (results folder), BENCH_BUDGET_S (seconds for all phases, default 480),
 # BENCH_ARGS (extra arguments for every phase), BENCH_WORKDIR (models + compile cache),
-# BENCH_PHASES (default "main long64 restart long128 levers modes"; a second GPU session
-# runs e.g. BENCH_PHASES="long128 levers modes" for what the first one skipped).
+# BENCH_PHASES (default "main long64 restart long128 levers modes"; a later GPU session
+# runs e.g. BENCH_PHASES="next vae restart long128" for what is still unmeasured).
 set -u -o pipefail
 
 OUT=${OUT:-$PWD/gpu-bench-out}
@@ -71,7 +71,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 } 2>&1 | tee -a "$LOG"
 
 # phase NAME MIN_SECONDS ARGS...: one bench process, bounded by what is left of the budget.
-PHASES=${BENCH_PHASES:-main long64 restart long128 levers modes}
+PHASES=${BENCH_PHASES:-main long64 restart long128 vae levers modes}
 phase() {
     local name=$1 need=$2
     shift 2
@@ -97,8 +97,17 @@ phase() {
 #    stock and (quality) stock + torch.compile; the engine at its default (regional compile
 #    on CUDA); one UNet step of stock and of the engine profiled (kernel time by category).
 phase main 200 --case quality --case lightning --case server --compile-anchor --profile
-# 2. Long clip, 64 frames, windows of 16, stride 4 (one timed run each: ~26 s stock).
-phase long64 100 --case long64 --repeats 0
+# 0. (Not in the default list: BENCH_PHASES="next vae restart long128".)  What the third
+#    GPU session still had to measure, in one process: the default fast path (regional
+#    compile + batched FreeNoise windows) against stock on quality (+ profile) and long64,
+#    with the PSNR of its frames, and the server's end to end with streamed frames.
+phase next 240 --case quality --case long64 --case server --repeats 1 --profile
+# 1b. The VAE decode (0.27 s of lightning's 0.57 s end to end on an H200): compiled and
+#    channels-last against the default, lightning (stock anchor) and the server case.
+phase vae 100 --case lightning --case server --repeats 2 --lever default --lever default+vae-compile+vae-channels-last
+# 2. Long clip, 64 frames, windows of 16, stride 4 (one timed run each: ~26 s stock); the
+#    default (batched windows) against diffusers' window loop, both compiled.
+phase long64 130 --case long64 --repeats 0 --lever default --lever compile
 # 3. A server restart: a second process with phase 1's compile cache on disk; its warm-up
 #    (load + compile from the cache) is what the first job after a restart would pay.
 phase restart 40 --case server --engine-only --repeats 1

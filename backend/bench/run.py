@@ -158,22 +158,22 @@ class Lever:
 
 
 def parse_lever(spec: str, device: str, dtype: str, compile_backend: str) -> Lever:
-    """`default` (the engine's default for the device), `eager`, or `+`-joined levers:
+    """`default` (the engine's default for the device), `eager`, or `+`-joined levers, on
+    top of the default when the first is `default`:
     `compile` (regional), `compile-full`, `compile:<mode>`, `compile-dynamic` (regional,
     shapes made symbolic once they change), `channels-last`, `fuse-qkv`,
-    `sdpa:<flash|efficient|cudnn|math>`, `bf16`, `fp16`."""
+    `sdpa:<flash|efficient|cudnn|math>`, `batch-windows` (FreeNoise windows batched),
+    `vae-compile`, `vae-channels-last`, `bf16`, `fp16`."""
     from animatediff_blender.backend.engine.animatediff import FastPath
     from animatediff_blender.backend.engine.interface import EngineError
 
-    if spec == "default":
-        fast = FastPath.default_for(device)
-        return Lever(spec, dataclasses.replace(fast, compile_backend=compile_backend), dtype)
-    fast = FastPath.off()
+    parts = spec.split("+")
+    fast = FastPath.default_for(device) if parts[0] == "default" else FastPath.off()
     lever_dtype = dtype
     kw: dict[str, Any] = {}
-    for part in spec.split("+"):
+    for part in parts:
         name, _, arg = part.partition(":")
-        if name in ("eager", "off"):
+        if part == parts[0] and name in ("default", "eager", "off"):
             continue
         if name == "compile":
             kw.update(compile="regional", compile_mode=arg or "default")
@@ -185,6 +185,12 @@ def parse_lever(spec: str, device: str, dtype: str, compile_backend: str) -> Lev
             kw["channels_last"] = True
         elif name == "fuse-qkv":
             kw["fuse_qkv"] = True
+        elif name == "batch-windows":
+            kw["batch_windows"] = True
+        elif name == "vae-compile":
+            kw["compile_vae"] = True
+        elif name == "vae-channels-last":
+            kw["vae_channels_last"] = True
         elif name == "sdpa":
             kw["sdpa"] = arg
         elif name in ("bf16", "fp16", "fp32"):

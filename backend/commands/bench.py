@@ -25,6 +25,8 @@ levers (--lever, repeatable; each one is a separate engine run on every case):
   compile-full[:MODE]  the whole UNet compiled
   compile-dynamic  regional, a dimension made symbolic once it changes (fewer compiles per clip length)
   channels-last    fuse-qkv    sdpa:flash|efficient|cudnn|math    bf16
+  batch-windows    long clips: FreeNoise's context windows batched, traced whole when compiled
+  vae-compile      the VAE decoder compiled (fixed decode chunks)    vae-channels-last
   join with +, e.g. compile+channels-last
 """
 

@@ -6,6 +6,7 @@ inductor kernels themselves are measured by the GPU benchmark."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,10 @@ def _frames(engine: AnimateDiffEngine, **kw: Any) -> np.ndarray:
 
 def test_lever_specs() -> None:
     assert parse_lever("default", "cpu", "fp32", "inductor").fast == FastPath.off()
-    assert parse_lever("default", "cuda", "fp16", "inductor").fast.compile == "regional"
+    default = parse_lever("default", "cuda", "fp16", "inductor").fast
+    assert (default.compile, default.batch_windows, default.compile_vae) == ("regional", True, False)
+    plus = parse_lever("default+vae-compile", "cuda", "fp16", "inductor").fast
+    assert plus == dataclasses.replace(default, compile_vae=True)
     lever = parse_lever(
         "compile:max-autotune-no-cudagraphs+channels-last+fuse-qkv+sdpa:flash+bf16",
         "cuda",
@@ -189,3 +193,69 @@ def test_dynamic_compile_serves_two_clip_lengths(tiny_zoo: Path, one_thread: Non
     fast.warm_up(BASE, MOTION)
     for frames in (4, 6):
         assert np.abs(_frames(fast, frames=frames) - _frames(eager, frames=frames)).max() <= TOLERANCE
+
+
+def test_batched_windows_lever_traces_long_clips_whole(tiny_zoo: Path, one_thread: None) -> None:
+    """batch_windows: long clips run FreeNoise's windows batched, inside the compiled motion
+    modules without a graph break, with frames within the tolerance of stock FreeNoise's."""
+    from torch._dynamo.utils import counters
+
+    from animatediff_blender.backend.engine.freenoise import BatchedWindowsBlock
+
+    eager = AnimateDiffEngine(tiny_zoo, "cpu", "fp32")
+    fast = AnimateDiffEngine(
+        tiny_zoo, "cpu", "fp32",
+        fast=FastPath(compile="regional", compile_backend="eager", batch_windows=True, warm_shapes=((4, 64, 64, True),)),
+    )  # fmt: skip
+    assert "batch_windows" in fast.fast.describe()
+    assert parse_lever("compile+batch-windows", "cuda", "fp16", "inductor").fast.batch_windows
+    fast.warm_up(BASE, MOTION)
+    unet = fast.pipeline.unet
+    seen: list[Any] = []
+
+    def watch(_progress: Any) -> None:
+        if not seen:
+            seen.extend(m for m in unet.modules() if isinstance(m, BatchedWindowsBlock))
+
+    long = {"frames": 10, "context_length": 4, "context_stride": 2}
+    torch._dynamo.reset()  # count this job's graphs from nothing
+    counters.clear()
+    result = fast.generate(_request(**long), watch, lambda: False)
+    assert seen, "no batched-window block was swapped in"
+    # diffusers' window loop, compiler-disabled inside the motion module's own loop over its
+    # blocks, made dynamo skip the whole motion module ("graph break in loop").
+    assert counters["stats"]["unique_graphs"] > 0
+    assert not counters["graph_break"] and not counters["unimplemented"], dict(counters["unimplemented"])
+    assert np.abs(np.stack(result.frames).astype(np.int16) - _frames(eager, **long)).max() <= TOLERANCE
+    assert not any(isinstance(m, BatchedWindowsBlock) for m in unet.modules())  # plain blocks back
+
+
+def test_compiled_vae_decodes_fixed_chunks(tiny_zoo: Path, one_thread: None) -> None:
+    """compile_vae: the decoder is compiled, sees one batch shape whatever the clip length
+    (the last chunk padded, the copies dropped), and the frames match the eager path."""
+    eager = AnimateDiffEngine(tiny_zoo, "cpu", "fp32")
+    fast = AnimateDiffEngine(
+        tiny_zoo, "cpu", "fp32", stream_chunk_size=4,
+        fast=FastPath(compile_backend="eager", compile_vae=True, vae_channels_last=True, warm_shapes=((4, 64, 64, True),)),
+    )  # fmt: skip
+    assert fast.fast.compiles and "compile_vae" in fast.fast.describe()
+    assert parse_lever("vae-compile+vae-channels-last", "cuda", "fp16", "inductor").fast.compile_vae
+    fast.warm_up(BASE, MOTION)
+    vae = fast.pipeline.vae
+    assert _compiled(vae.decoder) and not _compiled(fast.pipeline.unet)
+    assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    shapes: list[tuple[int, ...]] = []
+    decode = vae.decode
+
+    def recording(latents: torch.Tensor, *a: Any, **kw: Any) -> Any:
+        shapes.append(tuple(latents.shape))
+        return decode(latents, *a, **kw)
+
+    vae.decode = recording
+    streamed: list[tuple[int, int]] = []
+    result = fast.generate(
+        _request(frames=6), lambda _p: None, lambda: False, on_frames=lambda start, f: streamed.append((start, len(f)))
+    )
+    assert len(result.frames) == 6 and streamed == [(0, 4), (4, 2)]
+    assert {s[0] for s in shapes} == {4}  # 4 frames, then 2 padded to 4
+    assert np.abs(np.stack(result.frames).astype(np.int16) - _frames(eager, frames=6)).max() <= TOLERANCE
