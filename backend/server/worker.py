@@ -48,7 +48,7 @@ class Worker:
         post: Callable[[Event], None],
         job_timeout_s: float,
         preview_max_px: int = 256,
-        png_compress_level: int = 4,
+        png_compress_level: int = 1,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -61,10 +61,12 @@ class Worker:
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="gpu-worker", daemon=True)
         # One finisher keeps jobs finishing in order; the pool encodes one job's frames in
-        # parallel (Pillow's zlib releases the GIL).
+        # parallel (Pillow's zlib releases the GIL).  Frames arrive while the device decodes,
+        # when the engine's thread mostly waits on it: a core is left to it only where there
+        # are cores to spare (on 2 cores, 2 encoders cut a 16-frame clip's tail by half).
         self._finisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="job-finisher")
         self._encoders = concurrent.futures.ThreadPoolExecutor(
-            max(1, min(8, (os.cpu_count() or 2) - 1)), thread_name_prefix="png-encoder"
+            max(2, min(8, (os.cpu_count() or 2) - 1)), thread_name_prefix="png-encoder"
         )
 
     def start(self) -> None:
