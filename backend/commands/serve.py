@@ -84,8 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("auto", "on", "off"),
         default="off",
         help="GPU fast path: regional torch.compile, compiled during warm-up and cached in "
-        "<data-dir>/compile-cache; auto: on for CUDA, off on the CPU.  Measured on an H200: 16 frames "
-        "x 25 steps 2.90 s instead of 4.09 s, 64 frames 22.7 s instead of 25.4 s, for ~2 min of "
+        "<data-dir>/compile-cache, and a long clip's context windows run as one batch; auto: on for "
+        "CUDA, off on the CPU.  Measured on an H200: 16 frames x 25 steps 2.90 s instead of 4.09 s, "
+        "64 frames 22.7 s instead of 25.4 s (before the windows were batched), for ~2 min of "
         "compiling at the first start and ~50 s the first time a new clip length or size is used "
         "(backend/bench/README.md).  Off by default until its frames are checked against stock on a "
         "GPU and its restart warm-up is measured (default: %(default)s)",
