@@ -82,18 +82,20 @@ def _device_us(event: Any) -> float:
     return 0.0
 
 
-def profile_unet_step(
+def profile_call(
     runner: str,
     call: Callable[[], Any],
     *,
     cuda: bool,
+    what: str = "one UNet step",
     repeats: int = 3,
     flops_per_step: float = 0.0,
     top: int = 15,
 ) -> dict[str, Any]:
-    """Profile `call` (one UNet step on the CFG batch) `repeats` times; per call: wall
-    time (un-profiled, synchronised), summed kernel time, busy share, time per category
-    and the top kernels."""
+    """Profile `call` (`what`: one UNet step on the CFG batch, or a whole job) `repeats`
+    times; per call: wall time (un-profiled, synchronised), summed kernel time, busy share,
+    time per category and the top kernels.  For a whole job the busy share says how much
+    of its time the GPU waited for the host (launches, syncs, host-side work)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -132,6 +134,7 @@ def profile_unet_step(
     ranked = sorted(kernels.items(), key=lambda kv: kv[1][1], reverse=True)[:top]
     return {
         "runner": runner,
+        "what": what,
         "device": "cuda" if cuda else "cpu",
         "repeats": repeats,
         "wall_ms": wall_ms,
@@ -153,7 +156,7 @@ def format_profile(p: dict[str, Any]) -> str:
     """A short table for the log."""
     kernel_ms = p["kernel_ms"] or 1.0
     lines = [
-        f"profile {p['runner']}: one UNet step {p['wall_ms']:.1f} ms wall, {p['kernel_ms']:.1f} ms in "
+        f"profile {p['runner']}: {p.get('what', 'one UNet step')} {p['wall_ms']:.1f} ms wall, {p['kernel_ms']:.1f} ms in "
         f"{p['kernel_count']} kernels (busy {100 * p['busy_share']:.0f}%)"
         + (f", {p['tflops']:.0f} TFLOP/s" if p.get("tflops") else "")
     ]

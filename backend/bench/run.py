@@ -44,7 +44,7 @@ from animatediff_blender.backend.bench.profile import (
     around_forward,
     capture_unet_call,
     format_profile,
-    profile_unet_step,
+    profile_call,
 )
 from animatediff_blender.protocol.messages import GenerateRequest
 
@@ -441,6 +441,10 @@ def _compile_anchor(
         pipe.unet._compiled_call_impl = None  # eager again
 
 
+# With --profile, the engine's whole job is profiled too for this case (GPU idle time).
+JOB_PROFILE_CASE = "lightning"
+
+
 def _profile(
     profiles: list[dict[str, Any]], runner: str, unet: Any, one_step_run: Callable[[], Any], clock: Clock,
     flops: float, print_fn: Callable[[str], None],
@@ -452,7 +456,7 @@ def _profile(
         with capture_unet_call(unet) as calls:
             one_step_run()
         args, kwargs = calls[0]
-        found = profile_unet_step(runner, lambda: unet(*args, **kwargs), cuda=clock.cuda, flops_per_step=flops)
+        found = profile_call(runner, lambda: unet(*args, **kwargs), cuda=clock.cuda, flops_per_step=flops)
         profiles.append(found)
         print_fn(format_profile(found))
     except Exception as exc:
@@ -506,6 +510,18 @@ def run_engine(
                 res.peak_mem_gib = clock.peak_gib()
                 print_fn(format_row(res))
                 out[case.name] = Run(res, frames)
+                if profile_case is not None and case.name == JOB_PROFILE_CASE and profiles is not None:
+                    # The whole job: what share of a short clip the GPU spends waiting.
+                    try:
+                        found = profile_call(
+                            f"engine[{lever.name}]", functools.partial(once, request), cuda=clock.cuda,
+                            what=f"one {case.name} job", repeats=2,
+                        )  # fmt: skip
+                        profiles.append(found)
+                        print_fn(format_profile(found))
+                    except Exception as exc:
+                        traceback.print_exc()
+                        profiles.append({"runner": f"engine[{lever.name}]", "what": case.name, "error": _error(exc)})
                 if case.name == profile_case and profiles is not None:
                     one_step = msgspec.structs.replace(request, steps=1)
                     _profile(

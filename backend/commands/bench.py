@@ -85,7 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="profile one UNet step of the quality case (stock and the first lever): kernel time by category",
+        help="profile one UNet step of the quality case (stock and the first lever) and the first lever's "
+        "whole lightning job: kernel time by category, GPU busy share",
     )
     p.add_argument(
         "--anchor",

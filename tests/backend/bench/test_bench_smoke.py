@@ -96,30 +96,37 @@ def test_bad_arguments_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_anchor_subset_and_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--anchor: stock runs only for the named cases (the others report raw engine rows);
-    --profile: one UNet step of stock and of the engine, its time split into categories."""
+    --profile: one UNet step of stock and of the engine, its time split into categories, and
+    the engine's whole lightning job."""
     out = tmp_path / "bench.json"
     code = main(
         ["bench", "--size", "tiny", "--device", "cpu", "--repeats", "0", "--case", "quality", "--case", "long64",
-         "--anchor", "quality", "--profile", "--workdir", str(tmp_path / "work"), "--json", str(out)]
+         "--case", "lightning", "--anchor", "quality", "--profile", "--workdir", str(tmp_path / "work"), "--json", str(out)]
     )  # fmt: skip
     printed = capsys.readouterr().out
     assert code == 0, printed
     report = json.loads(out.read_text())
     rows = {(r["case"], r["runner"]): r for r in report["results"]}
-    assert set(rows) == {("quality", "stock"), ("quality", "engine[default]"), ("long64", "engine[default]")}
+    assert set(rows) == {
+        ("quality", "stock"), ("quality", "engine[default]"), ("long64", "engine[default]"), ("lightning", "engine[default]")
+    }  # fmt: skip
     assert rows[("quality", "engine[default]")]["ratio_to_anchor"] > 0
     assert rows[("quality", "engine[default]")]["psnr_vs_anchor_db"] == "inf"
     long = rows[("long64", "engine[default]")]
     assert long["denoise_s"] > 0 and long["ratio_to_anchor"] == 0 and long["psnr_vs_anchor_db"] is None
-    profiles = {p["runner"]: p for p in report["profiles"]}
-    assert set(profiles) == {"stock", "engine[default]"}
+    profiles = {(p["runner"], p["what"]): p for p in report["profiles"]}
+    assert set(profiles) == {
+        ("stock", "one UNet step"), ("engine[default]", "one UNet step"), ("engine[default]", "one lightning job")
+    }  # fmt: skip
     for p in profiles.values():
         assert "error" not in p, p
         assert p["wall_ms"] > 0 and p["kernel_ms"] > 0 and p["kernel_count"] > 0
         assert sum(p["categories"].values()) == pytest.approx(p["kernel_ms"], rel=1e-6)
         assert {"convolution", "matmul", "attention"} <= set(p["categories"])
         assert p["top"] and all(k["ms"] > 0 for k in p["top"])
-    assert "profile stock: one UNet step" in printed
+    job, step = profiles[("engine[default]", "one lightning job")], profiles[("engine[default]", "one UNet step")]
+    assert job["kernel_count"] > step["kernel_count"]  # a job holds its steps, the text encoder and the VAE
+    assert "profile stock: one UNet step" in printed and "one lightning job" in printed
 
 
 @pytest.mark.parametrize(
