@@ -226,8 +226,14 @@ def test_batched_windows_lever_traces_long_clips_whole(tiny_zoo: Path, one_threa
     # blocks, made dynamo skip the whole motion module ("graph break in loop").
     assert counters["stats"]["unique_graphs"] > 0
     assert not counters["graph_break"] and not counters["unimplemented"], dict(counters["unimplemented"])
-    assert np.abs(np.stack(result.frames).astype(np.int16) - _frames(eager, **long)).max() <= TOLERANCE
+    reference = _frames(eager, **long)
+    assert np.abs(np.stack(result.frames).astype(np.int16) - reference).max() <= TOLERANCE
     assert not any(isinstance(m, BatchedWindowsBlock) for m in unet.modules())  # plain blocks back
+
+    # After an out-of-memory the job reruns with diffusers' split inference wrapped around
+    # each motion block: the batched block runs per spatial chunk, same frames.
+    fast.memory_saving = True
+    assert np.abs(_frames(fast, **long) - reference).max() <= TOLERANCE
 
 
 def test_compiled_vae_decodes_fixed_chunks(tiny_zoo: Path, one_thread: None) -> None:
