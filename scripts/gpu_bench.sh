@@ -103,8 +103,9 @@ phase main 200 --case quality --case lightning --case server --compile-anchor --
 #    with the PSNR of its frames, and the server's end to end with streamed frames.
 phase next 240 --case quality --case long64 --case server --repeats 1 --profile
 # 1b. The VAE decode (0.27 s of lightning's 0.57 s end to end on an H200): compiled and
-#    channels-last against the default, lightning (stock anchor) and the server case.
-phase vae 100 --case lightning --case server --repeats 2 --lever default --lever default+vae-compile+vae-channels-last
+#    channels-last against the default, lightning (stock anchor) and the server case; the
+#    default's whole lightning job profiled (how long the GPU waits for the host).
+phase vae 100 --case lightning --case server --repeats 2 --profile --lever default --lever default+vae-compile+vae-channels-last
 # 2. Long clip, 64 frames, windows of 16, stride 4 (one timed run each: ~26 s stock); the
 #    default (batched windows) against diffusers' window loop, both compiled.
 phase long64 130 --case long64 --repeats 0 --lever default --lever compile
