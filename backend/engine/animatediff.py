@@ -26,8 +26,8 @@ import threading
 import time
 import weakref
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -313,6 +313,7 @@ class AnimateDiffEngine:
         memory_saving: bool | None = None,
         fast: FastPath | bool | None = None,
         compile_cache_dir: Path | None = None,
+        defer_compile: bool = True,
     ) -> None:
         from animatediff_blender.backend.models.registry import ModelRegistry
 
@@ -339,6 +340,12 @@ class AnimateDiffEngine:
         self.fast: FastPath = fast
         self.compile_cache_dir = Path(compile_cache_dir) if compile_cache_dir is not None else None
         self._cache_loaded = False
+        # With compilation on, no job waits for a compile: a job whose shape (see _shape_key)
+        # has not been compiled yet runs eagerly (stock speed) and its shape is compiled
+        # later, by warm_pending(), when the device is idle.  False: the job compiles.
+        self.defer_compile = defer_compile
+        self._warm_keys: set[tuple[Any, ...]] = set()  # shapes compiled in this process
+        self._to_warm: OrderedDict[tuple[Any, ...], GenerateRequest] = OrderedDict()  # shapes to compile
         # FreeNoise block id -> the plain motion transformer block it stands in for (one job).
         self._plain_motion_blocks: dict[int, Any] = {}
         # plain motion transformer block -> its FreeNoise stand-in (same tensors), kept
@@ -1011,6 +1018,20 @@ class AnimateDiffEngine:
         on_frames: FrameSink | None = None,
     ) -> GenerationResult:
         settings = self.resolve(request)
+        key = self._shape_key(settings)
+        deferred = self.fast.compiles and self.defer_compile and key not in self._warm_keys
+        with torch.compiler.set_stance("force_eager") if deferred else nullcontext():
+            result = self._generate_with_retry(settings, progress, should_cancel, on_frames)
+        if deferred:
+            self._to_warm.setdefault(key, self._warm_request(settings))
+        elif self.fast.compiles:
+            self._warm_keys.add(key)
+        return result
+
+    def _generate_with_retry(
+        self, settings: GenerateRequest, progress: ProgressCallback, should_cancel: CancelCheck,
+        on_frames: FrameSink | None,
+    ) -> GenerationResult:  # fmt: skip
         delivered = 0  # frames handed to on_frames: a job that delivered some is not retried
 
         def sink(start: int, frames: list[np.ndarray]) -> None:
@@ -1045,6 +1066,57 @@ class AnimateDiffEngine:
                         settings.frames, settings.width, settings.height,
                     )  # fmt: skip
                     saving = True
+
+    def _shape_key(self, s: GenerateRequest) -> tuple[Any, ...]:
+        """What decides the compiled graphs a (resolved) job runs through: models, clip
+        shape, CFG, FreeNoise windows, prompt travel and how many LoRAs (peft adds layers)."""
+        assert s.context_length is not None
+        windows = (min(s.context_length, s.frames), s.context_stride) if self._is_long(s) else None
+        return (
+            s.base_model, s.motion_module, s.frames, s.width, s.height, (s.guidance or 0.0) > 1.0, windows,
+            bool(s.prompt_travel), len(s.motion_loras), s.domain_adapter is not None,
+        )  # fmt: skip
+
+    @staticmethod
+    def _warm_request(s: GenerateRequest) -> GenerateRequest:
+        """A 2-step job of the same shape: what compiling a shape runs."""
+        return msgspec.structs.replace(s, steps=2, preview_every=0)
+
+    @property
+    def pending_warm_ups(self) -> int:
+        """Shapes that ran eagerly and wait for warm_pending() to compile them."""
+        return len(self._to_warm)
+
+    def warm_pending(self, should_yield: Callable[[], bool] = lambda: False) -> bool:
+        """Compile the shapes that jobs ran eagerly (deferred), one 2-step run each,
+        stopping before the next one when `should_yield()` says a job is waiting.  Returns
+        True when none is left.  A shape that fails to compile is dropped (logged): its
+        jobs keep running eagerly."""
+        ran = False
+        while self._to_warm:
+            if should_yield():
+                return False
+            key, request = self._to_warm.popitem(last=False)
+            if key in self._warm_keys:
+                continue
+            t0 = time.perf_counter()
+            try:
+                with self._gpu_lock:
+                    self._generate(request, lambda _p: None, lambda: False)
+            except Exception:
+                log.exception("could not compile for %d frames at %dx%d", request.frames, request.width, request.height)
+                with self._gpu_lock:
+                    self._free()
+                continue
+            self._warm_keys.add(key)
+            ran = True
+            log.info(
+                "compiled for %d frames at %dx%d in %.1f s (while idle)",
+                request.frames, request.width, request.height, time.perf_counter() - t0,
+            )  # fmt: skip
+        if ran:
+            self._save_compile_cache()
+        return True
 
     @staticmethod
     def _is_long(s: GenerateRequest) -> bool:
@@ -1186,12 +1258,17 @@ class AnimateDiffEngine:
         base_model: str | None = None,
         motion_module: str | None = None,
         requests: list[GenerateRequest] | None = None,
-    ) -> None:
+        should_yield: Callable[[], bool] | None = None,
+    ) -> bool:
         """Load the given (default: the server's default) base model and motion module now,
         so that the first job does not pay for it.  With compilation on, also run each of
         `requests` (default: one per `fast.warm_shapes`) for 2 steps, so that compiling
         happens here -- while the server's handshake says "warming up" -- and not in the
-        first artist's job, and save the compiled artefacts for the next start."""
+        first artist's job, and save the compiled artefacts for the next start.
+
+        `should_yield()` is asked before each shape: when it says a job is waiting, the
+        shapes left are handed to warm_pending() (the job runs eagerly meanwhile).  Returns
+        True when every shape was compiled."""
         t0 = time.perf_counter()
         settings = self.resolve(
             GenerateRequest(prompt="", base_model=base_model, motion_module=motion_module)
@@ -1211,8 +1288,8 @@ class AnimateDiffEngine:
                         )
                         for frames, width, height, cfg in self.fast.warm_shapes
                     ]
-                for request in requests:
-                    job = self.resolve(
+                jobs = [
+                    self.resolve(
                         msgspec.structs.replace(
                             request,
                             base_model=settings.base_model,
@@ -1224,9 +1301,18 @@ class AnimateDiffEngine:
                             domain_adapter=None,
                         )
                     )
+                    for request in requests
+                ]
+                for i, job in enumerate(jobs):
+                    if should_yield is not None and should_yield():
+                        for later in jobs[i:]:
+                            self._to_warm.setdefault(self._shape_key(later), later)
+                        break
                     self._generate(job, lambda _p: None, lambda: False)
+                    self._warm_keys.add(self._shape_key(job))
                 self._save_compile_cache()
         self.warm_up_s = time.perf_counter() - t0
+        return not self._to_warm
 
     def unload(self) -> None:
         """Drop every loaded model (the next job loads again)."""

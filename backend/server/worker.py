@@ -95,13 +95,36 @@ class Worker:
 
     def _run(self) -> None:
         warm_up = getattr(self.engine, "warm_up", None)
+        # An engine that defers compiling (AnimateDiffEngine with the fast path) compiles
+        # only while no job waits: a job arriving during warm-up runs at once (eagerly), the
+        # shapes left compile once the device is idle again.
+        warm_pending = getattr(self.engine, "warm_pending", None)
+
+        def job_waiting() -> bool:
+            return not self._inbox.empty()
+
+        ready = True
         if callable(warm_up):
             try:
-                warm_up()
+                if callable(warm_pending):
+                    ready = warm_up(should_yield=job_waiting) is not False
+                else:
+                    warm_up()
             except Exception:
                 log.exception("engine warm-up failed; jobs will load models on demand")
-        self.post(EngineReady())
+        if ready:
+            self.post(EngineReady())
         while True:
+            if callable(warm_pending) and not job_waiting() and getattr(self.engine, "pending_warm_ups", 0) > 0:
+                try:
+                    done = warm_pending(job_waiting)
+                except Exception:
+                    log.exception("compiling while idle failed; jobs run eagerly")
+                    warm_pending, done = None, True
+                if done and not ready:
+                    ready = True
+                    self.post(EngineReady())
+                continue
             job = self._inbox.get()
             if job is None:
                 return

@@ -107,7 +107,7 @@ def test_levers_apply_survive_job_state_and_keep_frames(
         tiny_zoo, "cpu", "fp32",
         fast=FastPath(compile="regional", compile_backend="eager", channels_last=True, fuse_qkv=True, sdpa="math",
                       warm_shapes=((4, 64, 64, True),)),
-        compile_cache_dir=tmp_path / "cache",
+        compile_cache_dir=tmp_path / "cache", defer_compile=False,
     )  # fmt: skip
     fast.warm_up(BASE, MOTION)  # compiles here, not in the first job
     assert fast.warm_up_s is not None and fast.warm_up_s > 0
@@ -189,6 +189,7 @@ def test_dynamic_compile_serves_two_clip_lengths(tiny_zoo: Path, one_thread: Non
     fast = AnimateDiffEngine(
         tiny_zoo, "cpu", "fp32",
         fast=FastPath(compile="regional", compile_backend="eager", compile_dynamic=True, warm_shapes=((4, 64, 64, True),)),
+        defer_compile=False,  # the second length compiles in its job: that is what is tested
     )  # fmt: skip
     fast.warm_up(BASE, MOTION)
     for frames in (4, 6):
@@ -206,6 +207,7 @@ def test_batched_windows_lever_traces_long_clips_whole(tiny_zoo: Path, one_threa
     fast = AnimateDiffEngine(
         tiny_zoo, "cpu", "fp32",
         fast=FastPath(compile="regional", compile_backend="eager", batch_windows=True, warm_shapes=((4, 64, 64, True),)),
+        defer_compile=False,  # the long job compiles in place: its graphs are what is checked
     )  # fmt: skip
     assert "batch_windows" in fast.fast.describe()
     assert parse_lever("compile+batch-windows", "cuda", "fp16", "inductor").fast.batch_windows
@@ -243,6 +245,7 @@ def test_compiled_vae_decodes_fixed_chunks(tiny_zoo: Path, one_thread: None) -> 
     fast = AnimateDiffEngine(
         tiny_zoo, "cpu", "fp32", stream_chunk_size=4,
         fast=FastPath(compile_backend="eager", compile_vae=True, vae_channels_last=True, warm_shapes=((4, 64, 64, True),)),
+        defer_compile=False,
     )  # fmt: skip
     assert fast.fast.compiles and "compile_vae" in fast.fast.describe()
     assert parse_lever("vae-compile+vae-channels-last", "cuda", "fp16", "inductor").fast.compile_vae
@@ -265,3 +268,38 @@ def test_compiled_vae_decodes_fixed_chunks(tiny_zoo: Path, one_thread: None) -> 
     assert len(result.frames) == 6 and streamed == [(0, 4), (4, 2)]
     assert {s[0] for s in shapes} == {4}  # 4 frames, then 2 padded to 4
     assert np.abs(np.stack(result.frames).astype(np.int16) - _frames(eager, frames=6)).max() <= TOLERANCE
+
+
+def test_a_shape_not_compiled_yet_runs_eagerly_and_compiles_while_idle(tiny_zoo: Path, one_thread: None) -> None:
+    """defer_compile (the default): no job waits for a compile.  A job whose shape was not
+    warmed runs eagerly (no graph traced), its shape compiles in warm_pending(), and the
+    next job of that shape runs compiled without tracing anything new.  warm_up stops before
+    a shape when a job is waiting and leaves that shape to warm_pending()."""
+    from torch._dynamo.utils import counters
+
+    eager = AnimateDiffEngine(tiny_zoo, "cpu", "fp32")
+    fast = AnimateDiffEngine(
+        tiny_zoo, "cpu", "fp32",
+        fast=FastPath(compile="regional", compile_backend="eager", warm_shapes=((4, 64, 64, True), (6, 64, 64, True))),
+    )  # fmt: skip
+    waiting = iter([False, True])  # a job arrives after the first shape
+    assert fast.warm_up(BASE, MOTION, should_yield=lambda: next(waiting)) is False
+    assert fast.pending_warm_ups == 1  # the 6-frame shape
+
+    def graphs() -> int:
+        return int(counters["stats"]["unique_graphs"])
+
+    before = graphs()
+    deferred = _frames(fast, frames=6)
+    assert graphs() == before  # ran eagerly: nothing traced in the artist's job
+    assert np.abs(deferred - _frames(eager, frames=6)).max() == 0  # eager maths: the same frames
+    odd = _frames(fast, frames=5)  # another shape, not warmed either
+    assert fast.pending_warm_ups == 2 and graphs() == before
+
+    assert fast.warm_pending(should_yield=lambda: False) is True
+    assert fast.pending_warm_ups == 0 and graphs() > before
+    compiled = graphs()
+    assert np.abs(_frames(fast, frames=6) - deferred).max() <= TOLERANCE
+    assert np.abs(_frames(fast, frames=5) - odd).max() <= TOLERANCE
+    assert graphs() == compiled  # both shapes were compiled while idle
+    assert fast.warm_pending(should_yield=lambda: True) is True  # nothing left

@@ -211,3 +211,67 @@ def test_a_bad_frame_handed_over_fails_the_job_and_keeps_nothing(
     assert "shape" in str(info.value)
     jobs = server.config.data_dir / "jobs"
     assert not [p for p in jobs.glob("*") if p.is_dir()]
+
+
+class CompilingEngine(FakeEngine):
+    """Warm-up compiles SHAPES shapes, WARM_SHAPE_S each, asking `should_yield` before each
+    one; what it left is compiled by `warm_pending` (the AnimateDiffEngine contract)."""
+
+    SHAPES = 4
+    WARM_SHAPE_S = 0.5
+
+    def __init__(self) -> None:
+        super().__init__(step_delay_s=0.01)
+        self.left = self.SHAPES
+        self.events: list[tuple[str, float]] = []
+
+    def _compile_some(self, should_yield: Callable[[], bool]) -> bool:
+        while self.left:
+            if should_yield():
+                self.events.append(("yield", time.monotonic()))
+                return False
+            time.sleep(self.WARM_SHAPE_S)
+            self.left -= 1
+        return True
+
+    def warm_up(self, should_yield: Callable[[], bool] | None = None) -> bool:
+        return self._compile_some(should_yield or (lambda: False))
+
+    @property
+    def pending_warm_ups(self) -> int:
+        return self.left
+
+    def warm_pending(self, should_yield: Callable[[], bool]) -> bool:
+        done = self._compile_some(should_yield)
+        self.events.append(("compiled all" if done else "paused", time.monotonic()))
+        return done
+
+    def generate(self, request: Any, progress: Any, should_cancel: Any, on_frames: Any = None) -> Any:
+        self.events.append(("job", time.monotonic()))
+        return super().generate(request, progress, should_cancel, on_frames)
+
+
+def test_a_job_during_warm_up_does_not_wait_for_the_compile(
+    make_server: Callable[..., Server], make_client: Callable[..., BackendClient]
+) -> None:
+    engine = CompilingEngine()
+    started = time.monotonic()
+    server = make_server(engine=engine)
+    client = make_client(server)
+    assert client.connect().warming_up
+    result = client.run_job(small_request("during warm-up", frames=2, steps=1), timeout_s=30)
+    assert len(result.frames) == 2
+    # The job waited for at most the shape being compiled when it came, not for all four.
+    waited = time.monotonic() - started
+    assert waited < (CompilingEngine.SHAPES - 1) * CompilingEngine.WARM_SHAPE_S
+    assert engine.left > 0 and [e for e, _ in engine.events][:2] == ["yield", "job"]
+    # Idle again, the worker compiles the rest; then the handshake stops saying "warming up".
+    deadline = time.monotonic() + 10
+    while engine.left and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.left == 0 and ("compiled all" in [e for e, _ in engine.events])
+    while server.warming_up and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not server.warming_up
+    fresh = make_client(server, client_id="artist-b")
+    assert not fresh.connect().warming_up
