@@ -66,6 +66,11 @@ def test_every_case_runs_and_reports_every_field(tmp_path: Path, capsys: pytest.
     assert 1.9 < ratio < 2.1
     server = rows[("server", "server[default]")]
     assert {"engine_total_s", "server_overhead_s", "handshake_warming_up"} <= set(server["extra"])
+    # A job submitted as the server started: its wait is reported against a warm job's.
+    assert server["extra"]["first_job_after_start_s"] >= server["extra"]["first_job_s"] > 0
+    assert server["extra"]["first_job_extra_s"] == pytest.approx(
+        server["extra"]["first_job_after_start_s"] - server["end_to_end_s"]
+    )
     assert server["warm_up_s"] is not None and server["warm_up_s"] > 0
     # Every row was printed in the closing table; the engine's and the server's rows also
     # as soon as they could be compared (a run stopped early keeps them in its log).
