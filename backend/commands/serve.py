@@ -87,9 +87,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "<data-dir>/compile-cache, and a long clip's context windows run as one batch; auto: on for "
         "CUDA, off on the CPU.  Measured on an H200: 16 frames x 25 steps 2.90 s instead of 4.09 s, "
         "64 frames 22.7 s instead of 25.4 s (before the windows were batched), for ~2 min of "
-        "compiling at the first start and ~50 s the first time a new clip length or size is used "
-        "(backend/bench/README.md).  Off by default until its frames are checked against stock on a "
-        "GPU and its restart warm-up is measured (default: %(default)s)",
+        "compiling at the first start and ~50 s for each new clip length or size.  No job waits for "
+        "a compile: a job whose shape is not compiled yet runs at stock speed, and the shape compiles "
+        "while the GPU is idle (backend/bench/README.md).  Off by default until its frames are checked "
+        "against stock on a GPU (default: %(default)s)",
     )
     p.add_argument(
         "--png-compress-level",

@@ -100,8 +100,10 @@ class FastPath:
         FreeNoise/LoRA/memory-saving swaps of submodules only recompile what they touch.
         On an H200 it matched compiling the whole UNet (2.90 s vs 2.87 s for 16 frames,
         25 steps; stock 4.09 s) after ~90 s of warm-up; each new clip length or size
-        compiles its shapes on first use (~50 s for 64 frames).  "full" compiles the
-        whole UNet (a LoRA set or clip length recompiles all of it).
+        compiles its shapes once (~50 s for 64 frames) -- with the engine's
+        `defer_compile` (default) while the device is idle, its first job running
+        eagerly.  "full" compiles the whole UNet (a LoRA set or clip length recompiles
+        all of it).
     compile_mode: torch.compile mode ("default", "max-autotune-no-cudagraphs",
         "reduce-overhead" = CUDA graphs, "max-autotune").
     compile_backend: "inductor"; tests use "aot_eager" (no C++/Triton codegen).
