@@ -574,6 +574,7 @@ class AnimateDiffEngine:
             pipe.set_progress_bar_config(disable=True)
             self._apply_fast(pipe)
             self._pipe = pipe
+            self._warm_keys.clear()  # new modules: nothing of theirs is compiled yet
             self.load_counts["pipeline"] += 1
         return self._pipe
 
@@ -1099,8 +1100,8 @@ class AnimateDiffEngine:
             if should_yield():
                 return False
             key, request = self._to_warm.popitem(last=False)
-            if key in self._warm_keys:
-                continue
+            if key in self._warm_keys or (request.base_model, request.motion_module) != (self._base_id, self._motion_id):
+                continue  # compiled meanwhile, or for models no longer loaded (not worth reloading them)
             t0 = time.perf_counter()
             try:
                 with self._gpu_lock:

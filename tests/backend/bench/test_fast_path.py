@@ -303,3 +303,22 @@ def test_a_shape_not_compiled_yet_runs_eagerly_and_compiles_while_idle(tiny_zoo:
     assert np.abs(_frames(fast, frames=5) - odd).max() <= TOLERANCE
     assert graphs() == compiled  # both shapes were compiled while idle
     assert fast.warm_pending(should_yield=lambda: True) is True  # nothing left
+
+
+def test_idle_compiling_follows_the_loaded_models(tiny_zoo: Path, one_thread: None) -> None:
+    """A shape left to compile for a model that is no longer loaded is dropped (compiling it
+    would reload that model); a rebuilt pipeline's shapes count as not compiled again."""
+    other = "base:tiny-sd15-ldm.safetensors"
+    fast = AnimateDiffEngine(
+        tiny_zoo, "cpu", "fp32",
+        fast=FastPath(compile="regional", compile_backend="eager", warm_shapes=((4, 64, 64, True),)),
+    )  # fmt: skip
+    fast.warm_up(BASE, MOTION)
+    assert fast.pending_warm_ups == 0
+    _frames(fast, base_model=other)  # another base model: loaded, runs eagerly
+    assert fast.pending_warm_ups == 1
+    _frames(fast)  # back to the first: a new pipeline, so its shape is not compiled any more
+    assert fast.pending_warm_ups == 2
+    loads = fast.load_counts["base"]
+    assert fast.warm_pending() is True and fast.pending_warm_ups == 0
+    assert fast.load_counts["base"] == loads  # the other model's shape was dropped, not reloaded
