@@ -96,10 +96,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--png-compress-level",
         type=int,
         choices=range(10),
-        default=1,
+        default=None,
         metavar="0-9",
-        help="zlib level of the stored frames: 1 encodes fastest (what a finished clip waits for), "
-        "higher levels save ~15%% of the bytes at 1.6x the encoding time (default: %(default)s)",
+        help="zlib level of the stored frames (default: the server's, 1: encodes fastest, what a finished "
+        "clip waits for); higher levels save ~15%% of the bytes at 1.6x the encoding time",
     )
     p.add_argument("--fake-step-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests and demos
 
@@ -202,8 +202,9 @@ def run(args: argparse.Namespace) -> int:
             insecure=args.insecure,
             retention_hours=args.retention_hours,
             retention_max_bytes=int(args.retention_max_gb * 1024**3),
-            png_compress_level=args.png_compress_level,
         )
+        if args.png_compress_level is not None:
+            config.png_compress_level = args.png_compress_level
         engine: Engine
         if args.engine == "fake":
             from animatediff_blender.backend.engine.fake import FakeEngine

@@ -21,6 +21,11 @@ class ConfigError(Exception):
     """A configuration the server refuses to run with; the message says how to fix it."""
 
 
+# zlib level of stored frames, 0-9.  1: on 512x512 frames 1.6x faster to encode than 4 for
+# ~15 % more bytes (`animatediff-blender bench-server`), and encoding is what a clip waits for last.
+PNG_COMPRESS_LEVEL = 1
+
+
 @dataclass
 class ServerConfig:
     key: bytes
@@ -40,9 +45,7 @@ class ServerConfig:
     heartbeat_ttl_ms: int = 10000
     replay_window_s: float = 300.0
     preview_max_px: int = 256
-    # zlib level, 0-9.  1: on 512x512 frames 1.6x faster to encode than 4 for ~15 % more
-    # bytes (`animatediff-blender bench-server`), and encoding is what a clip waits for last.
-    png_compress_level: int = 1
+    png_compress_level: int = PNG_COMPRESS_LEVEL
     linger_ms: int = 1000
     shutdown_timeout_s: float = 10.0
 

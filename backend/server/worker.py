@@ -32,6 +32,7 @@ from animatediff_blender.backend.engine.interface import (
 )
 from animatediff_blender.protocol import messages
 
+from .config import PNG_COMPRESS_LEVEL
 from .framewriter import FrameWriter
 from .images import check_frame, encode_png, encode_preview
 from .jobs import DeviceFree, EngineReady, Event, Job, JobDone, JobEnded, JobProgress, JobStarted
@@ -48,7 +49,7 @@ class Worker:
         post: Callable[[Event], None],
         job_timeout_s: float,
         preview_max_px: int = 256,
-        png_compress_level: int = 1,
+        png_compress_level: int = PNG_COMPRESS_LEVEL,
     ) -> None:
         self.engine = engine
         self.store = store
