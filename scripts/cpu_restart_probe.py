@@ -8,6 +8,7 @@ warm shape (2 frames, 64x64: the same graphs per block as 512x512, cheap kernels
 fresh processes: the first compiles, the second finds the first one's cache.
 
     python scripts/cpu_restart_probe.py /tmp/adb-restart-probe [real|tiny]   # prints both warm-ups
+    python scripts/cpu_restart_probe.py /tmp/adb-restart-probe real --load-only  # model loading alone
 
 Each process then runs one job at the warm shape; the frames' digest must be the same in
 both (the restarted process runs what it loaded from the cache).  Timings are this
@@ -54,12 +55,31 @@ def child(workdir: Path, size: str) -> dict[str, Any]:
     return {"load_s": load_s, "warm_up_s": warm_up_s, "job_s": job_s, "digest": digest}
 
 
+def load_only(workdir: Path, size: str) -> None:
+    """What every (re)start pays before anything compiles: the engine's load of the base
+    model and motion module and its build of the motion UNet, in this (fresh) process."""
+    from animatediff_blender.backend.bench.models import build_bench_models
+    from animatediff_blender.backend.engine.animatediff import AnimateDiffEngine
+
+    models = build_bench_models(workdir / f"models-{size}", size)  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    AnimateDiffEngine(models, "cpu", "fp32", fast=False).warm_up(
+        "base:bench-sd15", "motion:bench-motion-adapter-v2"
+    )
+    print(
+        f"loading the models (base, motion module, motion UNet): {time.perf_counter() - t0:.1f} s", flush=True
+    )
+
+
 def main() -> int:
     if len(sys.argv) == 4 and sys.argv[1] == "--child":
         print(json.dumps(child(Path(sys.argv[2]), sys.argv[3])))
         return 0
     workdir = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/adb-restart-probe")
     size = sys.argv[2] if len(sys.argv) > 2 else "real"
+    if "--load-only" in sys.argv[3:]:
+        load_only(workdir, size)
+        return 0
     workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # the engine's data-dir cache, as `serve` has it

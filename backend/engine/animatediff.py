@@ -529,7 +529,7 @@ class AnimateDiffEngine:
             torch.cuda.empty_cache()
 
     def _ensure_pipeline(self, base_id: str, motion_id: str, progress: ProgressCallback) -> Any:
-        from diffusers import AnimateDiffPipeline, UNetMotionModel
+        from diffusers import AnimateDiffPipeline
 
         from animatediff_blender.backend.models import loading
 
@@ -560,9 +560,8 @@ class AnimateDiffEngine:
             self._motion_id = motion_id
             self.load_counts["motion"] += 1
         if self._pipe is None:
-            # from_unet2d copies both models' weights and keeps the UNet2D's dtype (self.dtype).
-            unet = UNetMotionModel.from_unet2d(self._base.unet, self._adapter)
-            unet = unet.to(self.device).eval()
+            # Both models' weights copied to the device, in the UNet2D's dtype (self.dtype).
+            unet = loading.build_motion_unet(self._base.unet, self._adapter, self.device)
             pipe = AnimateDiffPipeline(
                 vae=self._base.vae,
                 text_encoder=self._base.text_encoder,

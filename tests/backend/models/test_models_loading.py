@@ -338,3 +338,72 @@ def test_real_size_motion_modules_infer_their_config(kwargs: dict[str, object], 
     assert set(convert.motion_original_to_diffusers(original)) == {
         k for k in real.state_dict() if not k.endswith("pos_embed.pe")
     }
+
+
+def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, non-persistent buffers included."""
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+@pytest.mark.parametrize(
+    ("motion", "dtype"),
+    [("motion/tiny-motion-adapter-v2", torch.float32), ("motion/v3_sd15_mm.safetensors", torch.float16)],
+)
+def test_motion_unet_equals_diffusers_from_unet2d(tiny_zoo: Path, motion: str, dtype: torch.dtype) -> None:
+    """Built without random init, the motion UNet is diffusers' from_unet2d exactly (v2 with
+    its mid-block module, v3 without), and owns its weights: the UNet2D kept for the next
+    motion module and the adapter are never written through it."""
+    from diffusers import UNetMotionModel
+
+    base = loading.load_base(tiny_zoo / "base/tiny-sd15", dtype)
+    adapter = loading.load_motion_adapter(tiny_zoo / motion, dtype)
+    ours = loading.build_motion_unet(base.unet, adapter, "cpu")
+    ref = UNetMotionModel.from_unet2d(base.unet, adapter)
+    mine, theirs = _tensors(ours), _tensors(ref)
+    assert set(mine) == set(theirs)
+    for k, v in theirs.items():
+        assert mine[k].dtype == v.dtype == dtype and not mine[k].is_meta, k
+        assert torch.equal(mine[k], v), k
+    assert not ours.training and dict(ours.config) == dict(ref.config)
+    sources = {t.data_ptr() for m in (base.unet, adapter) for t in _tensors(m).values()}
+    assert not sources & {t.data_ptr() for t in mine.values()}
+
+
+def test_motion_unet_that_does_not_map_takes_diffusers_path(
+    tiny_zoo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A UNet2D with weights the motion UNet has no place for (a class embedding) is built
+    by diffusers' from_unet2d, as before, not refused and not half-assigned."""
+    from diffusers import UNet2DConditionModel
+
+    base = loading.load_base(tiny_zoo / "base/tiny-sd15")
+    config = dict(base.unet.config, class_embed_type="timestep")
+    unet = UNet2DConditionModel.from_config(config)
+    adapter = loading.load_motion_adapter(tiny_zoo / "motion/tiny-motion-adapter-v2")
+    with caplog.at_level("INFO", logger=loading.__name__):
+        ours = loading.build_motion_unet(unet, adapter, "cpu")
+    assert "diffusers' from_unet2d" in caplog.text
+    assert not any(t.is_meta for t in _tensors(ours).values())
+    assert torch.equal(ours.conv_in.weight, unet.conv_in.weight)
+    assert torch.equal(
+        ours.down_blocks[0].motion_modules[0].proj_in.weight,
+        adapter.down_blocks[0].motion_modules[0].proj_in.weight,
+    )
+
+
+def test_loaders_skip_random_init(tiny_zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No weight is initialised only to be overwritten (the slow part of a real-size load):
+    every loader builds its modules with meta parameters and assigns the file's tensors."""
+    inits: list[tuple[int, ...]] = []
+    real = torch.nn.init.kaiming_uniform_
+
+    def spy(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if not tensor.is_meta:
+            inits.append(tuple(tensor.shape))
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", spy)
+    base = loading.load_base(tiny_zoo / "base/tiny-sd15-ldm.safetensors")
+    adapter = loading.load_motion_adapter(tiny_zoo / "motion/mm_sd_v15_v2.ckpt")
+    loading.build_motion_unet(base.unet, adapter, "cpu")
+    assert inits == []
