@@ -22,7 +22,8 @@
 #
 # Environment: OUT (results folder), BENCH_BUDGET_S (seconds for all phases, default 480),
 # BENCH_ARGS (extra arguments for every phase), BENCH_WORKDIR (models + compile cache),
-# BENCH_PHASES (default "main long64 restart long128 levers modes"; a later GPU session
+# BENCH_PHASES (default "main long64 restart long128 levers modes"; also "next", "vae",
+# "verify" and "serverside" (bench-server on the GPU machine's CPUs); a later GPU session
 # runs e.g. BENCH_PHASES="next vae restart long128" for what is still unmeasured).
 set -u -o pipefail
 
@@ -39,6 +40,10 @@ say() { echo "[gpu_bench $(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 
 # --- dependencies: the carried wheels, only where a package is missing -----------------
+# A warm machine keeps /tmp between calls: reuse the wheels unpacked by the last call.
+if [ -d /tmp/site/diffusers ] && [ -d /tmp/site/zmq ] && [ -d /tmp/site/msgspec ]; then
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 if ! python3 -c "import diffusers, zmq, msgspec" 2>/dev/null; then
     if ! ls .whl/*.whl >/dev/null 2>&1; then
         say "diffusers/pyzmq/msgspec missing and no .whl/ carried: see this script's header"
@@ -113,7 +118,9 @@ phase long64 130 --case long64 --repeats 0 --lever default --lever compile
 #    (load + compile from the cache) is what the first job after a restart would pay.
 phase restart 40 --case server --engine-only --repeats 1
 # 4. 128 frames (target: at most 2.1x the engine's 64-frame time; no stock run needed).
-phase long128 90 --case long128 --engine-only --repeats 0
+#    Needs ~270 s on an H200: load, compiling the 128-frame shape (the third session's
+#    212 s were not enough for load + compile), one ~35 s run.
+phase long128 270 --case long128 --engine-only --repeats 0
 # 5. Levers one at a time on the quality case.
 phase levers 150 --case quality --repeats 1 --lever eager --lever compile+channels-last+fuse-qkv \
     --lever sdpa:flash --lever sdpa:efficient --lever compile-dynamic --lever bf16 --lever channels-last
@@ -124,5 +131,17 @@ phase modes 150 --case quality --repeats 1 --lever compile:max-autotune-no-cudag
 #    default after a change: quality against stock (+ profile), long64 and the server
 #    case engine-only, in one process (one model load, one compile of each shape).
 phase verify 100 --case quality --case long64 --case server --anchor quality --repeats 0 --profile
+
+# 8. The server's CPU side on this machine's cores (no GPU, ~15 s): an engine stand-in with
+#    the H200's lightning times; prints what the server adds before and after the engine.
+case " $PHASES " in
+*" serverside "*)
+    say "phase serverside: bench-server"
+    timeout --kill-after=10 "$(left)" python3 -c \
+        "import sys; from animatediff_blender.backend.cli import main; sys.exit(main(sys.argv[1:]))" \
+        bench-server --png-compress-level 1 --png-compress-level 0 --json "$OUT/serverside.json" 2>&1 |
+        grep --line-buffered "bench-server" | tee -a "$LOG"
+    ;;
+esac
 
 say "done in $(($(date +%s) - START))s; results: $(ls "$OUT" | tr '\n' ' ')"

@@ -36,7 +36,7 @@ from animatediff_blender.backend.engine.interface import (
     ProgressCallback,
     StepProgress,
 )
-from animatediff_blender.protocol.messages import GenerateRequest
+from animatediff_blender.protocol.messages import Finished, GenerateRequest
 
 H200_LIGHTNING_DENOISE_S = 0.303
 H200_LIGHTNING_DECODE_S = 0.265
@@ -55,6 +55,8 @@ class PacedEngine(FakeEngine):
         self.decode_chunk = decode_chunk
         self._rendered: dict[tuple[Any, ...], list[np.ndarray]] = {}
         self.totals: list[float] = []  # each job's own time, in order
+        self.started: list[float] = []  # perf_counter() as each job reached the engine
+        self.returned: list[float] = []  # ... and as the engine gave it back
 
     @staticmethod
     def _key(settings: GenerateRequest) -> tuple[Any, ...]:
@@ -72,6 +74,7 @@ class PacedEngine(FakeEngine):
         on_frames: FrameSink | None = None,
     ) -> GenerationResult:
         t0 = time.perf_counter()
+        self.started.append(t0)
         settings = self.resolve(request)
         frames = self._rendered.get(self._key(settings)) or self.render(settings)
         steps = settings.steps or 1
@@ -88,8 +91,11 @@ class PacedEngine(FakeEngine):
                 on_frames(start, chunk)
         t2 = time.perf_counter()
         self.totals.append(t2 - t0)
+        self.returned.append(t2)
         return GenerationResult(
-            frames=list(frames), settings=settings, timings={"denoise": t1 - t0, "decode": t2 - t1, "total": t2 - t0}
+            frames=list(frames),
+            settings=settings,
+            timings={"denoise": t1 - t0, "decode": t2 - t1, "total": t2 - t0},
         )
 
 
@@ -102,6 +108,12 @@ class OverheadResult:
     engine_s: float  # median of the stand-in's own time per job
     end_to_end_s: float  # median submit -> every frame received
     runs: list[float] = field(default_factory=list)
+    # Where the overhead is (medians): submit -> the engine starts (request, queue, dispatch),
+    # and the engine returns -> the client has every frame and the Finished message (the
+    # frames not yet encoded and stored, the commit, signing, sending, checking).
+    before_engine_s: float = 0.0
+    after_engine_s: float = 0.0
+    payload_bytes: int = 0  # the clip's PNGs, as sent
 
     @property
     def overhead_s(self) -> float:
@@ -115,7 +127,9 @@ class OverheadResult:
         return (
             f"{self.frames} frames {self.width}x{self.height}, PNG level {self.png_compress_level}: "
             f"engine {self.engine_s:.3f} s, end to end {self.end_to_end_s:.3f} s, "
-            f"server + client add {self.overhead_s * 1000:.0f} ms ({self.overhead_share:.1%})"
+            f"server + client add {self.overhead_s * 1000:.0f} ms ({self.overhead_share:.1%}): "
+            f"{self.before_engine_s * 1000:.0f} ms before the engine starts, "
+            f"{self.after_engine_s * 1000:.0f} ms after it returns (PNGs {self.payload_bytes / 1e6:.1f} MB)"
         )
 
 
@@ -150,18 +164,33 @@ def measure_server_overhead(
         server = Server(config, engine)
         endpoint = server.start()
         try:
-            client = BackendClient(ClientConfig(address=endpoint, key=key, client_id="overhead", timeout_s=120))
+            client = BackendClient(
+                ClientConfig(address=endpoint, key=key, client_id="overhead", timeout_s=120)
+            )
             with client:
                 client.connect()
                 runs: list[float] = []
+                before: list[float] = []
+                after: list[float] = []
+                payload = 0
+                finished_at: list[float] = []  # when the client had each job's Finished
+
+                def on_event(event: Any) -> None:
+                    if isinstance(event.content, Finished):
+                        finished_at.append(time.perf_counter())
+
                 for i in range(repeats + 1):
+                    finished_at.clear()
                     t0 = time.perf_counter()
-                    result = client.run_job(request, timeout_s=120)
+                    result = client.run_job(request, on_event=on_event, timeout_s=120)
                     elapsed = time.perf_counter() - t0
                     if len(result.frames) != frames:
                         raise RuntimeError(f"received {len(result.frames)} frames, expected {frames}")
                     if i > 0:
                         runs.append(elapsed)
+                        before.append(engine.started[-1] - t0)
+                        after.append((finished_at[-1] if finished_at else t0 + elapsed) - engine.returned[-1])
+                        payload = sum(len(png) for png in result.frames)
         finally:
             server.stop()
     return OverheadResult(
@@ -172,4 +201,7 @@ def measure_server_overhead(
         engine_s=statistics.median(engine.totals[1:] if len(engine.totals) > 1 else engine.totals),
         end_to_end_s=statistics.median(runs) if runs else 0.0,
         runs=runs,
+        before_engine_s=statistics.median(before) if before else 0.0,
+        after_engine_s=statistics.median(after) if after else 0.0,
+        payload_bytes=payload,
     )

@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="0-9",
         help="repeatable: one measurement per level (default: the server's default)",
     )
-    p.add_argument("--repeats", type=int, default=5, help="timed jobs after one untimed (default: %(default)s)")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="timed jobs after one untimed (default: %(default)s)"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.set_defaults(func=run)
 
@@ -64,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
                 "png_compress_level": result.png_compress_level, "engine_s": result.engine_s,
                 "end_to_end_s": result.end_to_end_s, "overhead_s": result.overhead_s,
                 "overhead_share": result.overhead_share, "runs_s": result.runs, "cpus": os.cpu_count(),
+                "before_engine_s": result.before_engine_s, "after_engine_s": result.after_engine_s,
+                "payload_bytes": result.payload_bytes,
             }
         )  # fmt: skip
     if args.json:

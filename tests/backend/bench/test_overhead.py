@@ -24,14 +24,18 @@ def test_paced_engine_takes_its_time_and_hands_frames_over_in_chunks() -> None:
     handed: list[tuple[int, int]] = []
     steps: list[int] = []
     t0 = time.perf_counter()
-    result = engine.generate(request, lambda p: steps.append(p.step), lambda: False, lambda s, f: handed.append((s, len(f))))
+    result = engine.generate(
+        request, lambda p: steps.append(p.step), lambda: False, lambda s, f: handed.append((s, len(f)))
+    )
     elapsed = time.perf_counter() - t0
     assert handed == [(0, 4), (4, 2)] and steps == [1, 2, 3]
     assert elapsed >= 0.1 and result.timings["denoise"] >= 0.06 and result.timings["decode"] >= 0.04
     assert len(result.frames) == 6 and result.frames[0].shape == (32, 32, 3)
 
 
-def test_bench_server_reports_what_the_server_adds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_server_reports_what_the_server_adds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "overhead.json"
     code = main(
         ["bench-server", "--frames", "4", "--size", "64", "--denoise-s", "0.05", "--decode-s", "0.02",
@@ -47,7 +51,13 @@ def test_bench_server_reports_what_the_server_adds(tmp_path: Path, capsys: pytes
         assert row["end_to_end_s"] > row["engine_s"]  # the server and the client cost something
         assert row["overhead_s"] == pytest.approx(row["end_to_end_s"] - row["engine_s"])
         assert 0 < row["overhead_share"] < 1
-    assert "server + client add" in printed
+        # The split: both parts happen, and together they are the overhead (the engine's
+        # own time lies between them).
+        assert 0 < row["before_engine_s"] < row["overhead_s"]
+        assert 0 < row["after_engine_s"] < row["overhead_s"]
+        assert row["before_engine_s"] + row["after_engine_s"] == pytest.approx(row["overhead_s"], abs=0.02)
+        assert row["payload_bytes"] > 4 * 64 * 64  # four 64x64 PNGs of a noisy gradient
+    assert "server + client add" in printed and "after it returns" in printed
 
 
 def test_bench_server_refuses_bad_sizes(capsys: pytest.CaptureFixture[str]) -> None:
