@@ -164,6 +164,24 @@ class FastPath:
             return cls.off()
         return cls(compile="regional", batch_windows=True)
 
+    @classmethod
+    def auto_for(cls, device: torch.device | str, has_triton: bool | None = None) -> FastPath:
+        """`default_for`, where it can run: inductor compiles CUDA kernels with triton, which
+        some installs lack (Windows wheels of torch come without it).  Without it, the stock
+        path, and a warning saying so, rather than a compile that fails at every warm-up."""
+        fast = cls.default_for(device)
+        if has_triton is None:
+            import importlib.util
+
+            has_triton = importlib.util.find_spec("triton") is not None
+        if fast.compiles and not has_triton:
+            log.warning(
+                "fast path off: torch.compile needs the triton package, which is not installed "
+                "(install triton for about 1.4x faster jobs, or pass --fast off to silence this)"
+            )
+            return cls.off()
+        return fast
+
     @property
     def compiles(self) -> bool:
         """Whether anything is compiled (the UNet's blocks or the VAE decoder)."""
@@ -331,10 +349,10 @@ class AnimateDiffEngine:
         # only when a long clip ran out of memory without them (the job is retried once);
         # True: always for long clips; False: never.
         self.memory_saving = memory_saving
-        # None: the device's default (on for CUDA, off on the CPU); True: the CUDA default
-        # wherever we run; False: stock eager.
+        # None: the device's default (on for CUDA where triton is installed, off on the
+        # CPU); True: the CUDA default wherever we run; False: stock eager.
         if fast is None:
-            fast = FastPath.default_for(self.device)
+            fast = FastPath.auto_for(self.device)
         elif fast is True:
             fast = FastPath.default_for("cuda")
         elif fast is False:
@@ -347,6 +365,9 @@ class AnimateDiffEngine:
         # later, by warm_pending(), when the device is idle.  False: the job compiles.
         self.defer_compile = defer_compile
         self._warm_keys: set[tuple[Any, ...]] = set()  # shapes compiled in this process
+        # Set when compiling failed once (no triton for this GPU, a compiler bug): every job
+        # then runs eagerly and nothing is compiled again in this process.
+        self.compile_error: str | None = None
         self._to_warm: OrderedDict[tuple[Any, ...], GenerateRequest] = OrderedDict()  # shapes to compile
         # FreeNoise block id -> the plain motion transformer block it stands in for (one job).
         self._plain_motion_blocks: dict[int, Any] = {}
@@ -1021,11 +1042,14 @@ class AnimateDiffEngine:
     ) -> GenerationResult:
         settings = self.resolve(request)
         key = self._shape_key(settings)
-        deferred = self.fast.compiles and self.defer_compile and key not in self._warm_keys
+        deferred = self.fast.compiles and (
+            self.compile_error is not None or (self.defer_compile and key not in self._warm_keys)
+        )
         with torch.compiler.set_stance("force_eager") if deferred else nullcontext():
             result = self._generate_with_retry(settings, progress, should_cancel, on_frames)
         if deferred:
-            self._to_warm.setdefault(key, self._warm_request(settings))
+            if self.compile_error is None:
+                self._to_warm.setdefault(key, self._warm_request(settings))
         elif self.fast.compiles:
             self._warm_keys.add(key)
         return result
@@ -1092,8 +1116,8 @@ class AnimateDiffEngine:
     def warm_pending(self, should_yield: Callable[[], bool] = lambda: False) -> bool:
         """Compile the shapes that jobs ran eagerly (deferred), one 2-step run each,
         stopping before the next one when `should_yield()` says a job is waiting.  Returns
-        True when none is left.  A shape that fails to compile is dropped (logged): its
-        jobs keep running eagerly."""
+        True when none is left.  When a shape fails to compile, compiling stops for good
+        (`compile_error`, logged): every job runs eagerly from then on."""
         ran = False
         while self._to_warm:
             if should_yield():
@@ -1105,11 +1129,10 @@ class AnimateDiffEngine:
             try:
                 with self._gpu_lock:
                     self._generate(request, lambda _p: None, lambda: False)
-            except Exception:
-                log.exception("could not compile for %d frames at %dx%d", request.frames, request.width, request.height)
+            except Exception as exc:
                 with self._gpu_lock:
-                    self._free()
-                continue
+                    self._compile_failed(request, exc)
+                return True
             self._warm_keys.add(key)
             ran = True
             log.info(
@@ -1310,11 +1333,26 @@ class AnimateDiffEngine:
                         for later in jobs[i:]:
                             self._to_warm.setdefault(self._shape_key(later), later)
                         break
-                    self._generate(job, lambda _p: None, lambda: False)
+                    try:
+                        self._generate(job, lambda _p: None, lambda: False)
+                    except Exception as exc:
+                        self._compile_failed(job, exc)
+                        break
                     self._warm_keys.add(self._shape_key(job))
                 self._save_compile_cache()
         self.warm_up_s = time.perf_counter() - t0
         return not self._to_warm
+
+    def _compile_failed(self, request: GenerateRequest, exc: Exception) -> None:
+        """Compiling one shape failed: stop compiling for good (each further try would fail
+        the same way, holding the device meanwhile); jobs keep running, eagerly."""
+        log.error(
+            "could not compile for %d frames at %dx%d (%s: %s): jobs run at stock speed from now on",
+            request.frames, request.width, request.height, type(exc).__name__, exc, exc_info=exc,
+        )  # fmt: skip
+        self.compile_error = f"{type(exc).__name__}: {exc}"
+        self._to_warm.clear()
+        self._free()
 
     def unload(self) -> None:
         """Drop every loaded model (the next job loads again)."""

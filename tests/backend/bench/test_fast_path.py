@@ -74,6 +74,10 @@ def test_defaults_per_device(tiny_zoo: Path) -> None:
     assert AnimateDiffEngine(tiny_zoo, "cpu").fast == FastPath.off()  # CPU: stock eager, bit-identical
     assert FastPath.default_for("cuda").compile == "regional"
     assert AnimateDiffEngine(tiny_zoo, "cpu", fast=True).fast.compile == "regional"
+    # auto (serve's default): the CUDA default only where inductor can build its kernels.
+    assert FastPath.auto_for("cuda", has_triton=True) == FastPath.default_for("cuda")
+    assert FastPath.auto_for("cuda", has_triton=False) == FastPath.off()
+    assert FastPath.auto_for("cpu", has_triton=True) == FastPath.off()
     with pytest.raises(EngineError, match="compile must be one of"):
         FastPath(compile="everything")
 
@@ -303,6 +307,55 @@ def test_a_shape_not_compiled_yet_runs_eagerly_and_compiles_while_idle(tiny_zoo:
     assert np.abs(_frames(fast, frames=5) - odd).max() <= TOLERANCE
     assert graphs() == compiled  # both shapes were compiled while idle
     assert fast.warm_pending(should_yield=lambda: True) is True  # nothing left
+
+
+@pytest.fixture
+def failing_backend() -> str:
+    """A torch.compile backend that fails as inductor does without triton."""
+    from torch._dynamo import register_backend
+    from torch._dynamo.backends.registry import _BACKENDS, _COMPILER_FNS
+
+    name = "adb_failing_test_backend"
+
+    def failing(gm: Any, example_inputs: Any) -> Any:
+        raise RuntimeError("Cannot find a working triton installation")
+
+    register_backend(failing, name=name)
+    yield name
+    _COMPILER_FNS.pop(name, None)
+    _BACKENDS.pop(name, None)
+
+
+def test_a_compiler_that_fails_leaves_jobs_running_eagerly(
+    tiny_zoo: Path, one_thread: None, failing_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No triton (or a compiler bug): the warm-up does not raise, says why once, and from
+    then on every job runs eagerly -- the same frames as stock -- and nothing is queued
+    to compile again (each try would hold the device and fail the same way)."""
+    eager = AnimateDiffEngine(tiny_zoo, "cpu", "fp32")
+    fast = AnimateDiffEngine(
+        tiny_zoo, "cpu", "fp32",
+        fast=FastPath(compile="regional", compile_backend=failing_backend, warm_shapes=((4, 64, 64, True),)),
+    )  # fmt: skip
+    with caplog.at_level("ERROR"):
+        assert fast.warm_up(BASE, MOTION) is True  # ready: nothing left that could compile
+    assert fast.compile_error is not None and "triton" in fast.compile_error
+    assert "jobs run at stock speed" in caplog.text
+    for frames in (4, 6):  # the failed shape and one never tried
+        assert np.abs(_frames(fast, frames=frames) - _frames(eager, frames=frames)).max() == 0
+        assert fast.pending_warm_ups == 0
+
+    # The same when the first failure comes while compiling an idle shape.
+    idle = AnimateDiffEngine(
+        tiny_zoo, "cpu", "fp32",
+        fast=FastPath(compile="regional", compile_backend=failing_backend, warm_shapes=()),
+    )  # fmt: skip
+    idle.warm_up(BASE, MOTION)
+    _frames(idle, frames=4)
+    assert idle.pending_warm_ups == 1 and idle.compile_error is None
+    assert idle.warm_pending() is True and idle.compile_error is not None
+    assert np.abs(_frames(idle, frames=6) - _frames(eager, frames=6)).max() == 0
+    assert idle.pending_warm_ups == 0
 
 
 def test_idle_compiling_follows_the_loaded_models(tiny_zoo: Path, one_thread: None) -> None:
