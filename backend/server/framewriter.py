@@ -2,8 +2,9 @@
 thread pool as the engine hands them over -- while the device still decodes the next
 ones -- then committed in one atomic rename.
 
-Nothing here tells a client anything: the worker reports the job finished only after
-`finish()` returned and the frames are committed.  The frames themselves are checked by
+Each stored batch is reported (`on_stored`) so that the server can stream it to the client
+before the job ends; the worker reports the job finished only after `finish()` returned
+and the frames are committed.  The frames themselves are checked by
 the worker (`check_frame`) before `finish()`; a bad one fails the job there.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +37,16 @@ class FrameWriter:
         pool: concurrent.futures.Executor,
         encode: Callable[[np.ndarray, int], bytes],
         compress_level: int,
+        on_stored: Callable[[int, list[bytes], list[str]], None] | None = None,
     ) -> None:
         self.store = store
         self.job_id = job_id
         self.pool = pool
         self.encode = encode
         self.compress_level = compress_level
+        # Called (on an encoder thread) with (start, pngs, digests) once every frame of a
+        # handed-over batch is stored, so that the frames can be sent before the job ends.
+        self.on_stored = on_stored
         self._partial: Path | None = None
         self._futures: dict[int, concurrent.futures.Future[tuple[bytes, str, int]]] = {}
         # A storage error while the engine runs is kept for finish(): raised inside the
@@ -59,6 +65,32 @@ class FrameWriter:
                 self._submit(index, frame)
             except OSError as exc:
                 self._storage_error = exc
+                return
+        if self.on_stored is not None and frames:
+            self._report_when_stored(start, [self._futures[i] for i in range(start, start + len(frames))])
+
+    def _report_when_stored(
+        self, start: int, futures: list[concurrent.futures.Future[tuple[bytes, str, int]]]
+    ) -> None:
+        """on_stored(start, pngs, digests) once the last of `futures` is done, unless one
+        failed (finish() reports that)."""
+        left = [len(futures)]
+        lock = threading.Lock()
+        report = self.on_stored
+        assert report is not None
+
+        def done(_future: concurrent.futures.Future[tuple[bytes, str, int]]) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            if any(f.cancelled() or f.exception() is not None for f in futures):
+                return
+            stored = [f.result() for f in futures]
+            report(start, [s[0] for s in stored], [s[1] for s in stored])
+
+        for future in futures:
+            future.add_done_callback(done)
 
     def finish(self, frames: list[np.ndarray]) -> StoredFrames:
         """Encode and store whatever was not handed over yet, wait for all of it and

@@ -34,6 +34,7 @@ class Job:
     started_at: float = 0.0
     deadline: float = math.inf  # time.monotonic() after which the job fails with "timeout"
     timed_out: bool = False
+    streamed: set[int] = field(default_factory=set)  # loop-owned: frames already broadcast
 
 
 # --------------------------------------------------------------------------- worker -> loop
@@ -53,6 +54,21 @@ class JobProgress:
     remaining_s: float
     phase: str
     preview_png: bytes | None
+
+
+@dataclass
+class FramesStored:
+    """Frames of a running job, persisted (each file fsync'd) before the job finishes: the
+    loop streams them to the job's watchers while the device still decodes the rest.
+    `pngs` are the very bytes written to disk."""
+
+    job_id: str
+    start: int
+    pngs: list[bytes]
+    sha256: list[str]
+    total: int
+    width: int
+    height: int
 
 
 @dataclass
@@ -97,4 +113,4 @@ class DeviceFree:
     job_id: str
 
 
-Event = JobStarted | JobProgress | JobDone | JobEnded | Reply | EngineReady | DeviceFree
+Event = JobStarted | JobProgress | FramesStored | JobDone | JobEnded | Reply | EngineReady | DeviceFree

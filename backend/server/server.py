@@ -57,6 +57,7 @@ from .jobs import (
     DeviceFree,
     EngineReady,
     Event,
+    FramesStored,
     Job,
     JobDone,
     JobEnded,
@@ -345,12 +346,23 @@ class Server:
         for identity in list(job.watchers):
             self._send(identity, content, buffers=buffers)
 
+    def _stream(
+        self, job: Job, first: int, pngs: list[bytes], digests: list[str], total: int, width: int, height: int
+    ) -> None:
+        """Broadcast frames first..first+len-1 of `total` (once each)."""
+        for content, buffers in self._frames_messages(job.job_id, pngs, digests, width, height, first, total):
+            self._broadcast(job, content, buffers)
+        job.streamed.update(range(first, first + len(pngs)))
+
     def _frames_messages(
-        self, job_id: str, pngs: list[bytes], digests: list[str], width: int, height: int
-    ) -> list[tuple[messages.Base, list[bytes]]]:
-        """Split frames into Frames messages within the frame-count and byte caps."""
+        self, job_id: str, pngs: list[bytes], digests: list[str], width: int, height: int,
+        first: int = 0, total: int | None = None,
+    ) -> list[tuple[messages.Base, list[bytes]]]:  # fmt: skip
+        """Split frames first..first+len-1 of a clip of `total` (default: these frames) into
+        Frames messages within the frame-count and byte caps."""
         out: list[tuple[messages.Base, list[bytes]]] = []
         budget = self.limits.max_message_bytes - _FRAME_OVERHEAD
+        total = len(pngs) if total is None else total
         start = 0
         while start < len(pngs):
             end, size = start, 0
@@ -365,9 +377,9 @@ class Server:
                 (
                     messages.Frames(
                         job_id=job_id,
-                        start=start,
+                        start=first + start,
                         count=end - start,
-                        total=len(pngs),
+                        total=total,
                         width=width,
                         height=height,
                         sha256=digests[start:end],
@@ -422,13 +434,18 @@ class Server:
                 phase=event.phase,
             )
             self._broadcast(job, progress, [event.preview_png] if event.preview_png is not None else None)
+        elif isinstance(event, FramesStored):
+            # Stored while the device decodes the rest: sent now, not after the last frame.
+            self._stream(job, event.start, event.pngs, event.sha256, event.total, event.width, event.height)
         elif isinstance(event, JobDone):
             self._finish(job)
             f = event.finished
-            for content, buffers in self._frames_messages(
-                job.job_id, event.pngs, event.sha256, f.width, f.height
-            ):
-                self._broadcast(job, content, buffers)
+            # Whatever was not streamed yet (the batch stored last, frames the engine
+            # returned without handing them over); late watchers fetch the rest.
+            left = [i for i in range(len(event.pngs)) if i not in job.streamed]
+            for start, end in _runs(left):
+                self._stream(job, start, event.pngs[start:end], event.sha256[start:end], len(event.pngs),
+                             f.width, f.height)  # fmt: skip
             self._broadcast(job, f)
             self._log(job, "finished", frames=f.frames, elapsed_s=f"{f.elapsed_s:.2f}")
         elif isinstance(event, JobEnded):
@@ -848,3 +865,14 @@ def _logval(value: object) -> str:
     if not text or any(c in text for c in ' "=\n'):
         return msgspec.json.encode(text).decode()
     return text
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted indices as [start, end) runs of consecutive ones."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs

@@ -35,7 +35,17 @@ from animatediff_blender.protocol import messages
 from .config import PNG_COMPRESS_LEVEL
 from .framewriter import FrameWriter
 from .images import check_frame, encode_png, encode_preview
-from .jobs import DeviceFree, EngineReady, Event, Job, JobDone, JobEnded, JobProgress, JobStarted
+from .jobs import (
+    DeviceFree,
+    EngineReady,
+    Event,
+    FramesStored,
+    Job,
+    JobDone,
+    JobEnded,
+    JobProgress,
+    JobStarted,
+)
 from .store import JobStore
 
 log = logging.getLogger("animatediff_blender.server.worker")
@@ -165,10 +175,22 @@ class Worker:
                     log.warning("job=%s event=bad_preview error=%r", job.job_id, exc)
             self.post(JobProgress(job.job_id, p.step, p.total_steps, elapsed, remaining, p.phase, preview))
 
-        writer = FrameWriter(self.store, job.job_id, self._encoders, self.encode, self.png_compress_level)
+        width, height, total = job.settings.width, job.settings.height, job.settings.frames
+
+        def stored(start: int, pngs: list[bytes], digests: list[str]) -> None:
+            self.post(FramesStored(job.job_id, start, pngs, digests, total, width, height))
+
+        def sink(start: int, frames: list[np.ndarray]) -> None:
+            for frame in frames:  # checked before anything of it is stored or sent
+                check_frame(frame, width, height)
+            writer.add(start, frames)
+
+        writer = FrameWriter(
+            self.store, job.job_id, self._encoders, self.encode, self.png_compress_level, on_stored=stored
+        )
         try:
             try:
-                result = self.engine.generate(job.settings, progress, should_cancel, on_frames=writer.add)
+                result = self.engine.generate(job.settings, progress, should_cancel, on_frames=sink)
                 settings = result.settings
                 for frame in result.frames:
                     check_frame(frame, settings.width, settings.height)

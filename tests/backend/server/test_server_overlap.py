@@ -73,6 +73,32 @@ def test_frames_are_encoded_and_stored_while_later_ones_still_decode(
     assert not list((server.config.data_dir / "jobs").glob("*.partial"))
 
 
+def test_stored_frames_reach_the_client_before_the_job_ends(
+    make_server: Callable[..., Server], make_client: Callable[..., BackendClient]
+) -> None:
+    """Each stored batch is sent at once, not after the clip's last frame: the client has
+    the first frames while the device still decodes the rest, every frame exactly once,
+    and they are the bytes on disk."""
+    engine = SlowDecodeEngine()
+    server = make_server(engine=engine)
+    client = make_client(server)
+    client.connect()
+    received: list[tuple[messages.Frames, float]] = []
+
+    def on_event(event: Any) -> None:
+        if isinstance(event.content, messages.Frames):
+            received.append((event.content, time.monotonic()))
+
+    result = client.run_job(small_request("stream", frames=4, steps=1), on_event=on_event, timeout_s=30)
+    sent = sorted(i for frames, _ in received for i in range(frames.start, frames.start + frames.count))
+    assert sent == [0, 1, 2, 3]
+    assert all(frames.total == 4 and (frames.width, frames.height) == (64, 64) for frames, _ in received)
+    # Frames 0-2 were handed over 0.6, 0.4 and 0.2 s before the engine returned.
+    assert sum(t < engine.returned_at for _, t in received) >= 2
+    stored = sorted((server.config.data_dir / "jobs" / result.job_id).glob("*.png"))
+    assert [p.read_bytes() for p in stored] == list(result.frames)
+
+
 def test_a_job_failing_mid_decode_leaves_no_partial_frames(
     make_server: Callable[..., Server], make_client: Callable[..., BackendClient]
 ) -> None:
@@ -191,7 +217,8 @@ def test_a_bad_frame_handed_over_fails_the_job_and_keeps_nothing(
     make_server: Callable[..., Server], make_client: Callable[..., BackendClient]
 ) -> None:
     """A frame of the wrong size, streamed or returned, fails the job with the engine's
-    error (checked once, by the worker) and leaves no frames behind."""
+    error (the worker checks frames as they are handed over, before storing or sending
+    them, and as they are returned) and leaves no frames behind."""
     from animatediff_blender.protocol.client import ClientError
 
     class WrongSize(FakeEngine):
