@@ -218,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
             engine = AnimateDiffEngine(
                 models_dir, args.device, args.dtype, fast=fast, compile_cache_dir=data_dir / "compile-cache"
             )
+            log.info("fast path (--fast %s): %s", args.fast, engine.fast.describe())
         server = Server(config, engine)
     except (ConfigError, EngineError) as exc:
         print(f"animatediff-blender serve: {exc}", file=sys.stderr)
