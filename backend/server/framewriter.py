@@ -4,8 +4,8 @@ ones -- then committed in one atomic rename.
 
 Each stored batch is reported (`on_stored`) so that the server can stream it to the client
 before the job ends; the worker reports the job finished only after `finish()` returned
-and the frames are committed.  The frames themselves are checked by
-the worker (`check_frame`) before `finish()`; a bad one fails the job there.
+and the frames are committed.  The frames themselves are checked by the worker
+(`check_frame`) as they are handed over and again before `finish()`; a bad one fails the job.
 """
 
 from __future__ import annotations
