@@ -75,6 +75,12 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
     python3 -c "import sys, torch, diffusers, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
 } 2>&1 | tee -a "$LOG"
 
+# cli ARGS...: the project's command line (`animatediff-blender ARGS...`), uninstalled.
+cli() {
+    python3 -c "import sys; from animatediff_blender.backend.cli import main; sys.exit(main(sys.argv[1:]))" "$@"
+}
+export -f cli  # `timeout` runs it in a child bash
+
 # phase NAME MIN_SECONDS ARGS...: one bench process, bounded by what is left of the budget.
 PHASES=${BENCH_PHASES:-main long64 restart long128 vae levers modes}
 phase() {
@@ -89,8 +95,7 @@ phase() {
     fi
     say "phase $name (up to ${t}s): bench $* $EXTRA"
     # shellcheck disable=SC2086  # EXTRA is a list of arguments
-    timeout --kill-after=10 "$t" python3 -c \
-        "import sys; from animatediff_blender.backend.cli import main; sys.exit(main(sys.argv[1:]))" \
+    timeout --kill-after=10 "$t" bash -c 'cli "$@"' cli \
         bench --workdir "$WORKDIR" --json "$OUT/$name.json" "$@" $EXTRA 2>&1 |
         grep --line-buffered -v -e "Loading weights" -e "Loading pipeline components" -e "Writing model shards" |
         tee -a "$LOG"
@@ -139,8 +144,7 @@ phase verify 100 --case quality --case long64 --case server --anchor quality --r
 case " $PHASES " in
 *" serverside "*)
     say "phase serverside: bench-server"
-    timeout --kill-after=10 "$(left)" python3 -c \
-        "import sys; from animatediff_blender.backend.cli import main; sys.exit(main(sys.argv[1:]))" \
+    timeout --kill-after=10 "$(left)" bash -c 'cli "$@"' cli \
         bench-server --png-compress-level 1 --png-compress-level 0 --json "$OUT/serverside.json" 2>&1 |
         grep --line-buffered "bench-server" | tee -a "$LOG"
     ;;

@@ -60,15 +60,12 @@ class JobProgress:
 class FramesStored:
     """Frames of a running job, persisted (each file fsync'd) before the job finishes: the
     loop streams them to the job's watchers while the device still decodes the rest.
-    `pngs` are the very bytes written to disk."""
+    `pngs` are the very bytes written to disk; the clip's size is the job's settings'."""
 
     job_id: str
     start: int
     pngs: list[bytes]
     sha256: list[str]
-    total: int
-    width: int
-    height: int
 
 
 @dataclass

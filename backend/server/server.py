@@ -436,7 +436,8 @@ class Server:
             self._broadcast(job, progress, [event.preview_png] if event.preview_png is not None else None)
         elif isinstance(event, FramesStored):
             # Stored while the device decodes the rest: sent now, not after the last frame.
-            self._stream(job, event.start, event.pngs, event.sha256, event.total, event.width, event.height)
+            s = job.settings
+            self._stream(job, event.start, event.pngs, event.sha256, s.frames, s.width, s.height)
         elif isinstance(event, JobDone):
             self._finish(job)
             f = event.finished

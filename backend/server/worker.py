@@ -175,14 +175,12 @@ class Worker:
                     log.warning("job=%s event=bad_preview error=%r", job.job_id, exc)
             self.post(JobProgress(job.job_id, p.step, p.total_steps, elapsed, remaining, p.phase, preview))
 
-        width, height, total = job.settings.width, job.settings.height, job.settings.frames
-
         def stored(start: int, pngs: list[bytes], digests: list[str]) -> None:
-            self.post(FramesStored(job.job_id, start, pngs, digests, total, width, height))
+            self.post(FramesStored(job.job_id, start, pngs, digests))
 
         def sink(start: int, frames: list[np.ndarray]) -> None:
             for frame in frames:  # checked before anything of it is stored or sent
-                check_frame(frame, width, height)
+                check_frame(frame, job.settings.width, job.settings.height)
             writer.add(start, frames)
 
         writer = FrameWriter(
