@@ -11,7 +11,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-#     -d .whl diffusers==0.42.1 importlib_metadata pyzmq==27.1.0 msgspec==0.22.0
+#     -d .whl diffusers==0.42.1 importlib_metadata pyzmq==27.1.0 msgspec==0.22.0 isal==1.9.1
 #
 # Then, from the session's device tool (one call; carry the wheels):
 #   run(command="BENCH_BUDGET_S=570 bash scripts/gpu_bench.sh", carry=[".whl"], timeout_s=600)
@@ -41,19 +41,19 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 
 # --- dependencies: the carried wheels, only where a package is missing -----------------
 # A warm machine keeps /tmp between calls: reuse the wheels unpacked by the last call.
-if [ -d /tmp/site/diffusers ] && [ -d /tmp/site/zmq ] && [ -d /tmp/site/msgspec ]; then
+if [ -d /tmp/site/diffusers ] && [ -d /tmp/site/zmq ] && [ -d /tmp/site/msgspec ] && [ -d /tmp/site/isal ]; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-if ! python3 -c "import diffusers, zmq, msgspec" 2>/dev/null; then
+if ! python3 -c "import diffusers, zmq, msgspec, isal" 2>/dev/null; then
     if ! ls .whl/*.whl >/dev/null 2>&1; then
-        say "diffusers/pyzmq/msgspec missing and no .whl/ carried: see this script's header"
+        say "diffusers/pyzmq/msgspec/isal missing and no .whl/ carried: see this script's header"
         exit 2
     fi
     # A wheel is a zip laid out for site-packages: unpacking takes seconds where pip takes
     # ~20 (device time is scarce); pip only if that does not import.
     for w in .whl/*.whl; do python3 -m zipfile -e "$w" /tmp/site; done
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    if ! python3 -c "import diffusers, zmq, msgspec" >>"$LOG" 2>&1; then
+    if ! python3 -c "import diffusers, zmq, msgspec, isal" >>"$LOG" 2>&1; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 || { say "wheel install failed"; exit 2; }
     fi

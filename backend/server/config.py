@@ -21,8 +21,9 @@ class ConfigError(Exception):
     """A configuration the server refuses to run with; the message says how to fix it."""
 
 
-# zlib level of stored frames, 0-9.  1: on 512x512 frames 1.6x faster to encode than 4 for
-# ~15 % more bytes (`animatediff-blender bench-server`), and encoding is what a clip waits for last.
+# Deflate level of stored frames on zlib's 0-9 scale (backend/png.py).  1: the fastest that
+# compresses; with ISA-L, higher levels cost more time for frames no smaller, and encoding is
+# what a clip waits for last (`animatediff-blender bench-server`).
 PNG_COMPRESS_LEVEL = 1
 
 

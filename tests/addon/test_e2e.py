@@ -6,7 +6,9 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from .conftest import bpy_pythons, free_port, newest, run_bpy
 
@@ -100,6 +102,9 @@ def test_real_engine_tiny_zoo(addon_zips, backend_factory, tiny_zoo: Path, tmp_p
     assert (r["channel"], r["start"], r["duration"]) == (1, 10, 4)
     assert r["files_exist"] and r["reopened_files_exist"] and all(n > 60 for n in r["sizes"])
     assert r["image_size"] == [64, 64]
+    # Blender decodes the backend's PNGs to the same pixels as Pillow does.
+    with Image.open(r["image_path"]) as im:
+        assert r["image_rgb"] == np.asarray(im.convert("RGB")).reshape(-1).tolist()
     req = r["settings"]["request"]
     assert req["steps"] == 2 and req["seed"] == 11 and req["frames"] == 4
     assert [x["weight"] for x in req["motion_loras"]] == [0.6]

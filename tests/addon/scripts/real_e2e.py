@@ -68,5 +68,11 @@ out["reopened_files_exist"] = all(os.path.isfile(p) for p in strips.strip_frame_
 # The PNGs are real images Blender can read.
 img = bpy.data.images.load(strips.strip_frame_paths(strip)[0])
 out["image_size"] = list(img.size)
+out["image_path"] = strips.strip_frame_paths(strip)[0]
+# Blender's own decoding of the backend's PNG writer: top row first, RGB as 0-255.
+rgba = [round(v * 255) for v in img.pixels[:]]
+w, h = img.size
+rows = [rgba[y * w * 4 : (y + 1) * w * 4] for y in range(h)][::-1]
+out["image_rgb"] = [row[i] for row in rows for i in range(len(row)) if i % 4 != 3]
 bpy.ops.preferences.addon_disable(module=c.MODULE)
 c.result(**out)
