@@ -163,6 +163,7 @@ def parse_lever(spec: str, device: str, dtype: str, compile_backend: str) -> Lev
     `compile` (regional), `compile-full`, `compile:<mode>`, `compile-dynamic` (regional,
     shapes made symbolic once they change), `channels-last`, `fuse-qkv`,
     `sdpa:<flash|efficient|cudnn|math>`, `batch-windows` (FreeNoise windows batched),
+    `share-projections` (batched windows sharing their per-frame projections),
     `vae-compile`, `vae-channels-last`, `bf16`, `fp16`."""
     from animatediff_blender.backend.engine.animatediff import FastPath
     from animatediff_blender.backend.engine.interface import EngineError
@@ -187,6 +188,8 @@ def parse_lever(spec: str, device: str, dtype: str, compile_backend: str) -> Lev
             kw["fuse_qkv"] = True
         elif name == "batch-windows":
             kw["batch_windows"] = True
+        elif name == "share-projections":
+            kw.update(batch_windows=True, share_window_projections=True)
         elif name == "vae-compile":
             kw["compile_vae"] = True
         elif name == "vae-channels-last":

@@ -200,9 +200,11 @@ def test_dynamic_compile_serves_two_clip_lengths(tiny_zoo: Path, one_thread: Non
         assert np.abs(_frames(fast, frames=frames) - _frames(eager, frames=frames)).max() <= TOLERANCE
 
 
-def test_batched_windows_lever_traces_long_clips_whole(tiny_zoo: Path, one_thread: None) -> None:
+@pytest.mark.parametrize("share", [False, True], ids=["batch-windows", "share-projections"])
+def test_batched_windows_lever_traces_long_clips_whole(tiny_zoo: Path, one_thread: None, share: bool) -> None:
     """batch_windows: long clips run FreeNoise's windows batched, inside the compiled motion
-    modules without a graph break, with frames within the tolerance of stock FreeNoise's."""
+    modules without a graph break, with frames within the tolerance of stock FreeNoise's;
+    share_window_projections the same, each frame's shared projections run once."""
     from torch._dynamo.utils import counters
 
     from animatediff_blender.backend.engine.freenoise import BatchedWindowsBlock
@@ -210,11 +212,17 @@ def test_batched_windows_lever_traces_long_clips_whole(tiny_zoo: Path, one_threa
     eager = AnimateDiffEngine(tiny_zoo, "cpu", "fp32")
     fast = AnimateDiffEngine(
         tiny_zoo, "cpu", "fp32",
-        fast=FastPath(compile="regional", compile_backend="eager", batch_windows=True, warm_shapes=((4, 64, 64, True),)),
+        fast=FastPath(compile="regional", compile_backend="eager", batch_windows=True, share_window_projections=share,
+                      warm_shapes=((4, 64, 64, True),)),
         defer_compile=False,  # the long job compiles in place: its graphs are what is checked
     )  # fmt: skip
     assert "batch_windows" in fast.fast.describe()
+    assert ("share_window_projections" in fast.fast.describe()) == share
     assert parse_lever("compile+batch-windows", "cuda", "fp16", "inductor").fast.batch_windows
+    lever = parse_lever("default+share-projections", "cuda", "fp16", "inductor").fast
+    assert lever.batch_windows and lever.share_window_projections and lever.compile == "regional"
+    with pytest.raises(EngineError, match="needs batch_windows"):
+        FastPath(share_window_projections=True)
     fast.warm_up(BASE, MOTION)
     unet = fast.pipeline.unet
     seen: list[Any] = []
@@ -222,6 +230,7 @@ def test_batched_windows_lever_traces_long_clips_whole(tiny_zoo: Path, one_threa
     def watch(_progress: Any) -> None:
         if not seen:
             seen.extend(m for m in unet.modules() if isinstance(m, BatchedWindowsBlock))
+            assert all(m.share_projections == share and m._can_share() for m in seen)
 
     long = {"frames": 10, "context_length": 4, "context_stride": 2}
     torch._dynamo.reset()  # count this job's graphs from nothing
