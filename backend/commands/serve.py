@@ -88,8 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "CUDA where triton is installed, off on the CPU; off: stock diffusers.  Measured on an H200 "
         "against stock diffusers in one run: 16 frames x 25 steps 2.93 s instead of 4.06 s, 64 frames "
         "16.8 s instead of 26.1 s, frames within 57 dB PSNR of stock; the price is ~75 s of compiling "
-        "per clip shape at the first start (~20 s after a restart).  No job waits for a compile: a job "
-        "whose shape is not compiled yet runs at stock speed, and the shape compiles while the GPU is "
+        "per clip shape at the first start (~20 s after a restart).  No job waits for more than the UNet block "
+        "compiling when it arrives: a job whose shape is not compiled yet runs at stock speed, and the shape compiles while the GPU is "
         "idle (backend/bench/README.md) (default: %(default)s)",
     )
     p.add_argument(

@@ -1128,7 +1128,8 @@ class AnimateDiffEngine:
 
     def warm_pending(self, should_yield: Callable[[], bool] = lambda: False) -> bool:
         """Compile the shapes that jobs ran eagerly (deferred), one 2-step run each,
-        stopping before the next one when `should_yield()` says a job is waiting.  Returns
+        stopping as soon as `should_yield()` says a job is waiting (between shapes, or
+        between the UNet's blocks of the shape compiling, which then comes first next time).  Returns
         True when none is left.  When a shape fails to compile, compiling stops for good
         (`compile_error`, logged): every job runs eagerly from then on."""
         ran = False
@@ -1141,7 +1142,11 @@ class AnimateDiffEngine:
             t0 = time.perf_counter()
             try:
                 with self._gpu_lock:
-                    self._generate(request, lambda _p: None, lambda: False)
+                    self._warm_run(request, should_yield)
+            except JobCancelled:  # a job (or a stop) arrived mid-shape: first in line next time
+                self._to_warm[key] = request
+                self._to_warm.move_to_end(key, last=False)
+                return False
             except Exception as exc:
                 with self._gpu_lock:
                     self._compile_failed(request, exc)
@@ -1304,9 +1309,10 @@ class AnimateDiffEngine:
         happens here -- while the server's handshake says "warming up" -- and not in the
         first artist's job, and save the compiled artefacts for the next start.
 
-        `should_yield()` is asked before each shape: when it says a job is waiting, the
-        shapes left are handed to warm_pending() (the job runs eagerly meanwhile).  Returns
-        True when every shape was compiled."""
+        `should_yield()` is asked before each shape and, while one compiles, between the
+        UNet's blocks (`_warm_run`): when it says a job is waiting, that shape and the ones
+        left are handed to warm_pending() (the job runs eagerly meanwhile).  Returns True
+        when every shape was compiled."""
         t0 = time.perf_counter()
         settings = self.resolve(
             GenerateRequest(prompt="", base_model=base_model, motion_module=motion_module)
@@ -1347,7 +1353,11 @@ class AnimateDiffEngine:
                             self._to_warm.setdefault(self._shape_key(later), later)
                         break
                     try:
-                        self._generate(job, lambda _p: None, lambda: False)
+                        self._warm_run(job, should_yield)
+                    except JobCancelled:  # a job arrived mid-shape: it and the rest compile later
+                        for later in jobs[i:]:
+                            self._to_warm.setdefault(self._shape_key(later), later)
+                        break
                     except Exception as exc:
                         self._compile_failed(job, exc)
                         break
@@ -1355,6 +1365,31 @@ class AnimateDiffEngine:
                 self._save_compile_cache()
         self.warm_up_s = time.perf_counter() - t0
         return not self._to_warm
+
+    def _warm_run(self, request: GenerateRequest, should_yield: Callable[[], bool] | None) -> None:
+        """One 2-step run of a shape, which compiles it; JobCancelled as soon as
+        `should_yield()` says a job is waiting.  A cold shape compiles for over a minute on an
+        H200, all of it inside the first UNet call: with regional compilation the call is
+        interruptible between the UNet's blocks (eager containers, outside every compiled
+        region), and the regions compiled so far stay in dynamo's cache for the next try."""
+        if should_yield is None:
+            self._generate(request, lambda _p: None, lambda: False)
+            return
+
+        def check(_module: Any, _args: Any) -> None:
+            if should_yield():
+                raise JobCancelled()
+
+        handles = []
+        unet = self._pipe.unet if self._pipe is not None else None
+        if unet is not None and self.fast.compile == "regional":
+            blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+            handles = [block.register_forward_pre_hook(check) for block in blocks if block is not None]
+        try:
+            self._generate(request, lambda _p: None, should_yield)
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _compile_failed(self, request: GenerateRequest, exc: Exception) -> None:
         """Compiling one shape failed: stop compiling for good (each further try would fail

@@ -318,6 +318,46 @@ def test_a_shape_not_compiled_yet_runs_eagerly_and_compiles_while_idle(tiny_zoo:
     assert fast.warm_pending(should_yield=lambda: True) is True  # nothing left
 
 
+def test_a_job_arriving_mid_compile_interrupts_it_between_unet_blocks(tiny_zoo: Path, one_thread: None) -> None:
+    """A cold shape compiles inside its first UNet call (over a minute on an H200): a job
+    arriving meanwhile stops it at the next UNet block, not at the end of the shape.  The
+    regions compiled so far are kept; the shape is compiled first when the device is idle."""
+    from torch._dynamo.utils import counters
+
+    eager = AnimateDiffEngine(tiny_zoo, "cpu", "fp32")
+    fast = AnimateDiffEngine(
+        tiny_zoo, "cpu", "fp32",
+        fast=FastPath(compile="regional", compile_backend="eager", warm_shapes=((4, 64, 64, True), (6, 64, 64, True))),
+    )  # fmt: skip
+    torch._dynamo.reset()
+    counters.clear()
+    asked: list[int] = []  # graphs traced so far, at each question
+
+    def job_arrives_in_the_second_unet_block() -> bool:
+        # asked before the shape, at the run's start, then before each UNet block
+        asked.append(int(counters["stats"]["unique_graphs"]))
+        return len(asked) >= 4
+
+    assert fast.warm_up(BASE, MOTION, should_yield=job_arrives_in_the_second_unet_block) is False
+    partial = int(counters["stats"]["unique_graphs"])
+    # Asked in the middle of the first UNet call: the first down block's regions were traced
+    # between the last two questions (asked at step ends only, nothing would be new there).
+    assert len(asked) == 4 and asked[2] < asked[3] == partial
+    assert partial > 0  # the first block's regions compiled ...
+    assert fast.pending_warm_ups == 2  # ... but neither shape counts as compiled
+    assert _frames(fast, frames=6).shape[0] == 6  # the waiting job runs (eagerly)
+
+    # Idle again: interrupted once more mid-shape, the shape stays first in line.
+    asked.clear()
+    assert fast.warm_pending(should_yield=job_arrives_in_the_second_unet_block) is False
+    assert fast.pending_warm_ups == 2
+    assert fast.warm_pending(should_yield=lambda: False) is True
+    assert fast.pending_warm_ups == 0 and int(counters["stats"]["unique_graphs"]) > partial
+    compiled = int(counters["stats"]["unique_graphs"])
+    assert np.abs(_frames(fast, frames=4) - _frames(eager, frames=4)).max() <= TOLERANCE
+    assert int(counters["stats"]["unique_graphs"]) == compiled  # nothing left to compile
+
+
 @pytest.fixture
 def failing_backend() -> str:
     """A torch.compile backend that fails as inductor does without triton."""
