@@ -54,8 +54,10 @@ def test_batched_windows_match_diffusers(frames: int, length: int, stride: int, 
             torch.testing.assert_close(batched(hidden), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_half_precision_accumulates_in_float32() -> None:
-    stock, batched = _blocks(8, 4, "pyramid")
+@pytest.mark.parametrize("share", [False, True], ids=["per-window", "shared-projections"])
+def test_half_precision_accumulates_in_float32(share: bool) -> None:
+    stock, batched = _blocks(8, 4, "pyramid", attention_bias=share)
+    batched.share_projections = share
     hidden = torch.randn(4, 25, 16)
     with torch.no_grad():
         reference = stock(hidden)
@@ -102,6 +104,15 @@ def test_masks_fall_back_to_the_window_loop(monkeypatch: pytest.MonkeyPatch) -> 
 # --- share_projections: attn1's q/k/v and attn2's output projection once per frame -------
 
 
+# SD1.5's first motion block (width 320) with FreeNoise windows of 16 at stride 4.
+SD15_FIRST_MOTION_BLOCK: dict[str, Any] = dict(
+    dim=320, num_attention_heads=8, attention_head_dim=40, cross_attention_dim=None,
+    activation_fn="geglu", attention_bias=False, double_self_attention=True,
+    positional_embeddings="sinusoidal", num_positional_embeddings=32,
+    context_length=16, context_stride=4, weighting_scheme="pyramid",
+)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("frames", "length", "stride", "weighting", "bias"),
     [
@@ -143,17 +154,6 @@ def test_shared_projections_with_a_motion_lora() -> None:
         torch.testing.assert_close(batched(hidden), stock(hidden), rtol=1e-5, atol=1e-5)
 
 
-def test_shared_projections_in_half_precision() -> None:
-    stock, batched = _blocks(8, 4, "pyramid", attention_bias=True)
-    batched.share_projections = True
-    hidden = torch.randn(4, 25, 16)
-    with torch.no_grad():
-        reference = stock(hidden)
-        out = batched.to(torch.bfloat16)(hidden.to(torch.bfloat16))
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
-
-
 def test_other_attentions_take_the_per_window_path(monkeypatch: pytest.MonkeyPatch) -> None:
     from diffusers.models.attention_processor import AttnProcessor
 
@@ -178,14 +178,8 @@ def test_shared_projections_count_fewer_flops_at_motion_module_sizes() -> None:
     """A 64-frame clip, windows of 16 at stride 4, SD1.5's first motion block width (320)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    kwargs: dict[str, Any] = dict(
-        dim=320, num_attention_heads=8, attention_head_dim=40, cross_attention_dim=None,
-        activation_fn="geglu", attention_bias=False, double_self_attention=True,
-        positional_embeddings="sinusoidal", num_positional_embeddings=32,
-        context_length=16, context_stride=4, weighting_scheme="pyramid",
-    )  # fmt: skip
     with torch.device("meta"):
-        block = BatchedWindowsBlock(**kwargs)
+        block = BatchedWindowsBlock(**SD15_FIRST_MOTION_BLOCK)
         hidden = torch.zeros(8, 64, 320)
     counts = []
     for share in (False, True):
@@ -225,14 +219,8 @@ class _LiveBytes(TorchDispatchMode):
 def test_shared_projections_hold_little_more_memory() -> None:
     """The first motion block of a 64-frame clip at 512x512 with CFG, at 1/32 of its 8192
     spatial rows (the window budget scaled alike: 3 windows per batch, as at full size)."""
-    kwargs: dict[str, Any] = dict(
-        dim=320, num_attention_heads=8, attention_head_dim=40, cross_attention_dim=None,
-        activation_fn="geglu", attention_bias=False, double_self_attention=True,
-        positional_embeddings="sinusoidal", num_positional_embeddings=32,
-        context_length=16, context_stride=4, weighting_scheme="pyramid",
-    )  # fmt: skip
     with torch.device("meta"):
-        block = BatchedWindowsBlock(**kwargs).half()
+        block = BatchedWindowsBlock(**SD15_FIRST_MOTION_BLOCK).half()
         hidden = torch.zeros(256, 64, 320, dtype=torch.float16)
     block.window_batch_elements = BatchedWindowsBlock.window_batch_elements // 32
     peaks = []
