@@ -53,7 +53,12 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     results = []
-    print(f"bench-server: {os.cpu_count()} CPUs; engine stand-in: denoise {denoise_s} s, decode {decode_s} s")
+    from animatediff_blender.backend.png import deflate_backend
+
+    print(
+        f"bench-server: {os.cpu_count()} CPUs; PNG deflate: {deflate_backend()}; "
+        f"engine stand-in: denoise {denoise_s} s, decode {decode_s} s"
+    )
     for level in args.png_compress_level or [None]:
         result = overhead.measure_server_overhead(
             frames=args.frames, width=args.size, height=args.size, denoise_s=denoise_s,
@@ -67,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                 "end_to_end_s": result.end_to_end_s, "overhead_s": result.overhead_s,
                 "overhead_share": result.overhead_share, "runs_s": result.runs, "cpus": os.cpu_count(),
                 "before_engine_s": result.before_engine_s, "after_engine_s": result.after_engine_s,
-                "payload_bytes": result.payload_bytes,
+                "payload_bytes": result.payload_bytes, "png_deflate": deflate_backend(),
             }
         )  # fmt: skip
     if args.json:

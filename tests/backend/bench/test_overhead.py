@@ -12,6 +12,7 @@ import pytest
 
 from animatediff_blender.backend.bench.overhead import PacedEngine
 from animatediff_blender.backend.cli import main
+from animatediff_blender.backend.png import deflate_backend
 from animatediff_blender.protocol.messages import GenerateRequest
 
 pytestmark = pytest.mark.timeout(120)
@@ -57,7 +58,9 @@ def test_bench_server_reports_what_the_server_adds(
         assert 0 < row["after_engine_s"] < row["overhead_s"]
         assert row["before_engine_s"] + row["after_engine_s"] == pytest.approx(row["overhead_s"], abs=0.02)
         assert row["payload_bytes"] > 4 * 64 * 64  # four 64x64 PNGs of a noisy gradient
+        assert row["png_deflate"] == deflate_backend()
     assert "server + client add" in printed and "after it returns" in printed
+    assert f"PNG deflate: {deflate_backend()}" in printed
 
 
 def test_bench_server_refuses_bad_sizes(capsys: pytest.CaptureFixture[str]) -> None:
