@@ -118,8 +118,10 @@ phase next 240 --case quality --case long64 --case server --repeats 1 --profile
 phase vae 200 --case lightning --case server --repeats 2 --profile --lever default --lever default+vae-compile+vae-channels-last
 # 2. Long clip, 64 frames, windows of 16, stride 4 (one timed run each: ~26 s stock); the
 #    default (batched windows) against batched windows that share their per-frame
-#    projections (-9.1 % FLOPs), both compiled (~80 s warm-up each, then ~17 s).
-phase long64 230 --case long64 --repeats 0 --lever default --lever default+share-projections
+#    projections (-9.1 % FLOPs), both compiled (~80 s warm-up each, then ~17 s); one
+#    64-frame UNet step of stock and of the default profiled in place (why 259 TFLOP/s
+#    where 16 frames reach 303).
+phase long64 250 --case long64 --repeats 0 --profile --profile-case long64 --lever default --lever default+share-projections
 # 3. A server restart: a second process with phase 1's compile cache on disk; its warm-up
 #    (load + compile from the cache) is what the first job after a restart would pay.
 #    On a fresh machine (no cache yet) it is a cold start instead (~110 s on an H200); its

@@ -59,19 +59,24 @@ def around_forward(module: Any, wrap: Callable[[Callable[..., Any]], Callable[..
 
 
 @contextmanager
-def capture_unet_call(unet: Any) -> Iterator[list[tuple[tuple[Any, ...], dict[str, Any]]]]:
-    """Record the arguments of every UNet call made inside the block."""
-    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+def profile_first_unet_call(unet: Any, profile: Callable[[Callable[[], Any]], None]) -> Iterator[list[int]]:
+    """Inside the block, the UNet's first call is handed to `profile` (which may run it
+    several times) before it runs for real: in place, with the job's state -- FreeNoise's
+    windowed blocks, LoRAs -- as the pipeline set it up.  Yields a list that records
+    the calls seen (a profile that never ran is an error for the caller to report)."""
+    seen: list[int] = []
 
-    def recording(inner: Callable[..., Any]) -> Callable[..., Any]:
+    def profiling(inner: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
-            calls.append((args, kwargs))
+            if not seen:
+                profile(lambda: inner(*args, **kwargs))
+            seen.append(1)
             return inner(*args, **kwargs)
 
         return forward
 
-    with around_forward(unet, recording):
-        yield calls
+    with around_forward(unet, profiling):
+        yield seen
 
 
 def _device_us(event: Any) -> float:

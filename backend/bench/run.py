@@ -42,9 +42,9 @@ import numpy as np
 from animatediff_blender.backend.bench.models import BASE_NAME, MOTION_NAME, Size, build_bench_models
 from animatediff_blender.backend.bench.profile import (
     around_forward,
-    capture_unet_call,
     format_profile,
     profile_call,
+    profile_first_unet_call,
 )
 from animatediff_blender.protocol.messages import GenerateRequest
 
@@ -452,16 +452,19 @@ def _profile(
     profiles: list[dict[str, Any]], runner: str, unet: Any, one_step_run: Callable[[], Any], clock: Clock,
     flops: float, print_fn: Callable[[str], None],
 ) -> None:  # fmt: skip
-    """Profile one UNet step: the UNet's arguments are captured from a 1-step run of the
-    real pipeline, then the UNet alone is replayed.  A profiler failure is recorded, never
-    fatal."""
+    """Profile one UNet step: the first UNet call of a 1-step run of the real pipeline,
+    in place (a long clip's FreeNoise blocks exist only during the run).  A profiler
+    failure is recorded, never fatal."""
+    found: list[dict[str, Any]] = []
     try:
-        with capture_unet_call(unet) as calls:
+        with profile_first_unet_call(
+            unet, lambda call: found.append(profile_call(runner, call, cuda=clock.cuda, flops_per_step=flops))
+        ) as seen:
             one_step_run()
-        args, kwargs = calls[0]
-        found = profile_call(runner, lambda: unet(*args, **kwargs), cuda=clock.cuda, flops_per_step=flops)
-        profiles.append(found)
-        print_fn(format_profile(found))
+        if not seen:
+            raise RuntimeError("the run made no UNet call to profile")
+        profiles.append(found[0])
+        print_fn(format_profile(found[0]))
     except Exception as exc:
         traceback.print_exc()
         profiles.append({"runner": runner, "error": _error(exc)})
@@ -654,8 +657,9 @@ def run_benchmark(
     profile: bool = False,
     engine_only: bool = False,
     anchors: list[str] | None = None,
+    profile_case: str = "quality",
 ) -> dict[str, Any]:
-    """`profile`: also profile one UNet step of the quality case (stock and the first
+    """`profile`: also profile one UNet step of `profile_case` (stock and the first
     lever).  `engine_only`: no stock runs (no ratios, PSNR or counted FLOPs): for cases
     whose targets compare the engine with itself (128 vs 64 frames, restart warm-up).
     `anchors`: run stock only for these cases (the others as with `engine_only`)."""
@@ -666,6 +670,8 @@ def run_benchmark(
     peak = peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu), 0.0)
     all_cases = cases_for(size)
     unknown = sorted(set(only or ()) - set(all_cases))
+    if profile_case not in all_cases:
+        unknown.append(profile_case)
     if unknown:
         raise ValueError(f"unknown case(s) {unknown}; choose from {list(all_cases)}")
     for spec in levers or ["default"]:
@@ -680,7 +686,7 @@ def run_benchmark(
             size=size, device=device, dtype=dtype, workdir=workdir, only=only, levers=levers,
             compile_anchor=compile_anchor, compile_backend=compile_backend, repeats=repeats, peak=peak,
             gpu=gpu, seed=seed, out_json=out_json, print_fn=print_fn, all_cases=all_cases,
-            profile=profile, anchors=[] if engine_only else anchors,
+            profile_case=profile_case if profile else None, anchors=[] if engine_only else anchors,
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
@@ -689,8 +695,8 @@ def run_benchmark(
 def _run(
     *, size: Size, device: str, dtype: str, workdir: Path, only: list[str] | None, levers: list[str] | None,
     compile_anchor: bool, compile_backend: str, repeats: int | None, peak: float, gpu: str, seed: int,
-    out_json: Path | None, print_fn: Callable[[str], None], all_cases: dict[str, Case], profile: bool,
-    anchors: list[str] | None,
+    out_json: Path | None, print_fn: Callable[[str], None], all_cases: dict[str, Case],
+    profile_case: str | None, anchors: list[str] | None,
 ) -> dict[str, Any]:  # fmt: skip
     import diffusers
     import torch
@@ -768,7 +774,6 @@ def _run(
 
     profiles: list[dict[str, Any]] = []
     report["profiles"] = profiles
-    profile_case = "quality" if profile else None
     stock = {} if not stock_cases else run_stock(
         models, stock_cases, device, dtype, clock, seed, compile_backend, compile_anchor, print_fn,
         profile_case, profiles,

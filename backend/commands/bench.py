@@ -86,8 +86,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="profile one UNet step of the quality case (stock and the first lever) and the first lever's "
-        "whole lightning job: kernel time by category, GPU busy share",
+        help="profile one UNet step of the quality case (or --profile-case; stock and the first lever) and "
+        "the first lever's whole lightning job: kernel time by category, GPU busy share",
+    )
+    p.add_argument(
+        "--profile-case",
+        default="quality",
+        metavar="CASE",
+        help="the case whose UNet step --profile profiles, e.g. long64 (FreeNoise windows in place) "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--anchor",
@@ -133,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         report = run_benchmark(
             size=size, device=device, dtype=dtype, workdir=workdir, only=args.cases, levers=args.levers,
             compile_anchor=args.compile_anchor, compile_backend=args.compile_backend, repeats=args.repeats,
-            peak_tflops=args.peak_tflops, out_json=args.json, profile=args.profile, engine_only=args.engine_only,
+            peak_tflops=args.peak_tflops, out_json=args.json, profile=args.profile, profile_case=args.profile_case,
+            engine_only=args.engine_only,
             anchors=args.anchors,
         )  # fmt: skip
     except ValueError as exc:

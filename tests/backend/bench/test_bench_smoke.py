@@ -153,3 +153,52 @@ def test_kernel_categories(name: str, category: str) -> None:
     from animatediff_blender.backend.bench.profile import categorize
 
     assert categorize(name) == category
+
+
+def test_profile_case_long64_profiles_the_windowed_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--profile-case long64: the UNet step is profiled inside the run, where FreeNoise's
+    window blocks exist (a replay after the run would profile the plain blocks)."""
+    out = tmp_path / "bench.json"
+    code = main(
+        ["bench", "--size", "tiny", "--device", "cpu", "--repeats", "0", "--case", "long64", "--lever", "batch-windows",
+         "--profile", "--profile-case", "long64", "--workdir", str(tmp_path / "work"), "--json", str(out)]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    profiles = {p["runner"]: p for p in json.loads(out.read_text())["profiles"]}
+    assert set(profiles) == {"stock", "engine[batch-windows]"}
+    for p in profiles.values():
+        assert "error" not in p, p
+        assert p["kernel_ms"] > 0 and {"matmul", "attention"} <= set(p["categories"])
+
+    assert main(["bench", "--size", "tiny", "--device", "cpu", "--profile", "--profile-case", "long512"]) == 2
+    assert "unknown case(s) ['long512']" in capsys.readouterr().err
+
+
+def test_the_first_unet_call_is_profiled_in_place() -> None:
+    """The state a pipeline sets up for its run (here: a scale) is what the profile sees."""
+    import torch
+
+    from animatediff_blender.backend.bench.profile import profile_first_unet_call
+
+    class Scaled(torch.nn.Module):
+        scale = 1.0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.scale
+
+    unet = Scaled()
+    profiled: list[torch.Tensor] = []
+
+    def run() -> list[torch.Tensor]:
+        unet.scale = 2.0  # the run's state
+        try:
+            return [unet(torch.ones(1)), unet(torch.ones(1))]
+        finally:
+            unet.scale = 1.0
+
+    with profile_first_unet_call(unet, lambda call: profiled.append(call())) as seen:
+        results = run()
+    assert [r.item() for r in results] == [2.0, 2.0] and len(seen) == 2
+    assert [p.item() for p in profiled] == [2.0]  # the first call only, with the run's state
+    assert "forward" not in unet.__dict__  # the class's forward is back
