@@ -4,7 +4,7 @@ Pillow spends ~40 ms on a 512x512 frame at zlib level 1, and most of it is its p
 adaptive filter choice, not deflate.  Here every row gets PNG's "Up" filter (one numpy
 subtraction) and the stream is deflated by ISA-L (`isal`, Intel's igzip: the same zlib
 format, several times faster than zlib at its fast levels).  On the 2-core dev machine a
-smooth 512x512 frame encodes in ~2 ms instead of ~46 ms and comes out no larger
+512x512 frame encodes in 2-5 ms instead of Pillow's 37-46 ms and comes out no larger
 (`python -m animatediff_blender.backend.png`).  Without `isal` the standard library's zlib
 deflates, still ~1.5x faster than Pillow.  Any PNG reader reads the result; decoding stays
 with Pillow.
