@@ -55,19 +55,29 @@ def window_starts(num_frames: int, context_length: int, context_stride: int) -> 
     return starts, tail
 
 
+def window_weight_sums(num_frames: int, starts: list[int], tail: int, weights: list[float]) -> list[float]:
+    """Per frame, the sum of the weights its windows are accumulated with (the last window
+    counts only its last `tail` frames)."""
+    return _sum_windows(num_frames, starts, tail, weights, quirk=False)
+
+
 def window_normaliser(num_frames: int, starts: list[int], tail: int, weights: list[float]) -> list[float]:
-    """Per frame, the sum that diffusers divides the accumulated windows by.  For a last
-    window added to cover the clip's end it adds that window's weight at its first counted
-    frame to every counted frame (diffusers 0.42.1 indexes `weights[:, -n]`, not a slice):
-    kept, because the frames must match stock FreeNoise's."""
+    """Per frame, the sum that diffusers divides the accumulated windows by: the weight sums,
+    except that a last window added to cover the clip's end adds that window's weight at its
+    first counted frame to every counted frame (diffusers 0.42.1 indexes `weights[:, -n]`,
+    not a slice): kept, because the frames must match stock FreeNoise's."""
+    return _sum_windows(num_frames, starts, tail, weights, quirk=True)
+
+
+def _sum_windows(num_frames: int, starts: list[int], tail: int, weights: list[float], quirk: bool) -> list[float]:
     length = len(weights)
-    norm = [0.0] * num_frames
+    sums = [0.0] * num_frames
     for i, start in enumerate(starts):
         last = i == len(starts) - 1
         first_counted = length - tail if last else 0
         for j in range(first_counted, length):
-            norm[start + j] += weights[length - tail] if last and tail != length else weights[j]
-    return norm
+            sums[start + j] += weights[length - tail] if quirk and last and tail != length else weights[j]
+    return sums
 
 
 class BatchedWindowsBlock(FreeNoiseTransformerBlock):  # type: ignore[misc]
@@ -225,17 +235,6 @@ class BatchedWindowsBlock(FreeNoiseTransformerBlock):  # type: ignore[misc]
             scale = torch.tensor(counted, device=device, dtype=torch.float32).view(1, num_frames, 1) / normaliser
             residual.add_(bias.float() * (scale - 1))
         return residual.to(dtype)
-
-
-def window_weight_sums(num_frames: int, starts: list[int], tail: int, weights: list[float]) -> list[float]:
-    """Per frame, the sum of the weights its windows were accumulated with."""
-    length = len(weights)
-    sums = [0.0] * num_frames
-    for i, start in enumerate(starts):
-        first_counted = length - tail if i == len(starts) - 1 else 0
-        for j in range(first_counted, length):
-            sums[start + j] += weights[j]
-    return sums
 
 
 def _plain_self_attention(attn: Any) -> bool:
