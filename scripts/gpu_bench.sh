@@ -114,7 +114,9 @@ phase main 200 --case quality --case lightning --case server --compile-anchor --
 phase next 240 --case quality --case long64 --case server --repeats 1 --profile
 # 1b. The VAE decode (0.27 s of lightning's 0.57 s end to end on an H200): compiled and
 #    channels-last against the default, lightning (stock anchor) and the server case; the
-#    default's whole lightning job profiled (how long the GPU waits for the host).
+#    default's whole lightning job profiled (how long the GPU waits for the host, and its
+#    timeline: what the host was doing in each idle gap; the trace is kept, gzipped, as
+#    $OUT/vae.engine-default-lightning-trace.json.gz for reading again without a GPU).
 phase vae 200 --case lightning --case server --repeats 2 --profile --lever default --lever default+vae-compile+vae-channels-last
 # 2. Long clip, 64 frames, windows of 16, stride 4 (one timed run each: ~26 s stock); the
 #    default (batched windows) against batched windows that share their per-frame
@@ -153,4 +155,10 @@ case " $PHASES " in
     ;;
 esac
 
+# The device tool hands back at most 8 files from $OUT: past that, everything but the log
+# goes into one tar (JSON per phase, gzipped job traces).
+if [ "$(find "$OUT" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then
+    (cd "$OUT" && find . -maxdepth 1 -type f ! -name bench.log ! -name results.tar -printf '%P\n' |
+        tar cf results.tar --remove-files -T -) && say "more than 8 result files: packed into results.tar"
+fi
 say "done in $(($(date +%s) - START))s; results: $(ls "$OUT" | tr '\n' ' ')"

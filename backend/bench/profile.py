@@ -8,11 +8,18 @@ step the GPU is busy at all (launch gaps), and which kind of kernel takes the ti
 
 from __future__ import annotations
 
+import gzip
+import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+
+from animatediff_blender.backend.bench.timeline import JOB_LABEL, analyse, format_timeline, load_trace
 
 # Checked in order: the first pattern that matches a kernel (or, on the CPU, an aten op)
 # name gives its category.  cuDNN's convolution kernels mention "gemm" too, so
@@ -96,13 +103,20 @@ def profile_call(
     repeats: int = 3,
     flops_per_step: float = 0.0,
     top: int = 15,
+    timeline: bool = False,
+    trace_path: Path | None = None,
 ) -> dict[str, Any]:
     """Profile `call` (`what`: one UNet step on the CFG batch, or a whole job) `repeats`
     times; per call: wall time (un-profiled, synchronised), summed kernel time, busy share,
     time per category and the top kernels.  For a whole job the busy share says how much
-    of its time the GPU waited for the host (launches, syncs, host-side work)."""
+    of its time the GPU waited for the host (launches, syncs, host-side work).
+
+    `timeline`: also record the host side (each call labelled `adb:job`; the caller's
+    `adb:` labels inside it) and say when the device was idle and what the host was doing
+    then (`timeline.analyse`); `trace_path`: keep the trace there, gzipped, to read again
+    without a GPU."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     def sync() -> None:
         if cuda:
@@ -117,12 +131,22 @@ def profile_call(
         sync()
         wall_ms = (time.perf_counter() - t0) * 1000 / repeats
         activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
-        with profile(activities=[activity]) as prof:
+        # The timeline needs the host's labels and launches besides the kernels.
+        activities = [activity, ProfilerActivity.CPU] if timeline and cuda else [activity]
+        with profile(activities=activities) as prof:
             for _ in range(repeats):
-                call()
+                if timeline:
+                    with record_function(JOB_LABEL):
+                        call()
+                else:
+                    call()
             sync()
     kernels: dict[str, list[float]] = {}  # name -> [count, total us]
     for event in prof.key_averages():
+        if cuda and str(getattr(event, "device_type", "")).endswith("CPU"):
+            continue  # host ops (recorded for the timeline) carry their kernels' time too
+        if event.key.startswith("adb:"):
+            continue  # our own labels (CPU runs): the calls inside them, not work of their own
         us = _device_us(event) if cuda else float(getattr(event, "self_cpu_time_total", 0.0))
         if us <= 0:
             continue
@@ -137,7 +161,7 @@ def profile_call(
         cat = categorize(name)
         categories[cat] = categories.get(cat, 0.0) + us / 1000 / repeats
     ranked = sorted(kernels.items(), key=lambda kv: kv[1][1], reverse=True)[:top]
-    return {
+    result = {
         "runner": runner,
         "what": what,
         "device": "cuda" if cuda else "cpu",
@@ -155,6 +179,29 @@ def profile_call(
             for name, (count, us) in ranked
         ],  # fmt: skip
     }
+    if timeline:
+        result["timeline"] = _timeline(prof, trace_path)
+    return result
+
+
+def _timeline(prof: Any, trace_path: Path | None) -> dict[str, Any]:
+    """The profile's timeline analysis; the trace kept (gzipped) at `trace_path`.  A
+    failure here is reported in the result, never raised: the rest of the profile stands."""
+    try:
+        fd, raw = tempfile.mkstemp(suffix=".json", dir=trace_path.parent if trace_path else None)
+        os.close(fd)
+        try:
+            prof.export_chrome_trace(raw)
+            found = analyse(load_trace(Path(raw)), min_gap_us=20.0)
+            if trace_path is not None:
+                with open(raw, "rb") as src, gzip.open(trace_path, "wb", compresslevel=6) as dst:
+                    shutil.copyfileobj(src, dst)
+                found["trace"] = str(trace_path)
+            return found
+        finally:
+            os.unlink(raw)
+    except Exception as exc:  # noqa: BLE001 - a diagnostic must not cost the run's numbers
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
 def format_profile(p: dict[str, Any]) -> str:
@@ -170,4 +217,9 @@ def format_profile(p: dict[str, Any]) -> str:
     lines.append("  top kernels:")
     for k in p["top"]:
         lines.append(f"    {k['ms']:8.2f} ms  x{k['calls']:<4d} {k['category']:16s} {k['name'][:110]}")
+    t = p.get("timeline")
+    if t is not None:
+        lines.append(f"  timeline failed: {t['error']}" if "error" in t else format_timeline(t))
+        if t.get("trace"):
+            lines.append(f"  trace: {t['trace']}")
     return "\n".join(lines)

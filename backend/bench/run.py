@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -46,6 +47,7 @@ from animatediff_blender.backend.bench.profile import (
     profile_call,
     profile_first_unet_call,
 )
+from animatediff_blender.backend.bench.timeline import labelled_job
 from animatediff_blender.protocol.messages import GenerateRequest
 
 # Dense fp16/bf16 tensor throughput (TFLOP/s) for "share of peak".  Override with --peak-tflops.
@@ -482,9 +484,11 @@ def run_engine(
     models: Path, cases: list[Case], device: str, lever: Lever, clock: Clock, seed: int, cache_dir: Path,
     print_fn: Callable[[str], None], profile_case: str | None = None,
     profiles: list[dict[str, Any]] | None = None, flops: dict[str, float] | None = None,
+    trace_prefix: Path | None = None,
 ) -> dict[str, Run]:  # fmt: skip
     """One engine (models loaded once) through every case: warm-up for the case's shape
-    (compiles when the lever compiles), then the timed runs."""
+    (compiles when the lever compiles), then the timed runs.  A profiled job's trace is
+    kept beside `trace_prefix` (the result file without its suffix)."""
     engine = _engine(models, device, lever, cache_dir)
     out: dict[str, Run] = {}
     try:
@@ -519,10 +523,13 @@ def run_engine(
                 if profile_case is not None and case.name == JOB_PROFILE_CASE and profiles is not None:
                     # The whole job: what share of a short clip the GPU spends waiting.
                     try:
-                        found = profile_call(
-                            f"engine[{lever.name}]", functools.partial(once, request), cuda=clock.cuda,
-                            what=f"one {case.name} job", repeats=2,
-                        )  # fmt: skip
+                        # Its timeline: when the GPU waits, and what the host does then.
+                        with labelled_job(engine):
+                            found = profile_call(
+                                f"engine[{lever.name}]", functools.partial(once, request), cuda=clock.cuda,
+                                what=f"one {case.name} job", repeats=2, timeline=True,
+                                trace_path=_trace_path(trace_prefix, f"engine-{lever.name}", case.name),
+                            )  # fmt: skip
                         profiles.append(found)
                         print_fn(format_profile(found))
                     except Exception as exc:
@@ -543,6 +550,15 @@ def run_engine(
     finally:
         engine.unload()
     return out
+
+
+def _trace_path(prefix: Path | None, runner: str, case: str) -> Path | None:
+    """`<prefix>.<runner>-<case>-trace.json.gz`, in letters, digits, '.', '_' and '-' only
+    (what a GPU machine's results folder hands back)."""
+    if prefix is None:
+        return None
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{runner}-{case}").strip("-")
+    return prefix.parent / f"{prefix.name}.{slug}-trace.json.gz"
 
 
 def run_server(
@@ -789,6 +805,7 @@ def _run(
             for name, run in run_engine(
                 models, engine_cases, device, lever, clock, seed, cache_dir, print_fn,
                 profile_case if index == 0 else None, profiles, flops,
+                out_json.with_suffix("") if out_json is not None else None,
             ).items():  # fmt: skip
                 runs[name].append(run)
             clock.reset_peak()

@@ -131,6 +131,14 @@ def test_anchor_subset_and_profile(tmp_path: Path, capsys: pytest.CaptureFixture
         assert p["top"] and all(k["ms"] > 0 for k in p["top"])
     job, step = profiles[("engine[default]", "one lightning job")], profiles[("engine[default]", "one UNet step")]
     assert job["kernel_count"] > step["kernel_count"]  # a job holds its steps, the text encoder and the VAE
+    # The job's timeline: its labelled parts as the host ran them, the trace kept beside the JSON.
+    timeline = job["timeline"]
+    assert timeline["jobs"] == 2 and timeline["device_events"] == 0  # a CPU run: no device to be idle
+    assert {"encode_prompt", "prepare_latents", "unet", "vae.decode", "to_uint8_frames"} <= set(timeline["host_ms_by_label"])
+    assert sum(timeline["host_ms_by_label"].values()) < timeline["wall_ms"] * 1.01
+    trace = tmp_path / "bench.engine-default-lightning-trace.json.gz"
+    assert timeline["trace"] == str(trace) and trace.stat().st_size > 0
+    assert "timeline: no device events" in printed
     assert "profile stock: one UNet step" in printed and "one lightning job" in printed
 
 
