@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,6 +89,41 @@ def test_psnr() -> None:
     assert psnr(a, b) == 0.0
     with pytest.raises(ValueError):
         psnr(a, a + a)
+
+
+class _RecordingClock:
+    """What `_timed_runs` does to the device's allocator between runs."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def reset_peak(self) -> None:
+        self.calls.append("empty the cache")
+
+    def reset_peak_stats(self) -> None:
+        self.calls.append("reset the peak")
+
+
+@pytest.mark.parametrize("repeats", [0, 1, 3])
+def test_timed_runs_keep_the_allocators_cache(repeats: int) -> None:
+    """A server never empties the allocator's cache between jobs: the timed runs must not
+    start from an empty one either (each would allocate every block from the driver)."""
+    from animatediff_blender.backend.bench.run import _timed_runs
+
+    clock = _RecordingClock()
+    times = iter([(1.0, 0.5, 2.0), (0.9, 0.4, 1.5), (0.8, 0.3, 1.2), (0.7, 0.2, 1.4)])
+
+    def once() -> tuple[float, float, float, list[Any]]:
+        clock.calls.append("run")
+        return (*next(times), [])
+
+    first, denoise, decode, e2e, _ = _timed_runs(once, repeats, clock)  # type: ignore[arg-type]
+    assert "empty the cache" not in clock.calls
+    if repeats == 0:
+        assert clock.calls == ["reset the peak", "run"] and (first, denoise, e2e) == (2.0, 1.0, 2.0)
+    else:
+        assert clock.calls == ["run", "reset the peak"] + ["run"] * repeats
+        assert first == 2.0 and denoise == (0.9 if repeats == 1 else 0.8) and e2e == (1.5 if repeats == 1 else 1.4)
 
 
 def test_bad_arguments_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
