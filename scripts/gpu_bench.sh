@@ -112,12 +112,16 @@ phase main 200 --case quality --case lightning --case server --compile-anchor --
 #    compile + batched FreeNoise windows) against stock on quality (+ profile) and long64,
 #    with the PSNR of its frames, and the server's end to end with streamed frames.
 phase next 240 --case quality --case long64 --case server --repeats 1 --profile
-# 1b. The VAE decode (0.27 s of lightning's 0.57 s end to end on an H200): compiled and
-#    channels-last against the default, lightning (stock anchor) and the server case; the
-#    default's whole lightning job profiled (how long the GPU waits for the host, and its
-#    timeline: what the host was doing in each idle gap; the trace is kept, gzipped, as
+# 1b. The VAE decode (0.21-0.26 s of lightning's 0.55-0.63 s end to end on an H200) and the
+#    convolutions: the default against the default plus cuDNN's algorithms timed per shape
+#    and the VAE decoder compiled and channels-last (one lever: device time is short; split
+#    it in a later session if it pays), on lightning (stock anchor) and end to end through
+#    the server (PNG writer; targets 0.35 s and 5 %).  The default's whole lightning job is
+#    profiled: how long the GPU waits for the host, and its timeline (what the host was
+#    doing in each idle gap; the trace is kept, gzipped, as
 #    $OUT/vae.engine-default-lightning-trace.json.gz for reading again without a GPU).
-phase vae 200 --case lightning --case server --repeats 2 --profile --lever default --lever default+vae-compile+vae-channels-last
+phase vae 230 --case lightning --case server --repeats 2 --profile --lever default \
+    --lever default+cudnn-benchmark+vae-compile+vae-channels-last
 # 2. Long clip, 64 frames, windows of 16, stride 4 (one timed run each: ~26 s stock); the
 #    default (batched windows) against batched windows that share their per-frame
 #    projections (-9.1 % FLOPs), both compiled (~80 s warm-up each, then ~17 s); one
@@ -135,7 +139,8 @@ phase restart 110 --case server --engine-only --repeats 1
 phase long128 270 --case long128 --engine-only --repeats 0
 # 5. Levers one at a time on the quality case.
 phase levers 150 --case quality --repeats 1 --lever eager --lever compile+channels-last+fuse-qkv \
-    --lever sdpa:flash --lever sdpa:efficient --lever compile-dynamic --lever bf16 --lever channels-last
+    --lever sdpa:flash --lever sdpa:efficient --lever compile-dynamic --lever bf16 --lever channels-last \
+    --lever default+cudnn-benchmark
 # 6. Compile modes (long autotuning; only when time is left).
 phase modes 150 --case quality --repeats 1 --lever compile:max-autotune-no-cudagraphs --lever compile:reduce-overhead
 

@@ -166,7 +166,7 @@ def parse_lever(spec: str, device: str, dtype: str, compile_backend: str) -> Lev
     shapes made symbolic once they change), `channels-last`, `fuse-qkv`,
     `sdpa:<flash|efficient|cudnn|math>`, `batch-windows` (FreeNoise windows batched),
     `share-projections` (batched windows sharing their per-frame projections),
-    `vae-compile`, `vae-channels-last`, `bf16`, `fp16`."""
+    `vae-compile`, `vae-channels-last`, `cudnn-benchmark`, `bf16`, `fp16`."""
     from animatediff_blender.backend.engine.animatediff import FastPath
     from animatediff_blender.backend.engine.interface import EngineError
 
@@ -196,6 +196,8 @@ def parse_lever(spec: str, device: str, dtype: str, compile_backend: str) -> Lev
             kw["compile_vae"] = True
         elif name == "vae-channels-last":
             kw["vae_channels_last"] = True
+        elif name == "cudnn-benchmark":
+            kw["cudnn_benchmark"] = True
         elif name == "sdpa":
             kw["sdpa"] = arg
         elif name in ("bf16", "fp16", "fp32"):

@@ -28,6 +28,7 @@ levers (--lever, repeatable; each one is a separate engine run on every case):
   batch-windows    long clips: FreeNoise's context windows batched, traced whole when compiled
   share-projections  batch-windows, each frame's window-independent projections run once (-9 % FLOPs at 64 frames)
   vae-compile      the VAE decoder compiled (fixed decode chunks)    vae-channels-last
+  cudnn-benchmark  cuDNN times its convolution algorithms per shape and keeps the fastest
   join with +, e.g. compile+channels-last
 """
 

@@ -128,6 +128,12 @@ class FastPath:
         chunk shape: clips decode in chunks of `stream_chunk_size` frames, the last chunk
         padded).  The decode was 0.27 s of a 0.57 s lightning clip on an H200.
     vae_channels_last: VAE weights in NHWC layout (its convolutions dominate the decode).
+    cudnn_benchmark: while the engine runs (jobs and warm-up), cuDNN times its convolution
+        algorithms for each new input shape and keeps the fastest (`torch.backends.cudnn.
+        benchmark`, off in torch by default; set back afterwards).  The UNet's and the VAE's
+        convolutions go through cuDNN, compiled or not; the shapes of a clip are fixed, so the
+        timing is paid once per shape, during warm-up for the warm shapes.  Another
+        algorithm may round differently (the benchmark reports the PSNR).
     warm_shapes: (frames, width, height, cfg) that `warm_up` compiles for, so that the
         first artist's job does not pay for compilation.
     """
@@ -143,6 +149,7 @@ class FastPath:
     share_window_projections: bool = False
     compile_vae: bool = False
     vae_channels_last: bool = False
+    cudnn_benchmark: bool = False
     warm_shapes: tuple[tuple[int, int, int, bool], ...] = field(
         default=((16, 512, 512, True), (16, 512, 512, False))
     )
@@ -220,7 +227,23 @@ class FastPath:
             parts.append("compile_vae")
         if self.vae_channels_last:
             parts.append("vae_channels_last")
+        if self.cudnn_benchmark:
+            parts.append("cudnn_benchmark")
         return ",".join(parts)
+
+
+@contextmanager
+def _cudnn_benchmark(on: bool) -> Iterator[None]:
+    """Inside the block, cuDNN picks convolution algorithms by timing them (when `on`)."""
+    if not on:
+        yield
+        return
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 LORA_CACHE_SIZE = 16  # LoRA files read from disk, kept on the CPU by registry id
@@ -1178,6 +1201,14 @@ class AnimateDiffEngine:
     def _generate(
         self, s: GenerateRequest, progress: ProgressCallback, should_cancel: CancelCheck, *,
         memory_saving: bool = False, on_frames: FrameSink | None = None,
+    ) -> GenerationResult:  # fmt: skip
+        """One run on the device (a job, or a warm-up run that compiles a shape)."""
+        with _cudnn_benchmark(self.fast.cudnn_benchmark and self.device.type == "cuda"):
+            return self._run(s, progress, should_cancel, memory_saving=memory_saving, on_frames=on_frames)
+
+    def _run(
+        self, s: GenerateRequest, progress: ProgressCallback, should_cancel: CancelCheck, *,
+        memory_saving: bool, on_frames: FrameSink | None,
     ) -> GenerationResult:  # fmt: skip
         assert s.base_model and s.motion_module and s.steps is not None and s.guidance is not None
         assert s.context_length is not None and s.context_stride is not None

@@ -48,6 +48,8 @@ def test_lever_specs() -> None:
     assert (default.compile, default.batch_windows, default.compile_vae) == ("regional", True, False)
     plus = parse_lever("default+vae-compile", "cuda", "fp16", "inductor").fast
     assert plus == dataclasses.replace(default, compile_vae=True)
+    cudnn = parse_lever("default+cudnn-benchmark", "cuda", "fp16", "inductor").fast
+    assert cudnn == dataclasses.replace(default, cudnn_benchmark=True) and "cudnn_benchmark" in cudnn.describe()
     lever = parse_lever(
         "compile:max-autotune-no-cudagraphs+channels-last+fuse-qkv+sdpa:flash+bf16",
         "cuda",
@@ -93,6 +95,26 @@ def one_thread() -> Any:
 
 def _compiled(module: torch.nn.Module) -> bool:
     return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def test_cudnn_benchmark_is_on_while_the_engine_runs_on_cuda_and_set_back_after(
+    tiny_zoo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[bool] = []
+    engine = AnimateDiffEngine(tiny_zoo, "cpu", fast=FastPath(cudnn_benchmark=True))
+
+    def run(*_args: Any, **_kwargs: Any) -> str:
+        seen.append(torch.backends.cudnn.benchmark)
+        return "result"
+
+    monkeypatch.setattr(engine, "_run", run)
+    before = torch.backends.cudnn.benchmark
+    assert engine.generate(_request(), lambda _p: None, lambda: False) == "result"  # type: ignore[comparison-overlap]
+    engine.device = torch.device("cuda")  # the lever is for cuDNN's convolutions: CUDA only
+    engine.generate(_request(), lambda _p: None, lambda: False)
+    monkeypatch.setattr(engine, "fast", FastPath())
+    engine.generate(_request(), lambda _p: None, lambda: False)
+    assert seen == [False, True, False] and torch.backends.cudnn.benchmark == before
 
 
 def test_levers_apply_survive_job_state_and_keep_frames(
