@@ -160,6 +160,15 @@ case " $PHASES " in
     ;;
 esac
 
+# Every target's verdict from this call's result files (`bench-report`; the serverside
+# file is bench-server's, not a bench result).
+reports=$(find "$OUT" -maxdepth 1 -name '*.json' ! -name serverside.json | sort)
+if [ -n "$reports" ]; then
+    say "targets (bench-report):"
+    # shellcheck disable=SC2086  # one argument per file
+    cli bench-report $reports 2>&1 | tee -a "$LOG"
+fi
+
 # The device tool hands back at most 8 files from $OUT: past that, everything but the log
 # goes into one tar (JSON per phase, gzipped job traces).
 if [ "$(find "$OUT" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then

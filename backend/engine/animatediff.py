@@ -18,6 +18,7 @@ Per job the pipeline goes through a fixed sequence, undone in reverse in a `fina
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -244,6 +245,29 @@ def _cudnn_benchmark(on: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = previous
+
+
+@functools.cache
+def _engine_pipeline_class() -> type:
+    """diffusers' AnimateDiffPipeline with its execution device given instead of searched.
+
+    diffusers finds the device a call runs on by walking every module of every component
+    for offloading hooks, more than once per call: ~35 ms of host time per job at SD1.5 +
+    v2 size on the 2-core CPU dev machine (`scripts/host_overhead_probe.py`), all of it
+    before the first kernel, while a GPU waits.  The engine never offloads: its models
+    live on `execution_device`."""
+    from diffusers import AnimateDiffPipeline
+
+    class EnginePipeline(AnimateDiffPipeline):  # type: ignore[misc]
+        execution_device: torch.device | None = None
+
+        @property
+        def _execution_device(self) -> torch.device:
+            if self.execution_device is not None:
+                return self.execution_device
+            return super()._execution_device  # type: ignore[no-any-return]
+
+    return EnginePipeline
 
 
 LORA_CACHE_SIZE = 16  # LoRA files read from disk, kept on the CPU by registry id
@@ -584,8 +608,6 @@ class AnimateDiffEngine:
             torch.cuda.empty_cache()
 
     def _ensure_pipeline(self, base_id: str, motion_id: str, progress: ProgressCallback) -> Any:
-        from diffusers import AnimateDiffPipeline
-
         from animatediff_blender.backend.models import loading
 
         if self._base_id != base_id:
@@ -617,7 +639,7 @@ class AnimateDiffEngine:
         if self._pipe is None:
             # Both models' weights copied to the device, in the UNet2D's dtype (self.dtype).
             unet = loading.build_motion_unet(self._base.unet, self._adapter, self.device)
-            pipe = AnimateDiffPipeline(
+            pipe = _engine_pipeline_class()(
                 vae=self._base.vae,
                 text_encoder=self._base.text_encoder,
                 tokenizer=self._base.tokenizer,
@@ -626,6 +648,7 @@ class AnimateDiffEngine:
                 scheduler=PRESETS["quality"].make_scheduler(self._base.scheduler_config),
             )
             pipe.set_progress_bar_config(disable=True)
+            pipe.execution_device = self.device
             self._apply_fast(pipe)
             self._pipe = pipe
             self._warm_keys.clear()  # new modules: nothing of theirs is compiled yet
@@ -1046,26 +1069,35 @@ class AnimateDiffEngine:
     def _job_state(
         self, pipe: Any, free_noise: tuple[int, int] | None, loras: list[_LoraJob], memory_saving: bool
     ) -> Iterator[None]:
-        fused = self.fast.fuse_qkv
+        # What was (begun to be) done, undone in reverse order.  A plain job does nothing
+        # here: the undo steps walk the UNet's ~1,350 modules, ~10 ms of host time at SD1.5
+        # size between the denoise and the decode, with the device idle.
+        done: set[str] = set()
         try:
             if free_noise is not None:
+                done.add("free_noise")
                 self._enable_free_noise(pipe, *free_noise)
-            if loras and fused:
+            if loras and self.fast.fuse_qkv:
+                done.add("unfused")
                 self._set_fused(pipe.unet, False)  # the fused processor would skip peft's layers
             if loras:
+                done.add("loras")
                 self._apply_loras(pipe, loras)
             if free_noise is not None and memory_saving:
+                done.add("memory_saving")
                 self._enable_memory_saving(pipe)
             yield
         finally:
-            # Undo in reverse order; each step is safe when its "do" never ran.
-            self._disable_memory_saving(pipe)
-            if loras:
+            if "memory_saving" in done:
+                self._disable_memory_saving(pipe)
+            if "loras" in done:
                 pipe.unload_lora_weights()
-            self._disable_free_noise(pipe)
-            if loras and fused:
+            if "free_noise" in done:
+                self._disable_free_noise(pipe)
+            if "unfused" in done:
                 self._set_fused(pipe.unet, True)
-            self._compile(pipe.unet)  # FreeNoise's undo builds fresh blocks
+            if done:
+                self._compile(pipe.unet)  # whatever the undo put back is compiled
 
     # ------------------------------------------------------------------ generate
 

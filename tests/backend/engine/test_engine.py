@@ -289,6 +289,33 @@ def test_long_clip_swaps_motion_blocks_without_rebuilding_them(engine: AnimateDi
     assert all(a is b for a, b in zip(seen[1:], first[1:], strict=True))
 
 
+def test_a_plain_job_skips_the_undo_walks_and_the_device_search(
+    engine: AnimateDiffEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Host time the device would wait for: a job without LoRAs or FreeNoise undoes
+    nothing (each undo walks the UNet's modules), and no job searches the modules for
+    offloading hooks to find its device (diffusers' `_execution_device`)."""
+    import diffusers.hooks.group_offloading as group_offloading
+
+    engine.generate(request(), no_progress, never)  # builds the pipeline
+    calls: list[str] = []
+    for name in ("_disable_memory_saving", "_disable_free_noise", "_compile"):
+        inner = getattr(engine, name)
+        monkeypatch.setattr(engine, name, lambda *a, _n=name, _f=inner: (calls.append(_n), _f(*a))[1])
+    searched: list[Any] = []
+    search = group_offloading._get_top_level_group_offload_hook
+    monkeypatch.setattr(group_offloading, "_get_top_level_group_offload_hook", lambda m: (searched.append(m), search(m))[1])
+    assert engine.pipeline._execution_device == engine.device
+    engine.generate(request(), no_progress, never)
+    assert calls == [] and searched == []
+    # What a job did is undone: FreeNoise (a long clip) and LoRAs.
+    engine.generate(request(frames=12, context_length=8), no_progress, never)
+    assert calls == ["_disable_free_noise", "_compile"] and searched == []
+    calls.clear()
+    engine.generate(request(motion_loras=[MotionLora(id=LORA_ZOOM, weight=1.0)]), no_progress, never)
+    assert calls == ["_compile"] and not getattr(engine.pipeline.unet, "peft_config", None)
+
+
 # --------------------------------------------------------------------------- warm cache
 
 

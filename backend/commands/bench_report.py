@@ -1,0 +1,44 @@
+"""`animatediff-blender bench-report`: issue #6's targets judged from `bench` result files
+(`backend/bench/report.py`): every row as a markdown table, then each target met, missed
+by how much, or not measured."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench-report",
+        help="judge the performance targets from benchmark result files",
+        description=(
+            "Reads `bench` result files (e.g. one per gpu_bench.sh phase, all from one card) and prints "
+            "their rows as a markdown table and each of issue #6's targets as met, missed (by how much) "
+            "or not measured, on the shipped configuration (the `default` lever) against stock in the "
+            "same file."
+        ),
+    )
+    p.add_argument("results", type=Path, nargs="+", metavar="RESULT.json")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from animatediff_blender.backend.bench.report import format_rows, format_verdicts, judge, load_rows
+
+    try:
+        rows = load_rows(args.results)
+        verdicts = judge(rows)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        print(f"animatediff-blender bench-report: {exc}", file=sys.stderr)
+        return 2
+    devices = sorted({r.device for r in rows})
+    print(f"bench-report: {len(rows)} rows from {len(args.results)} file(s); device: {', '.join(devices) or '?'}")
+    print()
+    print(format_rows(rows))
+    print()
+    print(format_verdicts(verdicts))
+    return 0

@@ -1,0 +1,106 @@
+"""`bench-report` (`backend/bench/report.py`): issue #6's targets judged from result files.
+The numbers are the H200's of run 3 (backend/bench/README.md), whose verdicts are known."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from animatediff_blender.backend.bench.report import judge, load_rows
+from animatediff_blender.backend.cli import main
+
+H200 = "NVIDIA H200"
+
+
+def _row(case: str, runner: str, denoise: float, **kw: Any) -> dict[str, Any]:
+    extra = kw.pop("extra", {})
+    return {"case": case, "runner": runner, "denoise_s": denoise, "error": "", "extra": extra, **kw}
+
+
+def _write(path: Path, rows: list[dict[str, Any]], device: str = H200, key: str = "results") -> Path:
+    path.write_text(json.dumps({"device": device, key: rows}))
+    return path
+
+
+@pytest.fixture
+def run3(tmp_path: Path) -> list[Path]:
+    """Run 3's files: `next` (quality, long64 and the server case against stock) and a
+    `restart` phase (the first job after a restart)."""
+    nxt = _write(tmp_path / "next.json", [
+        _row("quality", "stock", 4.056, peak_mem_gib=11.76, end_to_end_s=4.321),
+        _row("quality", "engine[default]", 2.928, peak_mem_gib=10.90, psnr_vs_anchor_db=57.3),
+        _row("quality", "engine[compile+channels-last]", 2.80, peak_mem_gib=10.90, psnr_vs_anchor_db=39.0),
+        _row("long64", "stock", 26.100, peak_mem_gib=12.07),
+        _row("long64", "engine[default]", 16.821, peak_mem_gib=10.98, psnr_vs_anchor_db=57.3),
+        _row("lightning", "stock", 0.369),
+        _row("server", "server[default]", 0.271, end_to_end_s=0.627, decode_s=0.256, psnr_vs_anchor_db=61.7,
+             extra={"server_overhead_s": 0.091, "server_overhead_share": 0.145, "first_job_extra_s": 17.3}),
+    ])  # fmt: skip
+    restart = _write(tmp_path / "restart.json", [
+        _row("server", "server[default]", 0.27, end_to_end_s=0.63, extra={"first_job_extra_s": 18.1}),
+    ])  # fmt: skip
+    return [nxt, restart]
+
+
+def test_run_3s_verdicts(run3: list[Path]) -> None:
+    verdicts = {v.target.split(" ")[0] + " " + v.target.split(" ")[1]: v for v in judge(load_rows(run3))}
+    quality = verdicts["quality denoise"]
+    assert (quality.status, quality.measured) == ("missed", "x1.39") and "missed by 1.11x" in quality.detail
+    assert verdicts["quality peak"].status == "met"
+    lightning = verdicts["lightning end"]
+    assert (lightning.status, lightning.measured) == ("missed", "0.627 s") and "missed by 0.277 s" in lightning.detail
+    assert (verdicts["server's CPU-side"].status, verdicts["server's CPU-side"].measured) == ("missed", "14.5 %")
+    assert (verdicts["long64 >="].status, verdicts["long64 >="].measured) == ("missed", "x1.55")
+    assert (verdicts["long64 peak"].status, verdicts["long64 peak"].measured) == ("met", "x1.01")
+    assert verdicts["long128 <="].status == "not measured"
+    restart = verdicts["first job"]
+    assert (restart.status, restart.measured) == ("missed", "+18.1 s") and "after a restart" in restart.detail
+    psnr = verdicts["frames within"]
+    assert (psnr.status, psnr.measured) == ("met", "min 57.3 dB")  # the bf16-ish lever's 39 dB is not the product
+
+
+def test_targets_met_and_pairs_come_from_one_file(tmp_path: Path) -> None:
+    fast = _write(tmp_path / "a.json", [
+        _row("quality", "stock", 4.0, peak_mem_gib=11.0), _row("quality", "stock+compile", 2.8),
+        _row("quality", "engine[default]", 1.5, peak_mem_gib=10.0),
+        _row("long64", "engine[default]", 12.0, peak_mem_gib=12.0),
+        _row("long128", "engine[default]", 24.6),
+    ])  # fmt: skip
+    # A stock long64 from another file (another process) is no anchor for a.json's engine row.
+    other = _write(tmp_path / "b.json", [_row("long64", "stock", 26.0), _row("quality", "engine[default]", 1.0)])
+    verdicts = {v.target: v for v in judge(load_rows([fast, other]))}
+    quality = verdicts["quality denoise >= 2.5x stock, >= 1.75x stock+compile"]
+    assert (quality.status, quality.measured) == ("met", "x2.67")  # b.json's faster row has no stock beside it
+    assert verdicts["long64 >= 2x stock FreeNoise"].status == "not measured"
+    assert verdicts["long64 peak <= 1.3x our 16-frame peak"].status == "met"  # 12.0 / 10.0
+    assert (verdicts["long128 <= 2.1x long64"].status, verdicts["long128 <= 2.1x long64"].measured) == ("met", "x2.05")
+    # Fast against stock, but not 1.75x stock+compile: missed, and by how much.
+    slow_compile = _write(tmp_path / "c.json", [
+        _row("quality", "stock", 4.0), _row("quality", "stock+compile", 2.0), _row("quality", "engine[default]", 1.5)
+    ])  # fmt: skip
+    (quality,) = [v for v in judge(load_rows([slow_compile])) if v.target.startswith("quality denoise")]
+    assert quality.status == "missed" and "x1.33 stock+compile, missed by 0.417x" in quality.detail
+
+
+def test_partial_rows_failed_rows_and_mixed_cards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stopped = _write(tmp_path / "long128.json", [_row("long128", "engine[default]", 35.0)], key="partial")
+    failed = _write(tmp_path / "x.json", [{**_row("quality", "engine[default]", 0.0), "error": "OutOfMemoryError: no"}])
+    rows = load_rows([stopped, failed])
+    assert [(r.case, r.ok) for r in rows] == [("long128", True), ("quality", False)]
+    assert main(["bench-report", str(stopped), str(failed)]) == 0
+    printed = capsys.readouterr().out
+    assert "| x | quality | engine[default] | failed: OutOfMemoryError: no |" in printed
+    assert "| long128 <= 2.1x long64 | - | **not measured**" in printed
+    h100 = _write(tmp_path / "h100.json", [_row("quality", "stock", 5.0)], device="NVIDIA H100")
+    with pytest.raises(ValueError, match="different devices"):
+        judge(load_rows([stopped, h100]))
+    assert main(["bench-report", str(stopped), str(h100)]) == 2
+    (tmp_path / "list.json").write_text("[1, 2]")  # e.g. bench-server's output: not a bench result
+    assert main(["bench-report", str(tmp_path / "list.json")]) == 2
+    (tmp_path / "bad.json").write_text("{")
+    assert main(["bench-report", str(tmp_path / "bad.json")]) == 2
+    assert main(["bench-report", str(tmp_path / "missing.json")]) == 2
+    assert "bench-report:" in capsys.readouterr().err
