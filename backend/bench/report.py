@@ -25,6 +25,7 @@ class Row:
     source: str  # the result file's stem (the gpu_bench phase)
     device: str
     data: dict[str, Any]
+    size: str = "real"  # "tiny": CPU smoke models, timings meaningless
 
     @property
     def case(self) -> str:
@@ -65,7 +66,8 @@ def load_rows(paths: Iterable[Path]) -> list[Row]:
             raise ValueError(f"{path}: not a benchmark result (no object at the top)")
         results = report.get("results") or report.get("partial") or []
         device = str(report.get("device", "?"))
-        rows.extend(Row(Path(path).stem, device, r) for r in results if isinstance(r, dict))
+        size = str(report.get("size", "real"))
+        rows.extend(Row(Path(path).stem, device, r, size) for r in results if isinstance(r, dict))
     return rows
 
 

@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     devices = sorted({r.device for r in rows})
     print(f"bench-report: {len(rows)} rows from {len(args.results)} file(s); device: {', '.join(devices) or '?'}")
+    if any(r.size != "real" for r in rows):
+        print("bench-report: tiny models (a CPU smoke run): the verdicts below only show that the report works")
     print()
     print(format_rows(rows))
     print()

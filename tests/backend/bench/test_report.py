@@ -94,6 +94,11 @@ def test_partial_rows_failed_rows_and_mixed_cards(tmp_path: Path, capsys: pytest
     printed = capsys.readouterr().out
     assert "| x | quality | engine[default] | failed: OutOfMemoryError: no |" in printed
     assert "| long128 <= 2.1x long64 | - | **not measured**" in printed
+    assert "tiny models" not in printed
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps({"device": "cpu", "size": "tiny", "results": [_row("quality", "stock", 1.0)]}))
+    assert main(["bench-report", str(tiny)]) == 0
+    assert "tiny models (a CPU smoke run)" in capsys.readouterr().out
     h100 = _write(tmp_path / "h100.json", [_row("quality", "stock", 5.0)], device="NVIDIA H100")
     with pytest.raises(ValueError, match="different devices"):
         judge(load_rows([stopped, h100]))
