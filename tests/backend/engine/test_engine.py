@@ -316,6 +316,35 @@ def test_a_plain_job_skips_the_undo_walks_and_the_device_search(
     assert calls == ["_compile"] and not getattr(engine.pipeline.unet, "peft_config", None)
 
 
+def test_encoded_prompts_are_reused_with_the_same_frames(
+    engine: AnimateDiffEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from animatediff_blender.backend.engine.animatediff import PROMPT_CACHE_SIZE
+
+    first = engine.generate(request(), no_progress, never)
+    encoder = engine.pipeline.text_encoder
+    encoded: list[Any] = []
+    inner = encoder.forward
+    monkeypatch.setattr(encoder, "forward", lambda *a, **k: (encoded.append(1), inner(*a, **k))[1])
+    again = engine.generate(request(seed=7), no_progress, never)
+    assert encoded == []  # prompt and negative prompt: both from the cache
+    assert all(np.array_equal(a, b) for a, b in zip(first.frames, again.frames, strict=True))
+    engine.generate(request(negative_prompt="ugly"), no_progress, never)
+    assert len(encoded) == 2  # another key: both prompts encoded again (one call per prompt with CFG)
+    engine.generate(request(guidance=1.0), no_progress, never)
+    assert len(encoded) == 3  # no CFG: the prompt alone, a key of its own
+    # Prompt travel interpolates per frame from lists of prompts: never cached.
+    for _ in range(2):
+        engine.generate(request(prompt_travel={4: "a dog"}), no_progress, never)
+    assert len(encoded) > 5
+    # At most PROMPT_CACHE_SIZE kept, the least recently used dropped first.
+    pipe = engine.pipeline
+    for i in range(PROMPT_CACHE_SIZE + 3):
+        pipe.encode_prompt(f"prompt {i}", engine.device, 1, True, "")
+    cache = pipe.__dict__["_adb_prompt_cache"]
+    assert len(cache) == PROMPT_CACHE_SIZE and next(iter(cache))[0] == "prompt 3"
+
+
 # --------------------------------------------------------------------------- warm cache
 
 
