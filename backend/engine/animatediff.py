@@ -466,6 +466,7 @@ class AnimateDiffEngine:
         self._to_warm: OrderedDict[tuple[Any, ...], GenerateRequest] = OrderedDict()  # shapes to compile
         # FreeNoise block id -> the plain motion transformer block it stands in for (one job).
         self._plain_motion_blocks: dict[int, Any] = {}
+        self._schedulers: dict[str, Any] = {}  # preset name -> its scheduler, for the loaded base
         # plain motion transformer block -> its FreeNoise stand-in (same tensors), kept
         # while the plain block lives.
         self._free_noise_blocks: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
@@ -660,6 +661,7 @@ class AnimateDiffEngine:
             base.vae.to(self.device)
             base.text_encoder.to(self.device)
             self._base, self._base_id = base, base_id
+            self._schedulers.clear()  # built on the base model's scheduler config
             self.load_counts["base"] += 1
         if self._motion_id != motion_id:
             progress(StepProgress(0, 0, None, phase="loading"))
@@ -1315,7 +1317,14 @@ class AnimateDiffEngine:
         if s.prompt_travel:
             prompt = {0: s.prompt, **{int(k): v for k, v in s.prompt_travel.items()}}
 
-        pipe.scheduler = get_preset(s.preset).make_scheduler(self._base.scheduler_config)
+        scheduler = self._schedulers.get(s.preset)
+        if scheduler is None:
+            # One per preset and base model, reused: every call's set_timesteps resets its
+            # state (as in any diffusers pipeline called twice), and building one from its
+            # config is milliseconds of host time before the first kernel.
+            scheduler = self._schedulers[s.preset] = get_preset(s.preset).make_scheduler(self._base.scheduler_config)
+        if pipe.scheduler is not scheduler:
+            pipe.scheduler = scheduler
         timings["load"] = time.perf_counter() - t0
 
         preview_every = s.preview_every

@@ -87,6 +87,19 @@ def test_each_preset_runs_end_to_end_with_its_scheduler(engine: AnimateDiffEngin
     assert set(result.timings) >= {"load", "denoise", "decode"}
 
 
+def test_schedulers_are_reused_per_preset_without_carrying_state(engine: AnimateDiffEngine) -> None:
+    """A preset's scheduler is built once and reused; each job resets it (set_timesteps),
+    so a job's frames do not depend on what ran before, whatever the preset or steps."""
+    first = {p: engine.generate(request(preset=p, steps=3, guidance=None), no_progress, never) for p in PRESETS}
+    schedulers = dict(engine._schedulers)
+    assert set(schedulers) == set(PRESETS)
+    for preset in reversed(PRESETS):  # other orders, other step counts in between
+        engine.generate(request(preset=preset, steps=2, guidance=None), no_progress, never)
+        again = engine.generate(request(preset=preset, steps=3, guidance=None), no_progress, never)
+        assert engine._pipe.scheduler is schedulers[preset]
+        assert all(np.array_equal(a, b) for a, b in zip(first[preset].frames, again.frames, strict=True)), preset
+
+
 def test_lightning_scheduler_settings() -> None:
     sched: Any = PRESETS["lightning"].make_scheduler(
         {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear"}
