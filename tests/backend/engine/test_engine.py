@@ -3,6 +3,7 @@ cancellation, the warm cache and OOM reporting."""
 
 from __future__ import annotations
 
+from copy import deepcopy
 from typing import Any
 
 import numpy as np
@@ -327,6 +328,32 @@ def test_a_plain_job_skips_the_undo_walks_and_the_device_search(
     calls.clear()
     engine.generate(request(motion_loras=[MotionLora(id=LORA_ZOOM, weight=1.0)]), no_progress, never)
     assert calls == ["_compile"] and not getattr(engine.pipeline.unet, "peft_config", None)
+
+
+def test_the_motion_unets_dtype_is_diffusers_answer_without_the_walk(
+    engine: AnimateDiffEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """UNetMotionModel.forward asks for its dtype every step; diffusers' answer walks
+    every submodule for casting hooks.  The engine's motion UNet gives the same answer
+    without the walk, under the same class name (diffusers and peft look things up by it)."""
+    import diffusers.models.modeling_utils as modeling_utils
+    from diffusers import ModelMixin, UNetMotionModel
+
+    engine.generate(request(), no_progress, never)
+    unet = engine.pipeline.unet
+    assert isinstance(unet, UNetMotionModel) and type(unet).__name__ == "UNetMotionModel"
+    assert unet.dtype == ModelMixin.dtype.fget(unet) == torch.float32
+    walked: list[Any] = []
+    walk = modeling_utils.get_parameter_dtype
+    monkeypatch.setattr(modeling_utils, "get_parameter_dtype", lambda m: (walked.append(m), walk(m))[1])
+    engine.generate(request(), no_progress, never)
+    assert unet not in walked
+    # Modules kept in float32 are skipped, as diffusers does (on a copy: the engine's
+    # weights must not go through float16).
+    copy = deepcopy(unet).to(torch.float16)
+    copy._keep_in_fp32_modules = ["conv_in"]
+    copy.conv_in.to(torch.float32)
+    assert copy.dtype == ModelMixin.dtype.fget(copy) == torch.float16
 
 
 def test_encoded_prompts_are_reused_with_the_same_frames(
