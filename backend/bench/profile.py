@@ -15,11 +15,17 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from animatediff_blender.backend.bench.timeline import JOB_LABEL, analyse, format_timeline, load_trace
+from animatediff_blender.backend.bench.timeline import (
+    JOB_LABEL,
+    LABEL_PREFIX,
+    analyse,
+    format_timeline,
+    load_trace,
+)
 
 # Checked in order: the first pattern that matches a kernel (or, on the CPU, an aten op)
 # name gives its category.  cuDNN's convolution kernels mention "gemm" too, so
@@ -50,19 +56,57 @@ def categorize(name: str) -> str:
 
 
 @contextmanager
-def around_forward(module: Any, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
-    """Inside the block, `module.forward` is `wrap(module.forward)`; afterwards exactly
-    what was there before (the class's method, or an instance-level wrapper such as the
-    engine's sdpa lever)."""
-    previous = module.__dict__.get("forward")
-    module.forward = wrap(module.forward)
+def wrapped(obj: Any, attr: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
+    """Inside the block, `obj.<attr>` is `wrap(obj.<attr>)`; afterwards exactly what was
+    there before: an instance-level (or module-level) value is put back, a class's method
+    shows through again."""
+    own = obj.__dict__ if hasattr(obj, "__dict__") else {}
+    had = attr in own
+    previous = own.get(attr)
+    setattr(obj, attr, wrap(getattr(obj, attr)))
     try:
         yield
     finally:
-        if previous is None:
-            del module.forward
+        if had:
+            setattr(obj, attr, previous)
         else:
-            module.forward = previous
+            delattr(obj, attr)
+
+
+def around_forward(module: Any, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> AbstractContextManager[None]:
+    """Inside the block, `module.forward` is `wrap(module.forward)` (an instance-level
+    wrapper already there, such as the engine's sdpa lever, comes back afterwards)."""
+    return wrapped(module, "forward", wrap)
+
+
+@contextmanager
+def labelled_job(engine: Any) -> Iterator[None]:
+    """Inside the block, the engine's pipeline parts carry `adb:` profiler labels, which
+    `timeline.analyse` attributes the device's idle gaps to."""
+    from torch.profiler import record_function
+
+    def label(obj: Any, attr: str, name: str) -> AbstractContextManager[None]:
+        def wrap(inner: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                with record_function(LABEL_PREFIX + name):
+                    return inner(*args, **kwargs)
+
+            return call
+
+        return wrapped(obj, attr, wrap)
+
+    import animatediff_blender.backend.engine.animatediff as animatediff
+
+    pipe = engine.pipeline
+    with ExitStack() as stack:
+        if pipe is not None:
+            stack.enter_context(label(pipe, "encode_prompt", "encode_prompt"))
+            stack.enter_context(label(pipe, "prepare_latents", "prepare_latents"))
+            stack.enter_context(label(pipe.unet, "forward", "unet"))
+            stack.enter_context(label(pipe.vae, "decode", "vae.decode"))
+            stack.enter_context(label(pipe.video_processor, "postprocess_video", "postprocess_video"))
+        stack.enter_context(label(animatediff, "_to_uint8_frames", "to_uint8_frames"))
+        yield
 
 
 @contextmanager

@@ -44,10 +44,10 @@ from animatediff_blender.backend.bench.models import BASE_NAME, MOTION_NAME, Siz
 from animatediff_blender.backend.bench.profile import (
     around_forward,
     format_profile,
+    labelled_job,
     profile_call,
     profile_first_unet_call,
 )
-from animatediff_blender.backend.bench.timeline import labelled_job
 from animatediff_blender.protocol.messages import GenerateRequest
 
 # Dense fp16/bf16 tensor throughput (TFLOP/s) for "share of peak".  Override with --peak-tflops.

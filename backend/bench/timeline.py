@@ -4,7 +4,8 @@
 lightning job in run 3: ~77 ms of 500 idle); this module says *when* it is idle and
 what the host was doing then.  The benchmark labels the parts of a job with
 `torch.profiler.record_function` (`labelled_job`: prompt encoding, latents, UNet calls,
-VAE decode, frame conversion), exports the profiler's trace and reads it back here:
+VAE decode, frame conversion; in `profile.py`), exports the profiler's trace and
+reads it back here:
 
 * the device's busy time is the union of its kernels, copies and memsets;
 * every idle gap inside a job ends with some device event, whose launch (the runtime or
@@ -26,8 +27,7 @@ import bisect
 import gzip
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,56 +207,6 @@ def format_timeline(t: dict[str, Any]) -> str:
     lines.append("  host time inside each label:")
     lines.extend(f"    {ms:8.2f} ms  {name}" for name, ms in t["host_ms_by_label"].items())
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- labels
-
-
-@contextmanager
-def labelled_job(engine: Any) -> Iterator[None]:
-    """Inside the block, the engine's pipeline parts carry `adb:` profiler labels
-    (instance-level wrappers, removed afterwards)."""
-    from torch.profiler import record_function
-
-    pipe = engine.pipeline
-
-    def label(obj: Any, attr: str, name: str) -> AbstractContextManager[None]:
-        return _wrapped(obj, attr, lambda inner: _labelled(inner, LABEL_PREFIX + name, record_function))
-
-    with ExitStack() as stack:
-        if pipe is not None:
-            stack.enter_context(label(pipe, "encode_prompt", "encode_prompt"))
-            stack.enter_context(label(pipe, "prepare_latents", "prepare_latents"))
-            stack.enter_context(label(pipe.unet, "forward", "unet"))
-            stack.enter_context(label(pipe.vae, "decode", "vae.decode"))
-            stack.enter_context(label(pipe.video_processor, "postprocess_video", "postprocess_video"))
-        import animatediff_blender.backend.engine.animatediff as animatediff
-
-        stack.enter_context(label(animatediff, "_to_uint8_frames", "to_uint8_frames"))
-        yield
-
-
-def _labelled(inner: Callable[..., Any], name: str, record_function: Any) -> Callable[..., Any]:
-    def call(*args: Any, **kwargs: Any) -> Any:
-        with record_function(name):
-            return inner(*args, **kwargs)
-
-    return call
-
-
-@contextmanager
-def _wrapped(obj: Any, attr: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
-    own = obj.__dict__ if hasattr(obj, "__dict__") else {}
-    had = attr in own
-    previous = own.get(attr)
-    setattr(obj, attr, wrap(getattr(obj, attr)))
-    try:
-        yield
-    finally:
-        if had:
-            setattr(obj, attr, previous)
-        else:
-            delattr(obj, attr)
 
 
 def main(argv: list[str]) -> int:

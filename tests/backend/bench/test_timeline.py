@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import torch
 
+from animatediff_blender.backend.bench.profile import labelled_job
 from animatediff_blender.backend.bench.timeline import (
     NO_LABEL,
     analyse,
     format_timeline,
-    labelled_job,
     load_trace,
     main,
 )
