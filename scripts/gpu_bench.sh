@@ -23,8 +23,9 @@
 # Environment: OUT (results folder), BENCH_BUDGET_S (seconds for all phases, default 480),
 # BENCH_ARGS (extra arguments for every phase), BENCH_WORKDIR (models + compile cache),
 # BENCH_PHASES (default "main long64 restart long128 levers modes"; also "next", "vae",
-# "verify" and "serverside" (bench-server on the GPU machine's CPUs); a later GPU session
-# runs e.g. BENCH_PHASES="next vae restart long128" for what is still unmeasured).
+# "verify", "attention" (bench-attention) and "serverside" (bench-server on the GPU
+# machine's CPUs); a later GPU session runs e.g. BENCH_PHASES="attention long64 restart
+# serverside" for what is still unmeasured).
 set -u -o pipefail
 
 OUT=${OUT:-$PWD/gpu-bench-out}
@@ -103,10 +104,36 @@ phase() {
     say "phase $name ended with exit code $rc$([ "$rc" = 124 ] && echo ' (out of time: partial JSON kept)')"
 }
 
+# attention NEED: `bench-attention` (no model weights, no bench process): every attention
+# call of one quality and one 64-frame UNet step, each shape timed alone with each SDPA
+# backend and, for the temporal calls, the attention written out and compiled by inductor.
+# Where a step's ~31 ms of attention goes (spatial, cross, temporal) and which backend the
+# engine's `temporal-sdpa` lever should pick.  A tiny CPU rehearsal runs it at tiny sizes.
+attention_phase() {
+    local name=attention need=$1
+    case " $PHASES " in *" $name "*) ;; *) say "phase $name not selected (BENCH_PHASES)"; return 0 ;; esac
+    local t args
+    t=$(left)
+    if [ "$t" -lt "$need" ]; then
+        say "SKIPPED phase $name: ${t}s left, it needs about ${need}s (run it in another session)"
+        return 0
+    fi
+    args="--case quality --case long64 --iters 10 --compiled"
+    case " $EXTRA " in *" tiny "*) args="$args --size tiny --device cpu --iters 1" ;; esac
+    say "phase $name (up to ${t}s): bench-attention $args"
+    # shellcheck disable=SC2086  # args is a list of arguments
+    timeout --kill-after=10 "$t" bash -c 'cli "$@"' cli bench-attention $args --json "$OUT/$name.json" 2>&1 |
+        tee -a "$LOG"
+    say "phase $name ended with exit code ${PIPESTATUS[0]}"
+}
+
 # 1. The targets: quality (denoise), lightning, end to end through the server, against
 #    stock and (quality) stock + torch.compile; the engine at its default (regional compile
 #    on CUDA); one UNet step of stock and of the engine profiled (kernel time by category).
 phase main 200 --case quality --case lightning --case server --compile-anchor --profile
+# 0a. (Not in the default list.)  The attention calls of a step, shape by shape (~150 s?
+#    never run on a GPU yet: most of it is inductor compiling the 12 temporal shapes).
+attention_phase 150
 # 0. (Not in the default list: BENCH_PHASES="next vae restart long128".)  What the third
 #    GPU session still had to measure, in one process: the default fast path (regional
 #    compile + batched FreeNoise windows) against stock on quality (+ profile) and long64,
@@ -161,8 +188,8 @@ case " $PHASES " in
 esac
 
 # Every target's verdict from this call's result files (`bench-report`; the serverside
-# file is bench-server's, not a bench result).
-reports=$(find "$OUT" -maxdepth 1 -name '*.json' ! -name serverside.json | sort)
+# and attention files are bench-server's and bench-attention's, not bench results).
+reports=$(find "$OUT" -maxdepth 1 -name '*.json' ! -name serverside.json ! -name attention.json | sort)
 if [ -n "$reports" ]; then
     say "targets (bench-report):"
     # shellcheck disable=SC2086  # one argument per file

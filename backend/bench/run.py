@@ -164,7 +164,8 @@ def parse_lever(spec: str, device: str, dtype: str, compile_backend: str) -> Lev
     top of the default when the first is `default`:
     `compile` (regional), `compile-full`, `compile:<mode>`, `compile-dynamic` (regional,
     shapes made symbolic once they change), `channels-last`, `fuse-qkv`,
-    `sdpa:<flash|efficient|cudnn|math>`, `batch-windows` (FreeNoise windows batched),
+    `sdpa:<flash|efficient|cudnn|math>`, `temporal-sdpa:<...>` (the motion modules' only),
+    `batch-windows` (FreeNoise windows batched),
     `share-projections` (batched windows sharing their per-frame projections),
     `vae-compile`, `vae-channels-last`, `cudnn-benchmark`, `bf16`, `fp16`."""
     from animatediff_blender.backend.engine.animatediff import FastPath
@@ -200,6 +201,8 @@ def parse_lever(spec: str, device: str, dtype: str, compile_backend: str) -> Lev
             kw["cudnn_benchmark"] = True
         elif name == "sdpa":
             kw["sdpa"] = arg
+        elif name == "temporal-sdpa":
+            kw["temporal_sdpa"] = arg
         elif name in ("bf16", "fp16", "fp32"):
             lever_dtype = name
         else:

@@ -116,6 +116,10 @@ class FastPath:
         undone for jobs with LoRAs (peft adapts to_q/to_k/to_v, which the fused processor
         would bypass).
     sdpa: scaled-dot-product attention backend ("auto" lets torch choose).
+    temporal_sdpa: the backend of the motion modules' temporal attention only (16-frame
+        sequences, up to 131,072 of them per head, where kernels built for long sequences
+        may waste most of their tiles; `bench-attention` times each backend at each of a
+        step's shapes); inside them it overrides `sdpa`.
     batch_windows: long clips (FreeNoise) run each motion block's context windows as one
         batch (`freenoise.BatchedWindowsBlock`, bounded memory) instead of diffusers' loop
         of one window at a time with eager glue; compiled, the block traces whole.
@@ -146,6 +150,7 @@ class FastPath:
     channels_last: bool = False
     fuse_qkv: bool = False
     sdpa: str = "auto"
+    temporal_sdpa: str = "auto"
     batch_windows: bool = False
     share_window_projections: bool = False
     compile_vae: bool = False
@@ -160,8 +165,11 @@ class FastPath:
             raise EngineError(
                 "device", f"fast path: compile must be one of {_COMPILE_KINDS}, got {self.compile!r}"
             )
-        if self.sdpa not in _SDPA_BACKENDS:
-            raise EngineError("device", f"fast path: sdpa must be one of {_SDPA_BACKENDS}, got {self.sdpa!r}")
+        for name in ("sdpa", "temporal_sdpa"):
+            if getattr(self, name) not in _SDPA_BACKENDS:
+                raise EngineError(
+                    "device", f"fast path: {name} must be one of {_SDPA_BACKENDS}, got {getattr(self, name)!r}"
+                )
         if self.share_window_projections and not self.batch_windows:
             raise EngineError("device", "fast path: share_window_projections needs batch_windows")
 
@@ -220,6 +228,8 @@ class FastPath:
             parts.append("fuse_qkv")
         if self.sdpa != "auto":
             parts.append(f"sdpa={self.sdpa}")
+        if self.temporal_sdpa != "auto":
+            parts.append(f"temporal_sdpa={self.temporal_sdpa}")
         if self.batch_windows:
             parts.append("batch_windows")
         if self.share_window_projections:
@@ -231,6 +241,24 @@ class FastPath:
         if self.cudnn_benchmark:
             parts.append("cudnn_benchmark")
         return ",".join(parts)
+
+
+def _with_sdpa_backend(inner: Callable[..., Any], backend: str) -> Callable[..., Any]:
+    """`inner`, calling scaled-dot-product attention with only `backend` allowed."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    allowed = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[backend]
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with sdpa_kernel([allowed]):
+            return inner(*args, **kwargs)
+
+    return forward
 
 
 @contextmanager
@@ -738,13 +766,18 @@ class AnimateDiffEngine:
             # Around the UNet only: the text encoder's masked attention has no flash kernel.
             unet = pipe.unet
             inner = unet.forward
-
-            def forward(*args: Any, **kwargs: Any) -> Any:
-                with self._sdpa_context():
-                    return inner(*args, **kwargs)
-
-            unet.forward = forward
+            unet.forward = _with_sdpa_backend(inner, fast.sdpa)
+        if fast.temporal_sdpa != "auto":
+            # Inside each motion module (compiled whole: dynamo traces the backend choice).
+            for module in self._motion_modules(pipe.unet):
+                module.forward = _with_sdpa_backend(module.forward, fast.temporal_sdpa)
         self._compile(pipe.unet)
+
+    @staticmethod
+    def _motion_modules(unet: Any) -> list[Any]:
+        from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+
+        return [m for m in unet.modules() if isinstance(m, AnimateDiffTransformer3D)]
 
     @staticmethod
     def _spatial_attentions(unet: Any) -> list[Any]:
@@ -855,21 +888,6 @@ class AnimateDiffEngine:
         except OSError as exc:
             log.warning("could not write %s: %r", mega, exc)
 
-    def _sdpa_context(self) -> Any:
-        from contextlib import nullcontext
-
-        if self.fast.sdpa == "auto":
-            return nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backend = {
-            "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "cudnn": SDPBackend.CUDNN_ATTENTION,
-            "math": SDPBackend.MATH,
-        }[self.fast.sdpa]
-        return sdpa_kernel([backend])
-
     def _lora_weights(self, model_id: str, field: str) -> Any:
         from animatediff_blender.backend.models import loading
 
@@ -942,27 +960,10 @@ class AnimateDiffEngine:
         (no init, no copy) and kept for later long jobs (compiled once)."""
         from diffusers.models.attention import FreeNoiseTransformerBlock
 
-        from .freenoise import BatchedWindowsBlock
+        from .freenoise import BatchedWindowsBlock, windowed_like
 
         kind = BatchedWindowsBlock if self.fast.batch_windows else FreeNoiseTransformerBlock
-        with torch.device("meta"):
-            windowed = kind(
-                dim=plain.dim,
-                num_attention_heads=plain.num_attention_heads,
-                attention_head_dim=plain.attention_head_dim,
-                dropout=plain.dropout,
-                cross_attention_dim=plain.cross_attention_dim,
-                activation_fn=plain.activation_fn,
-                attention_bias=plain.attention_bias,
-                only_cross_attention=plain.only_cross_attention,
-                double_self_attention=plain.double_self_attention,
-                positional_embeddings=plain.positional_embeddings,
-                num_positional_embeddings=plain.num_positional_embeddings,
-                context_length=context_length,
-                context_stride=context_stride,
-                weighting_scheme=weighting,
-            )
-        windowed.load_state_dict(plain.state_dict(), strict=True, assign=True)
+        windowed = windowed_like(plain, kind, context_length, context_stride, weighting)
         if self.fast.batch_windows:
             windowed.share_projections = self.fast.share_window_projections
         # Batched windows have no loop to keep eager: the compiled motion module traces them.

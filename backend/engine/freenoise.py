@@ -42,6 +42,32 @@ from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 WINDOW_BATCH_ELEMENTS = 2**27
 
 
+def windowed_like(
+    plain: Any, kind: type[FreeNoiseTransformerBlock], context_length: int, context_stride: int, weighting: str
+) -> Any:
+    """A FreeNoise block of class `kind` for the plain motion block `plain`, built on the
+    meta device around plain's own tensors (no random init, no copy)."""
+    with torch.device("meta"):
+        windowed = kind(
+            dim=plain.dim,
+            num_attention_heads=plain.num_attention_heads,
+            attention_head_dim=plain.attention_head_dim,
+            dropout=plain.dropout,
+            cross_attention_dim=plain.cross_attention_dim,
+            activation_fn=plain.activation_fn,
+            attention_bias=plain.attention_bias,
+            only_cross_attention=plain.only_cross_attention,
+            double_self_attention=plain.double_self_attention,
+            positional_embeddings=plain.positional_embeddings,
+            num_positional_embeddings=plain.num_positional_embeddings,
+            context_length=context_length,
+            context_stride=context_stride,
+            weighting_scheme=weighting,
+        )
+    windowed.load_state_dict(plain.state_dict(), strict=True, assign=True)
+    return windowed
+
+
 def window_starts(num_frames: int, context_length: int, context_stride: int) -> tuple[list[int], int]:
     """First frame of each window, as diffusers places them, and how many frames of the last
     window count (all of them, unless it was added to cover the clip's end)."""

@@ -70,6 +70,11 @@ def test_lever_specs() -> None:
         parse_lever("compile+turbo", "cuda", "fp16", "inductor")
     with pytest.raises(ValueError, match="sdpa must be one of"):
         parse_lever("sdpa:warp", "cuda", "fp16", "inductor")
+    temporal = parse_lever("default+temporal-sdpa:math", "cuda", "fp16", "inductor").fast
+    assert temporal == dataclasses.replace(default, temporal_sdpa="math")
+    assert "temporal_sdpa=math" in temporal.describe() and temporal.sdpa == "auto"
+    with pytest.raises(ValueError, match="temporal_sdpa must be one of"):
+        parse_lever("temporal-sdpa:fastest", "cuda", "fp16", "inductor")
 
 
 def test_defaults_per_device(tiny_zoo: Path) -> None:
@@ -115,6 +120,51 @@ def test_cudnn_benchmark_is_on_while_the_engine_runs_on_cuda_and_set_back_after(
     monkeypatch.setattr(engine, "fast", FastPath())
     engine.generate(_request(), lambda _p: None, lambda: False)
     assert seen == [False, True, False] and torch.backends.cudnn.benchmark == before
+
+
+def _sdpa_ops_by_query_shape(run: Any) -> dict[tuple[int, ...], set[str]]:
+    """The SDPA implementations (aten ops) that ran, by the query's shape."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        run()
+    found: dict[tuple[int, ...], set[str]] = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.key.startswith("aten::_scaled_dot_product") and event.input_shapes:
+            found.setdefault(tuple(event.input_shapes[0]), set()).add(event.key)
+    return found
+
+
+@pytest.mark.parametrize("long", [False, True], ids=["16-frame-like", "freenoise-shared-windows"])
+def test_temporal_sdpa_lever_reaches_only_the_motion_modules(tiny_zoo: Path, one_thread: None, long: bool) -> None:
+    """Compiled (dynamo traces the backend choice), with FreeNoise's batched windows and
+    their shared projections (which call attention directly): the temporal attentions run
+    with the forced backend, the spatial ones with torch's choice, the frames unchanged."""
+    import torch._dynamo.utils
+
+    torch._dynamo.utils.counters.clear()
+    shape = {"frames": 8, "context_length": 4, "context_stride": 2} if long else {}
+    eager = AnimateDiffEngine(tiny_zoo, "cpu", "fp32")
+    fast = AnimateDiffEngine(
+        tiny_zoo, "cpu", "fp32",
+        fast=FastPath(compile="regional", compile_backend="eager", batch_windows=True,
+                      share_window_projections=True, temporal_sdpa="math", warm_shapes=()),
+        defer_compile=False,
+    )  # fmt: skip
+    _frames(fast, **shape)  # compiles
+    frames: list[np.ndarray] = []
+    ops = _sdpa_ops_by_query_shape(lambda: frames.append(_frames(fast, **shape)))
+    # Query (batch, heads, tokens, dim).  Tiny sizes make some shapes ambiguous; these are not:
+    # temporal attention runs on batch x positions sequences of 4 frames (or windows of 4),
+    # spatial attention on batch x frames images of 64, 16 or 1 tokens.
+    frame_count = shape.get("frames", 4)
+    temporal = {s: o for s, o in ops.items() if s[0] > 2 * frame_count}
+    spatial = {s: o for s, o in ops.items() if s[2] not in (4, frame_count)}
+    assert temporal and all(s[2] == 4 for s in temporal) and len(spatial) >= 3
+    assert all(o == {"aten::_scaled_dot_product_attention_math"} for o in temporal.values()), temporal
+    assert all("aten::_scaled_dot_product_attention_math" not in o for o in spatial.values()), spatial
+    assert np.abs(frames[0] - _frames(eager, **shape)).max() <= TOLERANCE
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
 
 
 def test_levers_apply_survive_job_state_and_keep_frames(
