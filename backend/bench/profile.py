@@ -175,9 +175,11 @@ def profile_call(
         sync()
         wall_ms = (time.perf_counter() - t0) * 1000 / repeats
         activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
-        # The timeline needs the host's labels and launches besides the kernels.
-        activities = [activity, ProfilerActivity.CPU] if timeline and cuda else [activity]
-        with profile(activities=activities) as prof:
+        # The host's ops: the timeline needs its labels and launches, the attention table the
+        # SDPA ops' input shapes.  Recording shapes costs host time per op, which would show
+        # as idle device time in a timeline: one or the other.
+        activities = [activity, ProfilerActivity.CPU] if cuda else [activity]
+        with profile(activities=activities, record_shapes=not timeline) as prof:
             for _ in range(repeats):
                 if timeline:
                     with record_function(JOB_LABEL):
@@ -225,7 +227,37 @@ def profile_call(
     }
     if timeline:
         result["timeline"] = _timeline(prof, trace_path)
+    else:
+        result["attention"] = attention_by_shape(prof, cuda=cuda, repeats=repeats)
     return result
+
+
+# The SDPA implementations (alternatives, never nested in one another): each one's total
+# device time covers the kernels it launched.
+_SDPA_OP = re.compile(
+    r"^aten::_scaled_dot_product_(flash_attention|efficient_attention|cudnn_attention|attention_math|"
+    r"flash_attention_for_cpu|fused_attention_overrideable)$"
+)
+
+
+def attention_by_shape(prof: Any, *, cuda: bool, repeats: int) -> list[dict[str, Any]]:
+    """The profiled calls' attention time by implementation and shape (compiled regions
+    call the same aten ops), slowest first: which attentions the category's time is."""
+    rows = []
+    for event in prof.key_averages(group_by_input_shape=True):
+        if not _SDPA_OP.match(event.key) or not event.input_shapes or len(event.input_shapes) < 2:
+            continue
+        q, k = event.input_shapes[0], event.input_shapes[1]
+        if len(q) != 4 or len(k) != 4:
+            continue
+        us = float(getattr(event, "device_time_total", 0.0) or 0.0) if cuda else float(event.cpu_time_total)
+        ms = us / 1000 / repeats
+        flops = 4.0 * q[0] * q[1] * q[2] * k[2] * q[3] * event.count / repeats
+        rows.append({
+            "op": event.key.removeprefix("aten::_scaled_dot_product_"), "q": list(q), "kv_len": k[2],
+            "calls": event.count // repeats, "ms": ms, "tflops": flops / (ms / 1000) / 1e12 if ms > 0 else 0.0,
+        })  # fmt: skip
+    return sorted(rows, key=lambda r: r["ms"], reverse=True)
 
 
 def _timeline(prof: Any, trace_path: Path | None) -> dict[str, Any]:
@@ -261,6 +293,12 @@ def format_profile(p: dict[str, Any]) -> str:
     lines.append("  top kernels:")
     for k in p["top"]:
         lines.append(f"    {k['ms']:8.2f} ms  x{k['calls']:<4d} {k['category']:16s} {k['name'][:110]}")
+    if p.get("attention"):
+        lines.append("  attention by shape (q: batch x heads x tokens x dim; kv tokens):")
+        for a in p["attention"]:
+            q = "x".join(str(n) for n in a["q"])
+            lines.append(f"    {a['ms']:8.2f} ms  x{a['calls']:<4d} {a['op']:24s} q {q:22s} kv {a['kv_len']:<5d} "
+                         f"{a['tflops']:6.1f} TFLOP/s")  # fmt: skip
     t = p.get("timeline")
     if t is not None:
         lines.append(f"  timeline failed: {t['error']}" if "error" in t else format_timeline(t))

@@ -166,6 +166,19 @@ def test_anchor_subset_and_profile(tmp_path: Path, capsys: pytest.CaptureFixture
         assert {"convolution", "matmul", "attention"} <= set(p["categories"])
         assert p["top"] and all(k["ms"] > 0 for k in p["top"])
     job, step = profiles[("engine[default]", "one lightning job")], profiles[("engine[default]", "one UNet step")]
+    # A step's attention by shape: the calls the structure makes (bench-attention's record).
+    from animatediff_blender.backend.bench.attention import record_step_attention
+    from animatediff_blender.backend.bench.run import cases_for
+
+    recorded = record_step_attention(cases_for("tiny")["quality"], "tiny")
+    for p in (profiles[("stock", "one UNet step")], step):
+        assert sum(a["calls"] for a in p["attention"]) == sum(c.calls for c in recorded) == 74
+        assert {(*a["q"], a["kv_len"]) for a in p["attention"]} == {
+            (c.batch, c.heads, c.q_len, c.head_dim, c.kv_len) for c in recorded
+        }
+        assert all(a["ms"] > 0 and a["op"] == "flash_attention_for_cpu" for a in p["attention"])
+    assert "attention" not in job  # recording shapes would distort the job's timeline
+    assert "attention by shape" in printed
     assert job["kernel_count"] > step["kernel_count"]  # a job holds its steps, the text encoder and the VAE
     # The job's timeline: its labelled parts as the host ran them, the trace kept beside the JSON.
     timeline = job["timeline"]
