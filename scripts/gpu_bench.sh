@@ -125,6 +125,8 @@ attention_phase() {
     timeout --kill-after=10 "$t" bash -c 'cli "$@"' cli bench-attention $args --json "$OUT/$name.json" 2>&1 |
         tee -a "$LOG"
     say "phase $name ended with exit code ${PIPESTATUS[0]}"
+    # A later call on the warm machine (the temporal phase) finds it here.
+    [ -f "$OUT/$name.json" ] && cp "$OUT/$name.json" "$WORKDIR/attention.json"
 }
 
 # 1. The targets: quality (denoise), lightning, end to end through the server, against
@@ -168,6 +170,26 @@ phase long128 270 --case long128 --engine-only --repeats 0
 phase levers 150 --case quality --repeats 1 --lever eager --lever compile+channels-last+fuse-qkv \
     --lever sdpa:flash --lever sdpa:efficient --lever compile-dynamic --lever bf16 --lever channels-last \
     --lever default+cudnn-benchmark
+# 5b. (Not in the default list.)  The temporal-sdpa lever on whole quality jobs, against the
+#    default and stock, when the attention phase (this call's, or an earlier call's on the
+#    same warm machine) found a backend that beats torch's choice at the temporal shapes by
+#    more than 5 % of the step's attention time; otherwise it says so and costs nothing.
+case " $PHASES " in
+*" temporal "*)
+    found=$OUT/attention.json
+    [ -f "$found" ] || found=$WORKDIR/attention.json
+    if [ -f "$found" ]; then
+        best=$(python3 -c "import json, sys; from animatediff_blender.backend.bench.attention import best_temporal_backend as b; print(b(json.load(open(sys.argv[1]))) or '')" "$found")
+        if [ -n "$best" ]; then
+            phase temporal 220 --case quality --repeats 1 --profile --lever default --lever "default+temporal-sdpa:$best"
+        else
+            say "phase temporal: no backend beats torch's choice at the temporal shapes ($found): nothing to measure"
+        fi
+    else
+        say "phase temporal: no attention.json yet (run the attention phase first)"
+    fi
+    ;;
+esac
 # 6. Compile modes (long autotuning; only when time is left).
 phase modes 150 --case quality --repeats 1 --lever compile:max-autotune-no-cudagraphs --lever compile:reduce-overhead
 

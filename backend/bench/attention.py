@@ -374,3 +374,24 @@ def format_summary(result: CaseAttention) -> str:
             cells.append(f"{'-':>10s}" if ms is None else f"{ms:10.2f}")
         lines.append(f"  {kind or 'all':19s} {''.join(cells)}")
     return "\n".join(lines)
+
+
+def best_temporal_backend(result: dict[str, Any], min_gain: float = 0.05) -> str | None:
+    """From a `bench-attention` JSON result: the SDPA backend (not "auto") whose temporal
+    attention, summed over the result's cases, beats torch's own choice by more than
+    `min_gain` of the cases' whole attention time with that choice; None if none does (or
+    torch's choice is not timed).  What the `temporal` phase of gpu_bench.sh measures next
+    as the `temporal-sdpa` lever."""
+    totals: dict[str, float] = {}
+    everything = 0.0
+    for case in result.get("cases", []):
+        per_kind = case.get("per_unet_call_ms", {})
+        everything += per_kind.get("all", {}).get("auto") or 0.0
+        for backend, ms in per_kind.get("temporal", {}).items():
+            if backend in BACKENDS:  # a backend that cannot run one of the cases is out
+                totals[backend] = totals.get(backend, 0.0) + (math.inf if ms is None else ms)
+    auto = totals.pop("auto", None)
+    if auto is None or not totals or everything <= 0:
+        return None
+    name, ms = min(totals.items(), key=lambda kv: kv[1])
+    return name if auto - ms > min_gain * everything else None

@@ -142,3 +142,25 @@ def test_cli_writes_json_and_refuses_bad_arguments(tmp_path: Path, capsys: pytes
     assert main(["bench-attention", "--size", "tiny", "--device", "cpu", "--backend", "fastest"]) == 2
     assert main(["bench-attention", "--size", "tiny", "--device", "cpu", "--iters", "0"]) == 2
     assert "unknown backend" in capsys.readouterr().err
+
+
+def _result(*cases: tuple[float, dict[str, float | None]]) -> dict[str, object]:
+    """bench-attention JSON: per case, all attention with torch's choice and the temporal ms."""
+    return {"cases": [{"per_unet_call_ms": {"all": {"auto": everything}, "temporal": temporal}}
+                      for everything, temporal in cases]}  # fmt: skip
+
+
+def test_the_temporal_phase_picks_a_backend_only_when_it_pays() -> None:
+    pick = attention.best_temporal_backend
+    # 30 ms of attention per step, 12 of them temporal: efficient saves 7 ms (> 5 %).
+    assert pick(_result((30.0, {"auto": 12.0, "flash": 12.5, "efficient": 5.0, "math": 6.0, "inductor": 1.0}))) == "efficient"
+    # Summed over cases: math wins overall although efficient wins the first.
+    both = _result((30.0, {"auto": 12.0, "efficient": 5.0, "math": 6.0}),
+                   (90.0, {"auto": 40.0, "efficient": 30.0, "math": 20.0}))  # fmt: skip
+    assert pick(both) == "math"
+    # A backend that cannot run one case's shapes is out.
+    assert pick(_result((30.0, {"auto": 12.0, "cudnn": 2.0}), (90.0, {"auto": 40.0, "cudnn": None}))) is None
+    # Saving 1 ms of 30 (3 %) is not worth a whole-job measurement; nor is anything without auto.
+    assert pick(_result((30.0, {"auto": 12.0, "efficient": 11.0}))) is None
+    assert pick(_result((30.0, {"efficient": 1.0}))) is None
+    assert pick({"cases": []}) is None
