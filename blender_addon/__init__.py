@@ -20,6 +20,13 @@ _MODULES = (properties, preferences, operators, panels)
 
 @persistent
 def _on_load_post(*_args):
+    from . import jobs
+
+    jobs.forget_other_files()
+    _resume()
+
+
+def _resume():
     """Reconnect to jobs stored in the opened .blend that were still running."""
     if bpy.app.background:
         return  # batch scripts use the synchronous API
@@ -50,7 +57,7 @@ def _first_resume():
             jobs.worker()
     except Exception as exc:  # noqa: BLE001
         print(f"AnimateDiff: could not start the worker: {exc}")
-    _on_load_post()
+    _resume()
     return None  # run once
 
 

@@ -165,7 +165,11 @@ def wait(job: Job, timeout: float | None = None, on_event: Callable[[Any], None]
                     from .protocol.client import JobResult
 
                     return _store(job, JobResult(job.job_id, c, [frames[i] for i in range(c.frames)]))
-                return _store(job, client.fetch(job.job_id))
+                try:
+                    fetched = client.fetch(job.job_id)
+                except ClientError as exc:
+                    raise AnimateDiffError(f"job {job.job_id}: could not fetch its frames: {exc}") from exc
+                return _store(job, fetched)
             elif event.msg_type == "failed":
                 raise AnimateDiffError(f"job {job.job_id} failed ({c.code}): {c.message}")
             elif event.msg_type == "cancelled":
@@ -177,7 +181,10 @@ def wait(job: Job, timeout: float | None = None, on_event: Callable[[Any], None]
 def _store(job: Job, result: Any) -> Result:
     import msgspec
 
-    directory, names = files.write_frames(job.out_root, job.job_id, list(result.frames))
+    try:
+        directory, names = files.write_frames(job.out_root, job.job_id, list(result.frames))
+    except (OSError, ValueError) as exc:  # a batch goes on with its next shot
+        raise AnimateDiffError(f"job {job.job_id}: could not store the frames in {job.out_root}: {exc}") from exc
     fin = result.finished
     return Result(job.job_id, str(directory), names, int(fin.seed), msgspec.to_builtins(fin.settings), job.plan,
                   float(fin.elapsed_s))
@@ -189,8 +196,11 @@ def insert(scene: Any, result: Result) -> Any:
 
     info = {"seed": result.seed, "request": result.settings, "camera_motions": result.plan.camera_motions,
             "frames": len(result.files), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    return insert_strip(scene, result.job_id, result.directory, result.files, result.plan.channel,
-                        result.plan.start_frame, info)
+    try:
+        return insert_strip(scene, result.job_id, result.directory, result.files, result.plan.channel,
+                            result.plan.start_frame, info)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise AnimateDiffError(f"job {result.job_id}: could not add the strip ({result.directory}): {exc}") from exc
 
 
 def generate(scene: Any, timeout: float | None = None, on_event: Callable[[Any], None] | None = None,

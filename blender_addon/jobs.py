@@ -56,6 +56,8 @@ def worker() -> Any:
 
 def submit(scene: Any, plan: st.Plan) -> Any:
     """Add a job row and hand the request to the worker.  Returns the row."""
+    import bpy
+
     s = scene.animatediff
     job = s.jobs.add()
     job.local_id = uuid.uuid4().hex
@@ -67,7 +69,8 @@ def submit(scene: Any, plan: st.Plan) -> Any:
     job.out_root = st.output_root(scene)
     job.request_json = st.request_json(plan)
     s.active_job = len(s.jobs) - 1
-    STATE.job_shadow[job.local_id] = {"scene": scene.name, **{k: getattr(job, k) for k in SHADOW_FIELDS}}
+    STATE.job_shadow[job.local_id] = {"scene": scene.name, "blend": bpy.data.filepath,
+                                      **{k: getattr(job, k) for k in SHADOW_FIELDS}}
     worker().send(m.SubmitJob(job.local_id, plan.request, plan.camera_motions, job.out_root,
                               client_tag=f"{scene.name}"[:200]))
     return job
@@ -106,6 +109,19 @@ def find_or_restore_job(key: str, by: str = "job_id") -> tuple[Any, Any] | tuple
     for k in SHADOW_FIELDS:
         setattr(job, k, shadow[k])
     return scene, job
+
+
+def forget_other_files() -> None:
+    """After a file was loaded: the shadow copies of jobs submitted from another file (or an
+    unsaved one) must not re-create their rows here, or a take of one project lands in
+    whichever file is open, in a scene of the same name.  A file that saved the job collects
+    it when reopened; a reload of the same file keeps them."""
+    import bpy
+
+    current = bpy.data.filepath
+    for local_id, shadow in list(STATE.job_shadow.items()):
+        if not current or shadow.get("blend") != current:
+            del STATE.job_shadow[local_id]
 
 
 def pending_jobs() -> dict[str, str]:

@@ -1,6 +1,7 @@
 """Operators: Generate, Cancel, Regenerate, Match camera, seed, models, connection, backend."""
 
 import json
+import os
 import shlex
 import subprocess
 
@@ -177,6 +178,9 @@ class ADB_OT_regenerate(Operator):
         if not data:
             self.report({"ERROR"}, "select a strip made by AnimateDiff")
             return {"CANCELLED"}
+        if strip.channel >= sc.MAX_CHANNEL:  # else it fails only after the render, with no strip
+            self.report({"ERROR"}, f"no channel above {strip.channel} for a new take: move the strip down first")
+            return {"CANCELLED"}
         request = dict(data.get("request") or {})
         request.pop("motion_loras", None)
         request = {k: v for k, v in request.items() if k in st.REQUEST_KEYS}
@@ -229,7 +233,15 @@ def start_backend() -> None:
     proc = STATE.backend_process
     if proc is not None and proc.poll() is None:
         return
-    STATE.backend_process = subprocess.Popen(shlex.split(prefs.backend_command), stdin=subprocess.DEVNULL)
+    STATE.backend_process = subprocess.Popen(backend_argv(prefs.backend_command), stdin=subprocess.DEVNULL)
+
+
+def backend_argv(command: str, windows: bool = os.name == "nt") -> str | list[str]:
+    """What Popen runs for the preference's command line.  POSIX shell splitting eats the
+    backslashes of a Windows path (C:\\Users\\... -> C:Users...): on Windows the command line
+    goes to CreateProcess as it is, which splits it the Windows way."""
+    command = command.strip()
+    return command if windows else shlex.split(command)
 
 
 def stop_backend() -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .properties import CAMERA_MOTIONS
+from .sequencer_compat import MAX_CHANNEL
 
 CAMERA_NAMES = {name for name, _ in CAMERA_MOTIONS}
 REQUEST_KEYS = (
@@ -87,6 +88,8 @@ def plan_from_scene(scene: Any, **overrides: Any) -> Plan:
     req["motion_loras"] = loras
     if not str(req.get("prompt") or "").strip() and not req.get("prompt_travel"):
         raise ValueError("the prompt is empty")
+    if channel > MAX_CHANNEL:  # else refused only after the render, when the strip is added
+        raise ValueError(f"channel {channel} is above the sequencer's last channel ({MAX_CHANNEL})")
     return Plan(req, camera, max(1, channel), start)
 
 

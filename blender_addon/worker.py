@@ -223,10 +223,17 @@ class Worker(threading.Thread):
                 self._submit(cmd)
         elif isinstance(cmd, m.CancelJob):
             if self.client is None:
-                self.outbox.put(m.JobNote(cmd.job_id, "cancel requested; waiting for the backend"))
-                self.waiting_cancels.add(cmd.job_id)
-            else:
+                self._connect()  # now, whatever the backoff: the artist waits for an answer
+            if self.client is not None:
                 self._guard(lambda: self.client.cancel(cmd.job_id))
+            if self.client is None:
+                # Unreachable (or lost during the cancel): waiting for the backend could last
+                # forever and the job could never be cleared.  End it here; the backend is
+                # told on the next connection.
+                self.waiting_cancels.add(cmd.job_id)
+                self._end(cmd.job_id, m.JobFailed(
+                    cmd.job_id, "cancelled; the backend could not be reached and is told when it is back",
+                    "cancelled"))
         elif isinstance(cmd, m.WatchJobs):
             for job_id, root in cmd.jobs.items():
                 self.jobs.setdefault(job_id, Track(root))

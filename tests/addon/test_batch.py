@@ -101,3 +101,30 @@ def test_batch_fails_loudly(addon_zips, tmp_path: Path) -> None:
     bad.write_text('[[shot]]\nprompt = "x"\nfps = 3\n')
     proc = run_batch(bpy_python, tmp_path, str(bad), "--addon-zip", zip_path, "--address", dead, timeout=120)
     assert proc.returncode == 2 and "unknown setting(s): fps" in proc.stderr
+
+
+def test_batch_goes_on_when_a_shot_cannot_be_stored(addon_zips, backend_factory, tmp_path: Path) -> None:
+    """Frames that cannot be written (here `animatediff` next to the .blend is a file) fail
+    that shot with the reason; the batch renders the rest and reports, instead of dying
+    with a traceback after the first render.  A channel above 128 is refused up front."""
+    bpy_python = newest()
+    zip_path = str(addon_zips[bpy_python.py_tag])
+    backend = backend_factory()
+    shots = tmp_path / "shots.toml"
+    shots.write_text('[defaults]\nframes = 2\nwidth = 64\nheight = 64\nsteps = 2\n\n'
+                     '[[shot]]\nprompt = "a"\n\n[[shot]]\nprompt = "b"\n')
+    out_blend = tmp_path / "film" / "film.blend"
+    out_blend.parent.mkdir()
+    (out_blend.parent / "animatediff").write_text("not a folder")
+    proc = run_batch(bpy_python, tmp_path, str(shots), "--addon-zip", zip_path, "--address", backend.address,
+                     "--key-file", str(backend.key_file), "--out-blend", str(out_blend))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.count("FAILED: job ") == 2 and "could not store the frames" in proc.stdout, proc.stdout
+    assert "batch: 2 shots, 0 ok, 2 failed" in proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+    high = tmp_path / "high.toml"
+    high.write_text('[[shot]]\nprompt = "x"\nchannel = 200\n')
+    proc = run_batch(bpy_python, tmp_path, str(high), "--addon-zip", zip_path, "--address", backend.address,
+                     "--key-file", str(backend.key_file), "--out-blend", str(tmp_path / "high.blend"))
+    assert proc.returncode == 2 and "channel 200 is above" in proc.stderr, proc.stdout + proc.stderr

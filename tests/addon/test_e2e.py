@@ -110,3 +110,16 @@ def test_real_engine_tiny_zoo(addon_zips, backend_factory, tiny_zoo: Path, tmp_p
     assert [x["weight"] for x in req["motion_loras"]] == [0.6]
     assert req["motion_loras"][0]["id"].startswith("lora:")
     assert r["drain_max_ms"] < 500  # includes Blender's first-image-strip initialisation
+
+
+def test_result_stays_in_its_own_file(addon_zips, backend_factory, tmp_path: Path) -> None:
+    bpy_python = newest()
+    backend = backend_factory("--fake-step-delay", "0.05")
+    work = tmp_path / "work"
+    work.mkdir()
+    r = run_bpy(bpy_python, "other_file.py", {"zip": str(addon_zips[bpy_python.py_tag]),
+                                              "address": backend.address, "key_file": str(backend.key_file),
+                                              "workdir": str(work)}, tmp_path)
+    assert r["other_strips"] == [] and r["other_jobs"] == [], r  # nothing of film.blend in other.blend
+    assert r["film_state"] == "finished" and r["film_strip_directory"].startswith("//animatediff/")
+    assert "no channel above 128" in str(r["regen_top"]) and r["regen_new_jobs"] == 0, r

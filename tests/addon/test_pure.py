@@ -81,3 +81,83 @@ def test_loopback_rule_is_the_protocols() -> None:
     endpoints_src = (ROOT / "protocol" / "endpoints.py").read_text()
     assert "import zmq" not in endpoints_src
 
+
+
+def _load_package():
+    """blender_addon as a package without its bpy-only __init__ (the worker thread's modules);
+    `protocol/` is found beside it, as build.py bundles it."""
+    import types
+
+    name = "_adb_pkg"
+    if name not in sys.modules:
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [str(ROOT / "blender_addon"), str(ROOT)]
+        sys.modules[name] = pkg
+    importlib.import_module(f"{name}.protocol.client")
+    return importlib.import_module(f"{name}.worker"), importlib.import_module(f"{name}.messages")
+
+
+class _FakeClient:
+    """Stands in for protocol.client.BackendClient: unreachable or answering."""
+
+    def __init__(self, reachable: bool, calls: list[tuple[str, object]]) -> None:
+        self.reachable = reachable
+        self.calls = calls
+
+    def connect(self):
+        if not self.reachable:
+            raise sys.modules["_adb_pkg.protocol.client"].ClientError("timeout", "No answer from backend at tcp://gpu:5557 within 0.1 s")
+        return {"models": [], "server_version": "t", "device": "cpu"}
+
+    def watch(self, job_ids):
+        self.calls.append(("watch", list(job_ids)))
+        return []
+
+    def cancel(self, job_id):
+        self.calls.append(("cancel", job_id))
+
+    def close(self) -> None:
+        pass
+
+
+def test_cancel_while_backend_unreachable_ends_the_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job owed by a backend that went away can be cancelled (it used to stay pending
+    for ever, with no way to clear it); the backend hears of it when it is back."""
+    import queue
+
+    worker, m = _load_package()
+    calls: list[tuple[str, object]] = []
+    reachable = {"now": False}
+    monkeypatch.setattr(worker, "make_client", lambda cfg: _FakeClient(reachable["now"], calls))
+    outbox: queue.Queue = queue.Queue()
+    w = worker.Worker(outbox, {"address": "tcp://gpu:5557"})
+    w._command(m.WatchJobs({JOB: str(tmp_path)}))
+    w._command(m.CancelJob(JOB))
+    msgs = []
+    while not outbox.empty():
+        msgs.append(outbox.get_nowait())
+    ended = [x for x in msgs if isinstance(x, m.JobFailed)]
+    assert [(x.job_id, x.state) for x in ended] == [(JOB, "cancelled")], msgs
+    assert "could not be reached" in ended[0].message
+    assert JOB not in w.jobs and not w._needs_connection()  # nothing owed: no reconnect loop
+    # The backend comes back: the cancel is delivered on the next connection.
+    reachable["now"] = True
+    w._connect()
+    assert ("cancel", JOB) in calls and not w.waiting_cancels
+
+
+def test_cancel_reaches_a_backend_that_is_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disconnected (backoff) but the backend answers now: the cancel goes to it at once and
+    the job waits for the backend's own `cancelled`."""
+    import queue
+
+    worker, m = _load_package()
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setattr(worker, "make_client", lambda cfg: _FakeClient(True, calls))
+    outbox: queue.Queue = queue.Queue()
+    w = worker.Worker(outbox, {"address": "tcp://gpu:5557"})
+    w.next_connect = 1e18  # in a reconnect backoff
+    w._command(m.WatchJobs({JOB: str(tmp_path)}))
+    w._command(m.CancelJob(JOB))
+    assert ("cancel", JOB) in calls and JOB in w.jobs
+    assert not any(isinstance(x, m.JobFailed) for x in list(outbox.queue))

@@ -149,6 +149,12 @@ out["drawn_props"] = sorted({str(x[1]) for x in Layout.calls if x[0] in ("prop",
 out["drawn_ops"] = sorted({str(x[1]) for x in Layout.calls if x[0] == "operator"})
 s.jobs.clear()
 
+# The local backend command line, as Popen gets it on each OS.
+ops_mod = c.sub("operators")
+win_cmd = r'C:\Users\me\venv\Scripts\animatediff-blender.exe serve --bind tcp://127.0.0.1:5557'
+out["backend_argv_windows"] = ops_mod.backend_argv(win_cmd, windows=True)
+out["backend_argv_posix"] = ops_mod.backend_argv("'/opt/my tools/animatediff-blender' serve", windows=False)
+
 # Disable: unregistration is clean.
 bpy.ops.preferences.addon_disable(module=c.MODULE)
 assert c.MODULE not in bpy.context.preferences.addons
