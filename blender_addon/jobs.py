@@ -43,12 +43,17 @@ def client_config() -> dict[str, Any]:
 
 
 def worker() -> Any:
-    """The running worker; started on first use (never at registration)."""
+    """The running worker; started on first use (never at registration).  A new worker is
+    told at once of every job still owed a result: one the file's resume could not hand
+    over (online access off) is collected by the first worker the artist allows."""
     w = STATE.worker
     cfg = client_config()
     if w is None or not w.is_alive():
         w = STATE.worker = Worker(STATE.outbox, cfg)
         w.start()
+        pending = pending_jobs(opened=False)  # a job being submitted now is not lost
+        if pending:
+            w.send(m.WatchJobs(pending))
     else:
         w.send(m.Configure(cfg))
     return w
@@ -124,8 +129,9 @@ def forget_other_files() -> None:
             del STATE.job_shadow[local_id]
 
 
-def pending_jobs() -> dict[str, str]:
-    """job id -> output folder of every job still owed a result, in every scene."""
+def pending_jobs(opened: bool = True) -> dict[str, str]:
+    """job id -> output folder of every job still owed a result, in every scene.  `opened`:
+    the file was just opened, so a job still submitting there never reached the backend."""
     import bpy
 
     out: dict[str, str] = {}
@@ -133,7 +139,7 @@ def pending_jobs() -> dict[str, str]:
         for job in scene.animatediff.jobs:
             if job.job_id and job.state in PENDING_STATES:
                 out[job.job_id] = job.out_root
-            elif not job.job_id and job.state == "submitting":
+            elif opened and not job.job_id and job.state == "submitting":
                 # Blender quit before the backend answered: the job id is unknown.
                 job.state = "failed"
                 job.message = "submission was interrupted (Blender closed before the backend answered)"
@@ -141,9 +147,20 @@ def pending_jobs() -> dict[str, str]:
 
 
 def resume_pending() -> int:
+    """Hand the opened file's unfinished jobs to the worker; none while Blender's online
+    access forbids contacting the (remote) backend: the panel says why."""
     jobs = pending_jobs()
-    if jobs:
-        worker().send(m.WatchJobs(jobs))
+    if not jobs:
+        return 0
+    refusal = st.network_refusal(client_config()["address"])
+    if refusal is not None:
+        STATE.connection_message = refusal
+        return 0
+    w = STATE.worker
+    if w is not None and w.is_alive():
+        w.send(m.WatchJobs(jobs))
+    else:
+        worker()  # a new worker watches every pending job
     return len(jobs)
 
 

@@ -82,6 +82,9 @@ def test_failures_are_clear_and_never_block(addon_zips, backend_factory, tmp_pat
     assert r["killed_seconds_to_notice"] < 20
     assert r["files_after_kill"] == []  # nothing written half-way
     assert r["worker_alive"]
+    assert r["owed"] and r["refused_resume"] == 0 and not r["refused_started_worker"]
+    assert r["refused_message"] == "online access is off (test)"
+    assert r["watched_once_allowed"] == r["owed"]
     assert r["wheel_import_ms"] < 1000
     all_ops = [t for times in r["op_ms"].values() for t in times]
     assert statistics.median(all_ops) < 3, r["op_ms"]

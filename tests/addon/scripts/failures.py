@@ -149,6 +149,24 @@ bpy.ops.animatediff.generate()
 out["op_ms"]["dead_backend_generate"] = [(time.perf_counter() - t1) * 1000]
 out["worker_alive"] = state.worker.is_alive()
 
+# Online access off with a remote backend (simulated: headless Blender always allows it):
+# reopening a file with unfinished jobs must not start a worker that contacts it; the first
+# worker the artist allows later watches them all.
+settings = c.sub("settings")
+real_refusal = settings.network_refusal
+settings.network_refusal = lambda address: "online access is off (test)"
+state.worker.stop()
+state.worker = None
+owed = jobs.pending_jobs()
+out["owed"] = sorted(owed)
+out["refused_resume"] = jobs.resume_pending()
+out["refused_started_worker"] = state.worker is not None
+out["refused_message"] = state.connection_message
+settings.network_refusal = real_refusal
+allowed = jobs.worker()
+c.drain_until(lambda: set(owed) <= set(allowed.jobs), 10)
+out["watched_once_allowed"] = sorted(set(owed) & set(allowed.jobs))
+
 state.worker.stop()
 bpy.ops.preferences.addon_disable(module=c.MODULE)
 c.result(**out)
