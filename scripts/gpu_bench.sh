@@ -106,7 +106,8 @@ phase() {
 
 # attention NEED: `bench-attention` (no model weights, no bench process): every attention
 # call of one quality and one 64-frame UNet step, each shape timed alone with each SDPA
-# backend and, for the temporal calls, the attention written out and compiled by inductor.
+# backend and, for the temporal calls, the attention written out and compiled by inductor
+# ("reduced").
 # Where a step's ~31 ms of attention goes (spatial, cross, temporal) and which backend the
 # engine's `temporal-sdpa` lever should pick.  A tiny CPU rehearsal runs it at tiny sizes.
 attention_phase() {

@@ -15,7 +15,8 @@ weights: seconds), grouped by shape; then each shape timed alone on the device w
 backend, on inputs laid out as diffusers' processors lay them out (heads a strided view of
 the projections).  The sums per kind say where a step's attention time goes and which
 backend serves each kind best; the engine's `temporal-sdpa` lever then picks one for the
-motion modules only (a whole-job measurement, `bench --lever default+temporal-sdpa:...`).
+motion modules only (a whole-job measurement, `bench --lever default+temporal-sdpa:...`),
+or "reduced" (the attention written out, compiled by inductor).
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ from typing import Any
 from animatediff_blender.backend.bench.models import SD15_UNET, Size
 from animatediff_blender.backend.bench.profile import wrapped
 from animatediff_blender.backend.bench.run import Case
+from animatediff_blender.backend.engine.attention import SDPA_BACKENDS, reduced_attention
 
 # torch's SDPA backends, each forced alone ("auto": torch's own choice, named in the results).
-BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
-# The attention written out (q @ k^T, softmax in float32, @ v) and compiled by inductor: for
-# the temporal calls' tiny sequences a fused kernel may beat kernels tiled for long ones.
-INDUCTOR = "inductor"
+BACKENDS = SDPA_BACKENDS
+# The attention written out as float32 multiply-sums and compiled by inductor (the engine's
+# `temporal_sdpa="reduced"`): for the temporal calls' 16-token sequences, kernels of its own
+# may beat kernels tiled for long sequences.  (Written as matmuls, inductor's pattern matcher
+# turns it back into SDPA.)
+REDUCED = "reduced"
 KINDS = ("spatial", "cross", "temporal")
 TEXT_TOKENS = 77
 
@@ -194,14 +198,6 @@ def _reference(q: Any, k: Any, v: Any) -> Any:
     return torch.cat(out)
 
 
-def explicit_attention(q: Any, k: Any, v: Any) -> Any:
-    """Attention written out (softmax in float32), for inductor to fuse."""
-    import torch
-
-    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-    return (torch.softmax(scores.float(), dim=-1).to(q.dtype)) @ v
-
-
 def _chosen_backend(q: Any, k: Any, v: Any) -> str:
     import torch
     from torch.nn.attention import SDPBackend
@@ -224,7 +220,7 @@ def time_call(
     cuda = torch.device(device).type == "cuda"
     q, k, v = inputs if inputs is not None else _inputs(call, device, dtype, seed)
     timing = Timing(backend)
-    if backend == INDUCTOR:
+    if backend == REDUCED:
         fn: Callable[[], Any] = _compiled(q, k, v)
     else:
 
@@ -260,7 +256,7 @@ def time_call(
 def _compiled(q: Any, k: Any, v: Any) -> Callable[[], Any]:
     import torch
 
-    compiled = torch.compile(explicit_attention, dynamic=False)
+    compiled = torch.compile(reduced_attention, dynamic=False)
     return lambda: compiled(q, k, v)
 
 
@@ -317,7 +313,7 @@ def bench_case(
     compiled_kinds: tuple[str, ...] = (), print_fn: Callable[[str], None] = print,
 ) -> CaseAttention:  # fmt: skip
     """Record `case`'s attention calls and time each shape with each backend (plus the
-    inductor-compiled explicit attention for `compiled_kinds`)."""
+    inductor-compiled reduced attention for `compiled_kinds`)."""
     import torch
 
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
@@ -331,10 +327,10 @@ def bench_case(
             for b in backends
         ]
         if call.kind in compiled_kinds:
-            timings.append(time_call(call, INDUCTOR, device=device, dtype=torch_dtype, iters=iters,
+            timings.append(time_call(call, REDUCED, device=device, dtype=torch_dtype, iters=iters,
                                      reference=reference, inputs=inputs))  # fmt: skip
         else:
-            timings.append(Timing(INDUCTOR, error="not compiled for this kind"))
+            timings.append(Timing(REDUCED, error="not compiled for this kind"))
         del inputs, reference
         shape = ShapeResult(call, timings)
         result.shapes.append(shape)
@@ -350,7 +346,7 @@ def _cell(call: AttentionCall, t: Timing) -> str:
 
 
 def format_header(case: CaseAttention | Case, backends: list[str]) -> str:
-    cols = "".join(f"{b:>17s}" for b in [*backends, INDUCTOR])
+    cols = "".join(f"{b:>17s}" for b in [*backends, REDUCED])
     return f"  {'kind':8s} {'calls':>5s}  {'b x heads x q x kv x dim':26s} {'GFLOP':>7s}{cols}"
 
 
@@ -377,18 +373,18 @@ def format_summary(result: CaseAttention) -> str:
 
 
 def best_temporal_backend(result: dict[str, Any], min_gain: float = 0.05) -> str | None:
-    """From a `bench-attention` JSON result: the SDPA backend (not "auto") whose temporal
-    attention, summed over the result's cases, beats torch's own choice by more than
-    `min_gain` of the cases' whole attention time with that choice; None if none does (or
-    torch's choice is not timed).  What the `temporal` phase of gpu_bench.sh measures next
-    as the `temporal-sdpa` lever."""
+    """From a `bench-attention` JSON result: the implementation (an SDPA backend other than
+    "auto", or "reduced") whose temporal attention, summed over the result's cases, beats
+    torch's own choice by more than `min_gain` of the cases' whole attention time with that
+    choice; None if none does (or torch's choice is not timed).  What the `temporal` phase
+    of gpu_bench.sh measures next as the `temporal-sdpa` lever."""
     totals: dict[str, float] = {}
     everything = 0.0
     for case in result.get("cases", []):
         per_kind = case.get("per_unet_call_ms", {})
         everything += per_kind.get("all", {}).get("auto") or 0.0
         for backend, ms in per_kind.get("temporal", {}).items():
-            if backend in BACKENDS:  # a backend that cannot run one of the cases is out
+            if backend in (*BACKENDS, REDUCED):  # one that cannot run a case's shapes is out
                 totals[backend] = totals.get(backend, 0.0) + (math.inf if ms is None else ms)
     auto = totals.pop("auto", None)
     if auto is None or not totals or everything <= 0:

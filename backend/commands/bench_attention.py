@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", action="append", default=None,
                    help="repeatable: auto, flash, efficient, cudnn, math (default: all)")  # fmt: skip
     p.add_argument("--compiled", action="store_true",
-                   help="also time the attention written out and compiled by inductor, for the temporal calls")  # fmt: skip
+                   help="also time the attention written out as multiply-sums and compiled by inductor "
+                        "('reduced'), for the temporal calls")  # fmt: skip
     p.add_argument("--iters", type=int, default=20, help="timed calls per shape and backend (default: %(default)s)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.set_defaults(func=run)

@@ -39,6 +39,7 @@ import torch
 
 from animatediff_blender.protocol.messages import GenerateRequest, ModelInfo
 
+from .attention import SDPA_BACKENDS, TEMPORAL_ATTENTION, with_attention
 from .interface import (
     CancelCheck,
     EngineError,
@@ -82,7 +83,6 @@ _DTYPES = {
     "float32": torch.float32,
 }
 
-_SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 _COMPILE_KINDS = ("off", "regional", "full")
 MEGA_CACHE_FILE = "mega-cache.bin"
 
@@ -119,7 +119,9 @@ class FastPath:
     temporal_sdpa: the backend of the motion modules' temporal attention only (16-frame
         sequences, up to 131,072 of them per head, where kernels built for long sequences
         may waste most of their tiles; `bench-attention` times each backend at each of a
-        step's shapes); inside them it overrides `sdpa`.
+        step's shapes); inside them it overrides `sdpa`.  "reduced" is no SDPA backend:
+        the attention written out as float32 multiply-sums, fused by inductor
+        (`engine/attention.py`).
     batch_windows: long clips (FreeNoise) run each motion block's context windows as one
         batch (`freenoise.BatchedWindowsBlock`, bounded memory) instead of diffusers' loop
         of one window at a time with eager glue; compiled, the block traces whole.
@@ -165,10 +167,10 @@ class FastPath:
             raise EngineError(
                 "device", f"fast path: compile must be one of {_COMPILE_KINDS}, got {self.compile!r}"
             )
-        for name in ("sdpa", "temporal_sdpa"):
-            if getattr(self, name) not in _SDPA_BACKENDS:
+        for name, allowed in (("sdpa", SDPA_BACKENDS), ("temporal_sdpa", TEMPORAL_ATTENTION)):
+            if getattr(self, name) not in allowed:
                 raise EngineError(
-                    "device", f"fast path: {name} must be one of {_SDPA_BACKENDS}, got {getattr(self, name)!r}"
+                    "device", f"fast path: {name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
         if self.share_window_projections and not self.batch_windows:
             raise EngineError("device", "fast path: share_window_projections needs batch_windows")
@@ -241,24 +243,6 @@ class FastPath:
         if self.cudnn_benchmark:
             parts.append("cudnn_benchmark")
         return ",".join(parts)
-
-
-def _with_sdpa_backend(inner: Callable[..., Any], backend: str) -> Callable[..., Any]:
-    """`inner`, calling scaled-dot-product attention with only `backend` allowed."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    allowed = {
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "math": SDPBackend.MATH,
-    }[backend]
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        with sdpa_kernel([allowed]):
-            return inner(*args, **kwargs)
-
-    return forward
 
 
 @contextmanager
@@ -766,11 +750,11 @@ class AnimateDiffEngine:
             # Around the UNet only: the text encoder's masked attention has no flash kernel.
             unet = pipe.unet
             inner = unet.forward
-            unet.forward = _with_sdpa_backend(inner, fast.sdpa)
+            unet.forward = with_attention(inner, fast.sdpa)
         if fast.temporal_sdpa != "auto":
             # Inside each motion module (compiled whole: dynamo traces the backend choice).
             for module in self._motion_modules(pipe.unet):
-                module.forward = _with_sdpa_backend(module.forward, fast.temporal_sdpa)
+                module.forward = with_attention(module.forward, fast.temporal_sdpa)
         self._compile(pipe.unet)
 
     @staticmethod

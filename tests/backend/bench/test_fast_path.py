@@ -75,6 +75,9 @@ def test_lever_specs() -> None:
     assert "temporal_sdpa=math" in temporal.describe() and temporal.sdpa == "auto"
     with pytest.raises(ValueError, match="temporal_sdpa must be one of"):
         parse_lever("temporal-sdpa:fastest", "cuda", "fp16", "inductor")
+    assert parse_lever("temporal-sdpa:reduced", "cuda", "fp16", "inductor").fast.temporal_sdpa == "reduced"
+    with pytest.raises(ValueError, match="sdpa must be one of"):
+        parse_lever("sdpa:reduced", "cuda", "fp16", "inductor")  # the whole UNet: not for 4096 tokens
 
 
 def test_defaults_per_device(tiny_zoo: Path) -> None:
@@ -135,11 +138,17 @@ def _sdpa_ops_by_query_shape(run: Any) -> dict[tuple[int, ...], set[str]]:
     return found
 
 
-@pytest.mark.parametrize("long", [False, True], ids=["16-frame-like", "freenoise-shared-windows"])
-def test_temporal_sdpa_lever_reaches_only_the_motion_modules(tiny_zoo: Path, one_thread: None, long: bool) -> None:
-    """Compiled (dynamo traces the backend choice), with FreeNoise's batched windows and
-    their shared projections (which call attention directly): the temporal attentions run
-    with the forced backend, the spatial ones with torch's choice, the frames unchanged."""
+@pytest.mark.parametrize(
+    ("implementation", "long"), [("math", True), ("reduced", False), ("reduced", True)],
+    ids=["math-freenoise-shared-windows", "reduced", "reduced-freenoise-shared-windows"],
+)
+def test_temporal_sdpa_lever_reaches_only_the_motion_modules(
+    tiny_zoo: Path, one_thread: None, implementation: str, long: bool
+) -> None:
+    """Compiled (dynamo traces the backend choice / the function mode), with FreeNoise's
+    batched windows and their shared projections (which call attention directly): the
+    temporal attentions run with the forced backend or written out ("reduced": no SDPA op
+    at all), the spatial ones with torch's choice, the frames unchanged."""
     import torch._dynamo.utils
 
     torch._dynamo.utils.counters.clear()
@@ -148,7 +157,7 @@ def test_temporal_sdpa_lever_reaches_only_the_motion_modules(tiny_zoo: Path, one
     fast = AnimateDiffEngine(
         tiny_zoo, "cpu", "fp32",
         fast=FastPath(compile="regional", compile_backend="eager", batch_windows=True,
-                      share_window_projections=True, temporal_sdpa="math", warm_shapes=()),
+                      share_window_projections=True, temporal_sdpa=implementation, warm_shapes=()),
         defer_compile=False,
     )  # fmt: skip
     _frames(fast, **shape)  # compiles
@@ -160,8 +169,12 @@ def test_temporal_sdpa_lever_reaches_only_the_motion_modules(tiny_zoo: Path, one
     frame_count = shape.get("frames", 4)
     temporal = {s: o for s, o in ops.items() if s[0] > 2 * frame_count}
     spatial = {s: o for s, o in ops.items() if s[2] not in (4, frame_count)}
-    assert temporal and all(s[2] == 4 for s in temporal) and len(spatial) >= 3
-    assert all(o == {"aten::_scaled_dot_product_attention_math"} for o in temporal.values()), temporal
+    assert len(spatial) >= 3
+    if implementation == "reduced":
+        assert not temporal, temporal
+    else:
+        assert temporal and all(s[2] == 4 for s in temporal)
+        assert all(o == {"aten::_scaled_dot_product_attention_math"} for o in temporal.values()), temporal
     assert all("aten::_scaled_dot_product_attention_math" not in o for o in spatial.values()), spatial
     assert np.abs(frames[0] - _frames(eager, **shape)).max() <= TOLERANCE
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
