@@ -423,7 +423,7 @@ class BackendClient:
             while True:
                 if cancel is not None and cancel.is_set() and not cancel_sent:
                     cancel_sent = True
-                    reply = self._guarded(lambda: self.cancel(job_id), job_id)
+                    reply = self._guarded(lambda: self.cancel(job_id), job_id, cancel)
                     if reply is not None and reply.state == "cancelled":
                         raise give_up_cancelled()
                 if deadline is not None and time.monotonic() > deadline:
@@ -436,10 +436,15 @@ class BackendClient:
                     if time.monotonic() - last_heard > self.config.heartbeat_s:
                         # Silence: ask for the job (re-subscribing this connection, which
                         # also covers a reconnect that gave us a new identity).
-                        statuses = self._guarded(lambda: self.watch([job_id]), job_id)
+                        try:
+                            statuses = self._guarded(lambda: self.watch([job_id]), job_id, cancel)
+                        except ClientError as exc:
+                            if exc.code != "cancelled" or cancel_sent:
+                                raise
+                            continue  # cancelled while the backend was quiet: send the cancel first
                         last_heard = time.monotonic()
                         if statuses:
-                            done = self._settle(statuses[0], collector, cancel_sent)
+                            done = self._settle(statuses[0], collector, cancel)
                             if done is not None:
                                 return done
                     continue
@@ -456,7 +461,7 @@ class BackendClient:
                     if collector.complete(content.frames):
                         return _result(collector, content)
                     # Frames went missing (a reconnect in between): get them all again.
-                    return self._guarded_fetch(job_id)
+                    return self._guarded_fetch(job_id, cancel)
                 elif isinstance(content, Failed):
                     raise ClientError(content.code, f"job {job_id} failed: {content.message}")
                 elif isinstance(content, Cancelled):
@@ -473,10 +478,12 @@ class BackendClient:
                 return None
             raise
 
-    def _settle(self, status: JobStatus, collector: _FrameCollector, cancel_sent: bool) -> JobResult | None:
+    def _settle(
+        self, status: JobStatus, collector: _FrameCollector, cancel: threading.Event | None
+    ) -> JobResult | None:
         """React to a polled status: finished -> fetch, failed/cancelled -> raise."""
         if status.state == "finished":
-            return self._guarded_fetch(status.job_id)
+            return self._guarded_fetch(status.job_id, cancel)
         if status.state in ("failed", "interrupted"):
             code = status.error_code or status.state
             raise ClientError(code, f"job {status.job_id} {status.state}: {status.error or 'no details'}")
@@ -484,14 +491,15 @@ class BackendClient:
             raise ClientError("cancelled", f"job {status.job_id} was cancelled")
         return None
 
-    def _guarded_fetch(self, job_id: str) -> JobResult:
-        result = self._guarded(lambda: self.fetch(job_id), job_id)
+    def _guarded_fetch(self, job_id: str, cancel: threading.Event | None = None) -> JobResult:
+        result = self._guarded(lambda: self.fetch(job_id), job_id, cancel)
         assert result is not None
         return result
 
-    def _guarded(self, call: Callable[[], R], job_id: str) -> R:
+    def _guarded(self, call: Callable[[], R], job_id: str, cancel: threading.Event | None = None) -> R:
         """Run a request; if the backend does not answer, reconnect with back-off and retry
-        until it does or `reconnect_give_up_s` passes."""
+        until it does or `reconnect_give_up_s` passes.  Once `cancel` is set, a backend
+        that does not answer ends the wait at once: the user asked to stop."""
         give_up = time.monotonic() + self.config.reconnect_give_up_s
         delay = 0.5
         while True:
@@ -502,8 +510,14 @@ class BackendClient:
             except ClientError as exc:
                 if exc.code not in ("timeout", "connection"):
                     raise
-                log.warning("backend not answering (%s); reconnecting", exc.message)
                 self._close_socket()
+                if cancel is not None and cancel.is_set():
+                    raise ClientError(
+                        "cancelled",
+                        f"cancelled job {job_id}, but the backend at {self.config.address} did not answer; "
+                        "the job may still run there (cancel or fetch it later by its id)",
+                    ) from None
+                log.warning("backend not answering (%s); reconnecting", exc.message)
                 if time.monotonic() + delay > give_up:
                     raise ClientError(
                         "connection",
@@ -511,7 +525,10 @@ class BackendClient:
                         f"{self.config.reconnect_give_up_s:g} s; job {job_id} may still finish there: "
                         "fetch it later by its id",
                     ) from None
-                time.sleep(delay)
+                if cancel is not None:
+                    cancel.wait(delay)  # a cancel during the back-off ends it
+                else:
+                    time.sleep(delay)
                 delay = min(delay * 2, 8.0)
 
     def _try_cancel(self, job_id: str) -> None:

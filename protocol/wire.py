@@ -245,7 +245,7 @@ def content_errors(raw: bytes, cls: type[Any], first: msgspec.ValidationError) -
     errors = [field_error(first)]
     try:
         doc = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return errors
     target = errors[-1].field
     removed: set[str] = set()
@@ -270,6 +270,10 @@ def content_errors(raw: bytes, cls: type[Any], first: msgspec.ValidationError) -
         else:
             break
     return errors
+
+
+# msgspec raises RecursionError, not DecodeError, for JSON nested past its depth limit.
+_TOO_DEEP = "JSON is nested too deeply"
 
 
 def _describe(errors: Sequence[FieldError]) -> str:
@@ -386,6 +390,8 @@ class Session:
             raise WireError(BAD_MESSAGE, f"bad header: {_describe([fe])}", [fe]) from None
         except msgspec.DecodeError as exc:
             raise WireError(BAD_MESSAGE, f"header is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise WireError(BAD_MESSAGE, f"header: {_TOO_DEEP}") from None
 
         major, minor = parse_version(header.version)  # the pattern guarantees the form
         if major != PROTOCOL_MAJOR:
@@ -410,6 +416,8 @@ class Session:
                 parent = self._header_decoder.decode(raw_parent)
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 raise WireError(BAD_MESSAGE, f"bad parent header: {exc}", header=header) from None
+            except RecursionError:
+                raise WireError(BAD_MESSAGE, f"parent header: {_TOO_DEEP}", header=header) from None
 
         try:
             content = decoder.decode(raw_content)
@@ -420,6 +428,8 @@ class Session:
             ) from None
         except msgspec.DecodeError as exc:
             raise WireError(BAD_MESSAGE, f"content is not valid JSON: {exc}", header=header) from None
+        except RecursionError:
+            raise WireError(BAD_MESSAGE, f"content: {_TOO_DEEP}", header=header) from None
 
         return Message(header=header, parent=parent, content=content, buffers=[bytes(b) for b in body[3:]])
 

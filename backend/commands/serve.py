@@ -23,7 +23,8 @@ jobs and storage:
   that were queued or running when the server stopped are reported as "interrupted" and
   are not re-run.  Retention: finished, failed, cancelled and interrupted jobs older
   than --retention-hours are deleted, then the oldest finished jobs until the frames take
-  at most --retention-max-gb; checked at start and every hour.
+  at most --retention-max-gb; checked at start and every hour.  One server per
+  --data-dir: a second one on the same folder refuses to start.
 """
 
 

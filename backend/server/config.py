@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from animatediff_blender.protocol import auth
 from animatediff_blender.protocol.messages import Limits
@@ -73,6 +76,41 @@ def check_bind_policy(config: ServerConfig) -> None:
         "encrypted: anyone on this network can read prompts and frames.",
         config.bind,
     )
+
+
+LOCK_FILE_NAME = "server.lock"
+
+
+def lock_data_dir(data_dir: Path) -> IO[bytes]:
+    """Hold `<data_dir>/server.lock` for as long as the returned file stays open.  A second
+    server on the same folder (two GPUs, two `serve`, one default data dir) would take the
+    first one's running jobs for leftovers of a crash: mark them interrupted and delete
+    their frames.  The OS releases the lock when the process dies, however it dies."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / LOCK_FILE_NAME
+    fh = open(path, "a+b")  # noqa: SIM115 - held open on purpose
+    fh.seek(0)  # msvcrt locks from the current position
+    try:
+        if sys.platform == "win32":
+            import msvcrt
+
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EDEADLK):
+            # A file system without locks (some network mounts): run, as before there was one.
+            log.warning("cannot lock %s (%s); make sure no other backend uses this data folder", path, exc)
+            return fh
+        fh.close()
+        raise ConfigError(
+            f"another backend already uses the data folder {data_dir} (it holds {path}); give each "
+            "server its own --data-dir, or stop the other one first"
+        ) from None
+    return fh
 
 
 def load_or_create_key(path: Path | None, bind: str) -> bytes:

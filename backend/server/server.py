@@ -27,6 +27,7 @@ client sends `watch` to resume and `fetch` to get finished frames again.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import queue
 import re
@@ -51,7 +52,7 @@ from animatediff_blender.protocol.wire import (
     split_routing,
 )
 
-from .config import MAX_REQUEST_BUFFERS, MAX_REQUEST_BYTES, ServerConfig, check_bind_policy
+from .config import MAX_REQUEST_BUFFERS, MAX_REQUEST_BYTES, ServerConfig, check_bind_policy, lock_data_dir
 from .jobqueue import ClientOverLimit, FairQueue, QueueFull
 from .jobs import (
     DeviceFree,
@@ -107,7 +108,13 @@ class Server:
         self.config = config
         self.engine = engine
         self.limits = config.limits
-        self.store = JobStore(config.data_dir)
+        # One server per data folder: start-up recovery treats every running job as a crash's.
+        self._data_lock = lock_data_dir(config.data_dir)
+        try:
+            self.store = JobStore(config.data_dir)
+        except BaseException:
+            self._data_lock.close()
+            raise
         self.queue: FairQueue[Job] = FairQueue(self.limits.max_queue, self.limits.max_jobs_per_client)
         self.live: dict[str, Job] = {}  # queued and running jobs
         self.running: Job | None = None
@@ -226,6 +233,7 @@ class Server:
             ctx.term()
             self._pool.shutdown(wait=True, cancel_futures=True)  # its tasks use the store
             self.store.close()
+            self._data_lock.close()  # releases the lock
             log.info("stopped")
 
     def _configure(self, sock: zmq.Socket[bytes]) -> None:
@@ -657,9 +665,18 @@ class Server:
         if job is not None:
             return (job, None) if job.client_id == client_id else (None, None)
         record = self.store.get(job_id)
-        if record is not None and record.client_id == client_id:
-            return None, record
-        return None, None
+        if record is None or record.client_id != client_id:
+            return None, None
+        if record.state in ("queued", "running"):
+            # Every queued or running job is live; this one ended but its end could not be
+            # stored (disk full?).  Said so, rather than "running" until the next restart.
+            record = dataclasses.replace(
+                record,
+                state="failed",
+                error_code="storage",
+                error="the backend could not record how this job ended (is its disk full?); submit it again",
+            )
+        return None, record
 
     def _not_found(self, identity: bytes, msg: Message, job_id: str) -> None:
         self._reply(

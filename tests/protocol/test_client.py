@@ -256,6 +256,22 @@ def test_run_job_survives_a_backend_that_stops_answering(fake) -> None:  # type:
     assert "watch" in backend.script.received and "fetch" in backend.script.received
 
 
+def test_cancel_while_the_backend_is_gone_gives_up_promptly(fake) -> None:  # type: ignore[no-untyped-def]
+    # The backend stops answering mid-job (crashed, hung, network down) and the user presses
+    # Ctrl-C: run_job must not keep reconnecting for reconnect_give_up_s before it stops.
+    backend, client = fake(
+        Script(mute_after_accept_s=60), timeout_s=0.3, heartbeat_s=0.2, reconnect_give_up_s=30
+    )
+    cancel = threading.Event()
+    threading.Timer(1.0, cancel.set).start()
+    t = time.monotonic()
+    with pytest.raises(ClientError) as info:
+        client.run_job(m.GenerateRequest(prompt="a cat"), cancel=cancel)
+    assert info.value.code == "cancelled"
+    assert "did not answer" in info.value.message and JOB in info.value.message
+    assert time.monotonic() - t < 5
+
+
 def test_server_field_errors_reach_the_caller(fake) -> None:  # type: ignore[no-untyped-def]
     _, client = fake()
     client.connect()

@@ -270,6 +270,28 @@ def test_signed_invalid_json_is_refused() -> None:
     assert refused(server, frames).code == "bad_message"
 
 
+def test_deeply_nested_json_is_a_wire_error_not_a_crash() -> None:
+    # msgspec raises RecursionError (not a DecodeError) past its nesting depth: a signed but
+    # pathological message must be refused like any other bad one, on either side.
+    client, server = pair()
+    deep = b"[" * 100_000 + b"]" * 100_000
+    cases = [
+        {"content": lambda _: b'{"nonce":"x","extra":' + deep + b"}"},  # an unknown field, skipped
+        {"content": lambda _: b'{"request":{"prompt":1},"extra":' + deep + b"}"},  # field errors
+        {"header": lambda _: b'{"x":' + deep + b"}"},
+        {"parent": lambda _: b'{"x":' + deep + b"}"},
+    ]
+    for i, edits in enumerate(cases):
+        msg = submit() if i == 1 else messages.Ping()
+        frames = resign(client.serialize(msg), client.signer, **edits)  # type: ignore[arg-type]
+        err = refused(server, frames)
+        assert err.code == "bad_message", (i, err)
+        if i == 1:  # the field error found before the nesting still names the field
+            assert [f.field for f in err.fields] == ["$.request.prompt"]
+        else:
+            assert "nest" in err.message, (i, err)
+
+
 def test_header_fields_are_validated() -> None:
     client, server = pair()
     frames = resign(client.serialize(messages.Ping()), client.signer, header=edit_json(msg_id="../../etc"))

@@ -3,6 +3,7 @@ shutdown, responsiveness while a job runs."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable
 
@@ -10,6 +11,7 @@ import pytest
 from server_helpers import small_request
 
 from animatediff_blender.backend.engine.fake import FakeEngine
+from animatediff_blender.backend.server.config import ConfigError
 from animatediff_blender.backend.server.server import Server
 from animatediff_blender.backend.server.store import JobStore
 from animatediff_blender.protocol import messages
@@ -202,3 +204,47 @@ def test_shutdown_marks_running_and_queued_jobs_interrupted(
         assert record is not None
         assert record.state == "interrupted"
         assert record.error_code == "interrupted"
+
+
+def test_a_second_server_on_the_same_data_dir_is_refused(
+    make_server: Callable[..., Server], make_client: ClientFactory
+) -> None:
+    # Two GPUs, two `serve` processes, one default data dir: the second one's start-up
+    # recovery would mark the first one's running job interrupted and delete its frames.
+    first = make_server(engine=FakeEngine(step_delay_s=0.05))
+    client = make_client(first)
+    job = client.submit(small_request(steps=40))
+    wait_for(client, job.job_id, (messages.Progress,))
+    with pytest.raises(ConfigError, match="already uses the data folder"):
+        make_server(data_dir=first.config.data_dir)
+    assert first.store.get(job.job_id).state == "running"  # type: ignore[union-attr]
+    wait_for(client, job.job_id, (messages.Finished,))
+    first.stop()
+    make_server(data_dir=first.config.data_dir)  # free again once the first one stopped
+
+
+def test_a_job_whose_end_could_not_be_stored_is_not_reported_running_forever(
+    server: Server, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Disk full: the job fails and SQLite cannot record that either.  The row still says
+    # "running"; a client that reconnects (Blender restarted) must not wait on it forever.
+    update = server.store.update
+
+    def disk_full(job_id: str, **changes: object) -> None:
+        if changes.get("state") in ("finished", "failed", "cancelled", "interrupted"):
+            raise sqlite3.OperationalError("database or disk is full")
+        update(job_id, **changes)
+
+    monkeypatch.setattr(server.store, "update", disk_full)
+    client = make_client(server)
+    job = client.submit(small_request())
+    wait_for(client, job.job_id, (messages.Failed,))
+    assert server.store.get(job.job_id).state == "running"  # type: ignore[union-attr]
+    later = make_client(server)  # same client id, new connection
+    status = later.status(job.job_id)
+    assert (status.state, status.error_code) == ("failed", "storage")
+    assert later.watch([job.job_id])[0].state == "failed"
+    with pytest.raises(ClientError) as info:
+        later.fetch(job.job_id)
+    assert info.value.code == "storage"
+    assert later.cancel(job.job_id).state == "failed"
