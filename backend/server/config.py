@@ -78,6 +78,29 @@ def check_bind_policy(config: ServerConfig) -> None:
     )
 
 
+FRAME_MESSAGE_OVERHEAD = 64 * 1024  # header/content JSON of a Frames message, generously
+
+
+def largest_frame_message(limits: Limits) -> int:
+    """Bytes of a frames message holding one incompressible RGB frame of the largest size
+    the limits allow: the PNG's rows (a filter byte each), deflate's stored blocks (5 bytes
+    per 64 KiB), the PNG and zlib framing, and the message's own overhead."""
+    raw = limits.max_height * (limits.max_width * 3 + 1)
+    return raw + 5 * (raw // 65535 + 1) + 4096 + FRAME_MESSAGE_OVERHEAD
+
+
+def check_limits(config: ServerConfig) -> None:
+    """Refuse a message limit too small for one frame: every frames message of a large clip
+    would be dropped, and clients would wait for frames that never come."""
+    needed = largest_frame_message(config.limits)
+    if config.limits.max_message_bytes < needed:
+        raise ConfigError(
+            f"--max-message-mb {config.limits.max_message_bytes / 2**20:g} cannot carry one "
+            f"{config.limits.max_width}x{config.limits.max_height} frame: it needs at least "
+            f"{needed / 2**20:.1f} MiB (or lower --max-width/--max-height)"
+        )
+
+
 LOCK_FILE_NAME = "server.lock"
 
 

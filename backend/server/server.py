@@ -52,7 +52,15 @@ from animatediff_blender.protocol.wire import (
     split_routing,
 )
 
-from .config import MAX_REQUEST_BUFFERS, MAX_REQUEST_BYTES, ServerConfig, check_bind_policy, lock_data_dir
+from .config import (
+    FRAME_MESSAGE_OVERHEAD,
+    MAX_REQUEST_BUFFERS,
+    MAX_REQUEST_BYTES,
+    ServerConfig,
+    check_bind_policy,
+    check_limits,
+    lock_data_dir,
+)
 from .jobqueue import ClientOverLimit, FairQueue, QueueFull
 from .jobs import (
     DeviceFree,
@@ -75,7 +83,6 @@ log = logging.getLogger("animatediff_blender.server")
 joblog = logging.getLogger("animatediff_blender.server.jobs")
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
-_FRAME_OVERHEAD = 64 * 1024  # header/content JSON of a Frames message, generously
 MAX_RECV_PER_TURN = 200  # then look at engine events again: neither side starves
 
 
@@ -105,6 +112,7 @@ class _RateLimitedLog:
 class Server:
     def __init__(self, config: ServerConfig, engine: Engine) -> None:
         check_bind_policy(config)
+        check_limits(config)
         self.config = config
         self.engine = engine
         self.limits = config.limits
@@ -369,7 +377,7 @@ class Server:
         """Split frames first..first+len-1 of a clip of `total` (default: these frames) into
         Frames messages within the frame-count and byte caps."""
         out: list[tuple[messages.Base, list[bytes]]] = []
-        budget = self.limits.max_message_bytes - _FRAME_OVERHEAD
+        budget = self.limits.max_message_bytes - FRAME_MESSAGE_OVERHEAD
         total = len(pngs) if total is None else total
         start = 0
         while start < len(pngs):

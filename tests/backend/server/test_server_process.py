@@ -152,6 +152,23 @@ def test_network_bind_policy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
         server.stop()
 
 
+def test_a_message_limit_too_small_for_one_frame_is_refused(tmp_path: Path) -> None:
+    """Else every frames message of a large clip is dropped and clients wait in vain."""
+    from animatediff_blender.backend.server.config import largest_frame_message
+    from animatediff_blender.protocol.messages import Limits
+
+    small = Limits(max_width=1024, max_height=1024, max_message_bytes=2 * 2**20)
+    cfg = ServerConfig(key=KEY, data_dir=tmp_path / "d", limits=small)
+    with pytest.raises(ConfigError, match="cannot carry one 1024x1024 frame"):
+        Server(cfg, FakeEngine())
+    assert not (tmp_path / "d").exists()  # refused before touching the data folder
+    # Enough for the largest frame (noise does not compress: ~3 MiB of RGB rows), or smaller frames.
+    assert 3 * 2**20 < largest_frame_message(Limits(max_width=1024, max_height=1024)) < 4 * 2**20
+    Server(ServerConfig(key=KEY, data_dir=tmp_path / "a", limits=Limits(max_message_bytes=4 * 2**20)), FakeEngine())
+    ok = Limits(max_width=512, max_height=512, max_message_bytes=2 * 2**20)
+    Server(ServerConfig(key=KEY, data_dir=tmp_path / "b", limits=ok), FakeEngine())
+
+
 def test_key_is_created_only_for_loopback(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no key file"):
         load_or_create_key(tmp_path / "net.key", "tcp://0.0.0.0:5557")

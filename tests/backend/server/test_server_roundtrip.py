@@ -74,7 +74,7 @@ def test_ping(client: BackendClient) -> None:
 
 @pytest.mark.parametrize(
     ("limits", "max_count"),
-    [(Limits(max_frames_per_message=3), 3), (Limits(max_message_bytes=100_000), 10)],
+    [(Limits(max_frames_per_message=3), 3), (Limits(max_message_bytes=100_000, max_width=96, max_height=96), 10)],
     ids=["frame-cap", "byte-cap"],
 )
 def test_frames_are_split_within_the_message_caps(
