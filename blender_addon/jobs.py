@@ -71,12 +71,15 @@ def submit(scene: Any, plan: st.Plan) -> Any:
     job.channel = plan.channel
     job.frame_start = plan.start_frame
     job.frames = int(plan.request.get("frames", 16))
-    job.out_root = st.output_root(scene)
+    root = st.output_root(scene)
+    # Stored relative to the saved .blend ("//animatediff"): a project moved before the job is
+    # collected gets the take beside its new location.
+    job.out_root = bpy.path.relpath(root) if bpy.data.filepath else root
     job.request_json = st.request_json(plan)
     s.active_job = len(s.jobs) - 1
     STATE.job_shadow[job.local_id] = {"scene": scene.name, "blend": bpy.data.filepath,
                                       **{k: getattr(job, k) for k in SHADOW_FIELDS}}
-    worker().send(m.SubmitJob(job.local_id, plan.request, plan.camera_motions, job.out_root,
+    worker().send(m.SubmitJob(job.local_id, plan.request, plan.camera_motions, root,
                               client_tag=f"{scene.name}"[:200]))
     return job
 
@@ -138,7 +141,7 @@ def pending_jobs(opened: bool = True) -> dict[str, str]:
     for scene in bpy.data.scenes:
         for job in scene.animatediff.jobs:
             if job.job_id and job.state in PENDING_STATES:
-                out[job.job_id] = job.out_root
+                out[job.job_id] = bpy.path.abspath(job.out_root)
             elif opened and not job.job_id and job.state == "submitting":
                 # Blender quit before the backend answered: the job id is unknown.
                 job.state = "failed"

@@ -126,3 +126,7 @@ def test_result_stays_in_its_own_file(addon_zips, backend_factory, tmp_path: Pat
     assert r["other_strips"] == [] and r["other_jobs"] == [], r  # nothing of film.blend in other.blend
     assert r["film_state"] == "finished" and r["film_strip_directory"].startswith("//animatediff/")
     assert "no channel above 128" in str(r["regen_top"]) and r["regen_new_jobs"] == 0, r
+    # Moved before the job was collected: the take lands beside the moved file.
+    assert r["moved_state"] == "finished", r
+    assert r["moved_strip_directory"].startswith("//animatediff/"), r
+    assert r["moved_frames_beside"] == r["moved_expected"], r

@@ -3,6 +3,7 @@ land in the other file (it used to, in the scene of the same name); the first fi
 collects it when reopened.  Regenerate of a strip on the last channel is refused up front."""
 
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -68,6 +69,32 @@ try:
 except RuntimeError as exc:  # an ERROR report raises when called from Python
     out["regen_top"] = str(exc)
 out["regen_new_jobs"] = len(scene.animatediff.jobs) - n_jobs
+
+# The project moves (another machine, another mount) while a job is still owed: reopened
+# there, the take lands beside the moved file, not in the old folder.
+strip.channel = 2
+s = scene.animatediff
+s.channel = 5
+assert bpy.ops.animatediff.generate() == {"FINISHED"}
+local = s.jobs[len(s.jobs) - 1].local_id
+c.drain_until(lambda: bool(jobs.find_job(local, "local_id")[1].job_id), 30)
+moved_id = jobs.find_job(local, "local_id")[1].job_id
+bpy.ops.wm.save_mainfile()
+state.worker.stop()  # Blender quits before the job is done
+state.worker = None
+moved = os.path.join(a["workdir"], "moved", "film.blend")
+os.makedirs(os.path.dirname(moved))
+shutil.copy(film, moved)
+shutil.rmtree(os.path.join(a["workdir"], "film"))
+bpy.ops.wm.open_mainfile(filepath=moved)
+jobs.resume_pending()
+c.drain_until(lambda: jobs.find_job(moved_id)[1].state in ("finished", "failed"), 60)
+job = jobs.find_job(moved_id)[1]
+out["moved_state"], out["moved_message"] = job.state, job.message
+moved_strip = sc.strips_named(bpy.context.scene, [job.strip_name])
+out["moved_strip_directory"] = moved_strip[0].directory if moved_strip else None
+out["moved_frames_beside"] = sorted(os.listdir(os.path.join(a["workdir"], "moved", "animatediff")))
+out["moved_expected"] = [c.sub("files").short_id(moved_id)]
 state.worker.stop()
 bpy.ops.preferences.addon_disable(module=c.MODULE)
 c.result(**out)
