@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
               f"{result.total_flops() / 1e12:.2f} TFLOP")  # fmt: skip
         print(attention.format_summary(result), flush=True)
         results.append(result.to_json())
-    if args.json:
-        meta = {"device": gpu, "torch": torch.__version__, "dtype": dtype, "size": args.size, "iters": args.iters}
-        args.json.write_text(json.dumps({"meta": meta, "cases": results}, indent=2))
+        if args.json:  # after each case: a run stopped by a time limit keeps what it measured
+            meta = {"device": gpu, "torch": torch.__version__, "dtype": dtype, "size": args.size, "iters": args.iters}
+            args.json.write_text(json.dumps({"meta": meta, "cases": results}, indent=2))
     return 0
