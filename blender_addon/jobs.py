@@ -256,3 +256,16 @@ def _insert(scene: Any, job: Any, msg: m.JobDone) -> None:
         return
     job.state, job.message, job.strip_name = "finished", f"on channel {strip.channel}", strip.name
     job.step = job.total_steps
+    _undo_push(f"AnimateDiff take {strip.name}")
+
+
+def _undo_push(message: str) -> None:
+    """A take added from the timer gets an undo step of its own.  Blender records undo
+    steps after operators only: without one, the artist's next Ctrl+Z (of an unrelated
+    edit) would go back to before the take -- its strip gone, its job row running again."""
+    import bpy
+
+    try:
+        bpy.ops.ed.undo_push(message=message)
+    except RuntimeError as exc:  # no undo stack (the poll failed): nothing to undo into
+        print(f"AnimateDiff: no undo step for the new take: {exc}")

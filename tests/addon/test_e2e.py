@@ -130,3 +130,5 @@ def test_result_stays_in_its_own_file(addon_zips, backend_factory, tmp_path: Pat
     assert r["moved_state"] == "finished", r
     assert r["moved_strip_directory"].startswith("//animatediff/"), r
     assert r["moved_frames_beside"] == r["moved_expected"], r
+    # Ctrl+Z after a take landed undoes the artist's own edit, not the take.
+    assert r["undo_edit_undone"] and r["undo_take_kept"] and r["undo_job_state"] == "finished", r

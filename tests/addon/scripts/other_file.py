@@ -95,6 +95,24 @@ moved_strip = sc.strips_named(bpy.context.scene, [job.strip_name])
 out["moved_strip_directory"] = moved_strip[0].directory if moved_strip else None
 out["moved_frames_beside"] = sorted(os.listdir(os.path.join(a["workdir"], "moved", "animatediff")))
 out["moved_expected"] = [c.sub("files").short_id(moved_id)]
+
+# A take lands, then the artist edits something and presses Ctrl+Z: their edit is undone,
+# not the take (the timer's insert used to leave no undo step of its own).
+bpy.context.preferences.edit.use_global_undo = True
+bpy.ops.ed.undo_push(message="before the take")
+s = bpy.context.scene.animatediff
+s.channel = 7
+assert bpy.ops.animatediff.generate() == {"FINISHED"}
+local = s.jobs[len(s.jobs) - 1].local_id
+c.drain_until(lambda: jobs.find_job(local, "local_id")[1].state in ("finished", "failed"), 60)
+take = jobs.find_job(local, "local_id")[1].strip_name
+bpy.context.scene.frame_current = 3  # the artist's edit, then its operator's undo step
+bpy.ops.ed.undo_push(message="artist edit")
+assert bpy.ops.ed.undo() == {"FINISHED"}
+job = jobs.find_job(local, "local_id")[1]  # data reloaded by the undo: look everything up again
+out["undo_take_kept"] = bool(sc.strips_named(bpy.context.scene, [take]))
+out["undo_job_state"] = job.state if job is not None else None
+out["undo_edit_undone"] = bpy.context.scene.frame_current != 3
 state.worker.stop()
 bpy.ops.preferences.addon_disable(module=c.MODULE)
 c.result(**out)
