@@ -133,8 +133,8 @@ def main(argv, inside_blender):
     for i, shot in enumerate(shots):
         shot = dict(shot)
         names.append(str(shot.pop("name", f"shot {i + 1}")))
-        try:
-            settings.plan_from_scene(scene, **shot)
+        try:  # a shot's own connection keys (the API's keywords) are not request settings
+            settings.plan_from_scene(scene, **{k: v for k, v in shot.items() if k not in api.CONNECTION_KEYS})
         except (ValueError, TypeError) as exc:
             raise BatchError(f"{names[-1]}: {exc}") from exc
 
@@ -153,7 +153,7 @@ def main(argv, inside_blender):
         print(f"[{i + 1}/{len(shots)}] {name}: {str(shot.get('prompt', ''))[:60]!r}", flush=True)
         t0 = time.monotonic()
         try:
-            strip = api.generate(scene, timeout=args.timeout, **connection, **shot)
+            strip = api.generate(scene, timeout=args.timeout, **{**connection, **shot})  # the shot's own win
         except api.AnimateDiffError as exc:
             failures += 1
             print(f"[{i + 1}/{len(shots)}] {name}: FAILED: {exc}", flush=True)

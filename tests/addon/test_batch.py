@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -85,8 +86,9 @@ def test_batch_fails_loudly(addon_zips, tmp_path: Path) -> None:
     bpy_python = newest()
     zip_path = str(addon_zips[bpy_python.py_tag])
     shots = tmp_path / "shots.json"
-    shots.write_text('{"shots": [{"prompt": "a"}, {"prompt": "b", "frames": 2}]}')
-    dead = f"tcp://127.0.0.1:{free_port()}"
+    dead, dead2 = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    # Per-shot keys are the API's keywords: a shot may name its own backend.
+    shots.write_text(json.dumps({"shots": [{"prompt": "a"}, {"prompt": "b", "frames": 2, "address": dead2}]}))
     key = tmp_path / "k.key"
     key.write_bytes(b"k" * 64)
     key.chmod(0o600)
@@ -95,6 +97,7 @@ def test_batch_fails_loudly(addon_zips, tmp_path: Path) -> None:
                      timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stdout.count("FAILED: cannot connect to the backend") == 2
+    assert f"[2/2] shot 2: FAILED: cannot connect to the backend at {dead2}" in proc.stdout
     assert "0 ok, 2 failed" in proc.stdout
     # A bad shot list is refused before anything is rendered.
     bad = tmp_path / "bad.toml"
