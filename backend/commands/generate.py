@@ -303,9 +303,11 @@ def _generate(args: argparse.Namespace, request: GenerateRequest) -> JobResult:
         elif isinstance(content, Frames) and bar is not None:
             bar.set_postfix_str(f"frames {content.start + content.count}/{content.total}")
 
+    running = threading.Event()  # the job may exist on the backend: cancel it, do not just quit
+
     def on_sigint(signum: int, frame: object) -> None:
-        if cancel.is_set():
-            raise KeyboardInterrupt
+        if cancel.is_set() or not running.is_set():
+            raise KeyboardInterrupt  # nothing submitted yet (connecting): quit at once
         print("\ncancelling (Ctrl-C again to quit at once)...", file=sys.stderr)
         cancel.set()
 
@@ -319,6 +321,7 @@ def _generate(args: argparse.Namespace, request: GenerateRequest) -> JobResult:
             welcome = client.connect()
             request = resolve_aliases(request, welcome.models)
             validate_locally(request)
+            running.set()
             return client.run_job(request, on_event=on_event, cancel=cancel, timeout_s=args.job_timeout)
     finally:
         if bar is not None:

@@ -124,6 +124,27 @@ def test_server_down_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert len(err) == 1 and err[0].startswith("error: No answer from backend at tcp://127.0.0.1:1")
 
 
+@pytest.mark.skipif(os.name != "posix", reason="sends itself SIGINT")
+def test_ctrl_c_while_connecting_quits_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing is submitted yet, so there is nothing to cancel: the first Ctrl-C quits (it
+    used to wait out the handshake's --timeout)."""
+    import signal
+    import threading
+    import time
+
+    auth.create_key()
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        code = main(["generate", "--address", "tcp://127.0.0.1:1", "--timeout", "20", "--prompt", "x",
+                     "--out", str(tmp_path)])  # fmt: skip
+    finally:
+        timer.cancel()
+    assert code == 130 and time.monotonic() - t0 < 10
+    assert "interrupted" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- generate: end to end
 
 
