@@ -94,6 +94,9 @@ phase() {
         say "SKIPPED phase $name: ${t}s left, it needs about ${need}s (run it in another session)"
         return 0
     fi
+    # A phase that overruns its estimate by half again is cut (its partial JSON is kept),
+    # so one slow compile cannot starve every phase after it.
+    [ "$t" -gt $((need * 3 / 2)) ] && t=$((need * 3 / 2))
     say "phase $name (up to ${t}s): bench $* $EXTRA"
     # shellcheck disable=SC2086  # EXTRA is a list of arguments
     timeout --kill-after=10 "$t" bash -c 'cli "$@"' cli \
@@ -119,6 +122,7 @@ attention_phase() {
         say "SKIPPED phase $name: ${t}s left, it needs about ${need}s (run it in another session)"
         return 0
     fi
+    [ "$t" -gt $((need * 3 / 2)) ] && t=$((need * 3 / 2))
     args="--case quality --case long64 --iters 10 --compiled"
     case " $EXTRA " in *" tiny "*) args="$args --size tiny --device cpu --iters 1" ;; esac
     say "phase $name (up to ${t}s): bench-attention $args"
