@@ -195,6 +195,10 @@ case " $PHASES " in
     fi
     ;;
 esac
+# 5c. (Not in the default list.)  Whatever a short follow-up call needs on the warm machine:
+#    BENCH_PHASES=custom BENCH_CUSTOM="--case lightning --lever ..." [BENCH_CUSTOM_NEED=S].
+# shellcheck disable=SC2086  # BENCH_CUSTOM is a list of arguments
+phase custom "${BENCH_CUSTOM_NEED:-60}" ${BENCH_CUSTOM:-}
 # 6. Compile modes (long autotuning; only when time is left).
 phase modes 150 --case quality --repeats 1 --lever compile:max-autotune-no-cudagraphs --lever compile:reduce-overhead
 
