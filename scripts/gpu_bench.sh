@@ -195,6 +195,32 @@ case " $PHASES " in
     fi
     ;;
 esac
+# 5d. (Not in the default list; run 4's findings, for the fifth GPU session.)  Run 4's
+#    profiles had the motion modules' attention (16-frame sequences over 512-24576 x 8 heads)
+#    at 1.5-5 TFLOP/s in cuDNN's flash kernel, torch's choice: ~25 ms of a 109 ms quality step
+#    and about half of a 64-frame one.  `tquality`: whole quality jobs with each other temporal
+#    implementation against the default, each profiled (attention by shape); `tlong64`: the
+#    fastest of them (`bench-report --fastest`: >3 % faster than the default, frames within
+#    40 dB of stock) on 64 frames, against stock (the default's long64 is run 4's: 16.79 s).
+phase tquality 240 --case quality --repeats 1 --profile --profile-every-lever --lever default \
+    --lever default+temporal-sdpa:math --lever default+temporal-sdpa:efficient --lever default+temporal-sdpa:reduced
+case " $PHASES " in
+*" tlong64 "*)
+    best=""
+    [ -f "$OUT/tquality.json" ] && best=$(cli bench-report --fastest quality "$OUT/tquality.json")
+    if [ -n "$best" ]; then
+        phase tlong64 200 --case long64 --repeats 0 --profile --profile-case long64 --lever "$best"
+    else
+        say "phase tlong64: no temporal lever beat the default on quality (tquality.json): nothing to measure"
+    fi
+    ;;
+esac
+# 5e. (Not in the default list.)  CUDA graphs on lightning: run 4's job timeline had the GPU
+#    idle 66 ms of a 519 ms job inside the UNet calls, waiting for the host (1,167 gaps: the
+#    regional compile's ~60 regions per call, each entered from Python); `reduce-overhead`
+#    replays each region's kernels as one graph.
+phase graphs 200 --case lightning --case server --repeats 3 --profile --profile-every-lever --lever default \
+    --lever default+compile:reduce-overhead
 # 5c. (Not in the default list.)  Whatever a short follow-up call needs on the warm machine:
 #    BENCH_PHASES=custom BENCH_CUSTOM="--case lightning --lever ..." [BENCH_CUSTOM_NEED=S].
 # shellcheck disable=SC2086  # BENCH_CUSTOM is a list of arguments

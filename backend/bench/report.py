@@ -206,6 +206,25 @@ def judge(rows: list[Row]) -> list[Verdict]:
     return out
 
 
+def fastest_lever(rows: list[Row], case: str, min_gain: float = 0.03, min_psnr: float = 40.0) -> str | None:
+    """The lever (`default+...`) whose engine row of `case` denoised fastest, if it beat the
+    default of the same file by more than `min_gain` with frames still within `min_psnr` of
+    stock; None otherwise.  How a later phase of gpu_bench.sh picks what to measure next."""
+    best: tuple[float, str] | None = None
+    for row in rows:
+        lever = row.runner.removeprefix("engine[").removesuffix("]")
+        if row.case != case or not row.ok or not row.runner.startswith("engine[") or not lever.startswith(f"{PRODUCT}+"):
+            continue
+        psnr, denoise = row.num("psnr_vs_anchor_db"), row.num("denoise_s")
+        base = _first([r for r in rows if r.source == row.source], case, f"engine[{PRODUCT}]")
+        base_s = base.num("denoise_s") if base is not None else None
+        if psnr is None or psnr < min_psnr or not denoise or not base_s or denoise > base_s * (1 - min_gain):
+            continue
+        if best is None or denoise < best[0]:
+            best = (denoise, lever)
+    return best[1] if best else None
+
+
 def _fmt(value: float | None, spec: str) -> str:
     if value is None:
         return "-"

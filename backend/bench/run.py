@@ -690,9 +690,10 @@ def run_benchmark(
     engine_only: bool = False,
     anchors: list[str] | None = None,
     profile_case: str = "quality",
+    profile_every_lever: bool = False,
 ) -> dict[str, Any]:
     """`profile`: also profile one UNet step of `profile_case` (stock and the first
-    lever).  `engine_only`: no stock runs (no ratios, PSNR or counted FLOPs): for cases
+    lever, or every lever with `profile_every_lever`).  `engine_only`: no stock runs (no ratios, PSNR or counted FLOPs): for cases
     whose targets compare the engine with itself (128 vs 64 frames, restart warm-up).
     `anchors`: run stock only for these cases (the others as with `engine_only`)."""
     import torch
@@ -719,6 +720,7 @@ def run_benchmark(
             compile_anchor=compile_anchor, compile_backend=compile_backend, repeats=repeats, peak=peak,
             gpu=gpu, seed=seed, out_json=out_json, print_fn=print_fn, all_cases=all_cases,
             profile_case=profile_case if profile else None, anchors=[] if engine_only else anchors,
+            profile_every_lever=profile_every_lever,
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
@@ -728,7 +730,7 @@ def _run(
     *, size: Size, device: str, dtype: str, workdir: Path, only: list[str] | None, levers: list[str] | None,
     compile_anchor: bool, compile_backend: str, repeats: int | None, peak: float, gpu: str, seed: int,
     out_json: Path | None, print_fn: Callable[[str], None], all_cases: dict[str, Case],
-    profile_case: str | None, anchors: list[str] | None,
+    profile_case: str | None, anchors: list[str] | None, profile_every_lever: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     import diffusers
     import torch
@@ -820,7 +822,7 @@ def _run(
         if engine_cases:
             for name, run in run_engine(
                 models, engine_cases, device, lever, clock, seed, cache_dir, print_fn,
-                profile_case if index == 0 else None, profiles, flops,
+                profile_case if index == 0 or profile_every_lever else None, profiles, flops,
                 out_json.with_suffix("") if out_json is not None else None,
             ).items():  # fmt: skip
                 runs[name].append(run)

@@ -91,6 +91,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the first lever's whole lightning job: kernel time by category, GPU busy share",
     )
     p.add_argument(
+        "--profile-every-lever",
+        action="store_true",
+        help="with --profile: profile every lever, not only the first (e.g. to see each attention backend's kernels)",
+    )
+    p.add_argument(
         "--profile-case",
         default="quality",
         metavar="CASE",
@@ -142,8 +147,7 @@ def run(args: argparse.Namespace) -> int:
             size=size, device=device, dtype=dtype, workdir=workdir, only=args.cases, levers=args.levers,
             compile_anchor=args.compile_anchor, compile_backend=args.compile_backend, repeats=args.repeats,
             peak_tflops=args.peak_tflops, out_json=args.json, profile=args.profile, profile_case=args.profile_case,
-            engine_only=args.engine_only,
-            anchors=args.anchors,
+            engine_only=args.engine_only, anchors=args.anchors, profile_every_lever=args.profile_every_lever,
         )  # fmt: skip
     except ValueError as exc:
         print(f"animatediff-blender bench: {exc}", file=sys.stderr)

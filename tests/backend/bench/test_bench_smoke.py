@@ -214,16 +214,18 @@ def test_kernel_categories(name: str, category: str) -> None:
 
 def test_profile_case_long64_profiles_the_windowed_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--profile-case long64: the UNet step is profiled inside the run, where FreeNoise's
-    window blocks exist (a replay after the run would profile the plain blocks)."""
+    window blocks exist (a replay after the run would profile the plain blocks).
+    --profile-every-lever: the second lever's step too (by default only the first's)."""
     out = tmp_path / "bench.json"
     code = main(
         ["bench", "--size", "tiny", "--device", "cpu", "--repeats", "0", "--case", "long64", "--lever", "batch-windows",
-         "--profile", "--profile-case", "long64", "--workdir", str(tmp_path / "work"), "--json", str(out)]
+         "--lever", "eager", "--profile", "--profile-case", "long64", "--profile-every-lever",
+         "--workdir", str(tmp_path / "work"), "--json", str(out)]
     )  # fmt: skip
     printed = capsys.readouterr().out
     assert code == 0, printed
     profiles = {p["runner"]: p for p in json.loads(out.read_text())["profiles"]}
-    assert set(profiles) == {"stock", "engine[batch-windows]"}
+    assert set(profiles) == {"stock", "engine[batch-windows]", "engine[eager]"}
     for p in profiles.values():
         assert "error" not in p, p
         assert p["kernel_ms"] > 0 and {"matmul", "attention"} <= set(p["categories"])

@@ -109,3 +109,25 @@ def test_partial_rows_failed_rows_and_mixed_cards(tmp_path: Path, capsys: pytest
     assert main(["bench-report", str(tmp_path / "bad.json")]) == 2
     assert main(["bench-report", str(tmp_path / "missing.json")]) == 2
     assert "bench-report:" in capsys.readouterr().err
+
+
+def test_fastest_lever_picks_what_a_later_phase_measures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path / "tquality.json", [
+        _row("quality", "stock", 4.0),
+        _row("quality", "engine[default]", 2.90),
+        _row("quality", "engine[default+temporal-sdpa:math]", 2.50, psnr_vs_anchor_db=55.0),
+        _row("quality", "engine[default+temporal-sdpa:reduced]", 2.30, psnr_vs_anchor_db=38.0),  # frames too far off
+        _row("quality", "engine[default+temporal-sdpa:efficient]", 2.20, psnr_vs_anchor_db=56.0, error="OOM"),
+        _row("quality", "engine[compile]", 2.00, psnr_vs_anchor_db=60.0),  # not on top of the default
+        _row("lightning", "engine[default+temporal-sdpa:cudnn]", 0.1, psnr_vs_anchor_db=60.0),  # another case
+    ])  # fmt: skip
+    assert main(["bench-report", "--fastest", "quality", str(path)]) == 0
+    assert capsys.readouterr().out == "default+temporal-sdpa:math\n"
+    # Within 3 % of the default is noise, not a lever to measure further; no default row, no pick.
+    close = _write(tmp_path / "close.json", [
+        _row("quality", "engine[default]", 2.90), _row("quality", "engine[default+temporal-sdpa:math]", 2.85, psnr_vs_anchor_db=55.0),
+    ])  # fmt: skip
+    alone = _write(tmp_path / "alone.json", [_row("quality", "engine[default+temporal-sdpa:math]", 1.0, psnr_vs_anchor_db=55.0)])
+    for other in (close, alone):
+        assert main(["bench-report", "--fastest", "quality", str(other)]) == 0
+        assert capsys.readouterr().out == "\n"
