@@ -218,9 +218,10 @@ esac
 # 5e. (Not in the default list.)  CUDA graphs on lightning: run 4's job timeline had the GPU
 #    idle 66 ms of a 519 ms job inside the UNet calls, waiting for the host (1,167 gaps: the
 #    regional compile's ~60 regions per call, each entered from Python); `reduce-overhead`
-#    replays each region's kernels as one graph.
+#    replays each region's kernels as one graph; `compile-full` (last: cut first if time runs
+#    out) enters one compiled UNet per call instead of ~60 regions.
 phase graphs 200 --case lightning --case server --repeats 3 --profile --profile-every-lever --lever default \
-    --lever default+compile:reduce-overhead
+    --lever default+compile:reduce-overhead --lever default+compile-full
 # 5c. (Not in the default list.)  Whatever a short follow-up call needs on the warm machine:
 #    BENCH_PHASES=custom BENCH_CUSTOM="--case lightning --lever ..." [BENCH_CUSTOM_NEED=S].
 # shellcheck disable=SC2086  # BENCH_CUSTOM is a list of arguments
