@@ -19,7 +19,7 @@ cases (real size / tiny size):
              submit -> all frames persisted and received
 
 levers (--lever, repeatable; each one is a separate engine run on every case):
-  default          the engine's default for the device (regional compile on CUDA, eager on CPU)
+  default          the engine's default for the device (regional compile + VAE compiled on CUDA, eager on CPU)
   eager            no fast path: stock diffusers maths, our engine's plumbing
   compile[:MODE]   regional torch.compile (dynamic=False), MODE e.g. max-autotune-no-cudagraphs
   compile-full[:MODE]  the whole UNet compiled
