@@ -167,8 +167,10 @@ def parse_lever(spec: str, device: str, dtype: str, compile_backend: str) -> Lev
     `sdpa:<flash|efficient|cudnn|math>`, `temporal-sdpa:<...>` (the motion modules' only),
     `batch-windows` (FreeNoise windows batched),
     `share-projections` (batched windows sharing their per-frame projections),
-    `vae-compile`, `vae-channels-last`, `cudnn-benchmark`, `bf16`, `fp16`."""
+    `vae-compile`, `vae-channels-last`, `ff-chunk[:ELEMENTS]` / `no-ff-chunk` (feed-forwards
+    in row chunks beyond that many input elements), `cudnn-benchmark`, `bf16`, `fp16`."""
     from animatediff_blender.backend.engine.animatediff import FastPath
+    from animatediff_blender.backend.engine.chunking import FF_CHUNK_ELEMENTS
     from animatediff_blender.backend.engine.interface import EngineError
 
     parts = spec.split("+")
@@ -197,6 +199,10 @@ def parse_lever(spec: str, device: str, dtype: str, compile_backend: str) -> Lev
             kw["compile_vae"] = True
         elif name == "vae-channels-last":
             kw["vae_channels_last"] = True
+        elif name == "ff-chunk":
+            kw["ff_chunk_elements"] = int(arg) if arg else FF_CHUNK_ELEMENTS
+        elif name == "no-ff-chunk":
+            kw["ff_chunk_elements"] = 0
         elif name == "cudnn-benchmark":
             kw["cudnn_benchmark"] = True
         elif name == "sdpa":

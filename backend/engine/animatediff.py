@@ -40,6 +40,7 @@ import torch
 from animatediff_blender.protocol.messages import GenerateRequest, ModelInfo
 
 from .attention import SDPA_BACKENDS, TEMPORAL_ATTENTION, with_attention
+from .chunking import FF_CHUNK_ELEMENTS, chunk_feed_forwards
 from .interface import (
     CancelCheck,
     EngineError,
@@ -135,6 +136,13 @@ class FastPath:
         chunk shape: clips decode in chunks of `stream_chunk_size` frames, the last chunk
         padded).  The decode was 0.27 s of a 0.57 s lightning clip on an H200.
     vae_channels_last: VAE weights in NHWC layout (its convolutions dominate the decode).
+    ff_chunk_elements: every feed-forward (spatial and motion, FreeNoise's windowed blocks
+        included) whose input holds more elements than this runs on chunks of its rows
+        (`engine/chunking.py`; 0: never).  Per-token maths, so the same tokens come out; only
+        long or large clips reach the budget, where the feed-forward's widened tensor set
+        the peak (64 frames at 512x512: 8.59 -> 5.47 GiB of activations per UNet call,
+        estimated on the meta device by `scripts/memory_probe.py`; 16 frames: 2.03 GiB,
+        untouched).
     cudnn_benchmark: while the engine runs (jobs and warm-up), cuDNN times its convolution
         algorithms for each new input shape and keeps the fastest (`torch.backends.cudnn.
         benchmark`, off in torch by default; set back afterwards).  The UNet's and the VAE's
@@ -157,6 +165,7 @@ class FastPath:
     share_window_projections: bool = False
     compile_vae: bool = False
     vae_channels_last: bool = False
+    ff_chunk_elements: int = 0
     cudnn_benchmark: bool = False
     warm_shapes: tuple[tuple[int, int, int, bool], ...] = field(
         default=((16, 512, 512, True), (16, 512, 512, False))
@@ -189,10 +198,15 @@ class FastPath:
         against 306 for 16), and the VAE decoder compiled and channels-last (H200, one run,
         lightning clip: decode 0.213 -> 0.141 s, through the server 0.403 s end to end, peak
         memory 10.9 -> 4.2 GiB since a compiled decoder decodes a few frames at a time;
-        cuDNN's benchmark mode, measured with it, made the denoise slower: left off)."""
+        cuDNN's benchmark mode, measured with it, made the denoise slower: left off), and
+        feed-forwards in row chunks beyond 16 frames' worth (long clips' peak; estimated, not yet
+        measured on a GPU)."""
         if torch.device(device).type != "cuda":
             return cls.off()
-        return cls(compile="regional", batch_windows=True, compile_vae=True, vae_channels_last=True)
+        return cls(
+            compile="regional", batch_windows=True, compile_vae=True, vae_channels_last=True,
+            ff_chunk_elements=FF_CHUNK_ELEMENTS,
+        )  # fmt: skip
 
     @classmethod
     def auto_for(cls, device: torch.device | str, has_triton: bool | None = None) -> FastPath:
@@ -243,6 +257,8 @@ class FastPath:
             parts.append("compile_vae")
         if self.vae_channels_last:
             parts.append("vae_channels_last")
+        if self.ff_chunk_elements:
+            parts.append(f"ff_chunk={self.ff_chunk_elements}")
         if self.cudnn_benchmark:
             parts.append("cudnn_benchmark")
         return ",".join(parts)
@@ -747,6 +763,8 @@ class AnimateDiffEngine:
         if fast.compile_vae:
             self._load_compile_cache()
             self._compile_module(pipe.vae.decoder)
+        if fast.ff_chunk_elements:
+            chunk_feed_forwards(pipe.unet, fast.ff_chunk_elements)
         if fast.fuse_qkv:
             self._set_fused(pipe.unet, True)
         if fast.sdpa != "auto":
@@ -951,6 +969,9 @@ class AnimateDiffEngine:
 
         kind = BatchedWindowsBlock if self.fast.batch_windows else FreeNoiseTransformerBlock
         windowed = windowed_like(plain, kind, context_length, context_stride, weighting)
+        if self.fast.ff_chunk_elements:
+            # Its feed-forward is a new module: all of a long clip's frames go through it at once.
+            chunk_feed_forwards(windowed, self.fast.ff_chunk_elements)
         if self.fast.batch_windows:
             windowed.share_projections = self.fast.share_window_projections
         # Batched windows have no loop to keep eager: the compiled motion module traces them.

@@ -50,6 +50,9 @@ def test_lever_specs() -> None:
         "regional", True, True, True,
     )  # fmt: skip
     assert not (default.cudnn_benchmark or default.share_window_projections or default.fuse_qkv)
+    assert default.ff_chunk_elements == 2**26 and "ff_chunk=67108864" in default.describe()
+    assert parse_lever("default+no-ff-chunk", "cuda", "fp16", "inductor").fast.ff_chunk_elements == 0
+    assert parse_lever("ff-chunk:4096", "cuda", "fp16", "inductor").fast.ff_chunk_elements == 4096
     plus = parse_lever("default+share-projections", "cuda", "fp16", "inductor").fast
     assert plus == dataclasses.replace(default, share_window_projections=True)
     previous = parse_lever("compile+batch-windows", "cuda", "fp16", "inductor").fast

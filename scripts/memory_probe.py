@@ -1,0 +1,106 @@
+"""Offline estimate of the denoise's peak device memory (issue #6's "long64 peak <= 1.3x our
+16-frame peak"), no GPU needed.
+
+One UNet call (SD1.5 + v2 motion modules, 512x512, CFG batch, fp16) runs eagerly on the
+meta device under a dispatch mode that adds up the bytes of the tensors alive after each
+op; attention is counted as a fused kernel would hold it (its output only), not as the
+meta device's math fallback would (the whole score matrix).  Weights are not counted.
+Compiled regions hold fewer intermediates than eager ops, so this is an upper bound of the
+eager kind, for comparing clip lengths and levers with each other, not a GPU figure.
+
+Usage: python scripts/memory_probe.py [FRAMES=16 64 ...] [--chunk-ff [ELEMENTS]]
+
+2026-11-27 (CPU, seconds): 16 frames 2.03 GiB; 64 frames 8.59 GiB (x4.23), 5.47 GiB (x2.69)
+with --chunk-ff (2**26, the engine's CUDA default); 128 frames 17.19 / 9.37 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from animatediff_blender.backend.bench.models import SD15_UNET
+from animatediff_blender.backend.engine.chunking import FF_CHUNK_ELEMENTS, chunk_feed_forwards
+from animatediff_blender.backend.engine.freenoise import BatchedWindowsBlock, windowed_like
+
+GiB = 1024**3
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensors created while active and still alive (meta tensors count
+    their size), and what was alive at that moment, by op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in [] if func.is_view else tree_flatten(out)[0]:
+            # Views (of weights too: `t()` in every linear layer) add no memory.
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self.seen:
+                storage = t.untyped_storage()
+                self.seen.add(id(storage))
+                self.live += storage.nbytes()
+                weakref.finalize(storage, self._free, id(storage), storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+    def _free(self, key: int, size: int) -> None:
+        self.live -= size
+        self.seen.discard(key)
+
+
+def fused_attention(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+    """What a flash/efficient kernel allocates: the output (and a small logsumexp)."""
+    return torch.empty(*query.shape[:-1], value.shape[-1], dtype=query.dtype, device=query.device)
+
+
+def unet_peak(frames: int, chunk_ff: int | None) -> float:
+    with torch.device("meta"):
+        unet = UNetMotionModel.from_unet2d(UNet2DConditionModel(**SD15_UNET), MotionAdapter()).half()
+    if frames > 16:
+        for module in (m for m in unet.modules() if isinstance(m, AnimateDiffTransformer3D)):
+            for i, plain in enumerate(module.transformer_blocks):
+                module.transformer_blocks[i] = windowed_like(plain, BatchedWindowsBlock, 16, 4, "pyramid")
+    if chunk_ff:
+        chunk_feed_forwards(unet, chunk_ff)  # as the engine does (windowed blocks included)
+    sample = torch.zeros(2, 4, frames, 64, 64, device="meta", dtype=torch.half)
+    context = torch.zeros(2 * frames, 77, 768, device="meta", dtype=torch.half)
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = fused_attention
+    try:
+        with torch.no_grad(), LiveBytes() as probe:
+            unet(sample, torch.tensor(10), encoder_hidden_states=context)
+    finally:
+        F.scaled_dot_product_attention = original
+    return probe.peak / GiB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("frames", nargs="*", type=int, default=[16, 64])
+    parser.add_argument(
+        "--chunk-ff", type=int, nargs="?", const=FF_CHUNK_ELEMENTS, default=None, metavar="ELEMENTS",
+        help=f"feed-forwards in row chunks beyond this many input elements (default {FF_CHUNK_ELEMENTS})",
+    )
+    args = parser.parse_args()
+    base = None
+    for frames in args.frames:
+        peak = unet_peak(frames, args.chunk_ff)
+        base = base or peak
+        print(f"{frames:4d} frames (CFG batch {2 * frames}): activations peak {peak:6.2f} GiB  x{peak / base:.2f}"
+              + (f"  (feed-forwards chunked beyond {args.chunk_ff} elements)" if args.chunk_ff else ""))
+
+
+if __name__ == "__main__":
+    main()
