@@ -17,47 +17,19 @@ with --chunk-ff (2**26, the engine's CUDA default); 128 frames 17.19 / 9.37 GiB.
 from __future__ import annotations
 
 import argparse
-import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from animatediff_blender.backend.bench.memory import LiveBytes
 from animatediff_blender.backend.bench.models import SD15_UNET
 from animatediff_blender.backend.engine.chunking import FF_CHUNK_ELEMENTS, chunk_feed_forwards
 from animatediff_blender.backend.engine.freenoise import BatchedWindowsBlock, windowed_like
 
 GiB = 1024**3
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of the tensors created while active and still alive (meta tensors count
-    their size), and what was alive at that moment, by op."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen: set[int] = set()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in [] if func.is_view else tree_flatten(out)[0]:
-            # Views (of weights too: `t()` in every linear layer) add no memory.
-            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self.seen:
-                storage = t.untyped_storage()
-                self.seen.add(id(storage))
-                self.live += storage.nbytes()
-                weakref.finalize(storage, self._free, id(storage), storage.nbytes())
-        self.peak = max(self.peak, self.live)
-        return out
-
-    def _free(self, key: int, size: int) -> None:
-        self.live -= size
-        self.seen.discard(key)
 
 
 def fused_attention(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> Any:

@@ -4,15 +4,13 @@ window), each weighting scheme, one batch of windows or several."""
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import pytest
 import torch
 from diffusers.models.attention import FreeNoiseTransformerBlock
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from animatediff_blender.backend.bench.memory import LiveBytes
 from animatediff_blender.backend.engine.freenoise import BatchedWindowsBlock, window_normaliser, window_starts
 
 
@@ -193,30 +191,6 @@ def test_shared_projections_count_fewer_flops_at_motion_module_sizes() -> None:
     assert counts[1] / counts[0] == pytest.approx((3.25 * 4 + 16) / (3.25 * 8 + 12), rel=0.03)
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Peak bytes of the tensors alive while it is active (meta tensors count their size)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen: set[int] = set()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t._base is None and id(t.untyped_storage()) not in self.seen:
-                storage = t.untyped_storage()
-                self.seen.add(id(storage))
-                self.live += storage.nbytes()
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(storage, self._free, id(storage), storage.nbytes())
-        return out
-
-    def _free(self, key: int, size: int) -> None:
-        self.live -= size
-        self.seen.discard(key)
-
-
 def test_shared_projections_hold_little_more_memory() -> None:
     """The first motion block of a 64-frame clip at 512x512 with CFG, at 1/32 of its 8192
     spatial rows (the window budget scaled alike: 3 windows per batch, as at full size)."""
@@ -227,7 +201,7 @@ def test_shared_projections_hold_little_more_memory() -> None:
     peaks = []
     for share in (False, True):
         block.share_projections = share
-        with torch.no_grad(), _LiveBytes() as probe:
+        with torch.no_grad(), LiveBytes() as probe:
             block(hidden)
         peaks.append(probe.peak)
     assert peaks[1] <= 1.05 * peaks[0], peaks
