@@ -220,7 +220,8 @@ case " $PHASES " in
 esac
 # 5e. (Not in the default list.)  CUDA graphs on lightning: run 4's job timeline had the GPU
 #    idle 66 ms of a 519 ms job inside the UNet calls, waiting for the host (1,167 gaps: the
-#    regional compile's ~60 regions per call, each entered from Python); `reduce-overhead`
+#    regional compile's 65 regions per call, each entered from Python; fewer without the
+#    profiler: ~35-50 ms of the unprofiled denoise is host work); `reduce-overhead`
 #    replays each region's kernels as one graph; `compile-full` (last: cut first if time runs
 #    out) enters one compiled UNet per call instead of ~60 regions.
 phase graphs 200 --case lightning --case server --repeats 3 --profile --profile-every-lever --lever default \
