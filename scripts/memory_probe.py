@@ -8,10 +8,11 @@ meta device's math fallback would (the whole score matrix).  Weights are not cou
 Compiled regions hold fewer intermediates than eager ops, so this is an upper bound of the
 eager kind, for comparing clip lengths and levers with each other, not a GPU figure.
 
-Usage: python scripts/memory_probe.py [FRAMES=16 64 ...] [--chunk-ff [ELEMENTS]]
+Usage: python scripts/memory_probe.py [FRAMES=16 64 ...] [--chunk-ff [ELEMENTS]] [--split-batch]
 
 2026-11-27 (CPU, seconds): 16 frames 2.03 GiB; 64 frames 8.59 GiB (x4.23), 5.47 GiB (x2.69)
-with --chunk-ff (2**26, the engine's CUDA default); 128 frames 17.19 / 9.37 GiB.
+with --chunk-ff (2**26, the engine's CUDA default), 3.52 GiB (x1.73) with --split-batch too;
+128 frames 17.19 / 9.37 / 5.70 GiB.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def fused_attention(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any)
     return torch.empty(*query.shape[:-1], value.shape[-1], dtype=query.dtype, device=query.device)
 
 
-def unet_peak(frames: int, chunk_ff: int | None) -> float:
+def unet_peak(frames: int, chunk_ff: int | None, split_batch: bool = False) -> float:
     with torch.device("meta"):
         unet = UNetMotionModel.from_unet2d(UNet2DConditionModel(**SD15_UNET), MotionAdapter()).half()
     if frames > 16:
@@ -46,8 +47,10 @@ def unet_peak(frames: int, chunk_ff: int | None) -> float:
                 module.transformer_blocks[i] = windowed_like(plain, BatchedWindowsBlock, 16, 4, "pyramid")
     if chunk_ff:
         chunk_feed_forwards(unet, chunk_ff)  # as the engine does (windowed blocks included)
-    sample = torch.zeros(2, 4, frames, 64, 64, device="meta", dtype=torch.half)
-    context = torch.zeros(2 * frames, 77, 768, device="meta", dtype=torch.half)
+    # --split-batch: beyond a 16-frame clip's 32 images, one CFG half per call (its peak is the call's).
+    batch = 1 if split_batch and 2 * frames > 32 else 2
+    sample = torch.zeros(batch, 4, frames, 64, 64, device="meta", dtype=torch.half)
+    context = torch.zeros(batch * frames, 77, 768, device="meta", dtype=torch.half)
     original = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = fused_attention
     try:
@@ -65,13 +68,15 @@ def main() -> None:
         "--chunk-ff", type=int, nargs="?", const=FF_CHUNK_ELEMENTS, default=None, metavar="ELEMENTS",
         help=f"feed-forwards in row chunks beyond this many input elements (default {FF_CHUNK_ELEMENTS})",
     )
+    parser.add_argument("--split-batch", action="store_true", help="the UNet called per CFG half beyond 32 images")
     args = parser.parse_args()
     base = None
     for frames in args.frames:
-        peak = unet_peak(frames, args.chunk_ff)
+        peak = unet_peak(frames, args.chunk_ff, args.split_batch)
         base = base or peak
         print(f"{frames:4d} frames (CFG batch {2 * frames}): activations peak {peak:6.2f} GiB  x{peak / base:.2f}"
-              + (f"  (feed-forwards chunked beyond {args.chunk_ff} elements)" if args.chunk_ff else ""))
+              + (f"  (feed-forwards chunked beyond {args.chunk_ff} elements)" if args.chunk_ff else "")
+              + ("  (one CFG half per call)" if args.split_batch and 2 * frames > 32 else ""))
 
 
 if __name__ == "__main__":

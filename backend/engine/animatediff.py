@@ -40,7 +40,7 @@ import torch
 from animatediff_blender.protocol.messages import GenerateRequest, ModelInfo
 
 from .attention import SDPA_BACKENDS, TEMPORAL_ATTENTION, with_attention
-from .chunking import FF_CHUNK_ELEMENTS, chunk_feed_forwards
+from .chunking import FF_CHUNK_ELEMENTS, chunk_feed_forwards, in_batch_elements
 from .interface import (
     CancelCheck,
     EngineError,
@@ -143,6 +143,11 @@ class FastPath:
         the peak (64 frames at 512x512: 8.59 -> 5.47 GiB of activations per UNet call,
         estimated on the meta device by `scripts/memory_probe.py`; 16 frames: 2.03 GiB,
         untouched).
+    split_batch_over: a UNet call on more images than this (batch x frames) runs one batch
+        element, i.e. one CFG half, at a time (`chunking.in_batch_elements`; 0: never): the
+        halves never meet inside the UNet, so a long clip holds half the activations
+        (estimated: 64 frames 5.47 -> 3.52 GiB with the feed-forward chunks) for two calls per
+        step on half the images.  Not the default until a GPU run measures its time.
     cudnn_benchmark: while the engine runs (jobs and warm-up), cuDNN times its convolution
         algorithms for each new input shape and keeps the fastest (`torch.backends.cudnn.
         benchmark`, off in torch by default; set back afterwards).  The UNet's and the VAE's
@@ -166,6 +171,7 @@ class FastPath:
     compile_vae: bool = False
     vae_channels_last: bool = False
     ff_chunk_elements: int = 0
+    split_batch_over: int = 0
     cudnn_benchmark: bool = False
     warm_shapes: tuple[tuple[int, int, int, bool], ...] = field(
         default=((16, 512, 512, True), (16, 512, 512, False))
@@ -259,6 +265,8 @@ class FastPath:
             parts.append("vae_channels_last")
         if self.ff_chunk_elements:
             parts.append(f"ff_chunk={self.ff_chunk_elements}")
+        if self.split_batch_over:
+            parts.append(f"split_batch_over={self.split_batch_over}")
         if self.cudnn_benchmark:
             parts.append("cudnn_benchmark")
         return ",".join(parts)
@@ -765,6 +773,8 @@ class AnimateDiffEngine:
             self._compile_module(pipe.vae.decoder)
         if fast.ff_chunk_elements:
             chunk_feed_forwards(pipe.unet, fast.ff_chunk_elements)
+        if fast.split_batch_over:
+            pipe.unet.forward = in_batch_elements(pipe.unet.forward, fast.split_batch_over)
         if fast.fuse_qkv:
             self._set_fused(pipe.unet, True)
         if fast.sdpa != "auto":

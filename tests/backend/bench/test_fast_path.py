@@ -53,6 +53,8 @@ def test_lever_specs() -> None:
     assert default.ff_chunk_elements == 2**26 and "ff_chunk=67108864" in default.describe()
     assert parse_lever("default+no-ff-chunk", "cuda", "fp16", "inductor").fast.ff_chunk_elements == 0
     assert parse_lever("ff-chunk:4096", "cuda", "fp16", "inductor").fast.ff_chunk_elements == 4096
+    split = parse_lever("default+split-batch", "cuda", "fp16", "inductor").fast
+    assert split == dataclasses.replace(default, split_batch_over=32) and "split_batch_over=32" in split.describe()
     plus = parse_lever("default+share-projections", "cuda", "fp16", "inductor").fast
     assert plus == dataclasses.replace(default, share_window_projections=True)
     previous = parse_lever("compile+batch-windows", "cuda", "fp16", "inductor").fast

@@ -120,3 +120,33 @@ def test_compiled_chunked_feed_forwards_trace_without_graph_breaks(tiny_zoo: Pat
     )  # fmt: skip
     assert np.abs(_frames(fast) - _frames(eager)).max() <= 2
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
+def _unet_batches(engine: AnimateDiffEngine, **kw: Any) -> tuple[np.ndarray, list[int]]:
+    """A job's frames (after a first job that loads the models) and the batch of every UNet
+    call in it (seen at conv_in: once per call)."""
+    engine.generate(_request(**kw), lambda _p: None, lambda: False)
+    batches: list[int] = []
+    handle = engine.pipeline.unet.conv_in.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
+    try:
+        frames = np.stack(engine.generate(_request(**kw), lambda _p: None, lambda: False).frames).astype(np.int16)
+    finally:
+        handle.remove()
+    return frames, batches
+
+
+@pytest.mark.parametrize("travel", [False, True])
+def test_split_batch_runs_one_cfg_half_at_a_time_with_the_same_frames(tiny_zoo: Path, travel: bool) -> None:
+    """Prompt travel: each frame has its own text embedding, negative frames first; a half
+    that got the other half's embeddings would change the frames far beyond rounding."""
+    kw: dict[str, Any] = {"prompt_travel": {0: "a cat", 6: "a dog"}} if travel else {}
+    whole = AnimateDiffEngine(tiny_zoo, "cpu", "fp32", fast=FastPath(batch_windows=True))
+    split = AnimateDiffEngine(tiny_zoo, "cpu", "fp32", fast=FastPath(batch_windows=True, split_batch_over=8))
+    expected, whole_batches = _unet_batches(whole, **kw)
+    frames, batches = _unet_batches(split, **kw)
+    assert set(whole_batches) == {2 * 8} and len(batches) == 2 * len(whole_batches)  # 8 frames x the CFG pair
+    assert set(batches) == {8}
+    assert np.abs(frames - expected).max() <= 1
+    # Within the limit (4 frames x 2 = 8 images): one call per step, as before.
+    _short, short_batches = _unet_batches(split, frames=4, context_length=None, context_stride=None)
+    assert set(short_batches) == {8} and len(short_batches) == 2
