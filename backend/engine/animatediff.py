@@ -187,6 +187,9 @@ class FastPath:
                 raise EngineError(
                     "device", f"fast path: {name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
+        for name in ("ff_chunk_elements", "split_batch_over"):
+            if getattr(self, name) < 0:
+                raise EngineError("device", f"fast path: {name} must be 0 (off) or positive, got {getattr(self, name)}")
         if self.share_window_projections and not self.batch_windows:
             raise EngineError("device", "fast path: share_window_projections needs batch_windows")
 

@@ -101,6 +101,10 @@ def test_defaults_per_device(tiny_zoo: Path) -> None:
     assert FastPath.auto_for("cpu", has_triton=True) == FastPath.off()
     with pytest.raises(EngineError, match="compile must be one of"):
         FastPath(compile="everything")
+    with pytest.raises(EngineError, match="ff_chunk_elements must be 0"):
+        FastPath(ff_chunk_elements=-1)
+    with pytest.raises(ValueError, match="split_batch_over must be 0"):
+        parse_lever("split-batch:-4", "cuda", "fp16", "inductor")
 
 
 @pytest.fixture
