@@ -22,13 +22,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
-from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 
 from animatediff_blender.backend.bench.memory import LiveBytes
-from animatediff_blender.backend.bench.models import SD15_UNET
-from animatediff_blender.backend.engine.chunking import FF_CHUNK_ELEMENTS, chunk_feed_forwards
-from animatediff_blender.backend.engine.freenoise import BatchedWindowsBlock, windowed_like
+from animatediff_blender.backend.bench.models import meta_motion_unet
+from animatediff_blender.backend.engine.chunking import (
+    FF_CHUNK_ELEMENTS,
+    SPLIT_BATCH_IMAGES,
+    chunk_feed_forwards,
+)
 
 GiB = 1024**3
 
@@ -39,16 +40,11 @@ def fused_attention(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any)
 
 
 def unet_peak(frames: int, chunk_ff: int | None, split_batch: bool = False) -> float:
-    with torch.device("meta"):
-        unet = UNetMotionModel.from_unet2d(UNet2DConditionModel(**SD15_UNET), MotionAdapter()).half()
-    if frames > 16:
-        for module in (m for m in unet.modules() if isinstance(m, AnimateDiffTransformer3D)):
-            for i, plain in enumerate(module.transformer_blocks):
-                module.transformer_blocks[i] = windowed_like(plain, BatchedWindowsBlock, 16, 4, "pyramid")
+    unet = meta_motion_unet("real", (16, 4) if frames > 16 else None).half()
     if chunk_ff:
         chunk_feed_forwards(unet, chunk_ff)  # as the engine does (windowed blocks included)
-    # --split-batch: beyond a 16-frame clip's 32 images, one CFG half per call (its peak is the call's).
-    batch = 1 if split_batch and 2 * frames > 32 else 2
+    # --split-batch: beyond a 16-frame clip's CFG batch, one CFG half per call (its peak is the call's).
+    batch = 1 if split_batch and 2 * frames > SPLIT_BATCH_IMAGES else 2
     sample = torch.zeros(batch, 4, frames, 64, 64, device="meta", dtype=torch.half)
     context = torch.zeros(batch * frames, 77, 768, device="meta", dtype=torch.half)
     original = F.scaled_dot_product_attention
@@ -68,7 +64,10 @@ def main() -> None:
         "--chunk-ff", type=int, nargs="?", const=FF_CHUNK_ELEMENTS, default=None, metavar="ELEMENTS",
         help=f"feed-forwards in row chunks beyond this many input elements (default {FF_CHUNK_ELEMENTS})",
     )
-    parser.add_argument("--split-batch", action="store_true", help="the UNet called per CFG half beyond 32 images")
+    parser.add_argument(
+        "--split-batch", action="store_true",
+        help=f"the UNet called per CFG half beyond {SPLIT_BATCH_IMAGES} images",
+    )  # fmt: skip
     args = parser.parse_args()
     base = None
     for frames in args.frames:
@@ -76,7 +75,7 @@ def main() -> None:
         base = base or peak
         print(f"{frames:4d} frames (CFG batch {2 * frames}): activations peak {peak:6.2f} GiB  x{peak / base:.2f}"
               + (f"  (feed-forwards chunked beyond {args.chunk_ff} elements)" if args.chunk_ff else "")
-              + ("  (one CFG half per call)" if args.split_batch and 2 * frames > 32 else ""))
+              + ("  (one CFG half per call)" if args.split_batch and 2 * frames > SPLIT_BATCH_IMAGES else ""))
 
 
 if __name__ == "__main__":

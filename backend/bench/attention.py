@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from animatediff_blender.backend.bench.models import SD15_UNET, Size
+from animatediff_blender.backend.bench.models import Size, meta_motion_unet, unet_configs
 from animatediff_blender.backend.bench.profile import wrapped
 from animatediff_blender.backend.bench.run import Case
 from animatediff_blender.backend.engine.attention import SDPA_BACKENDS, reduced_attention
@@ -81,41 +81,20 @@ class Timing:
         return None if not self.us else call.flops / (self.us * 1e-6) / 1e12
 
 
-def _unet_configs(size: Size) -> tuple[dict[str, Any], dict[str, Any]]:
-    from animatediff_blender.backend.models import tiny
-
-    if size == "real":
-        return SD15_UNET, {}  # MotionAdapter() defaults are the mm_sd_v15_v2 layout
-    return tiny.UNET_CONFIG, tiny.motion_adapter_config("v2")
-
-
 def record_step_attention(case: Case, size: Size) -> list[AttentionCall]:
     """Every scaled-dot-product attention of one UNet call of `case` (the CFG batch when its
     guidance is above 1), grouped by kind and shape in the order first seen."""
     import torch
     import torch.nn.functional as F
-    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
     from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
-    from diffusers.utils import logging as diffusers_logging
 
-    from animatediff_blender.backend.engine.freenoise import BatchedWindowsBlock, windowed_like
-
-    unet_cfg, motion_cfg = _unet_configs(size)
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # from_unet2d's note about float32 modules (there are none)
-    try:
-        with torch.device("meta"):
-            unet = UNetMotionModel.from_unet2d(UNet2DConditionModel(**unet_cfg), MotionAdapter(**motion_cfg))
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    motion_modules = [m for m in unet.modules() if isinstance(m, AnimateDiffTransformer3D)]
+    unet_cfg, _ = unet_configs(size)
+    windows = None
     if case.free_noise:
         assert case.context_length is not None and case.context_stride is not None
-        for module in motion_modules:
-            for i, plain in enumerate(module.transformer_blocks):
-                module.transformer_blocks[i] = windowed_like(
-                    plain, BatchedWindowsBlock, case.context_length, case.context_stride, "pyramid"
-                )
+        windows = (case.context_length, case.context_stride)
+    unet = meta_motion_unet(size, windows)
+    motion_modules = [m for m in unet.modules() if isinstance(m, AnimateDiffTransformer3D)]
     batch = 2 if case.guidance > 1.0 else 1
     scale = 2 ** (len(unet_cfg["block_out_channels"]) - 1)  # the VAE's: same depth as the UNet's here
     sample = torch.zeros(batch, unet_cfg["in_channels"], case.frames, case.height // scale, case.width // scale,

@@ -60,6 +60,39 @@ SD15_TEXT: dict[str, Any] = {
 }
 
 
+def unet_configs(size: Size) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The UNet's and the motion adapter's config at `size`."""
+    if size == "real":
+        return SD15_UNET, {}  # MotionAdapter() defaults are the mm_sd_v15_v2 layout
+    return tiny.UNET_CONFIG, tiny.motion_adapter_config("v2")
+
+
+def meta_motion_unet(size: Size, windows: tuple[int, int] | None = None) -> Any:
+    """The motion UNet's structure on the meta device (no weights: seconds, no memory), for
+    counting what a step does (`bench-attention`, `scripts/memory_probe.py`).  `windows`:
+    (length, stride) of FreeNoise windows, batched as the engine's fast path batches them."""
+    import torch
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+    from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+    from diffusers.utils import logging as diffusers_logging
+
+    from animatediff_blender.backend.engine.freenoise import BatchedWindowsBlock, windowed_like
+
+    unet_cfg, motion_cfg = unet_configs(size)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # from_unet2d's note about float32 modules (there are none)
+    try:
+        with torch.device("meta"):
+            unet = UNetMotionModel.from_unet2d(UNet2DConditionModel(**unet_cfg), MotionAdapter(**motion_cfg))
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    if windows is not None:
+        for module in (m for m in unet.modules() if isinstance(m, AnimateDiffTransformer3D)):
+            for i, plain in enumerate(module.transformer_blocks):
+                module.transformer_blocks[i] = windowed_like(plain, BatchedWindowsBlock, *windows, "pyramid")
+    return unet
+
+
 def build_bench_models(dest: Path, size: Size, seed: int = 0, init_device: str = "cpu") -> Path:
     """Write `base/bench-sd15/` and `motion/bench-motion-adapter-v2/` under `dest` (once per
     size).  `init_device="cuda"` draws the real-size random weights on the GPU (seconds

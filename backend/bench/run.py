@@ -169,9 +169,9 @@ def parse_lever(spec: str, device: str, dtype: str, compile_backend: str) -> Lev
     `share-projections` (batched windows sharing their per-frame projections),
     `vae-compile`, `vae-channels-last`, `ff-chunk[:ELEMENTS]` / `no-ff-chunk` (feed-forwards
     in row chunks beyond that many input elements), `split-batch[:IMAGES]` (the UNet called per
-    CFG half beyond that many images, default 32), `cudnn-benchmark`, `bf16`, `fp16`."""
+    CFG half beyond that many images, default a 16-frame clip's 32), `cudnn-benchmark`, `bf16`, `fp16`."""
     from animatediff_blender.backend.engine.animatediff import FastPath
-    from animatediff_blender.backend.engine.chunking import FF_CHUNK_ELEMENTS
+    from animatediff_blender.backend.engine.chunking import FF_CHUNK_ELEMENTS, SPLIT_BATCH_IMAGES
     from animatediff_blender.backend.engine.interface import EngineError
 
     parts = spec.split("+")
@@ -205,7 +205,7 @@ def parse_lever(spec: str, device: str, dtype: str, compile_backend: str) -> Lev
         elif name == "no-ff-chunk":
             kw["ff_chunk_elements"] = 0
         elif name == "split-batch":
-            kw["split_batch_over"] = int(arg) if arg else 32  # beyond a 16-frame clip's CFG batch
+            kw["split_batch_over"] = int(arg) if arg else SPLIT_BATCH_IMAGES
         elif name == "cudnn-benchmark":
             kw["cudnn_benchmark"] = True
         elif name == "sdpa":

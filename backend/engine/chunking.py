@@ -33,6 +33,8 @@ import torch
 # Largest feed-forward input (elements) run whole: a 16-frame 512x512 clip's with CFG is
 # 2**25.3 (8192 rows x 16 frames x 320 channels, or 32 images x 4096 tokens x 320).
 FF_CHUNK_ELEMENTS = 2**26
+# The `split-batch` lever's threshold: a 16-frame clip's CFG batch (32 images) runs whole.
+SPLIT_BATCH_IMAGES = 32
 
 
 def rows_per_chunk(shape: torch.Size | tuple[int, ...], max_elements: int) -> int:

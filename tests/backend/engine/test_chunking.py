@@ -66,8 +66,8 @@ def _request(**kw: Any) -> GenerateRequest:
     return GenerateRequest(**fields)
 
 
-def _frames(engine: AnimateDiffEngine) -> np.ndarray:
-    result = engine.generate(_request(), lambda _p: None, lambda: False)
+def _frames(engine: AnimateDiffEngine, **kw: Any) -> np.ndarray:
+    result = engine.generate(_request(**kw), lambda _p: None, lambda: False)
     return np.stack(result.frames).astype(np.int16)
 
 
@@ -125,11 +125,11 @@ def test_compiled_chunked_feed_forwards_trace_without_graph_breaks(tiny_zoo: Pat
 def _unet_batches(engine: AnimateDiffEngine, **kw: Any) -> tuple[np.ndarray, list[int]]:
     """A job's frames (after a first job that loads the models) and the batch of every UNet
     call in it (seen at conv_in: once per call)."""
-    engine.generate(_request(**kw), lambda _p: None, lambda: False)
+    _frames(engine, **kw)
     batches: list[int] = []
     handle = engine.pipeline.unet.conv_in.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
     try:
-        frames = np.stack(engine.generate(_request(**kw), lambda _p: None, lambda: False).frames).astype(np.int16)
+        frames = _frames(engine, **kw)
     finally:
         handle.remove()
     return frames, batches
