@@ -17,10 +17,9 @@ import time
 from typing import Any
 
 import torch
-from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from animatediff_blender.backend.bench.models import SD15_UNET
+from animatediff_blender.backend.bench.models import meta_motion_unet
 from animatediff_blender.backend.engine.freenoise import BatchedWindowsBlock
 
 
@@ -34,16 +33,10 @@ def block_kwargs(dim: int) -> dict[str, Any]:
 
 
 def unet_flops(frames: int) -> tuple[float, float]:
-    with torch.device("meta"):
-        unet = UNetMotionModel.from_unet2d(UNet2DConditionModel(**SD15_UNET), MotionAdapter())
-        blocks = []
-        for module in unet.modules():
-            if type(module).__name__ == "AnimateDiffTransformer3D":
-                for i, plain in enumerate(module.transformer_blocks):
-                    module.transformer_blocks[i] = BatchedWindowsBlock(**block_kwargs(plain.dim))
-                    blocks.append(module.transformer_blocks[i])
-        sample = torch.zeros(2, 4, frames, 64, 64)
-        context = torch.zeros(2 * frames, 77, 768)  # the pipeline repeats the prompt per frame
+    unet = meta_motion_unet("real", (16, 4))
+    blocks = [m for m in unet.modules() if isinstance(m, BatchedWindowsBlock)]
+    sample = torch.zeros(2, 4, frames, 64, 64, device="meta")
+    context = torch.zeros(2 * frames, 77, 768, device="meta")  # the pipeline repeats the prompt per frame
     counts = []
     for share in (False, True):
         for block in blocks:
