@@ -84,6 +84,13 @@ joblog = logging.getLogger("animatediff_blender.server.jobs")
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
 MAX_RECV_PER_TURN = 200  # then look at engine events again: neither side starves
+# What a peer that stops reading can make the server hold: libzmq bounds a peer's queue in
+# messages (SNDHWM), not bytes, so frames travel in messages of at most
+# FRAMES_MESSAGE_BYTES (one frame at least) and the queue holds SEND_QUEUE_MESSAGES of them:
+# ~1 GiB, not 1000 messages of up to --max-message-mb each.  A whole 256-frame 1024x1024
+# clip (~100 such messages) still fits, and a client that misses frames fetches them again.
+FRAMES_MESSAGE_BYTES = 8 * 2**20
+SEND_QUEUE_MESSAGES = 128
 
 
 class _RateLimitedLog:
@@ -129,6 +136,8 @@ class Server:
         self.warming_up = True
         self.endpoint = ""  # the bound address (with the real port when bound to :0 or *)
         self.refusals = 0  # messages refused (tests and metrics)
+        self.dropped = 0  # messages dropped because their peer did not read (tests and metrics)
+        self._not_reading: dict[bytes, int] = {}  # peer -> messages dropped since it stopped reading
         self._events: queue.Queue[Event] = queue.Queue()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -252,9 +261,8 @@ class Server:
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.config.heartbeat_timeout_ms)
         sock.setsockopt(zmq.HEARTBEAT_TTL, self.config.heartbeat_ttl_ms)
         sock.setsockopt(zmq.LINGER, self.config.linger_ms)
-        # Per peer, in messages: enough for a job's progress and frames, not for a reader
-        # that never reads to pile up gigabytes of fetched frames.
-        sock.setsockopt(zmq.SNDHWM, 1000)
+        # Per peer, in messages (see FRAMES_MESSAGE_BYTES).
+        sock.setsockopt(zmq.SNDHWM, SEND_QUEUE_MESSAGES)
         sock.setsockopt(zmq.RCVHWM, 1000)
 
     def _recover_and_prune(self) -> None:
@@ -342,19 +350,29 @@ class Server:
         try:
             self._sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            log.warning(
-                "peer=%s is not reading; dropped a %s message", identity.hex(), type(content).__name__
-            )
+            self.dropped += 1
+            if identity not in self._not_reading:
+                self._not_reading[identity] = 0
+                log.warning(
+                    "peer=%s is not reading: dropping messages to it (first: %s) until it reads again",
+                    identity.hex(), type(content).__name__,
+                )  # fmt: skip
+            self._not_reading[identity] += 1
             return False
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
                 self._forget(identity)
                 return False
             raise
+        if identity in self._not_reading:
+            log.warning(
+                "peer=%s reads again; %d messages to it were dropped", identity.hex(), self._not_reading.pop(identity)
+            )
         return True
 
     def _forget(self, identity: bytes) -> None:
         """The connection is gone: stop sending it events."""
+        self._not_reading.pop(identity, None)
         for job in self.live.values():
             job.watchers.discard(identity)
 
@@ -377,7 +395,7 @@ class Server:
         """Split frames first..first+len-1 of a clip of `total` (default: these frames) into
         Frames messages within the frame-count and byte caps."""
         out: list[tuple[messages.Base, list[bytes]]] = []
-        budget = self.limits.max_message_bytes - FRAME_MESSAGE_OVERHEAD
+        budget = min(self.limits.max_message_bytes - FRAME_MESSAGE_OVERHEAD, FRAMES_MESSAGE_BYTES)
         total = len(pngs) if total is None else total
         start = 0
         while start < len(pngs):

@@ -25,10 +25,14 @@ def small_request(prompt: str = "a cat", **kw: Any) -> GenerateRequest:
 class RawPeer:
     """A bare DEALER for malformed-input tests: sends any frames, decodes replies."""
 
-    def __init__(self, address: str, key: bytes = KEY, client_id: str = "raw-peer") -> None:
+    def __init__(
+        self, address: str, key: bytes = KEY, client_id: str = "raw-peer", sockopts: dict[int, int] | None = None
+    ) -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        for option, value in (sockopts or {}).items():  # before connecting: they shape the pipe
+            self.sock.setsockopt(option, value)
         self.sock.connect(address)
         self.session = Session(key, client_id=client_id, role="client")
         self.session.max_frames = 4 + 256

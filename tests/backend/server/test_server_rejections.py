@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
 import pytest
+import zmq
 from server_helpers import RawPeer, small_request
 
 from animatediff_blender.backend.engine.fake import FakeEngine
+from animatediff_blender.backend.server import server as server_module
 from animatediff_blender.backend.server.server import Server
 from animatediff_blender.protocol import messages
 from animatediff_blender.protocol.client import BackendClient, ClientError
@@ -350,3 +353,37 @@ def test_vanished_peer_does_not_block_the_loop(
     client = make_client(server, client_id="other")
     result = client.run_job(small_request(prompt="after"))
     assert len(result.frames) == 4
+
+
+def test_a_peer_that_stops_reading_cannot_pile_up_frames(
+    make_server: Callable[..., Server], make_client: Callable[..., BackendClient]
+) -> None:
+    """libzmq bounds a peer's queue in messages, not bytes: a client that keeps fetching a
+    clip and never reads must not make the server hold every copy.  The server drops what
+    no longer fits (counted and logged once), stays healthy, and the peer, once it reads
+    again, gets everything it asks for."""
+    server = make_server(limits=Limits(max_frames_per_message=1))  # 8 frames -> 9 messages a fetch
+    job_id = make_client(server).run_job(small_request(frames=8, width=256, height=256)).job_id
+    per_fetch, fetches = 9, 60
+    # The peer's own buffers hold ~nothing, so what it receives later is what the server queued.
+    with RawPeer(server.endpoint, client_id="artist-a", sockopts={zmq.RCVHWM: 1, zmq.RCVBUF: 4096}) as peer:
+        for _ in range(fetches):
+            peer.send(peer.signed(messages.Fetch(job_id=job_id)))
+        deadline = time.monotonic() + 30
+        while server.dropped == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.dropped > 0, "every fetched frame was queued for a peer that does not read"
+        healthy(server)
+        time.sleep(0.5)  # the loop is done with the remaining fetches
+        received = 0
+        while peer.sock.poll(500):
+            peer.session.deserialize(peer.sock.recv_multipart())
+            received += 1
+        # The server's queue (SEND_QUEUE_MESSAGES) plus what the two TCP buffers held (~128 KiB
+        # frames: a few dozen), against 540 had it queued them all.
+        assert received <= server_module.SEND_QUEUE_MESSAGES + 100 < per_fetch * fetches
+        # Reading again: a fetch is answered in full.
+        peer.send(peer.signed(messages.Fetch(job_id=job_id)))
+        replies = [peer.recv(10).content for _ in range(per_fetch)]
+        assert [type(r).__name__ for r in replies] == ["Frames"] * 8 + ["Finished"]
+        assert [r.start for r in replies[:8]] == list(range(8))

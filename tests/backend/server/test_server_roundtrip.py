@@ -12,6 +12,7 @@ from PIL import Image
 from server_helpers import small_request
 
 from animatediff_blender.backend.engine.fake import FakeEngine
+from animatediff_blender.backend.server import server as server_module
 from animatediff_blender.backend.server.server import Server
 from animatediff_blender.protocol.client import BackendClient, Event
 from animatediff_blender.protocol.messages import Finished, Frames, Limits, Progress
@@ -93,5 +94,24 @@ def test_frames_are_split_within_the_message_caps(
     for chunk in chunks:
         assert 1 <= chunk.content.count <= max_count
         assert sum(len(b) for b in chunk.buffers) <= limits.max_message_bytes
+    assert len(result.frames) == 8
+    assert client.fetch(result.job_id).frames == result.frames
+
+
+def test_frames_messages_stay_within_the_queue_byte_bound(
+    make_server: Callable[..., Server],
+    make_client: Callable[..., BackendClient],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """However large --max-message-mb is, a frames message carries at most
+    FRAMES_MESSAGE_BYTES (one frame at least): the send queue's bound is in messages."""
+    monkeypatch.setattr(server_module, "FRAMES_MESSAGE_BYTES", 40_000)  # ~1-2 frames of 96x96 noise
+    client = make_client(make_server())
+    events: list[Event] = []
+    result = client.run_job(small_request(frames=8, width=96, height=96), on_event=events.append)
+    chunks = [e for e in events if isinstance(e.content, Frames)]
+    assert len(chunks) > 1
+    for chunk in chunks:
+        assert chunk.content.count == 1 or sum(len(b) for b in chunk.buffers) <= 40_000
     assert len(result.frames) == 8
     assert client.fetch(result.job_id).frames == result.frames
