@@ -85,6 +85,9 @@ class ClientError(Exception):
         self.code = code
         self.message = message
         self.fields: list[FieldError] = list(fields)
+        # run_job: the job's verified frames (index -> PNG) that arrived before the error.
+        # The backend deletes a failed or interrupted job's frames, so these may be the only copy.
+        self.frames: dict[int, bytes] = {}
 
     def __str__(self) -> str:
         if not self.fields:
@@ -406,7 +409,8 @@ class BackendClient:
         (the job's own `code`), on cancellation ("cancelled"), or when the backend stays
         unreachable for `reconnect_give_up_s` ("connection") — the job id is in the message
         so that it can be fetched later.  With `timeout_s`, a job still running after that
-        long is cancelled and "timeout" raised."""
+        long is cancelled and "timeout" raised.  The error's `frames` hold the frames that
+        arrived before it."""
         self._ensure_connected()
         accepted = self.submit(request, client_tag=client_tag)
         job_id = accepted.job_id
@@ -427,17 +431,21 @@ class BackendClient:
                     if reply is not None and reply.state == "cancelled":
                         raise give_up_cancelled()
                 if deadline is not None and time.monotonic() > deadline:
-                    self._try_cancel(job_id)
-                    raise ClientError(
-                        "timeout", f"job {job_id} did not finish within {timeout_s:g} s; it was cancelled"
+                    outcome = (
+                        "it was cancelled"
+                        if self._try_cancel(job_id)
+                        else f"cancelling it failed, so it may still run on the backend at {self.config.address}"
                     )
+                    raise ClientError("timeout", f"job {job_id} did not finish within {timeout_s:g} s; {outcome}")
                 event = self._next_event(0.1)
                 if event is None:
                     if time.monotonic() - last_heard > self.config.heartbeat_s:
                         # Silence: ask for the job (re-subscribing this connection, which
                         # also covers a reconnect that gave us a new identity).
                         try:
-                            statuses = self._guarded(lambda: self.watch([job_id]), job_id, cancel)
+                            statuses = self._guarded(
+                                lambda: self.watch([job_id]), job_id, cancel, deadline=deadline
+                            )
                         except ClientError as exc:
                             if exc.code != "cancelled" or cancel_sent:
                                 raise
@@ -466,6 +474,10 @@ class BackendClient:
                     raise ClientError(content.code, f"job {job_id} failed: {content.message}")
                 elif isinstance(content, Cancelled):
                     raise give_up_cancelled()
+        except ClientError as exc:
+            if not exc.frames:
+                exc.frames = dict(collector.frames)
+            raise
         finally:
             # Events of other jobs stay available to poll().
             self._events.extend(other_events)
@@ -496,10 +508,17 @@ class BackendClient:
         assert result is not None
         return result
 
-    def _guarded(self, call: Callable[[], R], job_id: str, cancel: threading.Event | None = None) -> R:
+    def _guarded(
+        self,
+        call: Callable[[], R],
+        job_id: str,
+        cancel: threading.Event | None = None,
+        deadline: float | None = None,
+    ) -> R:
         """Run a request; if the backend does not answer, reconnect with back-off and retry
-        until it does or `reconnect_give_up_s` passes.  Once `cancel` is set, a backend
-        that does not answer ends the wait at once: the user asked to stop."""
+        until it does or `reconnect_give_up_s` passes (or the job's `deadline`, a monotonic
+        time: run_job's `timeout_s` holds while the backend is gone too).  Once `cancel` is
+        set, a backend that does not answer ends the wait at once: the user asked to stop."""
         give_up = time.monotonic() + self.config.reconnect_give_up_s
         delay = 0.5
         while True:
@@ -517,6 +536,12 @@ class BackendClient:
                         f"cancelled job {job_id}, but the backend at {self.config.address} did not answer; "
                         "the job may still run there (cancel or fetch it later by its id)",
                     ) from None
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise ClientError(
+                        "timeout",
+                        f"job {job_id} ran out of time while the backend at {self.config.address} did not "
+                        "answer; it may still run there (cancel or fetch it later by its id)",
+                    ) from None
                 log.warning("backend not answering (%s); reconnecting", exc.message)
                 if time.monotonic() + delay > give_up:
                     raise ClientError(
@@ -531,11 +556,14 @@ class BackendClient:
                     time.sleep(delay)
                 delay = min(delay * 2, 8.0)
 
-    def _try_cancel(self, job_id: str) -> None:
+    def _try_cancel(self, job_id: str) -> bool:
+        """Cancel without raising; False when the backend did not take the cancel."""
         try:
             self.cancel(job_id)
         except ClientError as exc:
             log.warning("could not cancel job %s: %s", job_id, exc)
+            return False
+        return True
 
 
 def _expect(msg: Message, expect: type[T]) -> T:

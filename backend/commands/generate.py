@@ -208,6 +208,32 @@ def validate_locally(request: GenerateRequest) -> None:
         raise UsageError(describe_fields(content_errors(raw, GenerateRequest, exc))) from None
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """Float flags argparse lets through: `nan` and `inf` parse, but JSON sends them as null
+    (so `--guidance nan` would silently become the preset's default) and the timeouts and
+    the frame rate need a positive, finite number."""
+    import math
+
+    for flag, value in (("--fps", args.fps), ("--timeout", args.timeout), ("--job-timeout", args.job_timeout)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{flag} must be a positive number, not {value:g}")
+    for flag, value in (("--guidance", args.guidance), ("--adapter-scale", args.adapter_scale)):
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, not {value:g}")
+    for i, (_, weight) in enumerate(map(_lora, args.lora)):
+        if not math.isfinite(weight):
+            raise UsageError(f"--lora #{i + 1}: the weight must be a finite number, not {weight:g}")
+
+
+def prepare_out(out: Path) -> None:
+    """Create the output folder and prove it takes files (raises OSError)."""
+    import tempfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out):
+        pass
+
+
 def client_config(args: argparse.Namespace) -> ClientConfig:
     from animatediff_blender.protocol.client import ClientConfig
 
@@ -225,16 +251,17 @@ def run(args: argparse.Namespace) -> int:
     from animatediff_blender.protocol.client import ClientError
 
     try:
+        check_numbers(args)
         if args.list_models:
             return _list_models(args)
         if not args.prompt:
             raise UsageError("--prompt is required")
         if args.out is None:
             raise UsageError("--out is required")
-        if args.fps <= 0:
-            raise UsageError("--fps must be positive")
         request = build_request(args)
         validate_locally(request)
+        # Before any GPU time is spent: a clip that cannot be saved is a clip lost.
+        prepare_out(args.out)
         result = _generate(args, request)
         written = save(result, args.out, fps=args.fps)
     except UsageError as exc:
@@ -245,6 +272,8 @@ def run(args: argparse.Namespace) -> int:
         text = (
             f"the backend refused the request: {describe_fields(exc.fields)}" if exc.fields else exc.message
         )
+        if exc.frames:
+            text += f"; {save_partial(exc.frames, args.out)}"
         print(f"error: {text}", file=sys.stderr)
         return 130 if exc.code == "cancelled" else 1
     except OSError as exc:
@@ -328,6 +357,16 @@ def _generate(args: argparse.Namespace, request: GenerateRequest) -> JobResult:
             bar.close()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def save_partial(frames: dict[int, bytes], out: Path) -> str:
+    """Keep the frames of a job that did not finish (the backend deletes them): what we did."""
+    try:
+        for i, data in sorted(frames.items()):
+            (out / f"frame_{i:04d}.png").write_bytes(data)
+    except OSError as exc:
+        return f"could not keep the {len(frames)} frame(s) received before that: {exc}"
+    return f"the {len(frames)} frame(s) received before that are in {out}"
 
 
 def save(result: JobResult, out: Path, *, fps: float) -> list[tuple[str, Path]]:

@@ -129,5 +129,9 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_zoo(args: argparse.Namespace) -> int:
     from animatediff_blender.backend.models.zoo import build_zoo
 
-    print(build_zoo(args.dest, force=args.force))
+    try:
+        print(build_zoo(args.dest, force=args.force))
+    except OSError as exc:  # DEST is a file, or not writable
+        print(f"error: cannot build the zoo in {args.dest}: {exc}", file=sys.stderr)
+        return 1
     return 0

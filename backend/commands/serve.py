@@ -165,6 +165,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import logging
+    import math
     import os
     import signal
     import sys
@@ -178,6 +179,13 @@ def run(args: argparse.Namespace) -> int:
     from animatediff_blender.backend.server.server import Server
 
     log = logging.getLogger("animatediff_blender.server")
+    # argparse takes "inf" and "nan" for a float: inf overflows int() below, nan disables a limit.
+    for dest in ("max_guidance", "job_timeout", "max_message_mb", "retention_hours", "retention_max_gb"):
+        value = getattr(args, dest)
+        if not (math.isfinite(value) and value >= 0):
+            flag = "--" + dest.replace("_", "-")
+            print(f"animatediff-blender serve: {flag} must be a finite number >= 0, not {value:g}", file=sys.stderr)
+            return 2
     data_dir = args.data_dir or _data_dir()
     models_dir = args.models_dir or data_dir / "models"
     limits = Limits(
@@ -225,6 +233,9 @@ def run(args: argparse.Namespace) -> int:
             log.info("fast path (--fast %s): %s", args.fast, engine.fast.describe())
         server = Server(config, engine)
     except (ConfigError, EngineError) as exc:
+        print(f"animatediff-blender serve: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a --data-dir or --key-file path that cannot be created
         print(f"animatediff-blender serve: {exc}", file=sys.stderr)
         return 2
 

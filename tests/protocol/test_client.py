@@ -36,6 +36,7 @@ class Script:
     frames: int = 3
     stream_frames: bool = True  # send frames as events (else the client must fetch)
     fail: str = ""  # Failed.code to send instead of finishing
+    fail_after_frames: str = ""  # Failed.code to send after streaming the frames (a decode OOM)
     corrupt: bool = False  # wrong sha256 on the streamed frames
     mute_after_accept_s: float = 0.0  # ignore everything for a while after Accepted
     finish_on_submit: bool = True
@@ -144,6 +145,10 @@ class FakeBackend:
                     continue
                 if self.script.stream_frames:
                     self.frames_msgs(ids, None)
+                if self.script.fail_after_frames:
+                    self.state = "failed"
+                    self.send(ids, m.Failed(job_id=JOB, code=self.script.fail_after_frames, message="decode failed"))
+                    continue
                 self.state = "finished"
                 self.send(ids, self.finished())
             elif isinstance(c, m.Watch):
@@ -222,6 +227,33 @@ def test_run_job_failure_raises_the_job_code(fake) -> None:  # type: ignore[no-u
         client.run_job(m.GenerateRequest(prompt="a cat"))
     assert info.value.code == "out_of_memory"
     assert JOB in info.value.message
+
+
+def test_run_job_failure_hands_over_the_frames_received_before_it(fake) -> None:  # type: ignore[no-untyped-def]
+    # The backend deletes a failed job's frames: what reached the client is the only copy.
+    _, client = fake(Script(frames=3, fail_after_frames="out_of_memory"))
+    with pytest.raises(ClientError) as info:
+        client.run_job(m.GenerateRequest(prompt="a cat"))
+    assert info.value.code == "out_of_memory"
+    assert info.value.frames == {i: png(i) for i in range(3)}
+
+
+def test_job_timeout_holds_while_the_backend_is_gone(fake) -> None:  # type: ignore[no-untyped-def]
+    # The backend dies mid-job: run_job's timeout_s must end the wait, not reconnect_give_up_s.
+    _, client = fake(Script(mute_after_accept_s=60), timeout_s=0.3, heartbeat_s=0.2, reconnect_give_up_s=30)
+    t = time.monotonic()
+    with pytest.raises(ClientError) as info:
+        client.run_job(m.GenerateRequest(prompt="a cat"), timeout_s=1.0)
+    assert time.monotonic() - t < 5
+    assert info.value.code == "timeout" and JOB in info.value.message
+
+
+def test_job_timeout_does_not_claim_a_cancel_the_backend_never_took(fake) -> None:  # type: ignore[no-untyped-def]
+    _, client = fake(Script(mute_after_accept_s=60), timeout_s=0.3, heartbeat_s=30)
+    with pytest.raises(ClientError) as info:
+        client.run_job(m.GenerateRequest(prompt="a cat"), timeout_s=0.3)
+    assert info.value.code == "timeout"
+    assert "was cancelled" not in info.value.message and "may still run" in info.value.message
 
 
 def test_corrupt_frames_are_detected(fake) -> None:  # type: ignore[no-untyped-def]

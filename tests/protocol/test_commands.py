@@ -124,6 +124,69 @@ def test_server_down_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert len(err) == 1 and err[0].startswith("error: No answer from backend at tcp://127.0.0.1:1")
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--fps", "nan"],  # used to crash writing the GIF, after the whole job
+        ["--fps", "inf"],
+        ["--timeout", "inf"],  # used to crash in the handshake
+        ["--timeout", "0"],
+        ["--job-timeout", "-5"],  # used to submit the job, then cancel it at once
+        ["--guidance", "nan"],  # used to reach the backend as null: the preset's guidance
+        ["--adapter-scale", "inf"],
+        ["--lora", "ZoomIn:nan"],
+        ["--list-models", "--timeout", "inf"],
+    ],
+)
+def test_bad_numbers_are_usage_errors(flags: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    auth.create_key()
+    args = ["generate", "--address", "tcp://127.0.0.1:1", "--timeout", "0.3", "--prompt", "x", "--out", str(tmp_path)]
+    assert main([*args, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and flags[-2] in err[0], err
+
+
+def test_unusable_out_fails_before_the_job_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # No backend listens: the output folder is checked first, not after the GPU did the work.
+    auth.create_key()
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    code = main(["generate", "--address", "tcp://127.0.0.1:1", "--timeout", "0.3", "--prompt", "x",
+                 "--out", str(not_a_folder / "clip")])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot write output"), err
+
+
+def test_models_zoo_into_a_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dest = tmp_path / "file"
+    dest.write_text("x")
+    assert main(["models", "zoo", str(dest)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(dest) in err[0]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--data-dir", "{file}"],  # used to end in a FileExistsError traceback
+        ["--key-file", "{file}/hmac.key"],
+        ["--max-message-mb", "inf"],  # used to end in an OverflowError traceback
+        ["--retention-max-gb", "inf"],
+    ],
+)
+def test_serve_bad_paths_and_numbers_are_one_line(
+    flags: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "file"
+    file.write_text("x")
+    flags = [f.format(file=file) for f in flags]
+    args = ["serve", "--engine", "fake", "--bind", "tcp://127.0.0.1:*", "--data-dir", str(tmp_path / "data")]
+    assert main([*args, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("animatediff-blender serve: "), err
+
+
 @pytest.mark.skipif(os.name != "posix", reason="sends itself SIGINT")
 def test_ctrl_c_while_connecting_quits_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Nothing is submitted yet, so there is nothing to cancel: the first Ctrl-C quits (it
@@ -202,6 +265,54 @@ def test_generate_reports_server_refusals_and_failures(
     assert main([*args, "--prompt", "!oom", "--frames", "2"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: job ") and "memory" in err[-1]
+
+
+def test_frames_received_before_a_failure_are_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The engine fails after its first chunk of frames reached the client (a VAE decode out of
+    memory): the backend deletes the job's frames, so the client's copy must be saved."""
+    import time
+
+    from animatediff_blender.backend.engine.fake import FakeEngine
+    from animatediff_blender.backend.engine.interface import EngineError, FrameSink
+    from animatediff_blender.backend.server.config import ServerConfig
+    from animatediff_blender.backend.server.server import Server
+
+    class DecodeRunsOutOfMemory(FakeEngine):
+        def generate(self, request, progress, should_cancel, on_frames: FrameSink | None = None):  # type: ignore[no-untyped-def]
+            def sink(start: int, frames: list) -> None:  # type: ignore[type-arg]
+                if start > 0:
+                    # Fail once the first chunk is stored, so on its way to the client.
+                    deadline = time.monotonic() + 10
+                    while not list(data.glob("jobs/*/frame_0003.png")) and time.monotonic() < deadline:
+                        time.sleep(0.02)
+                    time.sleep(0.3)
+                    raise EngineError("out_of_memory", "VAE decode ran out of memory")
+                assert on_frames is not None
+                on_frames(start, frames)
+
+            return super().generate(request, progress, should_cancel, sink)
+
+    data = tmp_path / "data"
+    server = Server(
+        ServerConfig(
+            key=auth.create_key(), data_dir=data, bind="tcp://127.0.0.1:*", linger_ms=0, shutdown_timeout_s=5
+        ),
+        DecodeRunsOutOfMemory(),
+    )  # fmt: skip
+    endpoint = server.start()
+    out = tmp_path / "clip"
+    try:
+        code = main(["generate", "--address", endpoint, "--prompt", "x", "--frames", "8", "--width", "64",
+                     "--height", "64", "--steps", "1", "--out", str(out)])  # fmt: skip
+    finally:
+        server.stop()
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "memory" in err[-1] and "4 frame(s)" in err[-1] and str(out) in err[-1]
+    assert sorted(p.name for p in out.glob("frame_*.png")) == [f"frame_{i:04d}.png" for i in range(4)]
+    assert iio.imread(out / "frame_0000.png").shape[:2] == (64, 64)
 
 
 def test_generate_with_a_wrong_key(backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
