@@ -742,7 +742,15 @@ class AnimateDiffEngine:
             self.load_counts["motion"] += 1
         if self._pipe is None:
             # Both models' weights copied to the device, in the UNet2D's dtype (self.dtype).
-            unet = loading.build_motion_unet(self._base.unet, self._adapter, self.device)
+            try:
+                unet = loading.build_motion_unet(self._base.unet, self._adapter, self.device)
+            except (ValueError, RuntimeError) as exc:  # widths or blocks of another model family
+                if _is_oom(exc):
+                    raise
+                raise EngineError(
+                    "model_error",
+                    f"motion_module: {motion_id!r} does not fit the base model {base_id!r}: {exc}",
+                ) from exc
             unet.__class__ = _quick_dtype_class(type(unet))  # type: ignore[arg-type]
             pipe = _engine_pipeline_class()(
                 vae=self._base.vae,

@@ -18,8 +18,10 @@ silently ignored is a LoRA or module that silently does nothing.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import struct
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,8 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 MIN_TORCH_FOR_PICKLE = (2, 10)
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+# Every SD1.x UNet (and so every motion module made for one) has 4 down blocks; SDXL has 3.
+SD15_DOWN_BLOCKS = 4
 
 
 class ConversionError(ValueError):
@@ -68,6 +72,27 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
     return dict(obj)
 
 
+def _check_zip_checksums(path: Path) -> None:
+    """torch's zip reader does not verify CRCs: a corrupted byte inside a tensor of a
+    `.ckpt` would load as a silently different weight."""
+    if not zipfile.is_zipfile(path):
+        return  # legacy (pre-1.6) torch pickles carry no checksums
+    with zipfile.ZipFile(path) as zf:
+        bad = zf.testzip()
+    if bad is not None:
+        raise ConversionError(f"{path.name}: corrupt checkpoint ({bad} fails its checksum)")
+
+
+def _refused_pickle(path: Path, exc: pickle.UnpicklingError) -> ConversionError:
+    """A short reason instead of torch's advice to retry with weights_only=False."""
+    m = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    what = f"Python objects that are not tensors ({m.group(1)})" if m else "pickle code that is not plain tensors"
+    return ConversionError(
+        f"{path.name}: refused: the checkpoint holds {what}, and pickled code is never run; "
+        "convert it to .safetensors"
+    )
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a weights file, on the CPU.  Non-tensor entries (metadata such as
     AnimateDiff's `animatediff_config`) are dropped."""
@@ -76,20 +101,29 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     suffix = path.suffix.lower()
     try:
+        if suffix in WEIGHT_SUFFIXES and path.is_file() and path.stat().st_size == 0:
+            raise ConversionError(f"{path.name}: empty file (0 bytes)")
         if suffix in SAFETENSORS_SUFFIXES:
             from safetensors.torch import load_file
 
             raw: dict[str, Any] = dict(load_file(str(path), device="cpu"))
         elif suffix in PICKLE_SUFFIXES:
             check_pickle_allowed()
+            _check_zip_checksums(path)
             raw = _unwrap(torch.load(str(path), map_location="cpu", weights_only=True), path)
         else:
             raise ConversionError(f"{path.name}: unsupported weights file type {suffix!r}")
     except ConversionError:
         raise
+    except pickle.UnpicklingError as exc:
+        raise _refused_pickle(path, exc) from exc
     except Exception as exc:  # corrupt or refused files: say which and why
         raise ConversionError(f"{path.name}: cannot read weights ({type(exc).__name__}: {exc})") from exc
-    return {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:  # e.g. tensors nested one level deeper ({"model": {...}}): say so, not "empty"
+        keys = ", ".join(sorted(str(k) for k in raw)[:5]) or "none"
+        raise ConversionError(f"{path.name}: holds no tensors at the top level (keys: {keys})")
+    return tensors
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -117,6 +151,9 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2 and offsets[1] <= data_len):
             raise ConversionError(f"{path.name}: truncated safetensors file (tensor {key} lies past the end)")
+        shape = info.get("shape")  # callers read shapes from here: check them once
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise ConversionError(f"{path.name}: corrupt safetensors header (tensor {key} has no valid shape)")
     return header
 
 
@@ -234,6 +271,15 @@ def _indices(keys: Iterable[str], pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
 
 
+def check_sd15_motion_blocks(n_down: int) -> None:
+    """An SDXL motion module (mm_sdxl_v10_beta: 3 blocks) reads like a v3 one otherwise."""
+    if n_down != SD15_DOWN_BLOCKS:
+        raise ConversionError(
+            f"not an SD1.5 motion module: {n_down} down blocks, SD1.5 has {SD15_DOWN_BLOCKS} "
+            "(an SDXL motion module such as mm_sdxl_v10_beta?)"
+        )
+
+
 def motion_adapter_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
     """MotionAdapter kwargs inferred from the weights (either layout): widths from the
     motion modules' norms, layer counts from the indices, max length from `pe`.
@@ -244,6 +290,7 @@ def motion_adapter_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, An
     down = _indices(keys, r"^down_blocks\.(\d+)\.motion_modules\.")
     if not down or down != list(range(len(down))):
         raise ConversionError("motion module has no (or non-contiguous) down block motion modules")
+    check_sd15_motion_blocks(len(down))
     widths = []
     for i in down:
         key = f"down_blocks.{i}.motion_modules.0.{tt}norm.weight"

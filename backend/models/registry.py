@@ -37,9 +37,11 @@ from .convert import (
     SAFETENSORS_SUFFIXES,
     WEIGHT_SUFFIXES,
     ConversionError,
+    check_sd15_motion_blocks,
     detect_motion_version,
     lora_format,
     lora_to_peft,
+    motion_adapter_config,
     motion_layout,
     read_state_dict,
     read_tensor_shapes,
@@ -189,6 +191,17 @@ def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return read_tensor_shapes(path)
 
 
+def _read_config(path: Path) -> dict[str, Any]:
+    """A JSON object from a config file (a half-written or foreign one is a reason, not a crash)."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ConversionError(f"{path.parent.name}/{path.name}: not valid JSON ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{path.parent.name}/{path.name}: not a JSON object")
+    return cfg
+
+
 def _inspect_base(path: Path) -> _Detected:
     if path.is_dir():
         index = path / "model_index.json"
@@ -201,8 +214,9 @@ def _inspect_base(path: Path) -> _Detected:
                 False,
                 "not a diffusers pipeline folder (no model_index.json or unet/)",
             )
-        cfg = json.loads(unet_cfg.read_text(encoding="utf-8"))
-        cad = cfg.get("cross_attention_dim")
+        cad = _read_config(unet_cfg).get("cross_attention_dim")
+        if cad is not None and not isinstance(cad, int):  # per-block lists: not SD1.x's UNet
+            return _Detected("base", "diffusers", "", False, f"not an SD1.x model (cross_attention_dim {cad})")
         if cad not in (None, 768) and cad > 768:
             return _Detected(
                 "base", "diffusers", "", False, f"not an SD1.x model (cross_attention_dim {cad})"
@@ -228,9 +242,11 @@ def _inspect_motion(path: Path) -> _Detected:
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise ConversionError("motion adapter folder lacks config.json")
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        cfg = _read_config(cfg_file)
         if cfg.get("_class_name", "MotionAdapter") != "MotionAdapter":
             raise ConversionError(f"folder holds a {cfg.get('_class_name')}, not a MotionAdapter")
+        widths = cfg.get("block_out_channels", (320, 640, 1280, 1280))
+        check_sd15_motion_blocks(len(widths) if isinstance(widths, (list, tuple)) else 0)
         if not any(p.suffix.lower() in WEIGHT_SUFFIXES for p in path.iterdir()):
             raise ConversionError("motion adapter folder has no weights file")
         name = path.name.lower()
@@ -245,6 +261,7 @@ def _inspect_motion(path: Path) -> _Detected:
         return _Detected("motion", "diffusers", version)
     shapes = _shapes(path)
     layout = motion_layout(shapes)
+    motion_adapter_config(shapes)  # raises for modules the loader could not build (SDXL ones)
     return _Detected("motion", layout, detect_motion_version(shapes, path.name))
 
 
@@ -347,9 +364,14 @@ class ModelRegistry:
             return out
         for kind in KINDS:
             folder = self.models_dir / kind
-            if not folder.is_dir():
+            try:
+                if not folder.is_dir():
+                    continue
+                children = sorted(folder.iterdir())
+            except OSError:  # unreadable: listed as broken (its reason comes from inspecting it)
+                out.append((kind, folder))
                 continue
-            for child in sorted(folder.iterdir()):
+            for child in children:
                 if child.name.startswith("."):
                     continue
                 if child.is_dir():
@@ -361,7 +383,12 @@ class ModelRegistry:
                     out.append((kind, child))
                 elif child.suffix.lower() in WEIGHT_SUFFIXES:
                     out.append((kind, child))
-        for child in sorted(self.models_dir.iterdir()):
+        try:
+            top = sorted(self.models_dir.iterdir())
+        except OSError as exc:
+            log.warning("cannot list the models directory: %s", exc)
+            top = []
+        for child in top:
             if child.is_file() and not child.name.startswith(".") and child.suffix.lower() in WEIGHT_SUFFIXES:
                 out.append((None, child))
         return out
@@ -388,6 +415,9 @@ class ModelRegistry:
     ) -> RegistryEntry:
         rel = path.relative_to(self.models_dir).as_posix()
         try:
+            if not (path.is_file() or path.is_dir()):
+                # Opening a named pipe would block the scan; a dangling link has nothing to read.
+                raise OSError(f"{path.name}: not a regular file or folder (a broken link, a pipe or a device?)")
             sig = _signature(path)
             size = sum(s[1] for s in sig)
         except OSError as exc:
@@ -412,6 +442,9 @@ class ModelRegistry:
                 det = self._inspect(kind, path)
             except (ConversionError, OSError, ValueError, KeyError) as exc:
                 det = _Detected(kind or "base", "", "", False, str(exc))
+            except Exception as exc:  # one odd file must not stop the scan of all the others
+                log.warning("cannot inspect %s", path, exc_info=True)
+                det = _Detected(kind or "base", "", "", False, f"cannot inspect: {type(exc).__name__}: {exc}")
             try:
                 sha = content_sha256(path)
             except OSError as exc:

@@ -3,7 +3,9 @@ cancellation, the warm cache and OOM reporting."""
 
 from __future__ import annotations
 
+import shutil
 from copy import deepcopy
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -204,6 +206,25 @@ def test_v2_motion_lora_on_v3_module_is_refused(engine: AnimateDiffEngine) -> No
             request(motion_module=MOTION_V3, motion_loras=[MotionLora(id=LORA_ZOOM)]), no_progress, never
         )
     assert info.value.code == "model_error" and "mid_block" in info.value.message
+
+
+
+def test_motion_module_that_does_not_fit_the_base_is_a_model_error(zoo: Path, tmp_path: Path) -> None:
+    """Widths of another base model (a real-size module on the tiny base): a clear model
+    error naming both models, not the worker's "internal" failure with a traceback."""
+    from diffusers import MotionAdapter
+
+    from animatediff_blender.backend.models.zoo import _save_safetensors, motion_diffusers_to_original
+
+    models = tmp_path / "models"
+    shutil.copytree(zoo / "base/tiny-sd15", models / "base/tiny-sd15")
+    wide = MotionAdapter(block_out_channels=[64, 64, 64, 64], motion_norm_num_groups=32)
+    _save_safetensors(motion_diffusers_to_original(wide.state_dict()), models / "motion/wide_v2.safetensors")
+    eng = AnimateDiffEngine(models, device="cpu")
+    with pytest.raises(EngineError) as info:
+        eng.generate(request(motion_module="motion:wide_v2.safetensors"), no_progress, never)
+    assert info.value.code == "model_error"
+    assert "does not fit the base model 'base:tiny-sd15'" in info.value.message
 
 
 # --------------------------------------------------------------------------- progress / cancel

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -407,3 +409,47 @@ def test_loaders_skip_random_init(tiny_zoo: Path, monkeypatch: pytest.MonkeyPatc
     adapter = loading.load_motion_adapter(tiny_zoo / "motion/mm_sd_v15_v2.ckpt")
     loading.build_motion_unet(base.unet, adapter, "cpu")
     assert inits == []
+
+
+def test_corrupted_ckpt_is_refused_not_loaded(tiny_zoo: Path, tmp_path: Path) -> None:
+    """torch's zip reader skips CRCs: one flipped byte in a tensor loaded as a wrong weight."""
+    src = tiny_zoo / "motion/mm_sd_v15_v2.ckpt"
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith("/data/0"))
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len  # the tensor's bytes (stored, not deflated)
+    data[start] ^= 0xFF
+    (tmp_path / "bitrot.ckpt").write_bytes(bytes(data))
+    with pytest.raises(ConversionError, match="bitrot.ckpt: corrupt checkpoint .*checksum"):
+        convert.read_state_dict(tmp_path / "bitrot.ckpt")
+    assert convert.read_state_dict(src)  # intact files still load
+
+
+def test_unusable_pickles_say_why(tmp_path: Path) -> None:
+    import argparse
+
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "hparams": argparse.Namespace(lr=1)}, str(tmp_path / "ns.ckpt"))
+    with pytest.raises(ConversionError) as info:
+        convert.read_state_dict(tmp_path / "ns.ckpt")
+    message = str(info.value)
+    assert "refused" in message and "argparse.Namespace" in message and ".safetensors" in message
+    assert "weights_only" not in message and "\x1b" not in message  # no advice to unpickle, no ANSI codes
+
+    (tmp_path / "zero.ckpt").write_bytes(b"")
+    with pytest.raises(ConversionError, match="zero.ckpt: empty file"):
+        convert.read_state_dict(tmp_path / "zero.ckpt")
+    torch.save({"model": {"w": torch.zeros(2)}}, str(tmp_path / "nested.ckpt"))
+    with pytest.raises(ConversionError, match=r"no tensors at the top level \(keys: model\)"):
+        convert.read_state_dict(tmp_path / "nested.ckpt")
+
+
+def test_sdxl_motion_module_is_refused(tmp_path: Path) -> None:
+    from diffusers import MotionAdapter
+
+    from animatediff_blender.backend.models.zoo import motion_diffusers_to_original
+
+    xl = MotionAdapter(block_out_channels=[32, 64, 64], motion_norm_num_groups=32, use_motion_mid_block=False)
+    save_file(motion_diffusers_to_original(xl.state_dict()), str(tmp_path / "mm_sdxl_v10_beta.safetensors"))
+    with pytest.raises(ConversionError, match="not an SD1.5 motion module: 3 down blocks"):
+        loading.load_motion_adapter(tmp_path / "mm_sdxl_v10_beta.safetensors")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import struct
 from pathlib import Path
 
 import msgspec
@@ -190,3 +192,63 @@ def test_empty_or_missing_dir(tmp_path: Path) -> None:
     assert reg.default_ids() == {}
     with pytest.raises(UnknownModel):
         reg.get("base:anything")
+
+
+def test_odd_files_never_stop_the_scan(models_copy) -> None:  # type: ignore[no-untyped-def]
+    """Foreign configs, a pipe and a headless tensor are listed with a reason; none stops
+    (or, the pipe, hangs) the scan."""
+    models = models_copy("base/tiny-sd15", "motion/tiny-motion-adapter-v2", "motion/v3_sd15_mm.safetensors")
+    shutil.copytree(models / "base/tiny-sd15", models / "base/array-config")
+    (models / "base/array-config/unet/config.json").write_text("[1]")
+    shutil.copytree(models / "base/tiny-sd15", models / "base/list-width")
+    cfg = json.loads((models / "base/tiny-sd15/unet/config.json").read_text())
+    (models / "base/list-width/unet/config.json").write_text(json.dumps({**cfg, "cross_attention_dim": [32, 32]}))
+    shutil.copytree(models / "motion/tiny-motion-adapter-v2", models / "motion/array-config")
+    (models / "motion/array-config/config.json").write_text("[1]")
+    header = json.dumps({"w": {"dtype": "F32", "data_offsets": [0, 4]}}).encode()  # no shape
+    (models / "motion/no_shape.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(models / "motion/pipe.safetensors")
+    os.symlink(models / "gone.safetensors", models / "motion/dangling.safetensors")
+
+    infos = {i.id: i for i in ModelRegistry(models).scan()}
+    assert infos["base:tiny-sd15"].ok and infos["motion:v3_sd15_mm.safetensors"].ok
+    broken = {i.id: i.error for i in infos.values() if not i.ok}
+    assert "not a JSON object" in broken["base:array-config"]
+    assert "not an SD1.x model" in broken["base:list-width"]
+    assert "not a JSON object" in broken["motion:array-config"]
+    assert "no valid shape" in broken["motion:no_shape.safetensors"]
+    assert "not a regular file" in broken["motion:dangling.safetensors"]
+    if hasattr(os, "mkfifo"):
+        assert "not a regular file" in broken["motion:pipe.safetensors"]
+
+
+def test_unreadable_kind_folder_is_listed(models_copy, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    models = models_copy("motion/v3_sd15_mm.safetensors", "lora/v2_lora_PanLeft.ckpt")
+    iterdir = Path.iterdir
+
+    def no_permission(self: Path):  # type: ignore[no-untyped-def]
+        if self == models / "lora":  # chmod 000 does not stop root, who runs CI containers
+            raise PermissionError(13, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", no_permission)
+    infos = {i.id: i for i in ModelRegistry(models).scan()}
+    assert infos["motion:v3_sd15_mm.safetensors"].ok
+    assert not infos["lora:lora"].ok and "Permission denied" in infos["lora:lora"].error
+
+
+def test_sdxl_motion_module_is_not_listed_as_sd15(models_copy) -> None:  # type: ignore[no-untyped-def]
+    """mm_sdxl_v10_beta's keys are the original layout with 3 blocks: not a "v3" module."""
+    from diffusers import MotionAdapter
+
+    from animatediff_blender.backend.models.zoo import _save_ckpt, motion_diffusers_to_original
+
+    models = models_copy("motion/v3_sd15_mm.safetensors")
+    xl = MotionAdapter(block_out_channels=[32, 64, 64], motion_norm_num_groups=32, use_motion_mid_block=False)
+    _save_ckpt(motion_diffusers_to_original(xl.state_dict()), models / "motion/mm_sdxl_v10_beta.ckpt")
+    xl.save_pretrained(models / "motion/animatediff-motion-adapter-sdxl-beta")
+    infos = {i.id: i for i in ModelRegistry(models).scan()}
+    for model_id in ("motion:mm_sdxl_v10_beta.ckpt", "motion:animatediff-motion-adapter-sdxl-beta"):
+        assert not infos[model_id].ok and "SDXL" in infos[model_id].error, infos[model_id]
+    assert infos["motion:v3_sd15_mm.safetensors"].ok
