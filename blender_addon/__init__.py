@@ -23,7 +23,18 @@ def _on_load_post(*_args):
     from . import jobs
 
     jobs.forget_other_files()
+    STATE.job_final.clear()  # a new undo history: rows of the opened file are resumed instead
     _resume()
+
+
+@persistent
+def _on_undo_redo(*_args):
+    from . import jobs
+
+    try:
+        jobs.restore_ended()
+    except Exception as exc:  # noqa: BLE001 - never break undo
+        print(f"AnimateDiff: could not restore the job list after undo: {exc}")
 
 
 def _resume():
@@ -71,6 +82,9 @@ def register():
         bpy.app.timers.register(_first_resume, first_interval=0.5)
     if _on_load_post not in bpy.app.handlers.load_post:
         bpy.app.handlers.load_post.append(_on_load_post)
+    for handlers in (bpy.app.handlers.undo_post, bpy.app.handlers.redo_post):
+        if _on_undo_redo not in handlers:
+            handlers.append(_on_undo_redo)
     # Blender does not unregister add-ons when it quits: stop a backend we started anyway.
     atexit.register(operators.stop_backend)
 
@@ -79,6 +93,9 @@ def unregister():
     atexit.unregister(operators.stop_backend)
     if _on_load_post in bpy.app.handlers.load_post:
         bpy.app.handlers.load_post.remove(_on_load_post)
+    for handlers in (bpy.app.handlers.undo_post, bpy.app.handlers.redo_post):
+        if _on_undo_redo in handlers:
+            handlers.remove(_on_undo_redo)
     if bpy.app.timers.is_registered(_first_resume):
         bpy.app.timers.unregister(_first_resume)
     timer.unregister()

@@ -126,22 +126,29 @@ def main(argv, inside_blender):
     addon = find_addon(args.repo, args.addon_zip, inside_blender)
     api = importlib.import_module(addon.__name__ + ".api")
     settings = importlib.import_module(addon.__name__ + ".settings")
+    worker = importlib.import_module(addon.__name__ + ".worker")
+    sc = importlib.import_module(addon.__name__ + ".sequencer_compat")
     scene = bpy.context.scene
 
-    # Validate every shot before rendering any.
+    # Validate every shot before rendering any: the keys, and the values as the protocol
+    # checks them (a typo in the last shot must not surface after hours of rendering).
     names = []
     for i, shot in enumerate(shots):
         shot = dict(shot)
         names.append(str(shot.pop("name", f"shot {i + 1}")))
         try:  # a shot's own connection keys (the API's keywords) are not request settings
-            settings.plan_from_scene(scene, **{k: v for k, v in shot.items() if k not in api.CONNECTION_KEYS})
+            plan = settings.plan_from_scene(scene, **{k: v for k, v in shot.items() if k not in api.CONNECTION_KEYS})
+            worker.resolve_request(plan.request, {}, [])  # camera motions are resolved by the backend's list
         except (ValueError, TypeError) as exc:
             raise BatchError(f"{names[-1]}: {exc}") from exc
 
     out_blend = args.out_blend or bpy.data.filepath or os.path.splitext(os.path.abspath(args.shots))[0] + ".blend"
     out_blend = os.path.abspath(out_blend)
     # Save first: frames go to //animatediff/ next to the .blend, with relative paths.
-    bpy.ops.wm.save_as_mainfile(filepath=out_blend)
+    try:
+        bpy.ops.wm.save_as_mainfile(filepath=out_blend)
+    except RuntimeError as exc:  # e.g. its folder does not exist
+        raise BatchError(f"cannot save {out_blend}: {str(exc).strip()}") from exc
 
     connection = {"address": args.address, "key_file": args.key_file,
                   "server_public_key_file": args.server_public_key,
@@ -159,7 +166,7 @@ def main(argv, inside_blender):
             print(f"[{i + 1}/{len(shots)}] {name}: FAILED: {exc}", flush=True)
             continue
         print(f"[{i + 1}/{len(shots)}] {name}: strip {strip.name!r} on channel {strip.channel} at frame "
-              f"{int(strip.frame_start)}, {len(strip.elements)} frames ({time.monotonic() - t0:.1f} s)", flush=True)
+              f"{sc.strip_start(strip)}, {len(strip.elements)} frames ({time.monotonic() - t0:.1f} s)", flush=True)
         bpy.ops.wm.save_mainfile()  # keep what is done even if a later shot hangs
     bpy.ops.wm.save_mainfile()
     print(f"batch: {len(shots)} shots, {len(shots) - failures} ok, {failures} failed; saved {out_blend}", flush=True)

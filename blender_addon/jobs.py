@@ -86,6 +86,7 @@ def submit(scene: Any, plan: st.Plan) -> Any:
 
 SHADOW_FIELDS = ("local_id", "job_id", "state", "prompt", "channel", "frame_start", "frames", "out_root",
                  "request_json")
+FINAL_FIELDS = ("job_id", "state", "message", "step", "total_steps", "strip_name")
 
 
 def find_job(key: str, by: str = "job_id") -> tuple[Any, Any] | tuple[None, None]:
@@ -205,6 +206,7 @@ def apply(msg: Any) -> None:
         if isinstance(msg, m.JobRejected):
             job.state, job.message = "failed", msg.message
             STATE.job_shadow.pop(msg.local_id, None)
+            _ended(job)
             return
         job.job_id, job.queue_position = msg.job_id, msg.queue_position
         if msg.local_id in STATE.job_shadow:
@@ -233,8 +235,34 @@ def apply(msg: Any) -> None:
             job.state = "lost"
     elif isinstance(msg, m.JobFailed):
         job.state, job.message = msg.state, msg.message
+        _ended(job)
     elif isinstance(msg, m.JobDone):
         _insert(scene, job, msg)
+
+
+def _ended(job: Any) -> None:
+    STATE.job_final[job.local_id] = {k: getattr(job, k) for k in FINAL_FIELDS}
+
+
+def restore_ended() -> None:
+    """After an undo or redo: a row brought back as pending although its job has ended (the
+    undo went back to before the take landed) gets its end state again; it would otherwise
+    stay "running" for ever, with no way to cancel or clear it."""
+    import bpy
+
+    from .sequencer_compat import strips_named
+
+    if not STATE.job_final:
+        return
+    for scene in bpy.data.scenes:
+        for job in scene.animatediff.jobs:
+            final = STATE.job_final.get(job.local_id)
+            if final is None or job.state not in PENDING_STATES:
+                continue
+            for k, v in final.items():
+                setattr(job, k, v)
+            if job.state == "finished" and not strips_named(scene, [job.strip_name]):
+                job.message = "finished; its strip was undone"
 
 
 def _insert(scene: Any, job: Any, msg: m.JobDone) -> None:
@@ -252,10 +280,13 @@ def _insert(scene: Any, job: Any, msg: m.JobDone) -> None:
     try:
         strip = insert_strip(scene, msg.job_id, msg.directory, msg.files, job.channel, job.frame_start, info)
     except (OSError, RuntimeError, ValueError) as exc:
-        job.state, job.message = "failed", f"could not add the strip: {exc}"
+        # The frames are kept: say where, so that they can be added by hand.
+        job.state, job.message = "failed", f"could not add the strip ({msg.directory}): {exc}"
+        _ended(job)
         return
     job.state, job.message, job.strip_name = "finished", f"on channel {strip.channel}", strip.name
     job.step = job.total_steps
+    _ended(job)
     _undo_push(f"AnimateDiff take {strip.name}")
 
 

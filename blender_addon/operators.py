@@ -186,7 +186,8 @@ class ADB_OT_regenerate(Operator):
         request = {k: v for k, v in request.items() if k in st.REQUEST_KEYS}
         if self.new_seed:
             request["seed"] = st.random_seed()
-        plan = st.Plan(request, {}, strip.channel + 1, sc.strip_start(strip))
+        # Frame for frame under the source, even when its start was trimmed off.
+        plan = st.Plan(request, {}, strip.channel + 1, sc.content_start(strip))
         stored_loras = (data.get("request") or {}).get("motion_loras") or []
         plan.request["motion_loras"] = [x for x in stored_loras if isinstance(x, dict) and "id" in x]
         refusal = st.network_refusal(jobs.client_config()["address"])

@@ -6,7 +6,8 @@
 | all strips | `sequences_all` | `strips_all` (+ `sequences_all`) | `strips_all` |
 | context selection | `selected_sequences` | both | `selected_strips` |
 
-5.1 adds `duration` / `left_handle` / `right_handle`; `frame_final_*` go away in 6.0.
+5.1 adds `duration` / `left_handle` / `right_handle`; `frame_final_*` go away in 6.0, and so
+does `frame_start` (5.3 has `content_start` for it).
 Never write `se.strips or se.sequences`: an empty collection is falsy.
 """
 
@@ -61,6 +62,12 @@ def active_strip(context: Any) -> Any:
 def strip_start(strip: Any) -> int:
     left = getattr(strip, "left_handle", None)
     return int(left if left is not None else strip.frame_final_start)
+
+
+def content_start(strip: Any) -> int:
+    """The frame the strip's first image is at, whatever its trim (`frame_start` until 5.x)."""
+    start = getattr(strip, "content_start", None)
+    return int(start if start is not None else strip.frame_start)
 
 
 def strip_duration(strip: Any) -> int:

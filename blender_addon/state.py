@@ -24,6 +24,9 @@ class AddonState:
     # local id -> the job row's fields, kept outside Blender data: an undo can remove the
     # row while the backend still works; the row is then re-created from here.
     job_shadow: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # local id -> the job row's fields once the job ended: an undo back to before that brings
+    # the row back as it was (running...), and the worker, done with the job, never updates it.
+    job_final: dict[str, dict[str, Any]] = field(default_factory=dict)
     backend_process: Any = None  # auto-started local backend (subprocess.Popen)
     # Timing of the main-thread timer (tests and the responsiveness check read it).
     drain_max_s: float = 0.0

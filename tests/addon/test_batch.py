@@ -69,6 +69,7 @@ def test_batch_renders_three_shots(which, addon_zips, backend_factory, tmp_path:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "batch: 3 shots, 3 ok, 0 failed" in proc.stdout
     assert "step " in proc.stdout  # progress printed
+    assert "DeprecationWarning" not in proc.stderr, proc.stderr  # strip_start, not frame_start (gone in 6.0)
     r = run_bpy(bpy_python, "check_blend.py", {"zip": str(addon_zips[bpy_python.py_tag]), "blend": str(out_blend)},
                 tmp_path)
     got = [(s["channel"], s["start"], s["duration"], s["files_exist"]) for s in r["strips"]]
@@ -131,3 +132,29 @@ def test_batch_goes_on_when_a_shot_cannot_be_stored(addon_zips, backend_factory,
     proc = run_batch(bpy_python, tmp_path, str(high), "--addon-zip", zip_path, "--address", backend.address,
                      "--key-file", str(backend.key_file), "--out-blend", str(tmp_path / "high.blend"))
     assert proc.returncode == 2 and "channel 200 is above" in proc.stderr, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("which", ["oldest", "newest"])
+def test_batch_refuses_bad_values_and_paths_before_rendering(which, addon_zips, tmp_path: Path) -> None:
+    """A value the backend would refuse (a typo in a preset, a size above the limit) is an
+    error of the shot list, found before the first shot renders -- not after hours of
+    rendering the shots before it.  An --out-blend that cannot be saved is a bad argument
+    (exit 2, in words), not a traceback."""
+    bpy_python = oldest() if which == "oldest" else newest()
+    zip_path = str(addon_zips[bpy_python.py_tag])
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    for bad_value, words in (('preset = "fats"', "Invalid enum value 'fats'"), ("width = 9000", "<= 8192"),
+                             ("frames = 0", ">= 1"), ("steps = 0", ">= 1")):
+        shots = tmp_path / "shots.toml"
+        shots.write_text(f'[[shot]]\nprompt = "a"\n\n[[shot]]\nname = "typo"\nprompt = "b"\n{bad_value}\n')
+        proc = run_batch(bpy_python, tmp_path, str(shots), "--addon-zip", zip_path, "--address", dead,
+                         "--out-blend", str(tmp_path / "o.blend"), timeout=120)
+        assert proc.returncode == 2, (bad_value, proc.stdout + proc.stderr)
+        assert "batch: error: typo: invalid settings:" in proc.stderr and words in proc.stderr, proc.stderr
+        assert "[1/2]" not in proc.stdout, proc.stdout  # nothing was rendered
+    shots.write_text('[[shot]]\nprompt = "a"\n')
+    missing = tmp_path / "no-such-folder" / "o.blend"
+    proc = run_batch(bpy_python, tmp_path, str(shots), "--addon-zip", zip_path, "--address", dead,
+                     "--out-blend", str(missing), timeout=120)
+    assert proc.returncode == 2 and f"batch: error: cannot save {missing}" in proc.stderr, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr

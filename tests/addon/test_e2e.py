@@ -132,3 +132,26 @@ def test_result_stays_in_its_own_file(addon_zips, backend_factory, tmp_path: Pat
     assert r["moved_frames_beside"] == r["moved_expected"], r
     # Ctrl+Z after a take landed undoes the artist's own edit, not the take.
     assert r["undo_edit_undone"] and r["undo_take_kept"] and r["undo_job_state"] == "finished", r
+
+
+@pytest.mark.parametrize("bpy_python", bpy_pythons(), ids=lambda b: f"blender-{b.label}")
+def test_takes_line_up_and_unplaced_frames_are_found(bpy_python, addon_zips, backend_factory,
+                                                      tmp_path: Path) -> None:
+    backend = backend_factory("--fake-step-delay", "0.01")
+    work = tmp_path / "work"
+    work.mkdir()
+    r = run_bpy(bpy_python, "takes.py", {"zip": str(addon_zips[bpy_python.py_tag]), "address": backend.address,
+                                         "key_file": str(backend.key_file), "workdir": str(work)}, tmp_path)
+    # Regenerate of a strip whose first 3 frames were trimmed off: the new take's frame k is
+    # under the source's frame k (it used to start at the trimmed start, 3 frames late).
+    assert r["source"] == {"content_start": 1, "start": 4}, r
+    assert r["take"] == {"state": "finished", "channel": 3, "content_start": 1}, r
+    # A take that cannot be placed (no free channel from 128 up): its frames are on disk,
+    # and the job says where.
+    unplaced = r["unplaced"]
+    assert unplaced["state"] == "failed" and "no free sequencer channel" in unplaced["message"], unplaced
+    assert unplaced["files"] == ["frame_0000.png", "frame_0001.png"], unplaced
+    assert unplaced["folder"] in unplaced["message"], unplaced
+    # The take undone: its row says the job ended, not "queued" for ever.
+    assert r["undone_take"] == {"strip_left": False, "state": "finished",
+                                "message": "finished; its strip was undone"}, r["undone_take"]
