@@ -5,6 +5,7 @@
 
 Options:
     --out-blend PATH     save the result here (default: the opened .blend, else <shots>.blend)
+    --overwrite          replace PATH if it exists and is not the opened .blend (else an error)
     --address ADDR       backend address (default: the add-on preferences, tcp://127.0.0.1:5557)
     --key-file PATH      shared HMAC key file (default: the preferences, else the user's default key)
     --server-public-key PATH / --client-secret-key PATH   CurveZMQ certificates
@@ -45,6 +46,7 @@ def parse_args(argv):
     ap.add_argument("shots")
     ap.add_argument("--blend", help="open this .blend first (python batch.py only)")
     ap.add_argument("--out-blend")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out-blend")
     ap.add_argument("--address")
     ap.add_argument("--key-file")
     ap.add_argument("--server-public-key")
@@ -144,6 +146,12 @@ def main(argv, inside_blender):
 
     out_blend = args.out_blend or bpy.data.filepath or os.path.splitext(os.path.abspath(args.shots))[0] + ".blend"
     out_blend = os.path.abspath(out_blend)
+    opened = os.path.abspath(bpy.data.filepath) if bpy.data.filepath else ""
+    if os.path.exists(out_blend) and out_blend != opened and not args.overwrite:
+        # e.g. a second `python batch.py shots.toml`: a fresh scene saved over the first
+        # run's shots.blend would drop every strip in it.
+        raise BatchError(f"{out_blend} exists and is not the .blend being worked on; pass --blend {out_blend} "
+                         "to add these shots to it, another --out-blend, or --overwrite to replace it")
     # Save first: frames go to //animatediff/ next to the .blend, with relative paths.
     try:
         bpy.ops.wm.save_as_mainfile(filepath=out_blend)

@@ -189,7 +189,8 @@ class Worker(threading.Thread):
             self._drop_client()
 
     def _needs_connection(self) -> bool:
-        return self.want_connection or bool(self.jobs) or bool(self.waiting)
+        # An owed cancel counts: the job may still hold a shared GPU until the backend hears of it.
+        return self.want_connection or bool(self.jobs) or bool(self.waiting) or bool(self.waiting_cancels)
 
     def _commands(self, block: bool) -> None:
         timeout = 0.2 if block else 0.0
@@ -229,7 +230,7 @@ class Worker(threading.Thread):
             if self.client is None:
                 # Unreachable (or lost during the cancel): waiting for the backend could last
                 # forever and the job could never be cleared.  End it here; the backend is
-                # told on the next connection.
+                # told as soon as it answers again (the worker keeps trying).
                 self.waiting_cancels.add(cmd.job_id)
                 self._end(cmd.job_id, m.JobFailed(
                     cmd.job_id, "cancelled; the backend could not be reached and is told when it is back",
@@ -254,7 +255,8 @@ class Worker(threading.Thread):
             for sub in self.waiting:
                 self.outbox.put(m.JobRejected(sub.local_id, f"cannot connect to the backend: {reason}"))
             self.waiting.clear()
-            # Retry only while jobs are owed; otherwise wait for the next request (Refresh, Generate).
+            # Retry (with back-off) only while jobs or cancels are owed; otherwise wait for the
+            # next request (Refresh, Generate).
             self.want_connection = False
             self.next_connect = time.monotonic() + self.backoff
             self.backoff = min(self.backoff * 2, RECONNECT_MAX_S)

@@ -158,3 +158,10 @@ def test_batch_refuses_bad_values_and_paths_before_rendering(which, addon_zips, 
                      "--out-blend", str(missing), timeout=120)
     assert proc.returncode == 2 and f"batch: error: cannot save {missing}" in proc.stderr, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+    # Run twice without --blend: the second run would save a fresh scene over the first
+    # run's shots.blend (the default --out-blend), dropping its strips.
+    earlier = tmp_path / "shots.blend"
+    earlier.write_bytes(b"the first run's strips")
+    proc = run_batch(bpy_python, tmp_path, str(shots), "--addon-zip", zip_path, "--address", dead, timeout=120)
+    assert proc.returncode == 2 and f"batch: error: {earlier} exists" in proc.stderr, proc.stdout + proc.stderr
+    assert earlier.read_bytes() == b"the first run's strips"

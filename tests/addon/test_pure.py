@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,11 +140,21 @@ def test_cancel_while_backend_unreachable_ends_the_job(tmp_path: Path, monkeypat
     ended = [x for x in msgs if isinstance(x, m.JobFailed)]
     assert [(x.job_id, x.state) for x in ended] == [(JOB, "cancelled")], msgs
     assert "could not be reached" in ended[0].message
-    assert JOB not in w.jobs and not w._needs_connection()  # nothing owed: no reconnect loop
-    # The backend comes back: the cancel is delivered on the next connection.
+    assert JOB not in w.jobs
+    # The cancel is owed: the worker keeps retrying (with back-off), not only at the next
+    # Generate or Refresh, since the job may hold a shared GPU meanwhile.
+    assert w._needs_connection() and w.next_connect > 0
     reachable["now"] = True
-    w._connect()
+    w.next_connect = 0.0  # the back-off has passed
+    w.start()
+    try:
+        deadline = time.monotonic() + 5
+        while ("cancel", JOB) not in calls and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        w.stop()
     assert ("cancel", JOB) in calls and not w.waiting_cancels
+    assert not w._needs_connection()  # nothing owed any more: no reconnect loop
 
 
 def test_cancel_reaches_a_backend_that_is_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -173,6 +173,11 @@ def test_models_zoo_into_a_file_is_one_line(tmp_path: Path, capsys: pytest.Captu
         ["--key-file", "{file}/hmac.key"],
         ["--max-message-mb", "inf"],  # used to end in an OverflowError traceback
         ["--retention-max-gb", "inf"],
+        ["--max-frames", "0"],  # these used to start a server that refused every job
+        ["--max-width", "-8"],
+        ["--max-queue", "0"],
+        ["--max-motion-loras", "-1"],
+        ["--job-timeout", "0"],  # ... or ended every job at once
     ],
 )
 def test_serve_bad_paths_and_numbers_are_one_line(
