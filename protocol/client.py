@@ -23,6 +23,7 @@ from typing import TypeVar
 import zmq
 
 from . import auth, messages
+from .endpoints import connect_problem
 from .messages import (
     Accepted,
     Cancel,
@@ -209,6 +210,10 @@ class BackendClient:
             except auth.AuthError as exc:
                 sock.close(0)
                 raise ClientError("auth", str(exc)) from None
+        problem = connect_problem(cfg.address)
+        if problem is not None:
+            sock.close(0)
+            raise ClientError("connection", f"cannot connect to {cfg.address!r}: {problem}")
         try:
             sock.connect(cfg.address)
         except zmq.ZMQError as exc:

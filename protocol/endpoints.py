@@ -30,3 +30,19 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def connect_problem(address: str) -> str | None:
+    """Why a client cannot connect to `address`, or None.  libzmq accepts `tcp://host:99999`
+    and `tcp://:5557` and then waits in vain; a typo should fail at once instead."""
+    scheme, sep, rest = address.partition("://")
+    if not sep or not rest:
+        return "expected tcp://HOST:PORT (or ipc://PATH)"
+    if scheme != "tcp":
+        return None  # ipc/inproc paths, or a scheme libzmq itself refuses in words
+    host, colon, port = rest.rsplit(";", 1)[-1].rpartition(":")
+    if not colon or not host or host == "*":
+        return "expected tcp://HOST:PORT"
+    if not (port.isdigit() and 1 <= int(port) <= 65535):
+        return f"the port must be a number from 1 to 65535, not {port!r}"
+    return None

@@ -361,14 +361,36 @@ def test_missing_key_file_says_how_to_create_it(tmp_path: Path) -> None:
     client.close()
 
 
-def test_bad_address(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("address", "words"),
+    [
+        ("nonsense", "tcp://HOST:PORT"),
+        # libzmq takes these and then waits out the whole timeout ("no answer")
+        ("tcp://127.0.0.1:99999", "from 1 to 65535"),
+        ("tcp://127.0.0.1:0", "from 1 to 65535"),
+        ("tcp://:5557", "tcp://HOST:PORT"),
+        ("tcp://127.0.0.1", "tcp://HOST:PORT"),
+    ],
+)
+def test_bad_address_fails_at_once(address: str, words: str, tmp_path: Path) -> None:
     key_file = tmp_path / "hmac.key"
     create_key(key_file)
-    client = BackendClient(ClientConfig(address="nonsense", key_file=key_file, client_id="c"))
+    client = BackendClient(ClientConfig(address=address, key_file=key_file, client_id="c", timeout_s=5))
+    start = time.monotonic()
     with pytest.raises(ClientError) as info:
         client.connect()
-    assert info.value.code == "connection"
+    assert time.monotonic() - start < 1
+    assert info.value.code == "connection" and address in info.value.message and words in info.value.message
     client.close()
+
+
+@pytest.mark.parametrize(
+    "address", ["tcp://gpu-box:5557", "tcp://[::1]:5557", "tcp://10.0.0.2;gpu:5557", "ipc:///tmp/adb.sock"]
+)
+def test_good_addresses_pass_the_check(address: str) -> None:
+    from animatediff_blender.protocol.endpoints import connect_problem
+
+    assert connect_problem(address) is None
 
 
 def test_curve_round_trip_and_unknown_client_refused(tmp_path: Path, context: zmq.Context) -> None:  # type: ignore[type-arg]
