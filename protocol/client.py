@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -89,6 +90,7 @@ class ClientError(Exception):
         # run_job: the job's verified frames (index -> PNG) that arrived before the error.
         # The backend deletes a failed or interrupted job's frames, so these may be the only copy.
         self.frames: dict[int, bytes] = {}
+        self.job_id = ""  # run_job / wait_job: the job it was about
 
     def __str__(self) -> str:
         if not self.fields:
@@ -418,11 +420,26 @@ class BackendClient:
         arrived before it."""
         self._ensure_connected()
         accepted = self.submit(request, client_tag=client_tag)
-        job_id = accepted.job_id
+        return self.wait_job(accepted.job_id, on_event=on_event, cancel=cancel, timeout_s=timeout_s, _watched=True)
+
+    def wait_job(
+        self,
+        job_id: str,
+        *,
+        on_event: Callable[[Event], None] | None = None,
+        cancel: threading.Event | None = None,
+        timeout_s: float | None = None,
+        _watched: bool = False,
+    ) -> JobResult:
+        """Block until a job submitted earlier by this client id (another process, a lost
+        connection) has its frames here: what `run_job` does after submitting, with the same
+        errors ("not_found" for a job this client id does not own)."""
+        self._ensure_connected()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         collector = _FrameCollector(job_id)
         cancel_sent = False
-        last_heard = time.monotonic()
+        # Not yet watching (a job of an earlier connection): ask for its state at once.
+        last_heard = time.monotonic() if _watched else -math.inf
         other_events: list[Event] = []
 
         def give_up_cancelled() -> ClientError:
@@ -439,7 +456,8 @@ class BackendClient:
                     outcome = (
                         "it was cancelled"
                         if self._try_cancel(job_id)
-                        else f"cancelling it failed, so it may still run on the backend at {self.config.address}"
+                        # The cancel may still reach it later (it sits in a socket buffer).
+                        else f"the backend at {self.config.address} did not confirm the cancel, so it may still run there"
                     )
                     raise ClientError("timeout", f"job {job_id} did not finish within {timeout_s:g} s; {outcome}")
                 event = self._next_event(0.1)
@@ -482,6 +500,7 @@ class BackendClient:
         except ClientError as exc:
             if not exc.frames:
                 exc.frames = dict(collector.frames)
+            exc.job_id = exc.job_id or job_id
             raise
         finally:
             # Events of other jobs stay available to poll().

@@ -4,6 +4,7 @@ an animated GIF (and an MP4 when imageio-ffmpeg is installed)."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,6 +76,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=float, default=8.0, help="frame rate of the GIF/MP4 (default: %(default)s)")
     p.add_argument("--out", type=Path, help="output folder (required unless --list-models)")
     p.add_argument("--list-models", action="store_true", help="print the backend's model registry and exit")
+    p.add_argument(
+        "--resume",
+        metavar="JOB_ID",
+        help="instead of submitting: wait for a job submitted earlier from this machine (e.g. "
+        "when the connection was lost) and save its frames to --out",
+    )
     conn = p.add_argument_group("connection")
     conn.add_argument(
         "--address", default="tcp://127.0.0.1:5557", help="backend address (default: %(default)s)"
@@ -254,15 +261,21 @@ def run(args: argparse.Namespace) -> int:
         check_numbers(args)
         if args.list_models:
             return _list_models(args)
-        if not args.prompt:
-            raise UsageError("--prompt is required")
         if args.out is None:
             raise UsageError("--out is required")
-        request = build_request(args)
-        validate_locally(request)
-        # Before any GPU time is spent: a clip that cannot be saved is a clip lost.
-        prepare_out(args.out)
-        result = _generate(args, request)
+        if args.resume:
+            if not re.fullmatch(r"[0-9a-f]{32}", args.resume):  # the protocol's JobId
+                raise UsageError(f"--resume: {args.resume!r} is not a job id")
+            prepare_out(args.out)
+            result = _generate(args, None)
+        else:
+            if not args.prompt:
+                raise UsageError("--prompt is required")
+            request = build_request(args)
+            validate_locally(request)
+            # Before any GPU time is spent: a clip that cannot be saved is a clip lost.
+            prepare_out(args.out)
+            result = _generate(args, request)
         written = save(result, args.out, fps=args.fps)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -274,6 +287,9 @@ def run(args: argparse.Namespace) -> int:
         )
         if exc.frames:
             text += f"; {save_partial(exc.frames, args.out)}"
+        if exc.job_id and exc.code == "connection" and "may still" in exc.message:
+            # Lost, not cancelled: the backend may go on making it, so say how to collect it.
+            text += f"; to collect it: animatediff-blender generate --resume {exc.job_id} --out {args.out}"
         print(f"error: {text}", file=sys.stderr)
         return 130 if exc.code == "cancelled" else 1
     except OSError as exc:
@@ -308,7 +324,8 @@ def _list_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace, request: GenerateRequest) -> JobResult:
+def _generate(args: argparse.Namespace, request: GenerateRequest | None) -> JobResult:
+    """Run `request`, or with None wait for the job `--resume` names."""
     import signal
     import threading
 
@@ -348,6 +365,9 @@ def _generate(args: argparse.Namespace, request: GenerateRequest) -> JobResult:
     try:
         with BackendClient(client_config(args)) as client:
             welcome = client.connect()
+            if request is None:
+                running.set()
+                return client.wait_job(args.resume, on_event=on_event, cancel=cancel, timeout_s=args.job_timeout)
             request = resolve_aliases(request, welcome.models)
             validate_locally(request)
             running.set()

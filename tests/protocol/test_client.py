@@ -254,6 +254,7 @@ def test_job_timeout_does_not_claim_a_cancel_the_backend_never_took(fake) -> Non
         client.run_job(m.GenerateRequest(prompt="a cat"), timeout_s=0.3)
     assert info.value.code == "timeout"
     assert "was cancelled" not in info.value.message and "may still run" in info.value.message
+    assert info.value.job_id == JOB  # so that a caller can collect it later (wait_job)
 
 
 def test_corrupt_frames_are_detected(fake) -> None:  # type: ignore[no-untyped-def]

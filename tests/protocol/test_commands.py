@@ -253,6 +253,26 @@ def test_generate_writes_frames_gif_and_mp4(
     assert "5 frames 64x48" in captured.out and str(out / "clip.gif") in captured.out
 
 
+def test_generate_resume_collects_a_job_submitted_earlier(
+    backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from animatediff_blender.protocol.client import BackendClient, ClientConfig
+    from animatediff_blender.protocol.messages import GenerateRequest
+
+    with BackendClient(ClientConfig(address=backend)) as client:  # the CLI's own client id
+        client.connect()
+        job_id = client.submit(GenerateRequest(prompt="x", frames=3, width=64, height=64, steps=1)).job_id
+    out = tmp_path / "clip"
+    code = main(["generate", "--address", backend, "--resume", job_id, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert sorted(p.name for p in out.glob("frame_*.png")) == [f"frame_{i:04d}.png" for i in range(3)]
+    assert f"job {job_id}: 3 frames 64x64" in captured.out
+    assert main(["generate", "--address", backend, "--resume", "../etc", "--out", str(out)]) == 2
+    assert main(["generate", "--address", backend, "--resume", "0" * 32, "--out", str(out)]) == 1
+    assert "no such job" in capsys.readouterr().err
+
+
 def test_generate_list_models(backend: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "--address", backend, "--list-models"]) == 0
     out = capsys.readouterr().out

@@ -161,6 +161,29 @@ def test_disconnect_reconnect_watch_and_fetch(slow: Server, make_client: ClientF
     assert fetched.finished.settings.steps == 30
 
 
+def test_wait_job_collects_a_job_of_an_earlier_connection(slow: Server, make_client: ClientFactory) -> None:
+    """What `generate --resume` does: another process with the same client id waits for a
+    running job (its events from the watch on), a finished one is fetched,
+    and a job of another client id is not found (not waited on for ever)."""
+    first = make_client(slow, client_id="artist")
+    accepted = first.submit(small_request(steps=30))
+    wait_for(first, accepted.job_id, (messages.Progress,))
+    first.close()  # the CLI lost its connection
+
+    steps: list[int] = []
+    again = make_client(slow, client_id="artist")
+    result = again.wait_job(
+        accepted.job_id,
+        on_event=lambda e: steps.append(e.content.step) if isinstance(e.content, messages.Progress) else None,
+    )
+    assert result.job_id == accepted.job_id and len(result.frames) == 4
+    assert result.finished.settings.steps == 30 and steps and steps[-1] == 30
+    assert make_client(slow, client_id="artist").wait_job(accepted.job_id).frames == result.frames
+    with pytest.raises(ClientError) as info:
+        make_client(slow, client_id="someone-else").wait_job(accepted.job_id, timeout_s=10)
+    assert info.value.code == "not_found" and info.value.job_id == accepted.job_id
+
+
 def test_status_ping_and_cancel_answer_within_100ms_while_a_job_runs(
     make_server: Callable[..., Server], make_client: ClientFactory
 ) -> None:

@@ -212,3 +212,48 @@ def test_curve_server_admits_only_allowed_clients(tmp_path: Path) -> None:
             assert info.value.code == "timeout"
     finally:
         server.stop()
+
+
+def test_cli_collects_a_job_after_the_backend_stalled(
+    tmp_path: Path,
+    key_file: Path,
+    spawn: Callable[..., subprocess.Popen[bytes]],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The GPU box stops answering mid-job (SIGSTOP: no goodbye, unlike a shutdown):
+    `generate` gives up once reconnecting has lasted too long and says how to collect the
+    job; once the box is back, that command gets the frames."""
+    import shlex
+    import threading
+
+    from animatediff_blender.backend.cli import main
+    from animatediff_blender.backend.commands import generate
+
+    make_config = generate.client_config
+
+    def quick_to_give_up(args: object) -> ClientConfig:
+        config = make_config(args)  # type: ignore[arg-type]
+        config.reconnect_give_up_s = 2.0  # 120 s by default
+        return config
+
+    monkeypatch.setattr(generate, "client_config", quick_to_give_up)
+
+    address = f"ipc://{tmp_path}/adb.sock"
+    proc = spawn("--bind", address, "--fake-step-delay", "0.05")
+    connect(address).close()  # up and answering
+    threading.Timer(1.0, proc.send_signal, (signal.SIGSTOP,)).start()
+    out = tmp_path / "clip"
+    common = ["--address", address, "--key-file", str(key_file), "--timeout", "0.5"]
+    try:
+        code = main(["generate", *common, "--prompt", "x", "--frames", "2", "--width", "64", "--height", "64",
+                     "--steps", "50", "--out", str(out)])  # fmt: skip
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and "may still" in err[-1], err
+    hint = err[-1].split("to collect it: ", 1)[1]
+    argv = shlex.split(hint)
+    assert argv[:2] == ["animatediff-blender", "generate"] and argv[-2:] == ["--out", str(out)]
+    assert main([*argv[1:], *common]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("frame_*.png")) == ["frame_0000.png", "frame_0001.png"]
