@@ -542,12 +542,16 @@ class AnimateDiffEngine:
         self._registry.scan()
 
         self._gpu_lock = threading.Lock()
+        # Loaded models are known by id and content (the registry's sha256 of the files read):
+        # a file replaced under the same name is loaded again by the next job that uses it.
         self._base_id: str | None = None
+        self._base_sha = ""
         self._base: Any = None  # models.loading.BaseComponents; its UNet2D stays on the CPU
         self._motion_id: str | None = None
+        self._motion_sha = ""
         self._adapter: Any = None  # MotionAdapter (CPU)
         self._pipe: Any = None  # AnimateDiffPipeline on self.device
-        self._lora_cache: OrderedDict[str, Any] = OrderedDict()
+        self._lora_cache: OrderedDict[str, tuple[str, Any]] = OrderedDict()  # id -> (sha256, weights)
         # What was (re)loaded from disk or rebuilt, for tests and logs: "base", "motion",
         # "pipeline", "lora".
         self.load_counts: Counter[str] = Counter()
@@ -627,11 +631,43 @@ class AnimateDiffEngine:
                 f"{field}: {model_id!r} is a {entry.kind} model, but {field} needs a {kind} model",
             )
         if not getattr(entry, "ok", True):
-            raise EngineError(
-                "model_error",
-                f"{field}: {model_id!r} cannot be used: {getattr(entry, 'error', '') or 'broken file'}",
-            )
+            # A broken file replaced since the scan may be fixed now: let the job rescan it
+            # (_current_entry, on the worker thread) rather than hash it here, maybe on the
+            # server's loop.
+            replaced = bool(getattr(entry, "signature", None)) and not self._registry.is_current(entry)
+            if not replaced:
+                raise EngineError(
+                    "model_error",
+                    f"{field}: {model_id!r} cannot be used: {getattr(entry, 'error', '') or 'broken file'}",
+                )
         return entry
+
+    def _current_entry(self, model_id: str, field: str) -> Any:
+        """`_entry` for loading or reusing a model (the worker thread): when the model's files
+        changed on disk since the last scan (replaced under the same name), rescan first --
+        re-hashing only what changed -- so that the entry's sha256 is the content there now.
+        Unchanged files cost a stat each: no job reads or hashes a file it already loaded."""
+        with self._registry_lock:
+            try:
+                entry = self._registry.get(model_id)
+            except (LookupError, ValueError):
+                pass  # _entry says why
+            else:
+                if not self._registry.is_current(entry):
+                    self._registry.scan()
+            return self._entry(model_id, field)
+
+    def _replaced_on_disk(self, s: GenerateRequest) -> bool:
+        """Whether the loaded base model or motion module that job `s` uses changed on disk
+        since it was loaded (the job will rebuild the pipeline)."""
+        for model_id, loaded_id, loaded_sha, role in (
+            (s.base_model, self._base_id, self._base_sha, "base_model"),
+            (s.motion_module, self._motion_id, self._motion_sha, "motion_module"),
+        ):
+            if model_id is not None and model_id == loaded_id:
+                if self._current_entry(model_id, role).sha256 != loaded_sha:
+                    return True
+        return False
 
     # ------------------------------------------------------------------ resolve
 
@@ -713,32 +749,32 @@ class AnimateDiffEngine:
     def _ensure_pipeline(self, base_id: str, motion_id: str, progress: ProgressCallback) -> Any:
         from animatediff_blender.backend.models import loading
 
-        if self._base_id != base_id:
+        base_entry = self._current_entry(base_id, "base_model")
+        motion_entry = self._current_entry(motion_id, "motion_module")
+        if (self._base_id, self._base_sha) != (base_id, base_entry.sha256):
             progress(StepProgress(0, 0, None, phase="loading"))
             self._pipe = None
             self._base = None
-            self._base_id = None
+            self._base_id, self._base_sha = None, ""
             self._free()
             with _model_errors(base_id):
-                base = loading.load_base(self._entry(base_id, "base_model"), self.dtype, "cpu")
+                base = loading.load_base(base_entry, self.dtype, "cpu")
             # The UNet2D stays on the CPU: the motion UNet is rebuilt from it when the
             # motion module changes, without rereading the base model.
             base.vae.to(self.device)
             base.text_encoder.to(self.device)
-            self._base, self._base_id = base, base_id
+            self._base, self._base_id, self._base_sha = base, base_id, base_entry.sha256
             self._schedulers.clear()  # built on the base model's scheduler config
             self.load_counts["base"] += 1
-        if self._motion_id != motion_id:
+        if (self._motion_id, self._motion_sha) != (motion_id, motion_entry.sha256):
             progress(StepProgress(0, 0, None, phase="loading"))
             self._pipe = None
             self._adapter = None
-            self._motion_id = None
+            self._motion_id, self._motion_sha = None, ""
             self._free()
             with _model_errors(motion_id):
-                self._adapter = loading.load_motion_adapter(
-                    self._entry(motion_id, "motion_module"), self.dtype
-                )
-            self._motion_id = motion_id
+                self._adapter = loading.load_motion_adapter(motion_entry, self.dtype)
+            self._motion_id, self._motion_sha = motion_id, motion_entry.sha256
             self.load_counts["motion"] += 1
         if self._pipe is None:
             # Both models' weights copied to the device, in the UNet2D's dtype (self.dtype).
@@ -917,18 +953,19 @@ class AnimateDiffEngine:
     def _lora_weights(self, model_id: str, field: str) -> Any:
         from animatediff_blender.backend.models import loading
 
+        entry = self._current_entry(model_id, field)
         cached = self._lora_cache.get(model_id)
-        if cached is not None:
+        if cached is not None and cached[0] == entry.sha256:
             self._lora_cache.move_to_end(model_id)
-            return cached
-        entry = self._entry(model_id, field)
+            return cached[1]
+        self._lora_cache.pop(model_id, None)  # another file now: its old weights are never used again
         with _model_errors(model_id):
             weights = (
                 loading.load_domain_adapter(entry)
                 if field == "domain_adapter"
                 else loading.load_motion_lora(entry)
             )
-        self._lora_cache[model_id] = weights
+        self._lora_cache[model_id] = (entry.sha256, weights)
         self.load_counts["lora"] += 1
         while len(self._lora_cache) > LORA_CACHE_SIZE:
             self._lora_cache.popitem(last=False)
@@ -1202,6 +1239,10 @@ class AnimateDiffEngine:
         on_frames: FrameSink | None = None,
     ) -> GenerationResult:
         settings = self.resolve(request)
+        if self.fast.compiles and self._replaced_on_disk(settings):
+            # The job rebuilds the motion UNet: none of its shapes is compiled yet, so it
+            # runs eagerly and its shape compiles while idle, like any shape not warmed.
+            self._warm_keys.clear()
         key = self._shape_key(settings)
         deferred = self.fast.compiles and (
             self.compile_error is not None or (self.defer_compile and key not in self._warm_keys)
@@ -1571,5 +1612,6 @@ class AnimateDiffEngine:
             self._pipe = None
             self._base = self._adapter = None
             self._base_id = self._motion_id = None
+            self._base_sha = self._motion_sha = ""
             self._lora_cache.clear()
             self._free()

@@ -15,7 +15,9 @@ without loading tensors; pickles through `torch.load(weights_only=True)`), and f
 cannot be used are listed with `ok=False` and the reason instead of stopping the scan.
 Content hashes (sha256 of the file, or of a folder's files in sorted order) and detection
 results are cached in `<models>/.registry-cache.json` by (path, size, mtime), so rescans
-only re-read what changed.
+only re-read what changed.  `is_current(entry)` compares an entry's files with that
+signature again (a stat each, nothing read): how a user of the entry learns that a file
+was replaced under its name since the scan.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import logging
 import os
 import re
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,8 @@ class RegistryEntry:
     camera_motion: str = ""
     ok: bool = True
     error: str = ""
+    # [relative name, size, mtime_ns] per file at scan time (see is_current); not sent to clients.
+    signature: list[list[Any]] = field(default_factory=list)
 
     def to_info(self) -> ModelInfo:
         return ModelInfo(
@@ -471,6 +475,7 @@ class ModelRegistry:
             camera_motion=camera,
             ok=ok,
             error=error,
+            signature=sig,
         )
 
     def scan(self) -> list[ModelInfo]:
@@ -520,6 +525,15 @@ class ModelRegistry:
         if require_ok and not entry.ok:
             raise UnknownModel(model_id, f"cannot be used: {entry.error}")
         return entry
+
+    def is_current(self, entry: RegistryEntry) -> bool:
+        """Whether `entry`'s files are still the ones scanned (same names, sizes and mtimes).
+        A stat per file and no reading, so cheap enough before every use of a loaded model;
+        False means a rescan would give another entry (another hash, maybe another version)."""
+        try:
+            return bool(entry.signature) and _signature(entry.path) == entry.signature
+        except OSError:  # gone or unreadable since the scan
+            return False
 
     def default_ids(self) -> dict[str, str]:
         """Sensible defaults: the real SD1.5 folder over other bases, diffusers folders over

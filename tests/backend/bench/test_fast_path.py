@@ -525,3 +525,51 @@ def test_idle_compiling_follows_the_loaded_models(tiny_zoo: Path, one_thread: No
     loads = fast.load_counts["base"]
     assert fast.warm_pending() is True and fast.pending_warm_ups == 0
     assert fast.load_counts["base"] == loads  # the other model's shape was dropped, not reloaded
+
+
+def test_a_motion_module_replaced_on_disk_is_compiled_anew_while_idle(
+    tiny_zoo: Path, tmp_path: Path, one_thread: None
+) -> None:
+    """A motion module replaced under its name: the next job rebuilds the motion UNet, so
+    its shape is not compiled any more -- the job runs eagerly (no graph traced in it) and
+    the shape compiles in warm_pending(), on the new modules."""
+    import os
+    import shutil
+
+    from torch._dynamo.utils import counters
+
+    from animatediff_blender.backend.models.zoo import (
+        _make_adapter,
+        _save_safetensors,
+        motion_diffusers_to_original,
+    )
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_zoo / "base/tiny-sd15", models / "base/tiny-sd15")
+    (models / "motion").mkdir()
+    mm = models / "motion/mm_sd_v15_v2.safetensors"
+    shutil.copy2(tiny_zoo / "motion/mm_sd_v15_v2.safetensors", mm)
+    motion = "motion:mm_sd_v15_v2.safetensors"
+    fast = AnimateDiffEngine(
+        models, "cpu", "fp32",
+        fast=FastPath(compile="regional", compile_backend="eager", warm_shapes=((4, 64, 64, True),)),
+    )  # fmt: skip
+    fast.warm_up(BASE, motion)
+    assert fast.pending_warm_ups == 0
+    unet = fast.pipeline.unet
+    old = mm.stat()
+    tmp = mm.with_name("new.partial")
+    _save_safetensors(motion_diffusers_to_original(_make_adapter("v2", 77).state_dict()), tmp)
+    os.replace(tmp, mm)
+    os.utime(mm, ns=(old.st_atime_ns, old.st_mtime_ns + 1_000_000_000))
+
+    graphs = int(counters["stats"]["unique_graphs"])
+    replaced = _frames(fast, motion_module=motion)
+    assert fast.pipeline.unet is not unet and fast.load_counts["motion"] == 2
+    assert int(counters["stats"]["unique_graphs"]) == graphs  # ran eagerly
+    assert fast.pending_warm_ups == 1
+    assert fast.warm_pending() is True and fast.pending_warm_ups == 0
+    eager = AnimateDiffEngine(models, "cpu", "fp32")
+    assert np.abs(_frames(fast, motion_module=motion) - _frames(eager, motion_module=motion)).max() <= TOLERANCE
+    assert np.abs(replaced - _frames(eager, motion_module=motion)).max() == 0
+    assert fast.load_counts["motion"] == 2

@@ -3,7 +3,9 @@ cancellation, the warm cache and OOM reporting."""
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Callable
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
@@ -426,6 +428,117 @@ def test_warm_cache_reuses_components_and_swaps_only_the_motion_module(make_engi
     assert eng._adapter is not adapter
     eng.generate(request(motion_module=MOTION_CKPT, base_model=BASE), no_progress, never)
     assert eng.load_counts["pipeline"] == 2
+
+
+# --------------------------------------------------------------------------- models replaced on disk
+
+MM = "motion:mm_sd_v15_v2.safetensors"
+
+
+def _replace_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Replace `path` under its name as a sync tool or downloader does: a new file written
+    beside it, renamed over it (with a later mtime even where the file system's clock is coarse)."""
+    old = path.stat()
+    tmp = path.with_name(path.name + ".partial")
+    write(tmp)
+    os.replace(tmp, path)
+    if path.stat().st_mtime_ns <= old.st_mtime_ns:
+        os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns + 1_000_000_000))
+
+
+def _retrained_motion_module(seed: int) -> Callable[[Path], None]:
+    """Writes another v2 motion module (own random weights, same layout and size)."""
+    from animatediff_blender.backend.models.zoo import (
+        _make_adapter,
+        _save_safetensors,
+        motion_diffusers_to_original,
+    )
+
+    return lambda dest: _save_safetensors(motion_diffusers_to_original(_make_adapter("v2", seed).state_dict()), dest)
+
+
+@pytest.fixture
+def own_models(zoo: Path, tmp_path: Path) -> Path:
+    """A writable models folder with a base, a motion module, two LoRAs and the adapter."""
+    models = tmp_path / "models"
+    shutil.copytree(zoo / "base/tiny-sd15", models / "base/tiny-sd15")
+    for rel in ("motion/mm_sd_v15_v2.safetensors", "lora/v2_lora_ZoomIn.ckpt", "lora/v2_lora_PanLeft.ckpt",
+                "adapter/v3_sd15_adapter.ckpt"):  # fmt: skip
+        (models / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(zoo / rel, models / rel)
+    return models
+
+
+def test_models_replaced_on_disk_are_reloaded_and_unchanged_ones_are_not(zoo: Path, own_models: Path) -> None:
+    """A studio replaces a MotionLoRA and the motion module under their names while the
+    server runs: the next job that uses them loads the new files (with no rescan, or after
+    one), and gives a fresh engine's frames; models that did not change are not reloaded."""
+    models = own_models
+    eng = AnimateDiffEngine(models, device="cpu")
+    zoom = request(motion_module=MM, motion_loras=[MotionLora(id=LORA_ZOOM)])
+    pan = request(motion_module=MM, motion_loras=[MotionLora(id=LORA_PAN)], domain_adapter=ADAPTER)
+
+    def run(job: Any, engine: AnimateDiffEngine = eng) -> list[np.ndarray]:
+        return list(engine.generate(job, no_progress, never).frames)
+
+    def fresh(job: Any) -> list[np.ndarray]:
+        return run(job, AnimateDiffEngine(models, device="cpu"))
+
+    first = run(zoom)
+    run(pan)
+    loads = {"base": 1, "motion": 1, "pipeline": 1, "lora": 3}
+    assert eng.load_counts == loads
+
+    # A retrained ZoomIn, simply picked up by the next job (no rescan asked for).
+    _replace_file(models / "lora/v2_lora_ZoomIn.ckpt", lambda dest: shutil.copyfile(zoo / "lora/v2_lora_TiltUp.ckpt", dest))
+    second = run(zoom)
+    assert eng.load_counts == {**loads, "lora": 4}  # that LoRA alone is read again
+    assert max_abs_diff(second, first) > 0
+    assert max_abs_diff(second, fresh(zoom)) == 0
+    pan_frames = run(pan)
+    assert eng.load_counts == {**loads, "lora": 4}  # PanLeft and the adapter: still cached
+    assert max_abs_diff(pan_frames, fresh(pan)) == 0
+
+    # A new motion module under the same name, then a rescan (list-models with rescan).
+    _replace_file(models / "motion/mm_sd_v15_v2.safetensors", _retrained_motion_module(seed=77))
+    eng.list_models(rescan=True)
+    third = run(zoom)
+    # The motion UNet is rebuilt around it; the base model stays, and so do the LoRAs.
+    assert eng.load_counts == {"base": 1, "motion": 2, "pipeline": 2, "lora": 4}
+    assert max_abs_diff(third, second) > 0
+    assert max_abs_diff(third, fresh(zoom)) == 0
+
+    # Again without the rescan: the next job still sees it.
+    _replace_file(models / "motion/mm_sd_v15_v2.safetensors", _retrained_motion_module(seed=78))
+    fourth = run(zoom)
+    assert eng.load_counts == {"base": 1, "motion": 3, "pipeline": 3, "lora": 4}
+    assert max_abs_diff(fourth, third) > 0
+    assert max_abs_diff(fourth, fresh(zoom)) == 0
+
+    # Nothing changed (a rescan, a file touched or copied over with the same bytes): nothing reloads.
+    eng.list_models(rescan=True)
+    path = models / "lora/v2_lora_ZoomIn.ckpt"
+    _replace_file(path, lambda dest: shutil.copyfile(path, dest))
+    again = run(zoom)
+    run(pan)
+    assert eng.load_counts == {"base": 1, "motion": 3, "pipeline": 3, "lora": 4}
+    assert max_abs_diff(again, fourth) == 0
+
+
+def test_a_replaced_model_that_is_broken_now_is_a_model_error(own_models: Path) -> None:
+    """The replacement is checked as a rescan checks it: a truncated file is refused with its
+    reason (not served from the old weights); once fixed, the job runs again."""
+    eng = AnimateDiffEngine(own_models, device="cpu")
+    job = request(motion_module=MM, motion_loras=[MotionLora(id=LORA_ZOOM)])
+    good = eng.generate(job, no_progress, never).frames
+    path = own_models / "lora/v2_lora_ZoomIn.ckpt"
+    data = path.read_bytes()
+    _replace_file(path, lambda dest: dest.write_bytes(data[: len(data) // 2]))
+    with pytest.raises(EngineError) as info:
+        eng.generate(job, no_progress, never)
+    assert info.value.code == "model_error" and LORA_ZOOM in info.value.message
+    _replace_file(path, lambda dest: dest.write_bytes(data))
+    assert max_abs_diff(eng.generate(job, no_progress, never).frames, good) == 0
 
 
 # --------------------------------------------------------------------------- errors

@@ -186,6 +186,35 @@ def test_hash_cache(models_copy, monkeypatch: pytest.MonkeyPatch) -> None:  # ty
     assert again["motion:mm_sd_v15_v2.safetensors"] == first["motion:mm_sd_v15_v2.safetensors"]
 
 
+def test_is_current_notices_files_replaced_since_the_scan(models_copy) -> None:  # type: ignore[no-untyped-def]
+    """What the engine asks before reusing a loaded model: a stat of the entry's files
+    against the scan's, nothing read.  A rescan then gives the new content's hash."""
+    models = models_copy("lora/v2_lora_ZoomIn.ckpt", "lora/v2_lora_PanLeft.ckpt", "base/tiny-sd15")
+    reg = ModelRegistry(models)
+    reg.scan()
+    lora, base = reg.get("lora:v2_lora_ZoomIn.ckpt"), reg.get("base:tiny-sd15")
+    assert reg.is_current(lora) and reg.is_current(base)
+
+    path = models / "lora/v2_lora_ZoomIn.ckpt"
+    old = path.stat()
+    tmp = path.with_name("replacement.partial")
+    shutil.copyfile(models / "lora/v2_lora_PanLeft.ckpt", tmp)
+    os.replace(tmp, path)  # same size, other weights
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns + 1_000_000_000))
+    assert not reg.is_current(lora) and reg.is_current(base)
+    assert reg.get("lora:v2_lora_ZoomIn.ckpt") is lora  # nothing changes before a rescan
+    reg.scan()
+    replaced = reg.get("lora:v2_lora_ZoomIn.ckpt")
+    assert reg.is_current(replaced) and replaced.sha256 == registry_mod.content_sha256(path) != lora.sha256
+
+    # A folder entry: any of its files.
+    with open(models / "base/tiny-sd15/unet/config.json", "a") as f:
+        f.write("\n")
+    assert not reg.is_current(base)
+    path.unlink()
+    assert not reg.is_current(replaced)  # gone
+
+
 def test_empty_or_missing_dir(tmp_path: Path) -> None:
     reg = ModelRegistry(tmp_path / "does-not-exist")
     assert reg.scan() == []
