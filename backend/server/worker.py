@@ -49,6 +49,7 @@ from .jobs import (
 from .store import JobStore
 
 log = logging.getLogger("animatediff_blender.server.worker")
+MAX_ERROR_CHARS = 1000  # of a failure message sent to clients and stored with the job
 
 
 class Worker:
@@ -272,6 +273,12 @@ class Worker:
         )
 
     def _end(self, job: Job, state: str, code: str, message: str) -> None:
+        if len(message) > MAX_ERROR_CHARS:
+            # e.g. torch's size mismatch per tensor of a LoRA made for another model: the
+            # artist gets the start of it, the log all of it.
+            log.warning("job=%s event=failed code=%s message=%s", job.job_id, code, message)
+            cut = len(message) - MAX_ERROR_CHARS
+            message = f"{message[:MAX_ERROR_CHARS]}... ({cut} more characters in the server log)"
         try:
             self.store.update(
                 job.job_id, state=state, error_code=code, error=message, finished_at=time.time()

@@ -271,3 +271,29 @@ def test_a_job_whose_end_could_not_be_stored_is_not_reported_running_forever(
         later.fetch(job.job_id)
     assert info.value.code == "storage"
     assert later.cancel(job.job_id).state == "failed"
+
+
+def test_a_huge_failure_message_is_cut_for_the_artist_and_kept_in_the_log(
+    make_server: Callable[..., Server], make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """torch lists a size mismatch per tensor (a LoRA made for another model): hundreds of
+    lines that a job row or a terminal should not have to show."""
+    from animatediff_blender.backend.engine.interface import EngineError
+    from animatediff_blender.backend.server.worker import MAX_ERROR_CHARS
+
+    huge = "".join(f"size mismatch for block {i}.to_q.lora_A.weight: [4, 320] vs [4, 640]\n" for i in range(400))
+
+    class WrongLora(FakeEngine):
+        def generate(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            raise EngineError("model_error", huge)
+
+    client = make_client(make_server(engine=WrongLora()))
+    with caplog.at_level("WARNING", logger="animatediff_blender.server.worker"):
+        with pytest.raises(ClientError) as info:
+            client.run_job(small_request())
+    assert info.value.code == "model_error"
+    message = info.value.message
+    assert huge[:200] in message and "more characters in the server log" in message
+    assert len(message) < MAX_ERROR_CHARS + 200
+    assert client.status(info.value.job_id).error == message.split(": ", 1)[1]  # what is stored
+    assert huge.strip() in caplog.text
