@@ -190,6 +190,8 @@ class ADB_OT_regenerate(Operator):
         plan = st.Plan(request, {}, strip.channel + 1, sc.content_start(strip))
         stored_loras = (data.get("request") or {}).get("motion_loras") or []
         plan.request["motion_loras"] = [x for x in stored_loras if isinstance(x, dict) and "id" in x]
+        moves = data.get("camera_motions")
+        plan.noted_camera_motions = dict(moves) if isinstance(moves, dict) else {}
         refusal = st.network_refusal(jobs.client_config()["address"])
         if refusal:
             self.report({"ERROR"}, refusal)

@@ -24,9 +24,12 @@ PRESET_ALIASES = {"fast": "lightning"}
 @dataclass
 class Plan:
     request: dict[str, Any]
-    camera_motions: dict[str, float]
+    camera_motions: dict[str, float]  # resolved to the backend's MotionLoRAs at submit
     channel: int
     start_frame: int
+    # Recorded on the take instead of camera_motions when the moves are already in
+    # request["motion_loras"] as ids (Regenerate renders with the source take's own files).
+    noted_camera_motions: dict[str, float] | None = None
 
 
 def round8(value: float) -> int:
@@ -124,7 +127,8 @@ def output_root(scene: Any) -> str:
 
 
 def request_json(plan: Plan) -> str:
-    return json.dumps({"request": plan.request, "camera_motions": plan.camera_motions,
+    noted = plan.camera_motions if plan.noted_camera_motions is None else plan.noted_camera_motions
+    return json.dumps({"request": plan.request, "camera_motions": noted,
                        "channel": plan.channel, "start_frame": plan.start_frame}, sort_keys=True)
 
 

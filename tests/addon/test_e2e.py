@@ -146,6 +146,9 @@ def test_takes_line_up_and_unplaced_frames_are_found(bpy_python, addon_zips, bac
     # under the source's frame k (it used to start at the trimmed start, 3 frames late).
     assert r["source"] == {"content_start": 1, "start": 4}, r
     assert r["take"] == {"state": "finished", "channel": 3, "content_start": 1}, r
+    # It renders with the source's own MotionLoRA files and still says which camera move that was.
+    assert r["loras"]["take"] == r["loras"]["source"] and len(r["loras"]["source"]) == 1, r
+    assert r["moves"] == {"source": {"ZoomIn": 0.7}, "take": {"ZoomIn": 0.7}}, r
     # A take that cannot be placed (no free channel from 128 up): its frames are on disk,
     # and the job says where.
     unplaced = r["unplaced"]

@@ -24,7 +24,8 @@ scene.render.resolution_percentage = 100
 conn = {"address": a["address"], "key_file": a["key_file"]}
 
 # The artist trims the first 3 frames of a take, then asks for another take of it.
-source = api.generate(scene, prompt="a fox", frames=8, steps=2, seed=3, channel=2, start_frame=1, timeout=60, **conn)
+source = api.generate(scene, prompt="a fox", frames=8, steps=2, seed=3, channel=2, start_frame=1, timeout=60,
+                      motion_loras={"ZoomIn": 0.7}, **conn)
 if hasattr(source, "left_handle"):
     source.left_handle = 4
 else:
@@ -40,6 +41,11 @@ c.drain_until(lambda: jobs.find_job(local, "local_id")[1].state in ("finished", 
 job = jobs.find_job(local, "local_id")[1]
 take = sc.strips_named(scene, [job.strip_name])[0]
 out["take"] = {"state": job.state, "channel": take.channel, "content_start": sc.content_start(take)}
+strips = c.sub("strips")
+out["moves"] = {name: (strips.stored_settings(s) or {}).get("camera_motions") for name, s in
+                (("source", source), ("take", take))}
+out["loras"] = {name: [x["id"] for x in (strips.stored_settings(s) or {}).get("request", {}).get("motion_loras", [])]
+                for name, s in (("source", source), ("take", take))}
 
 # Channel 128 is taken at those frames: the take cannot be placed, its frames are kept on
 # disk, and the job's message says where.
