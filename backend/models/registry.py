@@ -206,6 +206,15 @@ def _read_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
+def _not_text_to_image(in_channels: Any) -> str:
+    # Inpainting (9: latents + mask + masked image) or depth (5) UNets load, then fail at
+    # their first step: say so at the scan.
+    return (
+        f"not a text-to-image model: its UNet takes {in_channels} input channels, not 4 "
+        "(an inpainting or depth model?)"
+    )
+
+
 def _inspect_base(path: Path) -> _Detected:
     if path.is_dir():
         index = path / "model_index.json"
@@ -218,7 +227,10 @@ def _inspect_base(path: Path) -> _Detected:
                 False,
                 "not a diffusers pipeline folder (no model_index.json or unet/)",
             )
-        cad = _read_config(unet_cfg).get("cross_attention_dim")
+        unet = _read_config(unet_cfg)
+        if unet.get("in_channels", 4) != 4:
+            return _Detected("base", "diffusers", "", False, _not_text_to_image(unet.get("in_channels")))
+        cad = unet.get("cross_attention_dim")
         if cad is not None and not isinstance(cad, int):  # per-block lists: not SD1.x's UNet
             return _Detected("base", "diffusers", "", False, f"not an SD1.x model (cross_attention_dim {cad})")
         if cad not in (None, 768) and cad > 768:
@@ -235,6 +247,9 @@ def _inspect_base(path: Path) -> _Detected:
         raise ConversionError("not an SD1.x single-file checkpoint (no model.diffusion_model.* keys)")
     if any(k.startswith("conditioner.") for k in shapes):
         raise ConversionError("SDXL checkpoints are not supported (AnimateDiff here is SD1.5)")
+    conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
+        raise ConversionError(_not_text_to_image(conv_in[1]))
     cad = shapes[key][1] if key in shapes and len(shapes[key]) == 2 else None
     if cad is not None and cad > 768:
         raise ConversionError(f"not an SD1.x checkpoint (cross-attention width {cad})")

@@ -281,3 +281,25 @@ def test_sdxl_motion_module_is_not_listed_as_sd15(models_copy) -> None:  # type:
     for model_id in ("motion:mm_sdxl_v10_beta.ckpt", "motion:animatediff-motion-adapter-sdxl-beta"):
         assert not infos[model_id].ok and "SDXL" in infos[model_id].error, infos[model_id]
     assert infos["motion:v3_sd15_mm.safetensors"].ok
+
+
+def test_inpainting_base_models_are_not_listed_as_usable(models_copy) -> None:  # type: ignore[no-untyped-def]
+    """An SD1.5 inpainting UNet (9 input channels) was listed as OK and failed only at its
+    first step; both layouts now say why at the scan."""
+    from safetensors.torch import load_file, save_file
+
+    models = models_copy("base/tiny-sd15", "base/tiny-sd15-ldm.safetensors", "base/tiny-sd15-ldm.config")
+    folder = models / "base/tiny-sd15-inpainting"
+    shutil.copytree(models / "base/tiny-sd15", folder)
+    config = json.loads((folder / "unet/config.json").read_text())
+    config["in_channels"] = 9
+    (folder / "unet/config.json").write_text(json.dumps(config))
+    tensors = load_file(models / "base/tiny-sd15-ldm.safetensors")
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    out_ch, _, kh, kw = tensors[key].shape
+    tensors[key] = torch.zeros(out_ch, 9, kh, kw)
+    save_file(tensors, models / "base/tiny-sd15-inpainting.safetensors")
+    infos = {i.id: i for i in ModelRegistry(models).scan()}
+    for model_id in ("base:tiny-sd15-inpainting", "base:tiny-sd15-inpainting.safetensors"):
+        assert not infos[model_id].ok and "9 input channels" in infos[model_id].error, infos[model_id]
+    assert infos["base:tiny-sd15"].ok and infos["base:tiny-sd15-ldm.safetensors"].ok
