@@ -4,7 +4,6 @@ an animated GIF (and an MP4 when imageio-ffmpeg is installed)."""
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -232,6 +231,19 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise UsageError(f"--lora #{i + 1}: the weight must be a finite number, not {weight:g}")
 
 
+def is_job_id(text: str) -> bool:
+    """Whether `text` passes the protocol's own JobId schema."""
+    import msgspec
+
+    from animatediff_blender.protocol.messages import JobId
+
+    try:
+        msgspec.convert(text, JobId)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
 def prepare_out(out: Path) -> None:
     """Create the output folder and prove it takes files (raises OSError)."""
     import tempfile
@@ -264,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
         if args.out is None:
             raise UsageError("--out is required")
         if args.resume:
-            if not re.fullmatch(r"[0-9a-f]{32}", args.resume):  # the protocol's JobId
+            if not is_job_id(args.resume):
                 raise UsageError(f"--resume: {args.resume!r} is not a job id")
             prepare_out(args.out)
             result = _generate(args, None)

@@ -175,7 +175,12 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from animatediff_blender.backend.engine.interface import Engine, EngineError
-    from animatediff_blender.backend.server.config import ConfigError, ServerConfig, load_or_create_key
+    from animatediff_blender.backend.server.config import (
+        ConfigError,
+        ServerConfig,
+        check_limits,
+        load_or_create_key,
+    )
     from animatediff_blender.backend.server.server import Server
 
     log = logging.getLogger("animatediff_blender.server")
@@ -186,16 +191,6 @@ def run(args: argparse.Namespace) -> int:
             flag = "--" + dest.replace("_", "-")
             print(f"animatediff-blender serve: {flag} must be a finite number >= 0, not {value:g}", file=sys.stderr)
             return 2
-    # A zero or negative cap would refuse every job (or, for the timeout, end it at once).
-    for dest in ("max_frames", "max_width", "max_height", "max_pixel_frames", "max_steps",
-                 "max_prompt_chars", "max_queue", "max_jobs_per_client", "job_timeout"):  # fmt: skip
-        if not getattr(args, dest) > 0:
-            flag = "--" + dest.replace("_", "-")
-            print(f"animatediff-blender serve: {flag} must be > 0, not {getattr(args, dest):g}", file=sys.stderr)
-            return 2
-    if args.max_motion_loras < 0:
-        print(f"animatediff-blender serve: --max-motion-loras must be >= 0, not {args.max_motion_loras}", file=sys.stderr)
-        return 2
     data_dir = args.data_dir or _data_dir()
     models_dir = args.models_dir or data_dir / "models"
     limits = Limits(
@@ -213,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
         max_message_bytes=int(args.max_message_mb * 2**20),
     )
     try:
+        check_limits(limits)  # before a key file is created or an engine loaded
         key = load_or_create_key(args.key_file, args.bind)
         config = ServerConfig(
             key=key,

@@ -231,12 +231,9 @@ def _inspect_base(path: Path) -> _Detected:
         if unet.get("in_channels", 4) != 4:
             return _Detected("base", "diffusers", "", False, _not_text_to_image(unet.get("in_channels")))
         cad = unet.get("cross_attention_dim")
-        if cad is not None and not isinstance(cad, int):  # per-block lists: not SD1.x's UNet
+        # Wider, or per-block lists: not SD1.x's UNet.
+        if cad is not None and (not isinstance(cad, int) or cad > 768):
             return _Detected("base", "diffusers", "", False, f"not an SD1.x model (cross_attention_dim {cad})")
-        if cad not in (None, 768) and cad > 768:
-            return _Detected(
-                "base", "diffusers", "", False, f"not an SD1.x model (cross_attention_dim {cad})"
-            )
         return _Detected("base", "diffusers", "sd15" if cad in (None, 768) else "tiny")
     if path.suffix.lower() in PICKLE_SUFFIXES and path.stat().st_size > PICKLE_SCAN_LIMIT:
         _check_pickle(path)

@@ -89,14 +89,30 @@ def largest_frame_message(limits: Limits) -> int:
     return raw + 5 * (raw // 65535 + 1) + 4096 + FRAME_MESSAGE_OVERHEAD
 
 
-def check_limits(config: ServerConfig) -> None:
-    """Refuse a message limit too small for one frame: every frames message of a large clip
-    would be dropped, and clients would wait for frames that never come."""
-    needed = largest_frame_message(config.limits)
-    if config.limits.max_message_bytes < needed:
+# Limits a server cannot work with at zero or below: every job would be refused (or, for the
+# timeout, ended at once).  `serve`'s flags are these names with dashes (`_s` dropped).
+POSITIVE_LIMITS = (
+    "max_frames", "max_width", "max_height", "max_pixel_frames", "max_steps", "max_prompt_chars",
+    "max_queue", "max_jobs_per_client", "job_timeout_s",
+)  # fmt: skip
+
+
+def check_limits(limits: Limits) -> None:
+    """Refuse limits no job could pass, and a message limit too small for one frame: every
+    frames message of a large clip would be dropped, and clients would wait for frames
+    that never come."""
+    for name in POSITIVE_LIMITS:
+        value = getattr(limits, name)
+        if not value > 0:
+            flag = "--" + name.removesuffix("_s").replace("_", "-")
+            raise ConfigError(f"{flag} must be > 0, not {value:g}")
+    if limits.max_motion_loras < 0:
+        raise ConfigError(f"--max-motion-loras must be >= 0, not {limits.max_motion_loras}")
+    needed = largest_frame_message(limits)
+    if limits.max_message_bytes < needed:
         raise ConfigError(
-            f"--max-message-mb {config.limits.max_message_bytes / 2**20:g} cannot carry one "
-            f"{config.limits.max_width}x{config.limits.max_height} frame: it needs at least "
+            f"--max-message-mb {limits.max_message_bytes / 2**20:g} cannot carry one "
+            f"{limits.max_width}x{limits.max_height} frame: it needs at least "
             f"{needed / 2**20:.1f} MiB (or lower --max-width/--max-height)"
         )
 

@@ -119,7 +119,7 @@ class _RateLimitedLog:
 class Server:
     def __init__(self, config: ServerConfig, engine: Engine) -> None:
         check_bind_policy(config)
-        check_limits(config)
+        check_limits(config.limits)
         self.config = config
         self.engine = engine
         self.limits = config.limits
