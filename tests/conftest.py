@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# No GPU here or in CI: the project's Triton kernel (backend/engine/short_attention.py) runs
+# in Triton's CPU interpreter, which `triton.jit` picks when Triton loads with this set.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -41,6 +41,10 @@ BACKENDS = SDPA_BACKENDS
 # may beat kernels tiled for long sequences.  (Written as matmuls, inductor's pattern matcher
 # turns it back into SDPA.)
 REDUCED = "reduced"
+# The project's Triton kernel for short sequences (`temporal_sdpa="triton"`,
+# `engine/short_attention.py`); "triton:ROWS" times it with other tile rows.  Sequences over
+# its 64 tokens are reported as not run, not silently handed to SDPA.
+TRITON = "triton"
 KINDS = ("spatial", "cross", "temporal")
 TEXT_TOKENS = 77
 
@@ -201,6 +205,15 @@ def time_call(
     timing = Timing(backend)
     if backend == REDUCED:
         fn: Callable[[], Any] = _compiled(q, k, v)
+    elif backend.partition(":")[0] == TRITON:
+        from animatediff_blender.backend.engine import short_attention as sa
+
+        if not sa.supported(q, k, v):
+            return Timing(backend, error=f"not for this shape: over {sa.MAX_TOKENS} tokens or head dim {sa.MAX_HEAD_DIM}")
+        rows = int(backend.partition(":")[2] or sa.ROWS)
+
+        def fn() -> Any:
+            return sa.short_attention(q, k, v, rows=rows)
     else:
 
         def fn() -> Any:
@@ -341,19 +354,19 @@ def format_shape(shape: ShapeResult) -> str:
 
 def format_summary(result: CaseAttention) -> str:
     backends = [t.backend for t in result.shapes[0].timings] if result.shapes else []
-    lines = [f"  per UNet call (ms)  {''.join(f'{b:>10s}' for b in [*backends, 'best'])}"]
+    lines = [f"  per UNet call (ms)  {''.join(f'{b:>11s}' for b in [*backends, 'best'])}"]
     for kind in (*KINDS, None):
         cells = []
         for b in [*backends, "best"]:
             ms = result.per_unet_call_ms(kind, b)
-            cells.append(f"{'-':>10s}" if ms is None else f"{ms:10.2f}")
+            cells.append(f"{'-':>11s}" if ms is None else f"{ms:11.2f}")
         lines.append(f"  {kind or 'all':19s} {''.join(cells)}")
     return "\n".join(lines)
 
 
 def best_temporal_backend(result: dict[str, Any], min_gain: float = 0.05) -> str | None:
     """From a `bench-attention` JSON result: the implementation (an SDPA backend other than
-    "auto", or "reduced") whose temporal attention, summed over the result's cases, beats
+    "auto", "reduced" or "triton") whose temporal attention, summed over the result's cases, beats
     torch's own choice by more than `min_gain` of the cases' whole attention time with that
     choice; None if none does (or torch's choice is not timed).  What the `temporal` phase
     of gpu_bench.sh measures next as the `temporal-sdpa` lever."""
@@ -363,7 +376,7 @@ def best_temporal_backend(result: dict[str, Any], min_gain: float = 0.05) -> str
         per_kind = case.get("per_unet_call_ms", {})
         everything += per_kind.get("all", {}).get("auto") or 0.0
         for backend, ms in per_kind.get("temporal", {}).items():
-            if backend in (*BACKENDS, REDUCED):  # one that cannot run a case's shapes is out
+            if backend in (*BACKENDS, REDUCED, TRITON):  # one that cannot run a case's shapes is out
                 totals[backend] = totals.get(backend, 0.0) + (math.inf if ms is None else ms)
     auto = totals.pop("auto", None)
     if auto is None or not totals or everything <= 0:

@@ -6,6 +6,7 @@ each kind best.  Seconds on a GPU: no model weights, no compile unless `--compil
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -32,7 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
                    help="default: fp16 on cuda, fp32 on the cpu")  # fmt: skip
     p.add_argument("--backend", action="append", default=None,
-                   help="repeatable: auto, flash, efficient, cudnn, math (default: all)")  # fmt: skip
+                   help="repeatable: auto, flash, efficient, cudnn, math, triton (the project's kernel for "
+                        "short sequences; triton:ROWS with 16-256 tile rows) (default: all; triton where "
+                        "Triton is installed)")  # fmt: skip
     p.add_argument("--compiled", action="store_true",
                    help="also time the attention written out as multiply-sums and compiled by inductor "
                         "('reduced'), for the temporal calls")  # fmt: skip
@@ -49,11 +52,12 @@ def run(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    backends = args.backend or list(attention.BACKENDS)
-    unknown = sorted(set(backends) - set(attention.BACKENDS))
+    known = [*attention.BACKENDS, attention.TRITON, *(f"{attention.TRITON}:{r}" for r in (16, 32, 64, 128, 256))]
+    backends = args.backend or [*attention.BACKENDS, *([attention.TRITON] if importlib.util.find_spec("triton") else [])]
+    unknown = sorted(set(backends) - set(known))
     problem = None
     if unknown:
-        problem = f"unknown backend(s) {', '.join(unknown)}: choose from {', '.join(attention.BACKENDS)}"
+        problem = f"unknown backend(s) {', '.join(unknown)}: choose from {', '.join(known)}"
     elif args.iters < 1:
         problem = "--iters must be at least 1"
     elif device.startswith("cuda") and not torch.cuda.is_available():

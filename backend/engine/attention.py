@@ -7,8 +7,9 @@ attention calls.  Kernels built for long sequences tile 64-128 queries at a time
 of their work there is padding.  Besides forcing one of torch's SDPA backends, "reduced"
 writes the attention out as multiply-and-sum reductions (float32 accumulation), which
 inductor fuses into kernels of its own -- written as matmuls, inductor's pattern matcher
-would turn it back into SDPA.  Memory-bound either way: a step's temporal q/k/v/out are a
-few hundred MB.
+would turn it back into SDPA.  "triton" runs them in a kernel of the project's own that
+puts several sequences in one tile (`short_attention.py`).  Memory-bound either way: a
+step's temporal q/k/v/out are a few hundred MB.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from torch.overrides import TorchFunctionMode
 
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 REDUCED = "reduced"
-TEMPORAL_ATTENTION = (*SDPA_BACKENDS, REDUCED)
+TRITON = "triton"
+TEMPORAL_ATTENTION = (*SDPA_BACKENDS, REDUCED, TRITON)
 
 
 def reduced_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -35,14 +37,18 @@ def reduced_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return (weights.unsqueeze(-1) * value.unsqueeze(-3).float()).sum(-2).to(query.dtype)
 
 
-class _ReducedAttention(TorchFunctionMode):
+class _ReplacedAttention(TorchFunctionMode):
     """Inside: plain scaled-dot-product attention calls (no mask, dropout, causality or
-    custom scale) become `reduced_attention`; anything else runs as called."""
+    custom scale) go to `implementation`; anything else runs as called."""
+
+    def __init__(self, implementation: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.implementation = implementation
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention and len(args) == 3 and _plain(kwargs):
-            return reduced_attention(*args)
+            return self.implementation(*args)
         return func(*args, **kwargs)
 
 
@@ -59,13 +65,20 @@ def _plain(kwargs: dict[str, Any]) -> bool:
 def with_attention(inner: Callable[..., Any], implementation: str) -> Callable[..., Any]:
     """`inner`, its scaled-dot-product attention calls pinned to `implementation` (one of
     TEMPORAL_ATTENTION but "auto").  Both ways trace into a compiled region."""
-    if implementation == REDUCED:
+    if implementation in (REDUCED, TRITON):
+        if implementation == REDUCED:
+            replacement = reduced_attention
+        else:
+            from . import short_attention
 
-        def reduced(*args: Any, **kwargs: Any) -> Any:
-            with _ReducedAttention():
+            short_attention.load()  # not inside a traced region
+            replacement = short_attention.short_attention
+
+        def replaced(*args: Any, **kwargs: Any) -> Any:
+            with _ReplacedAttention(replacement):
                 return inner(*args, **kwargs)
 
-        return reduced
+        return replaced
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     allowed = {

@@ -139,6 +139,24 @@ def test_reduced_attention_is_the_same_maths_and_stays_apart_from_sdpa() -> None
     assert not [e.key for e in prof.key_averages() if "scaled_dot_product" in e.key or "bmm" in e.key]
 
 
+def test_the_projects_kernel_is_timed_at_short_shapes_only() -> None:
+    """`triton` / `triton:ROWS` time engine/short_attention.py's kernel (here in Triton's CPU
+    interpreter), checked against float32 maths; a spatial shape is reported as not run,
+    never quietly handed to SDPA."""
+    pytest.importorskip("triton")
+    short = AttentionCall("temporal", 6, 2, 16, 16, 40)
+    q, k, v = attention._inputs(short, "cpu", torch.float32, seed=2)
+    ref = attention._reference(q, k, v)
+    for name in ("triton", "triton:32"):
+        timing = attention.time_call(short, name, device="cpu", dtype=torch.float32, iters=1,
+                                     reference=ref, inputs=(q, k, v))  # fmt: skip
+        assert timing.error is None and timing.us is not None and timing.max_abs_err is not None
+        assert timing.max_abs_err < 1e-5
+    long = AttentionCall("spatial", 2, 2, 256, 256, 8)
+    timing = attention.time_call(long, "triton", device="cpu", dtype=torch.float32, iters=1)
+    assert timing.us is None and timing.error and "not for this shape" in timing.error
+
+
 def test_cli_writes_json_and_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "attention.json"
     assert main(["bench-attention", "--size", "tiny", "--device", "cpu", "--case", "lightning", "--iters", "1",
@@ -151,6 +169,7 @@ def test_cli_writes_json_and_refuses_bad_arguments(tmp_path: Path, capsys: pytes
     printed = capsys.readouterr().out
     assert "per UNet call (ms)" in printed and "temporal" in printed
     assert main(["bench-attention", "--size", "tiny", "--device", "cpu", "--backend", "fastest"]) == 2
+    assert main(["bench-attention", "--size", "tiny", "--device", "cpu", "--backend", "triton:48"]) == 2
     assert main(["bench-attention", "--size", "tiny", "--device", "cpu", "--iters", "0"]) == 2
     assert "unknown backend" in capsys.readouterr().err
 
@@ -166,6 +185,7 @@ def test_the_temporal_phase_picks_a_backend_only_when_it_pays() -> None:
     # 30 ms of attention per step, 12 of them temporal: efficient saves 7 ms (> 5 %).
     assert pick(_result((30.0, {"auto": 12.0, "flash": 12.5, "efficient": 5.0, "math": 6.0, "best": 1.0}))) == "efficient"
     assert pick(_result((30.0, {"auto": 12.0, "efficient": 5.0, "reduced": 2.0}))) == "reduced"
+    assert pick(_result((30.0, {"auto": 12.0, "efficient": 5.0, "triton": 1.0, "triton:32": 0.5}))) == "triton"
     # Summed over cases: math wins overall although efficient wins the first.
     both = _result((30.0, {"auto": 12.0, "efficient": 5.0, "math": 6.0}),
                    (90.0, {"auto": 40.0, "efficient": 30.0, "math": 20.0}))  # fmt: skip

@@ -87,6 +87,7 @@ def test_lever_specs() -> None:
     with pytest.raises(ValueError, match="temporal_sdpa must be one of"):
         parse_lever("temporal-sdpa:fastest", "cuda", "fp16", "inductor")
     assert parse_lever("temporal-sdpa:reduced", "cuda", "fp16", "inductor").fast.temporal_sdpa == "reduced"
+    assert parse_lever("default+temporal-sdpa:triton", "cuda", "fp16", "inductor").fast.temporal_sdpa == "triton"
     with pytest.raises(ValueError, match="sdpa must be one of"):
         parse_lever("sdpa:reduced", "cuda", "fp16", "inductor")  # the whole UNet: not for 4096 tokens
 
@@ -154,17 +155,38 @@ def _sdpa_ops_by_query_shape(run: Any) -> dict[tuple[int, ...], set[str]]:
 
 
 @pytest.mark.parametrize(
-    ("implementation", "long"), [("math", True), ("reduced", False), ("reduced", True)],
-    ids=["math-freenoise-shared-windows", "reduced", "reduced-freenoise-shared-windows"],
+    ("implementation", "long"),
+    [("math", True), ("reduced", False), ("reduced", True), ("triton", False), ("triton", True)],
+    ids=["math-freenoise-shared-windows", "reduced", "reduced-freenoise-shared-windows", "triton",
+         "triton-freenoise-shared-windows"],
 )
 def test_temporal_sdpa_lever_reaches_only_the_motion_modules(
-    tiny_zoo: Path, one_thread: None, implementation: str, long: bool
+    tiny_zoo: Path, one_thread: None, implementation: str, long: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Compiled (dynamo traces the backend choice / the function mode), with FreeNoise's
     batched windows and their shared projections (which call attention directly): the
-    temporal attentions run with the forced backend or written out ("reduced": no SDPA op
-    at all), the spatial ones with torch's choice, the frames unchanged."""
+    temporal attentions run with the forced backend or written out ("reduced", or the
+    project's Triton kernel in Triton's CPU interpreter: no SDPA op at all), the spatial ones
+    with torch's choice, the frames unchanged."""
     import torch._dynamo.utils
+
+    launched: list[tuple[int, ...]] = []
+    if implementation == "triton":
+        # The kernel's maths is checked in Triton's CPU interpreter by
+        # tests/backend/engine/test_short_attention.py; here, where a job makes ~170 launches
+        # that the interpreter would take minutes over, the launch computes the same thing in
+        # torch, and the test checks the wiring: the operator inside compiled motion modules
+        # only, its output layout, the frames.
+        pytest.importorskip("triton")
+        from animatediff_blender.backend.engine import short_attention
+
+        def launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, rows: int,
+                   out: torch.Tensor) -> None:  # fmt: skip
+            launched.append(tuple(query.shape))
+            weights = torch.softmax((query.float() @ key.float().transpose(-1, -2)) * scale, dim=-1)
+            out.copy_(weights @ value.float())
+
+        monkeypatch.setattr(short_attention, "_launch", launch)
 
     torch._dynamo.utils.counters.clear()
     shape = {"frames": 8, "context_length": 4, "context_stride": 2} if long else {}
@@ -185,8 +207,10 @@ def test_temporal_sdpa_lever_reaches_only_the_motion_modules(
     temporal = {s: o for s, o in ops.items() if s[0] > 2 * frame_count}
     spatial = {s: o for s, o in ops.items() if s[2] not in (4, frame_count)}
     assert len(spatial) >= 3
-    if implementation == "reduced":
+    if implementation in ("reduced", "triton"):
         assert not temporal, temporal
+        if implementation == "triton":  # they went to the kernel (4 frames or windows of 4)
+            assert launched and {s[2] for s in launched} == {4}
     else:
         assert temporal and all(s[2] == 4 for s in temporal)
         assert all(o == {"aten::_scaled_dot_product_attention_math"} for o in temporal.values()), temporal
