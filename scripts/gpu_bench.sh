@@ -218,6 +218,43 @@ case " $PHASES " in
     phase tlong64 200 --case long64 --repeats 0 --profile --profile-case long64 --lever "$best"
     ;;
 esac
+# 5f. (Not in the default list; for the sixth GPU session.)  The project's Triton kernel for
+#    the motion modules' 16-token attention (`temporal-sdpa:triton`, engine/short_attention.py:
+#    several sequences per tile; run 5 had these calls at ~400 of a 64-frame step's 668 ms,
+#    1.3-3 TFLOP/s, ~20x slower than memory speed).  `kcheck` (~40 s): each temporal shape of
+#    quality and long64 timed alone with torch's choice, the efficient backend and the kernel
+#    at 32/64/128 tile rows, each checked against float32 maths (a kernel that fails to build
+#    shows here, cheaply).  `kquality`: whole quality jobs, the default against the kernel,
+#    against stock, both profiled; `klong64`: the same on 64 frames.
+case " $PHASES " in
+*" kcheck "*)
+    t=$(left)
+    say "phase kcheck (up to 90s): bench-attention, temporal shapes"
+    kargs="--case quality --case long64 --iters 10 --backend auto --backend efficient --backend triton:32 --backend triton --backend triton:128"
+    case " $EXTRA " in *" tiny "*) kargs="$kargs --size tiny --device cpu --iters 1" ;; esac
+    # shellcheck disable=SC2086  # kargs is a list of arguments
+    timeout --kill-after=10 "$([ "$t" -lt 90 ] && echo "$t" || echo 90)" bash -c 'cli "$@"' cli \
+        bench-attention $kargs --json "$OUT/kcheck.json" 2>&1 | grep --line-buffered -v -e "^  spatial" -e "^  cross" | tee -a "$LOG"
+    say "phase kcheck ended with exit code ${PIPESTATUS[0]}"
+    ;;
+esac
+# A kernel that did not run at any temporal shape in `kcheck` would only fail again after
+# minutes of compiling: the memory lever that is also still unmeasured runs instead.
+kernel_ran=yes
+if [ -f "$OUT/kcheck.json" ] && ! python3 -c "
+import json, sys
+cases = json.load(open(sys.argv[1]))['cases']
+sys.exit(0 if any(t['backend'] == 'triton' and t['us'] for c in cases for s in c['shapes'] for t in s['timings']) else 1)
+" "$OUT/kcheck.json"; then
+    kernel_ran=no
+    say "kcheck: the Triton kernel ran at no shape (see its errors in kcheck.json): split-batch on long64 instead"
+    phase kquality 170 --case long64 --engine-only --repeats 0 --lever default+split-batch
+fi
+if [ "$kernel_ran" = yes ]; then
+    phase kquality 200 --case quality --repeats 1 --profile --profile-every-lever --lever default \
+        --lever default+temporal-sdpa:triton
+    phase klong64 200 --case long64 --repeats 0 --profile --profile-case long64 --lever default+temporal-sdpa:triton
+fi
 # 5e. (Not in the default list.)  CUDA graphs on lightning: run 4's job timeline had the GPU
 #    idle 66 ms of a 519 ms job inside the UNet calls, waiting for the host (1,167 gaps: the
 #    regional compile's 65 regions per call, each entered from Python; fewer without the
@@ -256,6 +293,13 @@ if [ -n "$reports" ]; then
     say "targets (bench-report):"
     # shellcheck disable=SC2086  # one argument per file
     cli bench-report $reports 2>&1 | tee -a "$LOG"
+    # The candidate default (the Triton kernel phases) judged on its own rows too.
+    # shellcheck disable=SC2086  # one argument per file
+    if grep -q 'engine\[default+temporal-sdpa:triton\]' $reports; then
+        say "targets for the candidate default+temporal-sdpa:triton (bench-report --lever):"
+        # shellcheck disable=SC2086  # one argument per file
+        cli bench-report --lever default+temporal-sdpa:triton $reports 2>&1 | grep -v '^|.*|.*|.*|.*|.*|' | tee -a "$LOG"
+    fi
 fi
 
 # The device tool hands back at most 8 files from $OUT: past that, everything but the log

@@ -111,15 +111,16 @@ def _not_measured(target: str, why: str) -> Verdict:
     return Verdict(target, "-", "not measured", why)
 
 
-def judge(rows: list[Row]) -> list[Verdict]:
+def judge(rows: list[Row], lever: str = PRODUCT) -> list[Verdict]:
     """Each target of issue #6, on the shipped configuration (`engine[default]`,
-    `server[default]`) against stock in the same file."""
+    `server[default]`; or on `lever`'s rows, a candidate for it) against stock in the same
+    file."""
     out: list[Verdict] = []
     devices = {r.device for r in rows}
     if len(devices) > 1:
         raise ValueError(f"results from different devices {sorted(devices)}: judge one card at a time")
 
-    paired_q = _paired(rows, "quality", f"engine[{PRODUCT}]")
+    paired_q = _paired(rows, "quality", f"engine[{lever}]")
     if paired_q:
         engine_q, stock_q = paired_q
         # 1.6 s is the H200's 4.02 s stock over 2.5: the ratios are what holds on any card.
@@ -139,9 +140,9 @@ def judge(rows: list[Row]) -> list[Verdict]:
         else:
             out.append(_not_measured("quality peak memory <= stock's", "no device memory figures (a CPU run)"))
     else:
-        out.append(_not_measured("quality denoise >= 2.5x stock, >= 1.75x stock+compile", "no quality engine[default] and stock rows in one file"))
+        out.append(_not_measured("quality denoise >= 2.5x stock, >= 1.75x stock+compile", f"no quality engine[{lever}] and stock rows in one file"))
 
-    server = _first(rows, "server", f"server[{PRODUCT}]", by="end_to_end_s")
+    server = _first(rows, "server", f"server[{lever}]", by="end_to_end_s")
     if server:
         e2e = server.num("end_to_end_s") or math.inf
         out.append(_verdict("lightning end to end through the server <= 0.35 s", f"{e2e:.3f} s", _missed_by(e2e, 0.35, " s"),
@@ -151,19 +152,19 @@ def judge(rows: list[Row]) -> list[Verdict]:
             out.append(_verdict("server's CPU-side share <= 5 %", f"{100 * share:.1f} %", _missed_by(100 * share, 5.0, " points"),
                                 f"{1000 * (server.num('server_overhead_s') or 0):.0f} ms"))  # fmt: skip
     else:
-        out.append(_not_measured("lightning end to end through the server <= 0.35 s", "no server[default] row"))
+        out.append(_not_measured("lightning end to end through the server <= 0.35 s", f"no server[{lever}] row"))
 
-    long64 = _first(rows, "long64", f"engine[{PRODUCT}]")
-    paired_64 = _paired(rows, "long64", f"engine[{PRODUCT}]")
+    long64 = _first(rows, "long64", f"engine[{lever}]")
+    paired_64 = _paired(rows, "long64", f"engine[{lever}]")
     if paired_64:
         engine_64, stock_64 = paired_64
         ratio = (stock_64.num("denoise_s") or 0) / (engine_64.num("denoise_s") or math.inf)
         out.append(_verdict("long64 >= 2x stock FreeNoise", f"x{ratio:.2f}", _missed_by(ratio, 2.0, "x", higher_is_better=True),
                             f"{engine_64.num('denoise_s') or 0:.3f} s against {stock_64.num('denoise_s') or 0:.3f} s"))  # fmt: skip
     else:
-        out.append(_not_measured("long64 >= 2x stock FreeNoise", "no long64 engine[default] and stock rows in one file"))
+        out.append(_not_measured("long64 >= 2x stock FreeNoise", f"no long64 engine[{lever}] and stock rows in one file"))
     # Our 16-frame peak: from the long clip's file where it has one, else any file's.
-    with_peak = [r for r in rows if r.case == "quality" and r.runner == f"engine[{PRODUCT}]" and r.ok and (r.num("peak_mem_gib") or 0) > 0]
+    with_peak = [r for r in rows if r.case == "quality" and r.runner == f"engine[{lever}]" and r.ok and (r.num("peak_mem_gib") or 0) > 0]
     with_peak.sort(key=lambda r: r.source != (long64.source if long64 else None))
     peak_64 = (long64.num("peak_mem_gib") or 0.0) if long64 else 0.0
     peak_16 = (with_peak[0].num("peak_mem_gib") or 0.0) if with_peak else 0.0
@@ -172,18 +173,18 @@ def judge(rows: list[Row]) -> list[Verdict]:
         out.append(_verdict("long64 peak <= 1.3x our 16-frame peak", f"x{ratio:.2f}", _missed_by(ratio, 1.3, "x"),
                             f"{peak_64:.2f} against {peak_16:.2f} GiB"))  # fmt: skip
     else:
-        out.append(_not_measured("long64 peak <= 1.3x our 16-frame peak", "needs long64 and quality engine[default] rows with device memory figures"))
-    long128 = _first(rows, "long128", f"engine[{PRODUCT}]")
+        out.append(_not_measured("long64 peak <= 1.3x our 16-frame peak", f"needs long64 and quality engine[{lever}] rows with device memory figures"))
+    long128 = _first(rows, "long128", f"engine[{lever}]")
     if long128 and long64:
         ratio = (long128.num("denoise_s") or math.inf) / (long64.num("denoise_s") or math.inf)
         out.append(_verdict("long128 <= 2.1x long64", f"x{ratio:.2f}", _missed_by(ratio, 2.1, "x"),
                             f"{long128.num('denoise_s') or 0:.3f} s against {long64.num('denoise_s') or 0:.3f} s"))  # fmt: skip
     else:
-        out.append(_not_measured("long128 <= 2.1x long64", "needs long128 and long64 engine[default] rows"))
+        out.append(_not_measured("long128 <= 2.1x long64", f"needs long128 and long64 engine[{lever}] rows"))
 
     # The first job after a restart: the `restart` phase's server row (a second process
     # with the compile cache on disk); elsewhere it is a cold start, reported as such.
-    starts = [r for r in rows if r.case == "server" and _engine(r.runner) and r.ok and r.num("first_job_extra_s") is not None]
+    starts = [r for r in rows if r.case == "server" and _engine(r.runner, lever) and r.ok and r.num("first_job_extra_s") is not None]
     restarts = [r for r in starts if r.source.startswith("restart")]
     if restarts or starts:
         r = (restarts or starts)[0]
@@ -195,7 +196,7 @@ def judge(rows: list[Row]) -> list[Verdict]:
         out.append(_not_measured("first job after a restart <= 15 s extra", "no server row"))
 
     # The shipped configuration's frames; other levers' PSNR is in the rows table.
-    psnrs = [(r.num("psnr_vs_anchor_db"), r) for r in rows if r.ok and _engine(r.runner) and r.num("psnr_vs_anchor_db") is not None]
+    psnrs = [(r.num("psnr_vs_anchor_db"), r) for r in rows if r.ok and _engine(r.runner, lever) and r.num("psnr_vs_anchor_db") is not None]
     if psnrs:
         worst, row = min(psnrs, key=lambda p: p[0] or 0.0)
         assert worst is not None

@@ -26,6 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="print only the `default+...` lever that denoised CASE fastest, more than 3%% faster than the "
         "default with frames within 40 dB of stock (nothing if none did): a later phase measures it",
     )  # fmt: skip
+    p.add_argument(
+        "--lever", default="default", metavar="LEVER",
+        help="judge this lever's rows (e.g. default+temporal-sdpa:triton, a candidate default) instead of "
+        "the shipped default's (default: %(default)s)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -39,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         if args.fastest:
             print(report.fastest_lever(rows, args.fastest) or "")
             return 0
-        verdicts = report.judge(rows)
+        verdicts = report.judge(rows, args.lever)
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         print(f"animatediff-blender bench-report: {exc}", file=sys.stderr)
         return 2
@@ -50,5 +55,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(report.format_rows(rows))
     print()
+    if args.lever != report.PRODUCT:
+        print(f"bench-report: the targets below judge engine[{args.lever}], not the shipped default")
     print(report.format_verdicts(verdicts))
     return 0

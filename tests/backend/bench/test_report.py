@@ -131,3 +131,33 @@ def test_fastest_lever_picks_what_a_later_phase_measures(tmp_path: Path, capsys:
     for other in (close, alone):
         assert main(["bench-report", "--fastest", "quality", str(other)]) == 0
         assert capsys.readouterr().out == "\n"
+
+
+def test_a_candidate_lever_is_judged_on_its_own_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Run 5's numbers, and a candidate's rows (`--lever`): long64 and long128 from two files
+    of one card, against stock in long64's file; the default's verdicts are not the candidate's."""
+    kernel = "default+temporal-sdpa:triton"
+    quality = _write(tmp_path / "kquality.json", [
+        _row("quality", "stock", 4.142, peak_mem_gib=11.76),
+        _row("quality", "engine[default]", 2.778, peak_mem_gib=4.55, psnr_vs_anchor_db=57.2),
+        _row("quality", f"engine[{kernel}]", 2.30, peak_mem_gib=4.55, psnr_vs_anchor_db=56.0),
+    ])  # fmt: skip
+    long64 = _write(tmp_path / "klong64.json", [
+        _row("long64", "stock", 25.510, peak_mem_gib=12.07),
+        _row("long64", f"engine[{kernel}]", 12.0, peak_mem_gib=7.94, psnr_vs_anchor_db=55.0),
+    ])  # fmt: skip
+    long128 = _write(tmp_path / "custom.json", [_row("long128", f"engine[{kernel}]", 24.6, peak_mem_gib=13.6)])
+    rows = load_rows([quality, long64, long128])
+    by = {v.target: v for v in judge(rows, kernel)}
+    assert by["quality denoise >= 2.5x stock, >= 1.75x stock+compile"].measured == "x1.80"
+    assert (by["long64 >= 2x stock FreeNoise"].status, by["long64 >= 2x stock FreeNoise"].measured) == ("met", "x2.13")
+    assert by["long64 peak <= 1.3x our 16-frame peak"].measured == "x1.75"
+    assert (by["long128 <= 2.1x long64"].status, by["long128 <= 2.1x long64"].measured) == ("met", "x2.05")
+    assert by["frames within 40 dB PSNR of stock"].measured == "min 55.0 dB"
+    default = {v.target: v for v in judge(rows)}
+    assert default["quality denoise >= 2.5x stock, >= 1.75x stock+compile"].measured == "x1.49"
+    assert default["long64 >= 2x stock FreeNoise"].status == "not measured"
+    assert "engine[default]" in default["long64 >= 2x stock FreeNoise"].detail
+    assert main(["bench-report", "--lever", kernel, str(quality), str(long64), str(long128)]) == 0
+    printed = capsys.readouterr().out
+    assert f"judge engine[{kernel}], not the shipped default" in printed and "x2.13" in printed
