@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from animatediff_blender.protocol.client import ClientConfig, JobResult
-    from animatediff_blender.protocol.messages import FieldError, GenerateRequest, ModelInfo
+    from animatediff_blender.protocol.messages import FieldError, Frames, GenerateRequest, ModelInfo
 
 # Request field -> the flag that sets it, so field errors name what the user typed.
 FLAGS = {
@@ -269,6 +269,7 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
 def run(args: argparse.Namespace) -> int:
     from animatediff_blender.protocol.client import ClientError
 
+    received: dict[int, bytes] = {}  # the job's frames as they arrive: what a second Ctrl-C keeps
     try:
         check_numbers(args)
         if args.list_models:
@@ -279,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
             if not is_job_id(args.resume):
                 raise UsageError(f"--resume: {args.resume!r} is not a job id")
             prepare_out(args.out)
-            result = _generate(args, None)
+            result = _generate(args, None, received)
         else:
             if not args.prompt:
                 raise UsageError("--prompt is required")
@@ -287,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
             validate_locally(request)
             # Before any GPU time is spent: a clip that cannot be saved is a clip lost.
             prepare_out(args.out)
-            result = _generate(args, request)
+            result = _generate(args, request, received)
         written = save(result, args.out, fps=args.fps)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -307,6 +308,12 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: cannot write output: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if not received:
+            raise  # nothing to keep: the CLI's own "interrupted"
+        # Quit at once, but the backend deletes a cancelled job's frames: ours may be the only copy.
+        print(f"interrupted; {save_partial(received, args.out)}", file=sys.stderr)
+        return 130
     f = result.finished
     print(
         f"job {result.job_id}: {f.frames} frames {f.width}x{f.height}, seed {f.seed}, "
@@ -336,8 +343,11 @@ def _list_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace, request: GenerateRequest | None) -> JobResult:
-    """Run `request`, or with None wait for the job `--resume` names."""
+def _generate(
+    args: argparse.Namespace, request: GenerateRequest | None, received: dict[int, bytes]
+) -> JobResult:
+    """Run `request`, or with None wait for the job `--resume` names.  Fills `received` with
+    the frames as they arrive: a KeyboardInterrupt carries none of the client's own copy."""
     import signal
     import threading
 
@@ -358,8 +368,10 @@ def _generate(args: argparse.Namespace, request: GenerateRequest | None) -> JobR
             bar.total = content.total_steps
             bar.set_postfix_str(content.phase, refresh=False)
             bar.update(max(0, content.step - bar.n))
-        elif isinstance(content, Frames) and bar is not None:
-            bar.set_postfix_str(f"frames {content.start + content.count}/{content.total}")
+        elif isinstance(content, Frames):
+            keep_verified(received, content, event.buffers)
+            if bar is not None:
+                bar.set_postfix_str(f"frames {content.start + content.count}/{content.total}")
 
     running = threading.Event()  # the job may exist on the backend: cancel it, do not just quit
 
@@ -389,6 +401,19 @@ def _generate(args: argparse.Namespace, request: GenerateRequest | None) -> JobR
             bar.close()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def keep_verified(kept: dict[int, bytes], content: Frames, buffers: list[bytes]) -> None:
+    """Add the frames of a `Frames` event whose sha256 checks out: events reach `on_event`
+    before the client checks them, and a frame it would refuse must not be saved."""
+    import hashlib
+
+    digests: list[str | None] = list(content.sha256) or [None] * len(buffers)
+    if content.count != len(buffers) or len(digests) != len(buffers):
+        return  # malformed: the client fails the job as corrupt
+    for i, (data, digest) in enumerate(zip(buffers, digests, strict=True)):
+        if digest is None or hashlib.sha256(data).hexdigest() == digest:
+            kept[content.start + i] = data
 
 
 def save_partial(frames: dict[int, bytes], out: Path) -> str:

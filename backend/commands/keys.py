@@ -47,6 +47,13 @@ def run(args: argparse.Namespace) -> int:
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", args.client) or args.client.startswith("."):
         print(f"error: --client {args.client!r}: use letters, digits, '.', '_' or '-'", file=sys.stderr)
         return 2
+    blocker = _file_in_the_way(directory)
+    if blocker is not None:
+        # Checked here: otherwise the OSError names the key's temporary file inside it.
+        where = f"--dir {directory}" if args.dir is not None else f"the config dir {directory}"
+        inside = "" if blocker == directory else f": {blocker}"
+        print(f"error: {where}{inside} is not a directory", file=sys.stderr)
+        return 2
     try:
         made = _make(directory, curve=args.curve, client=args.client, force=args.force)
     except (auth.AuthError, OSError) as exc:
@@ -54,6 +61,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     _explain(directory, made, curve=args.curve, client=args.client)
     return 0
+
+
+def _file_in_the_way(directory: Path) -> Path | None:
+    """The nearest existing part of `directory` when that is not a folder, else None."""
+    for part in (directory, *directory.parents):
+        if part.exists():
+            return None if part.is_dir() else part
+    return None
 
 
 def _make(directory: Path, *, curve: bool, client: str, force: bool) -> dict[str, tuple[Path, bool]]:

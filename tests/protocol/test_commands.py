@@ -72,6 +72,21 @@ def test_keys_curve_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert main(["keys", "--dir", str(tmp_path), "--curve", "--client", "../evil"]) == 2
 
 
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_keys_into_a_file_is_one_line_naming_it(
+    below: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It used to end in `Not a directory: '<dir>/.hmac-xxxx'`, a temporary file's name."""
+    file = tmp_path / "file"
+    file.write_text("x")
+    given = file / below if below else file
+    assert main(["keys", "--dir", str(given), "--curve"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --dir ") and str(given) in err[0], err
+    assert "not a directory" in err[0] and ".hmac-" not in err[0]
+    assert file.read_text() == "x"
+
+
 # --------------------------------------------------------------------------- generate: pieces
 
 
@@ -336,6 +351,67 @@ def test_frames_received_before_a_failure_are_kept(
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "memory" in err[-1] and "4 frame(s)" in err[-1] and str(out) in err[-1]
+    assert sorted(p.name for p in out.glob("frame_*.png")) == [f"frame_{i:04d}.png" for i in range(4)]
+    assert iio.imread(out / "frame_0000.png").shape[:2] == (64, 64)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="sends itself SIGINT")
+def test_second_ctrl_c_keeps_the_frames_received(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The first Ctrl-C asks the backend to cancel; the engine is slow to stop, so a second
+    one quits at once.  The backend deletes the cancelled job's frames: the client's copy of
+    those that arrived must still reach --out (they used to be dropped)."""
+    import signal
+    import threading
+    import time
+
+    from animatediff_blender.backend.engine.fake import FakeEngine
+    from animatediff_blender.backend.engine.interface import FrameSink, JobCancelled
+    from animatediff_blender.backend.server.config import ServerConfig
+    from animatediff_blender.backend.server.server import Server
+
+    quit_done = threading.Event()
+
+    class SlowToCancel(FakeEngine):
+        def generate(self, request, progress, should_cancel, on_frames: FrameSink | None = None):  # type: ignore[no-untyped-def]
+            def sink(start: int, frames: list) -> None:  # type: ignore[type-arg]
+                if start > 0:
+                    # The first chunk is on its way to the client: Ctrl-C once, and once more
+                    # after the backend took the cancel (the engine does not stop in time).
+                    deadline = time.monotonic() + 10
+                    while not list(data.glob("jobs/*/frame_0003.png")) and time.monotonic() < deadline:
+                        time.sleep(0.02)
+                    time.sleep(0.3)
+                    os.kill(os.getpid(), signal.SIGINT)
+                    while not should_cancel() and time.monotonic() < deadline:
+                        time.sleep(0.02)
+                    time.sleep(0.2)
+                    os.kill(os.getpid(), signal.SIGINT)
+                    quit_done.wait(10)
+                    raise JobCancelled()
+                assert on_frames is not None
+                on_frames(start, frames)
+
+            return super().generate(request, progress, should_cancel, sink)
+
+    data = tmp_path / "data"
+    server = Server(
+        ServerConfig(
+            key=auth.create_key(), data_dir=data, bind="tcp://127.0.0.1:*", linger_ms=0, shutdown_timeout_s=5
+        ),
+        SlowToCancel(),
+    )  # fmt: skip
+    endpoint = server.start()
+    out = tmp_path / "clip"
+    try:
+        code = main(["generate", "--address", endpoint, "--prompt", "x", "--frames", "8", "--width", "64",
+                     "--height", "64", "--steps", "1", "--out", str(out)])  # fmt: skip
+    finally:
+        quit_done.set()
+        server.stop()
+    assert code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "cancelling" in "\n".join(err)
+    assert err[-1].startswith("interrupted") and "4 frame(s)" in err[-1] and str(out) in err[-1], err
     assert sorted(p.name for p in out.glob("frame_*.png")) == [f"frame_{i:04d}.png" for i in range(4)]
     assert iio.imread(out / "frame_0000.png").shape[:2] == (64, 64)
 
