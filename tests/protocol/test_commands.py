@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import imageio.v3 as iio
 import pytest
@@ -307,6 +308,30 @@ def test_generate_reports_server_refusals_and_failures(
     assert err[-1].startswith("error: job ") and "memory" in err[-1]
 
 
+def _generate_8_frames_against(
+    engine: Any, data: Path, out: Path, before_stop: Callable[[], object] | None = None
+) -> int:
+    """`generate` of 8 frames (two chunks of 4) against `engine` behind a real server storing
+    in `data`; the exit code."""
+    from animatediff_blender.backend.server.config import ServerConfig
+    from animatediff_blender.backend.server.server import Server
+
+    server = Server(
+        ServerConfig(
+            key=auth.create_key(), data_dir=data, bind="tcp://127.0.0.1:*", linger_ms=0, shutdown_timeout_s=5
+        ),
+        engine,
+    )  # fmt: skip
+    endpoint = server.start()
+    try:
+        return main(["generate", "--address", endpoint, "--prompt", "x", "--frames", "8", "--width", "64",
+                     "--height", "64", "--steps", "1", "--out", str(out)])  # fmt: skip
+    finally:
+        if before_stop is not None:
+            before_stop()
+        server.stop()
+
+
 def test_frames_received_before_a_failure_are_kept(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -316,8 +341,6 @@ def test_frames_received_before_a_failure_are_kept(
 
     from animatediff_blender.backend.engine.fake import FakeEngine
     from animatediff_blender.backend.engine.interface import EngineError, FrameSink
-    from animatediff_blender.backend.server.config import ServerConfig
-    from animatediff_blender.backend.server.server import Server
 
     class DecodeRunsOutOfMemory(FakeEngine):
         def generate(self, request, progress, should_cancel, on_frames: FrameSink | None = None):  # type: ignore[no-untyped-def]
@@ -335,20 +358,8 @@ def test_frames_received_before_a_failure_are_kept(
             return super().generate(request, progress, should_cancel, sink)
 
     data = tmp_path / "data"
-    server = Server(
-        ServerConfig(
-            key=auth.create_key(), data_dir=data, bind="tcp://127.0.0.1:*", linger_ms=0, shutdown_timeout_s=5
-        ),
-        DecodeRunsOutOfMemory(),
-    )  # fmt: skip
-    endpoint = server.start()
     out = tmp_path / "clip"
-    try:
-        code = main(["generate", "--address", endpoint, "--prompt", "x", "--frames", "8", "--width", "64",
-                     "--height", "64", "--steps", "1", "--out", str(out)])  # fmt: skip
-    finally:
-        server.stop()
-    assert code == 1
+    assert _generate_8_frames_against(DecodeRunsOutOfMemory(), data, out) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "memory" in err[-1] and "4 frame(s)" in err[-1] and str(out) in err[-1]
     assert sorted(p.name for p in out.glob("frame_*.png")) == [f"frame_{i:04d}.png" for i in range(4)]
@@ -366,8 +377,6 @@ def test_second_ctrl_c_keeps_the_frames_received(tmp_path: Path, capsys: pytest.
 
     from animatediff_blender.backend.engine.fake import FakeEngine
     from animatediff_blender.backend.engine.interface import FrameSink, JobCancelled
-    from animatediff_blender.backend.server.config import ServerConfig
-    from animatediff_blender.backend.server.server import Server
 
     quit_done = threading.Event()
 
@@ -394,21 +403,8 @@ def test_second_ctrl_c_keeps_the_frames_received(tmp_path: Path, capsys: pytest.
             return super().generate(request, progress, should_cancel, sink)
 
     data = tmp_path / "data"
-    server = Server(
-        ServerConfig(
-            key=auth.create_key(), data_dir=data, bind="tcp://127.0.0.1:*", linger_ms=0, shutdown_timeout_s=5
-        ),
-        SlowToCancel(),
-    )  # fmt: skip
-    endpoint = server.start()
     out = tmp_path / "clip"
-    try:
-        code = main(["generate", "--address", endpoint, "--prompt", "x", "--frames", "8", "--width", "64",
-                     "--height", "64", "--steps", "1", "--out", str(out)])  # fmt: skip
-    finally:
-        quit_done.set()
-        server.stop()
-    assert code == 130
+    assert _generate_8_frames_against(SlowToCancel(), data, out, before_stop=quit_done.set) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert "cancelling" in "\n".join(err)
     assert err[-1].startswith("interrupted") and "4 frame(s)" in err[-1] and str(out) in err[-1], err
