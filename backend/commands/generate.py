@@ -92,6 +92,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--timeout", type=float, default=10.0, help="seconds to wait for each answer (default: %(default)s)"
     )
     conn.add_argument("--job-timeout", type=float, help="give up (and cancel) after this many seconds")
+    conn.add_argument(
+        "--give-up-after", type=float, default=120.0, metavar="SECONDS",
+        help="stop waiting for a backend that stopped answering mid-job after this long (the job may still "
+        "finish there: the message says how to collect it) (default: %(default)s)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -220,7 +225,10 @@ def check_numbers(args: argparse.Namespace) -> None:
     the frame rate need a positive, finite number."""
     import math
 
-    for flag, value in (("--fps", args.fps), ("--timeout", args.timeout), ("--job-timeout", args.job_timeout)):
+    for flag, value in (
+        ("--fps", args.fps), ("--timeout", args.timeout), ("--job-timeout", args.job_timeout),
+        ("--give-up-after", args.give_up_after),
+    ):  # fmt: skip
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"{flag} must be a positive number, not {value:g}")
     for flag, value in (("--guidance", args.guidance), ("--adapter-scale", args.adapter_scale)):
@@ -262,6 +270,7 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
         server_public_key_file=args.server_key,
         client_secret_key_file=args.client_secret,
         timeout_s=args.timeout,
+        reconnect_give_up_s=args.give_up_after,
         client_name="animatediff-blender generate",
     )
 

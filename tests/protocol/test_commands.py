@@ -148,6 +148,7 @@ def test_server_down_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFix
         ["--timeout", "inf"],  # used to crash in the handshake
         ["--timeout", "0"],
         ["--job-timeout", "-5"],  # used to submit the job, then cancel it at once
+        ["--give-up-after", "0"],
         ["--guidance", "nan"],  # used to reach the backend as null: the preset's guidance
         ["--adapter-scale", "inf"],
         ["--lora", "ZoomIn:nan"],
