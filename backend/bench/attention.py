@@ -208,8 +208,9 @@ def time_call(
     elif backend.partition(":")[0] == TRITON:
         from animatediff_blender.backend.engine import short_attention as sa
 
-        if not sa.supported(q, k, v):
-            return Timing(backend, error=f"not for this shape: over {sa.MAX_TOKENS} tokens or head dim {sa.MAX_HEAD_DIM}")
+        why = sa.unsupported_reason(q, k, v)
+        if why is not None:
+            return Timing(backend, error=f"not run: {why}")
         rows = int(backend.partition(":")[2] or sa.ROWS)
 
         def fn() -> Any:

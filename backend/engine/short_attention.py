@@ -15,6 +15,10 @@ over as (batch, heads, tokens, dim) views of (batch, tokens, heads*dim) projecti
 output is written in (batch, tokens, heads, dim) order, so the processor's
 `transpose(1, 2).reshape(...)` afterwards is free.
 
+One difference from SDPA: a NaN or infinity in one sequence's values reaches the other
+sequences of its tile (their zero weights times infinity), where SDPA keeps it to its own;
+a clip with such values is lost either way.
+
 Triton is imported on first use only: it exists where torch has CUDA (and, for the tests, as
 the CPU interpreter with `TRITON_INTERPRET=1`).  Calls it does not cover (longer sequences,
 unequal q/kv lengths, head dims over 256, masks, no Triton) go to torch's SDPA unchanged.
@@ -22,8 +26,10 @@ unequal q/kv lengths, head dims over 256, masks, no Triton) go to torch's SDPA u
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
 from typing import Any
 
 import torch
@@ -38,21 +44,30 @@ MAX_HEAD_DIM = 256
 # other row counts.
 ROWS = 64
 TILE_ELEMENTS = 8192
+# Triton's CPU interpreter (the tests): read when Triton loads, so once here too.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
+    """Why `short_attention` hands these (batch, heads, tokens, dim) tensors to SDPA; None
+    when its kernel takes them."""
+    if not (query.dim() == 4 and query.shape == key.shape == value.shape):
+        return "not one (batch, heads, tokens, dim) shape for q, k and v"
+    if query.shape[-2] > MAX_TOKENS or query.shape[-1] > MAX_HEAD_DIM:
+        return f"over {MAX_TOKENS} tokens or head dim {MAX_HEAD_DIM}"
+    # bfloat16 is left out: Triton's CPU interpreter, which checks the kernel here, has none.
+    if not (query.dtype == key.dtype == value.dtype and query.dtype in (torch.float16, torch.float32)):
+        return f"{query.dtype}: float16 and float32 only"
+    if not (query.device == key.device == value.device and (query.is_cuda or INTERPRETED)):
+        return f"on {query.device}: CUDA only (or Triton's CPU interpreter)"
+    if query.numel() == 0:
+        return "empty"
+    return None
 
 
 def supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether `short_attention` takes these (batch, heads, tokens, dim) tensors."""
-    return (
-        query.dim() == 4
-        and query.shape == key.shape == value.shape
-        and query.shape[-2] <= MAX_TOKENS
-        and query.shape[-1] <= MAX_HEAD_DIM
-        and query.dtype == key.dtype == value.dtype
-        # bfloat16 is left out: Triton's CPU interpreter cannot check it.
-        and query.dtype in (torch.float16, torch.float32)
-        and query.device == key.device == value.device
-        and query.numel() > 0
-    )
+    """Whether `short_attention` runs its kernel on these tensors."""
+    return unsupported_reason(query, key, value) is None
 
 
 def tile_shape(tokens: int, head_dim: int, rows: int = ROWS) -> tuple[int, int, int]:
@@ -82,8 +97,9 @@ def _kernel() -> Any:
         skb, skh, sks, skd,
         svb, svh, svs, svd,
         sob, soh, sos, sod,
-        batch, heads, tokens, head_dim, scale,
-        GROUP: tl.constexpr, BLOCK_TOKENS: tl.constexpr, BLOCK_DIM: tl.constexpr, IEEE: tl.constexpr,
+        batch, heads, tokens, scale,
+        HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_TOKENS: tl.constexpr, BLOCK_DIM: tl.constexpr,
+        ALIGN: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         TILE_ROWS: tl.constexpr = GROUP * BLOCK_TOKENS
         # One axis, heads fastest: the heads of a group of sequences run side by side and
@@ -95,14 +111,22 @@ def _kernel() -> Any:
         tok = rows % BLOCK_TOKENS
         dims = tl.arange(0, BLOCK_DIM)
         row_ok = (seq < batch) & (tok < tokens)
-        mask = row_ok[:, None] & (dims < head_dim)[None, :]
+        # HEAD_DIM a constant: the mask is then uniform over ALIGN-wide runs of a row, which
+        # lets Triton load 16 bytes at a time (head dim 40 is not a multiple of 16, the only
+        # alignment Triton infers for itself).
+        mask = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
         # 64-bit offsets: a call's tensors exceed 2**31 elements at long clips' batch sizes.
         seq64 = seq.to(tl.int64)
         tok64 = tok.to(tl.int64)
         d64 = dims.to(tl.int64)
-        qt = tl.load(q + seq64[:, None] * sqb + head * sqh + tok64[:, None] * sqs + d64[None, :] * sqd, mask=mask, other=0.0)
-        kt = tl.load(k + seq64[:, None] * skb + head * skh + tok64[:, None] * sks + d64[None, :] * skd, mask=mask, other=0.0)
-        vt = tl.load(v + seq64[:, None] * svb + head * svh + tok64[:, None] * svs + d64[None, :] * svd, mask=mask, other=0.0)
+        # Each row starts ALIGN-aligned (the host checked strides, offsets and pointers).
+        q_row = tl.multiple_of(seq64 * sqb + head * sqh + tok64 * sqs, ALIGN)
+        k_row = tl.multiple_of(seq64 * skb + head * skh + tok64 * sks, ALIGN)
+        v_row = tl.multiple_of(seq64 * svb + head * svh + tok64 * svs, ALIGN)
+        o_row = tl.multiple_of(seq64 * sob + head * soh + tok64 * sos, ALIGN)
+        qt = tl.load(q + q_row[:, None] + d64[None, :] * sqd, mask=mask, other=0.0)
+        kt = tl.load(k + k_row[:, None] + d64[None, :] * skd, mask=mask, other=0.0)
+        vt = tl.load(v + v_row[:, None] + d64[None, :] * svd, mask=mask, other=0.0)
         # float32 (TILE_ROWS, TILE_ROWS); float32 inputs multiply in full precision, not TF32.
         if IEEE:
             scores = tl.dot(qt, tl.trans(kt), input_precision="ieee") * scale
@@ -119,24 +143,44 @@ def _kernel() -> Any:
             result = tl.dot(weights, vt, input_precision="ieee")
         else:
             result = tl.dot(weights.to(vt.dtype), vt)
-        tl.store(out + seq64[:, None] * sob + head * soh + tok64[:, None] * sos + d64[None, :] * sod, result.to(out.dtype.element_ty), mask=mask)
+        tl.store(out + o_row[:, None] + d64[None, :] * sod, result.to(out.dtype.element_ty), mask=mask)
 
     return short_attention_kernel
+
+
+def alignment(head_dim: int, *tensors: torch.Tensor) -> int:
+    """Elements (a power of two, at most 16 bytes' worth) that every row of every tensor
+    starts at a multiple of, with the head dim a multiple too: what the kernel may load and
+    store at a time.  1 when a tensor's last dim is not contiguous."""
+    size = tensors[0].element_size()
+    align = 16 // size
+    for t in tensors:
+        if t.stride(-1) != 1:
+            return 1
+        for value in (head_dim, *t.stride()[:-1], t.data_ptr() // size):
+            while align > 1 and value % align:
+                align //= 2
+    return align
 
 
 def _launch(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, rows: int, out: torch.Tensor
 ) -> None:
     batch, heads, tokens, head_dim = query.shape
+    if query.dtype == torch.float32:
+        rows = max(16, rows // 2)  # twice the bytes per element: half the tile, no register spills
     group, block_tokens, block_dim = tile_shape(tokens, head_dim, rows)
     grid = (-(-batch // group) * heads,)
-    _kernel()[grid](
-        query, key, value, out,
-        *query.stride(), *key.stride(), *value.stride(), *out.stride(),
-        batch, heads, tokens, head_dim, scale,
-        GROUP=group, BLOCK_TOKENS=block_tokens, BLOCK_DIM=block_dim, IEEE=query.dtype == torch.float32,
-        num_warps=4 if group * block_tokens * block_dim <= 4096 else 8,
-    )  # fmt: skip
+    # Triton launches on the current device, not the tensors': `serve --device cuda:1`.
+    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+        _kernel()[grid](
+            query, key, value, out,
+            *query.stride(), *key.stride(), *value.stride(), *out.stride(),
+            batch, heads, tokens, scale,
+            HEAD_DIM=head_dim, GROUP=group, BLOCK_TOKENS=block_tokens, BLOCK_DIM=block_dim,
+            ALIGN=alignment(head_dim, query, key, value, out), IEEE=query.dtype == torch.float32,
+            num_warps=4 if group * block_tokens * block_dim <= 4096 else 8,
+        )  # fmt: skip
 
 
 def _empty_out(query: torch.Tensor) -> torch.Tensor:
