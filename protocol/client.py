@@ -122,9 +122,9 @@ class JobResult:
 class _FrameCollector:
     """Frames of one job from `Frames` messages, checked against their sha256."""
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, frames: dict[int, bytes] | None = None) -> None:
         self.job_id = job_id
-        self.frames: dict[int, bytes] = {}
+        self.frames: dict[int, bytes] = {} if frames is None else frames
         self.total = -1
 
     def add(self, content: Frames, buffers: list[bytes]) -> None:
@@ -411,16 +411,19 @@ class BackendClient:
         on_event: Callable[[Event], None] | None = None,
         cancel: threading.Event | None = None,
         timeout_s: float | None = None,
+        received: dict[int, bytes] | None = None,
     ) -> JobResult:
         """Submit a job and block until its frames are here.  Raises ClientError on failure
         (the job's own `code`), on cancellation ("cancelled"), or when the backend stays
         unreachable for `reconnect_give_up_s` ("connection") — the job id is in the message
         so that it can be fetched later.  With `timeout_s`, a job still running after that
         long is cancelled and "timeout" raised.  The error's `frames` hold the frames that
-        arrived before it."""
+        arrived before it; `received`, when given, is filled with them as they arrive (checked):
+        what a caller keeps when it is interrupted (KeyboardInterrupt carries no frames)."""
         self._ensure_connected()
         accepted = self.submit(request, client_tag=client_tag)
-        return self.wait_job(accepted.job_id, on_event=on_event, cancel=cancel, timeout_s=timeout_s, _watched=True)
+        return self.wait_job(accepted.job_id, on_event=on_event, cancel=cancel, timeout_s=timeout_s,
+                             received=received, _watched=True)  # fmt: skip
 
     def wait_job(
         self,
@@ -429,6 +432,7 @@ class BackendClient:
         on_event: Callable[[Event], None] | None = None,
         cancel: threading.Event | None = None,
         timeout_s: float | None = None,
+        received: dict[int, bytes] | None = None,
         _watched: bool = False,
     ) -> JobResult:
         """Block until a job submitted earlier by this client id (another process, a lost
@@ -436,7 +440,7 @@ class BackendClient:
         errors ("not_found" for a job this client id does not own)."""
         self._ensure_connected()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        collector = _FrameCollector(job_id)
+        collector = _FrameCollector(job_id, received)
         cancel_sent = False
         # Not yet watching (a job of an earlier connection): ask for its state at once.
         last_heard = time.monotonic() if _watched else -math.inf

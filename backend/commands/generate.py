@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from animatediff_blender.protocol.client import ClientConfig, JobResult
-    from animatediff_blender.protocol.messages import FieldError, Frames, GenerateRequest, ModelInfo
+    from animatediff_blender.protocol.messages import FieldError, GenerateRequest, ModelInfo
 
 # Request field -> the flag that sets it, so field errors name what the user typed.
 FLAGS = {
@@ -355,8 +355,8 @@ def _list_models(args: argparse.Namespace) -> int:
 def _generate(
     args: argparse.Namespace, request: GenerateRequest | None, received: dict[int, bytes]
 ) -> JobResult:
-    """Run `request`, or with None wait for the job `--resume` names.  Fills `received` with
-    the frames as they arrive: a KeyboardInterrupt carries none of the client's own copy."""
+    """Run `request`, or with None wait for the job `--resume` names.  The client fills
+    `received` with the checked frames as they arrive: a KeyboardInterrupt carries none."""
     import signal
     import threading
 
@@ -377,10 +377,8 @@ def _generate(
             bar.total = content.total_steps
             bar.set_postfix_str(content.phase, refresh=False)
             bar.update(max(0, content.step - bar.n))
-        elif isinstance(content, Frames):
-            keep_verified(received, content, event.buffers)
-            if bar is not None:
-                bar.set_postfix_str(f"frames {content.start + content.count}/{content.total}")
+        elif isinstance(content, Frames) and bar is not None:
+            bar.set_postfix_str(f"frames {content.start + content.count}/{content.total}")
 
     running = threading.Event()  # the job may exist on the backend: cancel it, do not just quit
 
@@ -400,29 +398,18 @@ def _generate(
             welcome = client.connect()
             if request is None:
                 running.set()
-                return client.wait_job(args.resume, on_event=on_event, cancel=cancel, timeout_s=args.job_timeout)
+                return client.wait_job(args.resume, on_event=on_event, cancel=cancel, timeout_s=args.job_timeout,
+                                       received=received)  # fmt: skip
             request = resolve_aliases(request, welcome.models)
             validate_locally(request)
             running.set()
-            return client.run_job(request, on_event=on_event, cancel=cancel, timeout_s=args.job_timeout)
+            return client.run_job(request, on_event=on_event, cancel=cancel, timeout_s=args.job_timeout,
+                                  received=received)  # fmt: skip
     finally:
         if bar is not None:
             bar.close()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-
-
-def keep_verified(kept: dict[int, bytes], content: Frames, buffers: list[bytes]) -> None:
-    """Add the frames of a `Frames` event whose sha256 checks out: events reach `on_event`
-    before the client checks them, and a frame it would refuse must not be saved."""
-    import hashlib
-
-    digests: list[str | None] = list(content.sha256) or [None] * len(buffers)
-    if content.count != len(buffers) or len(digests) != len(buffers):
-        return  # malformed: the client fails the job as corrupt
-    for i, (data, digest) in enumerate(zip(buffers, digests, strict=True)):
-        if digest is None or hashlib.sha256(data).hexdigest() == digest:
-            kept[content.start + i] = data
 
 
 def save_partial(frames: dict[int, bytes], out: Path) -> str:
