@@ -333,34 +333,45 @@ def _generate_8_frames_against(
         server.stop()
 
 
-def test_frames_received_before_a_failure_are_kept(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """The engine fails after its first chunk of frames reached the client (a VAE decode out of
-    memory): the backend deletes the job's frames, so the client's copy must be saved."""
+def _engine_that_after_the_first_chunk(data: Path, then: Callable[[Callable[[], bool]], None]) -> Any:
+    """A FakeEngine whose second chunk of frames waits until the first is stored under `data`
+    (so on its way to the client), then calls `then(should_cancel)`, which must raise."""
     import time
 
     from animatediff_blender.backend.engine.fake import FakeEngine
-    from animatediff_blender.backend.engine.interface import EngineError, FrameSink
+    from animatediff_blender.backend.engine.interface import FrameSink
 
-    class DecodeRunsOutOfMemory(FakeEngine):
+    class AfterFirstChunk(FakeEngine):
         def generate(self, request, progress, should_cancel, on_frames: FrameSink | None = None):  # type: ignore[no-untyped-def]
             def sink(start: int, frames: list) -> None:  # type: ignore[type-arg]
                 if start > 0:
-                    # Fail once the first chunk is stored, so on its way to the client.
                     deadline = time.monotonic() + 10
                     while not list(data.glob("jobs/*/frame_0003.png")) and time.monotonic() < deadline:
                         time.sleep(0.02)
                     time.sleep(0.3)
-                    raise EngineError("out_of_memory", "VAE decode ran out of memory")
+                    then(should_cancel)
                 assert on_frames is not None
                 on_frames(start, frames)
 
             return super().generate(request, progress, should_cancel, sink)
 
+    return AfterFirstChunk()
+
+
+def test_frames_received_before_a_failure_are_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The engine fails after its first chunk of frames reached the client (a VAE decode out of
+    memory): the backend deletes the job's frames, so the client's copy must be saved."""
+    from animatediff_blender.backend.engine.interface import EngineError
+
+    def decode_runs_out_of_memory(_should_cancel: Callable[[], bool]) -> None:
+        raise EngineError("out_of_memory", "VAE decode ran out of memory")
+
     data = tmp_path / "data"
     out = tmp_path / "clip"
-    assert _generate_8_frames_against(DecodeRunsOutOfMemory(), data, out) == 1
+    engine = _engine_that_after_the_first_chunk(data, decode_runs_out_of_memory)
+    assert _generate_8_frames_against(engine, data, out) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "memory" in err[-1] and "4 frame(s)" in err[-1] and str(out) in err[-1]
     assert sorted(p.name for p in out.glob("frame_*.png")) == [f"frame_{i:04d}.png" for i in range(4)]
@@ -376,36 +387,26 @@ def test_second_ctrl_c_keeps_the_frames_received(tmp_path: Path, capsys: pytest.
     import threading
     import time
 
-    from animatediff_blender.backend.engine.fake import FakeEngine
-    from animatediff_blender.backend.engine.interface import FrameSink, JobCancelled
+    from animatediff_blender.backend.engine.interface import JobCancelled
 
     quit_done = threading.Event()
 
-    class SlowToCancel(FakeEngine):
-        def generate(self, request, progress, should_cancel, on_frames: FrameSink | None = None):  # type: ignore[no-untyped-def]
-            def sink(start: int, frames: list) -> None:  # type: ignore[type-arg]
-                if start > 0:
-                    # The first chunk is on its way to the client: Ctrl-C once, and once more
-                    # after the backend took the cancel (the engine does not stop in time).
-                    deadline = time.monotonic() + 10
-                    while not list(data.glob("jobs/*/frame_0003.png")) and time.monotonic() < deadline:
-                        time.sleep(0.02)
-                    time.sleep(0.3)
-                    os.kill(os.getpid(), signal.SIGINT)
-                    while not should_cancel() and time.monotonic() < deadline:
-                        time.sleep(0.02)
-                    time.sleep(0.2)
-                    os.kill(os.getpid(), signal.SIGINT)
-                    quit_done.wait(10)
-                    raise JobCancelled()
-                assert on_frames is not None
-                on_frames(start, frames)
-
-            return super().generate(request, progress, should_cancel, sink)
+    def ctrl_c_twice(should_cancel: Callable[[], bool]) -> None:
+        # Ctrl-C once, and once more after the backend took the cancel (the engine does not
+        # stop in time).
+        deadline = time.monotonic() + 10
+        os.kill(os.getpid(), signal.SIGINT)
+        while not should_cancel() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+        quit_done.wait(10)
+        raise JobCancelled()
 
     data = tmp_path / "data"
     out = tmp_path / "clip"
-    assert _generate_8_frames_against(SlowToCancel(), data, out, before_stop=quit_done.set) == 130
+    engine = _engine_that_after_the_first_chunk(data, ctrl_c_twice)
+    assert _generate_8_frames_against(engine, data, out, before_stop=quit_done.set) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert "cancelling" in "\n".join(err)
     assert err[-1].startswith("interrupted") and "4 frame(s)" in err[-1] and str(out) in err[-1], err
