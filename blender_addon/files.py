@@ -57,3 +57,20 @@ def write_frames(out_root: str | os.PathLike[str], job_id: str, frames: list[byt
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest, names
+
+
+def move_frames(directory: str | os.PathLike[str], names: list[str], out_root: str | os.PathLike[str],
+                job_id: str) -> Path:
+    """Move a written take to `<out_root>/<short id>/`; returns that folder.  The copy is put in
+    place in one step (as `write_frames` does), and only then is the old folder removed."""
+    src = Path(directory)
+    dest = job_dir(out_root, job_id)
+    if dest.is_dir() and os.path.samefile(src, dest):
+        return dest
+    moved, _names = write_frames(out_root, job_id, [(src / name).read_bytes() for name in names])
+    shutil.rmtree(src, ignore_errors=True)
+    try:
+        src.parent.rmdir()  # the old output folder, when this take was all it held
+    except OSError:
+        pass
+    return moved

@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import Any
 
+from . import files
 from . import messages as m
 from . import settings as st
 from .properties import PENDING_STATES
@@ -142,12 +143,24 @@ def pending_jobs(opened: bool = True) -> dict[str, str]:
     for scene in bpy.data.scenes:
         for job in scene.animatediff.jobs:
             if job.job_id and job.state in PENDING_STATES:
-                out[job.job_id] = bpy.path.abspath(job.out_root)
+                out[job.job_id] = take_root(scene, job)
             elif opened and not job.job_id and job.state == "submitting":
                 # Blender quit before the backend answered: the job id is unknown.
                 job.state = "failed"
                 job.message = "submission was interrupted (Blender closed before the backend answered)"
     return out
+
+
+def take_root(scene: Any, job: Any) -> str:
+    """Absolute folder the job's take belongs under, decided when it lands, not at submit: the
+    .blend may have been saved elsewhere since (Save As, a moved project).  A job submitted
+    before the file was ever saved has an absolute root in the add-on's user folder; once the
+    file is saved, its take goes beside it as well, relative like every other take."""
+    import bpy
+
+    if job.out_root.startswith("//") or not bpy.data.filepath:
+        return bpy.path.abspath(job.out_root)
+    return st.output_root(scene)
 
 
 def resume_pending() -> int:
@@ -219,6 +232,8 @@ def apply(msg: Any) -> None:
     scene, job = find_or_restore_job(getattr(msg, "job_id", ""))
     if job is None:
         return
+    if isinstance(msg, m.JobDone) and not msg.settled and _move_take(scene, job, msg):
+        return  # the worker moves the frames, then reports the job done again
     if isinstance(msg, (m.JobFailed, m.JobDone)):
         STATE.job_shadow.pop(job.local_id, None)
     if isinstance(msg, m.JobProgress):
@@ -238,6 +253,22 @@ def apply(msg: Any) -> None:
         _ended(job)
     elif isinstance(msg, m.JobDone):
         _insert(scene, job, msg)
+
+
+def _move_take(scene: Any, job: Any, msg: m.JobDone) -> bool:
+    """Frames written under a root the job no longer belongs to (its .blend was saved elsewhere,
+    or saved for the first time, while the job ran): ask the worker to move them.  The worker
+    writes a take in one step when it ends, so the whole take is always there to move; that is
+    simpler and surer than redirecting the worker on save, which would still miss a result
+    already written and waiting on the queue."""
+    import os
+
+    root = take_root(scene, job)
+    if os.path.realpath(msg.directory) == os.path.realpath(files.job_dir(root, msg.job_id)):
+        return False
+    job.message = "moving the take beside the saved file"
+    worker().send(m.MoveTake(msg, root))
+    return True
 
 
 def _ended(job: Any) -> None:
@@ -285,6 +316,8 @@ def _insert(scene: Any, job: Any, msg: m.JobDone) -> None:
         _ended(job)
         return
     job.state, job.message, job.strip_name = "finished", f"on channel {strip.channel}", strip.name
+    if msg.note:
+        job.message += f"; left in {msg.directory}: {msg.note}"
     job.step = job.total_steps
     _ended(job)
     _undo_push(f"AnimateDiff take {strip.name}")

@@ -35,6 +35,15 @@ class WatchJobs:
 
 
 @dataclass
+class MoveTake:
+    """A finished take written under a root its job no longer belongs to (the .blend was saved
+    elsewhere meanwhile): move it under `out_root`, then report `done` again from there."""
+
+    done: JobDone
+    out_root: str  # absolute
+
+
+@dataclass
 class RefreshModels:
     pass
 
@@ -95,6 +104,8 @@ class JobDone:
     files: list[str]
     seed: int
     settings: dict[str, Any]
+    settled: bool = False  # the worker already tried to move it (MoveTake): insert it where it is
+    note: str = ""  # why it is not where the job's row wanted it, or ""
 
 
 @dataclass

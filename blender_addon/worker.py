@@ -7,6 +7,7 @@ are not thread-safe, so this thread is the only one that touches the socket.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import tempfile
@@ -240,6 +241,8 @@ class Worker(threading.Thread):
                 self.jobs.setdefault(job_id, Track(root))
             if self.client is not None:
                 self._watch(list(cmd.jobs))
+        elif isinstance(cmd, m.MoveTake):
+            self._move(cmd)
 
     # ------------------------------------------------------------ connection
 
@@ -408,6 +411,14 @@ class Worker(threading.Thread):
         settings = _to_builtins(_get(finished, "settings", {})) if finished is not None else {}
         self._end(job_id, m.JobDone(job_id, str(directory), names, int(_get(finished, "seed", 0) or 0),
                                     settings if isinstance(settings, dict) else {}))
+
+    def _move(self, cmd: m.MoveTake) -> None:
+        done = cmd.done
+        try:
+            directory, note = str(files.move_frames(done.directory, done.files, cmd.out_root, done.job_id)), ""
+        except (OSError, ValueError) as exc:  # it lands where it is, and the job says why
+            directory, note = done.directory, f"could not move it to {cmd.out_root}: {error_text(exc)}"
+        self.outbox.put(dataclasses.replace(done, directory=directory, settled=True, note=note))
 
     def _pump(self) -> None:
         from .protocol.client import ClientError

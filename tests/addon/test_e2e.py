@@ -158,3 +158,28 @@ def test_takes_line_up_and_unplaced_frames_are_found(bpy_python, addon_zips, bac
     # The take undone: its row says the job ended, not "queued" for ever.
     assert r["undone_take"] == {"strip_left": False, "state": "finished",
                                 "message": "finished; its strip was undone"}, r["undone_take"]
+
+
+@pytest.mark.parametrize("bpy_python", bpy_pythons(), ids=lambda b: f"blender-{b.label}")
+def test_save_as_elsewhere_mid_job_lands_beside_new_file(bpy_python, addon_zips, backend_factory,
+                                                          tmp_path: Path) -> None:
+    backend = backend_factory("--fake-step-delay", "0.05")
+    work = tmp_path / "work"
+    work.mkdir()
+    r = run_bpy(bpy_python, "save_as.py", {"zip": str(addon_zips[bpy_python.py_tag]), "address": backend.address,
+                                           "key_file": str(backend.key_file), "workdir": str(work)}, tmp_path)
+    # Each Save As happened while the job was owed: still rendering, or written by the worker
+    # with its result not yet applied.
+    assert r["unsaved_owed_at_save"] and r["unsaved_state_at_save"] in ("queued", "running"), r
+    assert r["running_owed_at_save"] and r["running_state_at_save"] in ("queued", "running"), r
+    assert not r["written_owed_at_save"] and r["written_pending_at_save"], r
+    for case, folder in (("unsaved", "first"), ("running", "second"), ("written", "third")):
+        d = r[case]
+        assert d["state"] == "finished", (case, d)
+        assert d["directory"] == f"//animatediff/{d['short_id']}/", (case, d)  # relative to the new .blend
+        assert d["files_exist"] and d["resolves_beside"], (case, d)
+        assert d["beside"] == [d["short_id"]], (case, d)  # nothing half-written beside it either
+        assert d["old"] == [], (case, d)  # moved, not left behind in the old folder
+        assert sorted(p.name for p in (work / folder / "animatediff" / d["short_id"]).iterdir()) == [
+            f"frame_{i:04d}.png" for i in range(4)], case
+    assert r["reopened_missing"] == [], r

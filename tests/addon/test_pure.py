@@ -172,3 +172,28 @@ def test_cancel_reaches_a_backend_that_is_back(tmp_path: Path, monkeypatch: pyte
     w._command(m.CancelJob(JOB))
     assert ("cancel", JOB) in calls and JOB in w.jobs
     assert not any(isinstance(x, m.JobFailed) for x in list(outbox.queue))
+
+
+def test_move_take_to_the_saved_files_folder(tmp_path: Path) -> None:
+    """A take written under the old folder of a .blend saved elsewhere meanwhile: the worker
+    moves it whole, drops the old output folder it leaves empty, and reports it again."""
+    import queue
+
+    worker, m = _load_package()
+    old, new = tmp_path / "old" / "animatediff", tmp_path / "new" / "animatediff"
+    folder, names = files.write_frames(old, JOB, [PNG, PNG + b"2"])
+    outbox: queue.Queue = queue.Queue()
+    w = worker.Worker(outbox, {"address": "tcp://gpu:5557"})
+    done = m.JobDone(JOB, str(folder), names, 7, {"steps": 2})
+    w._command(m.MoveTake(done, str(new)))
+    moved = outbox.get_nowait()
+    assert (moved.directory, moved.settled, moved.note, moved.seed) == (str(new / "01234567"), True, "", 7)
+    assert (new / "01234567" / "frame_0001.png").read_bytes() == PNG + b"2"
+    assert not old.exists() and not [p for p in new.iterdir() if p.name.startswith(".")]
+    # Already there (same folder): kept as it is.
+    assert files.move_frames(new / "01234567", names, new, JOB) == new / "01234567"
+    assert sorted(p.name for p in (new / "01234567").iterdir()) == names
+    # Cannot be moved (its frames are gone): it is reported where it was, with the reason.
+    w._command(m.MoveTake(done, str(tmp_path / "elsewhere")))
+    failed = outbox.get_nowait()
+    assert failed.directory == str(folder) and failed.settled and "could not move it to" in failed.note
