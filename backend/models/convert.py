@@ -6,6 +6,8 @@ Everything here is pure key/tensor work on state dicts (no model construction), 
 * `read_state_dict(path)`: safetensors preferred; pickle files (`.ckpt .pt .pth .bin`) only via
   `torch.load(..., weights_only=True)` on torch >= 2.10.  Unwraps `{"state_dict": ...}`.
 * `read_tensor_shapes(path)`: key -> shape without loading tensors (safetensors header).
+* `component_pickles(folder)`, `check_folder_pickles_allowed(...)`: the same pickle policy for
+  diffusers folders, whose weights diffusers' / transformers' `from_pretrained` read.
 * `motion_original_to_diffusers(sd)`: original AnimateDiff motion module keys -> MotionAdapter keys.
 * `motion_adapter_config(shapes, ...)`: MotionAdapter kwargs inferred from the weights.
 * `lora_to_peft(sd, scope)`: MotionLoRA / domain-adapter files (original AnimateDiff,
@@ -53,14 +55,87 @@ def _torch_version() -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
-def check_pickle_allowed() -> None:
+def pickles_allowed() -> bool:
     """weights_only=True is only trustworthy from torch 2.10 (CVE-2025-32434, CVE-2026-24747)."""
-    if _torch_version() < MIN_TORCH_FOR_PICKLE:
+    return _torch_version() >= MIN_TORCH_FOR_PICKLE
+
+
+def check_pickle_allowed(
+    what: str = "a pickle checkpoint", fix: str = "convert the file to .safetensors"
+) -> None:
+    """Raise unless pickles may be read here (`pickles_allowed`); `what` names the file or
+    folder in the message, `fix` says how to do without the pickle."""
+    if not pickles_allowed():
         import torch
 
         raise ConversionError(
-            f"refusing to read a pickle checkpoint with torch {torch.__version__}: torch.load(weights_only=True) "
-            "is only safe from torch 2.10; upgrade torch or convert the file to .safetensors"
+            f"refusing to read {what} with torch {torch.__version__}: torch.load(weights_only=True) "
+            f"is only safe from torch 2.10; upgrade torch or {fix}"
+        )
+
+
+# --------------------------------------------------------------------------- diffusers folders
+
+# The weights that diffusers' and transformers' `from_pretrained` look for first (then the
+# index of their shards); each would fall back to `.bin` pickles without them.
+DIFFUSERS_SAFE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+FOLDER_PICKLE_FIX = (
+    "convert the folder to .safetensors (where torch >= 2.10 is installed: load it with "
+    "diffusers' from_pretrained and save_pretrained it to a new folder)"
+)
+
+
+def _with_variant(name: str, variant: str | None) -> str:
+    """diffusers' / transformers' `_add_variant`: "a.safetensors", "fp16" -> "a.fp16.safetensors"."""
+    if not variant:
+        return name
+    parts = name.split(".")
+    return ".".join([*parts[:-1], variant, parts[-1]])
+
+
+def diffusers_variant(folder: Path) -> str | None:
+    """The variant to load a pipeline folder with: "fp16" where it has only the fp16 files
+    (what `models fetch` downloads of SD1.5: `unet/diffusion_pytorch_model.fp16.safetensors`),
+    else None."""
+    unet = folder / "unet"
+    if (unet / "diffusion_pytorch_model.safetensors").is_file():
+        return None
+    return "fp16" if (unet / "diffusion_pytorch_model.fp16.safetensors").is_file() else None
+
+
+def component_pickles(component: Path, variant: str | None = None) -> list[Path]:
+    """The pickle files that `from_pretrained(component, variant=variant)` of diffusers or
+    transformers could read: [] when the folder holds the safetensors weights they look for
+    (load with `use_safetensors=True` then, which never falls back to a pickle), else every
+    pickle in it (`diffusion_pytorch_model.bin`, `pytorch_model.bin`, shards).  A transformers
+    config may also name its weights file (`transformers_weights`), loaded before any other."""
+    config = component / "config.json"
+    if config.is_file():
+        try:
+            named = json.loads(config.read_text(encoding="utf-8")).get("transformers_weights")
+        except (ValueError, AttributeError):
+            named = None  # the loader reports a bad config
+        if (
+            isinstance(named, str)
+            and not Path(named).is_absolute()  # (refused by transformers)
+            and not named.endswith((".safetensors", ".safetensors.index.json"))
+        ):
+            return [component / named]
+    for name in DIFFUSERS_SAFE_WEIGHTS:
+        for candidate in (name, name + ".index.json"):
+            if (component / _with_variant(candidate, variant)).is_file():
+                return []
+    return sorted(p for p in component.iterdir() if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+
+
+def check_folder_pickles_allowed(folder: Path, pickles: Iterable[Path]) -> None:
+    """`check_pickle_allowed` for a diffusers folder whose weights (`pickles`, inside it) are
+    pickles, naming the folder and those files."""
+    names = ", ".join(sorted(p.relative_to(folder).as_posix() for p in pickles))
+    if names:
+        check_pickle_allowed(
+            f"the pickle weights of the diffusers folder {folder.name} ({names}; no .safetensors for them)",
+            FOLDER_PICKLE_FIX,
         )
 
 
@@ -72,7 +147,7 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
     return dict(obj)
 
 
-def _check_zip_checksums(path: Path) -> None:
+def check_zip_checksums(path: Path) -> None:
     """torch's zip reader does not verify CRCs: a corrupted byte inside a tensor of a
     `.ckpt` would load as a silently different weight."""
     if not zipfile.is_zipfile(path):
@@ -108,8 +183,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             raw: dict[str, Any] = dict(load_file(str(path), device="cpu"))
         elif suffix in PICKLE_SUFFIXES:
-            check_pickle_allowed()
-            _check_zip_checksums(path)
+            check_pickle_allowed(f"{path.name} (a pickle checkpoint)")
+            check_zip_checksums(path)
             raw = _unwrap(torch.load(str(path), map_location="cpu", weights_only=True), path)
         else:
             raise ConversionError(f"{path.name}: unsupported weights file type {suffix!r}")

@@ -33,11 +33,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .convert import (
+    PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
     WEIGHT_SUFFIXES,
     ConversionError,
     LoraScope,
     LoraWeights,
+    check_folder_pickles_allowed,
+    check_zip_checksums,
+    component_pickles,
+    diffusers_variant,
     lora_to_peft,
     motion_adapter_config,
     motion_to_diffusers,
@@ -117,21 +122,47 @@ def _load_base_folder(folder: Path, dtype: torch.dtype) -> BaseComponents:
         if not (folder / sub).is_dir():
             raise ConversionError(f"{folder.name}: diffusers folder lacks {sub}/")
     # `models fetch` downloads only the fp16 files of SD1.5 (`*.fp16.safetensors`).
-    variant = (
-        "fp16"
-        if not (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-        and (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
-        else None
-    )
+    variant = diffusers_variant(folder)
+    # Pickle weights get the policy of single pickle files (read_state_dict): refused below
+    # torch 2.10, CRCs checked (torch's zip reader skips them).  Components that have
+    # safetensors load with use_safetensors=True, which never falls back to a pickle beside
+    # them; the others with use_safetensors=False and weights_only=True (diffusers'
+    # `load_state_dict` always passes weights_only=True to torch.load; transformers' default,
+    # passed explicitly here).
+    pickles = {sub: component_pickles(folder / sub, variant) for sub in ("unet", "vae", "text_encoder")}
+    check_folder_pickles_allowed(folder, [p for files in pickles.values() for p in files])
+    for files in pickles.values():
+        for file in files:
+            try:
+                check_zip_checksums(file)
+            except ConversionError as exc:
+                raise ConversionError(f"{folder.name}: {file.parent.name}/{exc}") from exc
+            except OSError as exc:
+                raise ConversionError(f"{folder.name}: cannot read {file.parent.name}/{file.name} ({exc})") from exc
     try:
         unet = UNet2DConditionModel.from_pretrained(
-            folder, subfolder="unet", dtype=dtype, variant=variant, local_files_only=True
+            folder,
+            subfolder="unet",
+            dtype=dtype,
+            variant=variant,
+            use_safetensors=not pickles["unet"],
+            local_files_only=True,
         )
         vae = AutoencoderKL.from_pretrained(
-            folder, subfolder="vae", dtype=dtype, variant=variant, local_files_only=True
+            folder,
+            subfolder="vae",
+            dtype=dtype,
+            variant=variant,
+            use_safetensors=not pickles["vae"],
+            local_files_only=True,
         )
         text_encoder = CLIPTextModel.from_pretrained(
-            folder / "text_encoder", dtype=dtype, variant=variant, local_files_only=True
+            folder / "text_encoder",
+            dtype=dtype,
+            variant=variant,
+            use_safetensors=not pickles["text_encoder"],
+            weights_only=True,
+            local_files_only=True,
         )
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -314,6 +345,8 @@ def load_motion_adapter(entry: RegistryEntry | Path, dtype: torch.dtype | None =
         if path.is_dir()
         else path
     )
+    if path.is_dir() and weights.suffix.lower() in PICKLE_SUFFIXES:
+        check_folder_pickles_allowed(path, [weights])  # (read_state_dict's refusal, naming the folder)
     sd = read_state_dict(weights)
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     try:
@@ -382,6 +415,8 @@ def _load_lora(entry: RegistryEntry | Path, scope: LoraScope) -> LoraWeights:
         if path.is_dir()
         else path
     )
+    if path.is_dir() and weights.suffix.lower() in PICKLE_SUFFIXES:
+        check_folder_pickles_allowed(path, [weights])
     try:
         lora = lora_to_peft(read_state_dict(weights), scope)
     except ConversionError as exc:

@@ -14,8 +14,8 @@ Every entry's version and layout are detected from its keys (safetensors headers
 without loading tensors; pickles through `torch.load(weights_only=True)`), and files that
 cannot be used are listed with `ok=False` and the reason instead of stopping the scan.
 Content hashes (sha256 of the file, or of a folder's files in sorted order) and detection
-results are cached in `<models>/.registry-cache.json` by (path, size, mtime), so rescans
-only re-read what changed.  `is_current(entry)` compares an entry's files with that
+results are cached in `<models>/.registry-cache.json` by (path, size, mtime, inode, ctime),
+so rescans only re-read what changed.  `is_current(entry)` compares an entry's files with that
 signature again (a stat each, nothing read): how a user of the entry learns that a file
 was replaced under its name since the scan.
 """
@@ -39,12 +39,17 @@ from .convert import (
     SAFETENSORS_SUFFIXES,
     WEIGHT_SUFFIXES,
     ConversionError,
+    check_folder_pickles_allowed,
+    check_pickle_allowed,
     check_sd15_motion_blocks,
+    component_pickles,
     detect_motion_version,
+    diffusers_variant,
     lora_format,
     lora_to_peft,
     motion_adapter_config,
     motion_layout,
+    pickles_allowed,
     read_state_dict,
     read_tensor_shapes,
 )
@@ -101,7 +106,8 @@ class RegistryEntry:
     camera_motion: str = ""
     ok: bool = True
     error: str = ""
-    # [relative name, size, mtime_ns] per file at scan time (see is_current); not sent to clients.
+    # [relative name, size, mtime_ns, inode, ctime_ns] per file at scan time (see _signature,
+    # is_current); not sent to clients.
     signature: list[list[Any]] = field(default_factory=list)
 
     def to_info(self) -> ModelInfo:
@@ -150,10 +156,15 @@ def _files_of(path: Path) -> list[Path]:
 
 
 def _signature(path: Path) -> list[list[Any]]:
+    """[relative name, size, mtime_ns, inode, ctime_ns] per file.  Size and mtime alone miss a
+    file replaced by one of the same size with its mtime kept (`cp --preserve=timestamps`,
+    `rsync -t`, a rename over it): a rename gives another inode, and any write, rename or
+    utime sets the change time, which no user tool can set back."""
     out = []
     for p in _files_of(path):
         st = p.stat()
-        out.append([p.relative_to(path).as_posix() if p != path else "", st.st_size, st.st_mtime_ns])
+        rel = p.relative_to(path).as_posix() if p != path else ""
+        out.append([rel, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns])
     return out
 
 
@@ -182,8 +193,10 @@ class _Detected:
 
 
 def _check_pickle(path: Path) -> None:
+    """The scan's check of a pickle too large to unpickle there: the policy and the zip structure."""
     import zipfile
 
+    check_pickle_allowed(f"{path.name} (a pickle checkpoint)")
     if not zipfile.is_zipfile(path):
         raise ConversionError(f"{path.name}: not a torch checkpoint (no zip archive)")
     with zipfile.ZipFile(path) as zf:
@@ -193,6 +206,22 @@ def _check_pickle(path: Path) -> None:
 
 def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return read_tensor_shapes(path)
+
+
+def _check_folder_pickles(folder: Path, pickles: list[Path]) -> None:
+    """A diffusers folder's pickle weights (those its loader would read) get the checks of
+    single pickle files: the torch >= 2.10 policy, then restricted unpickling and CRCs
+    (`read_state_dict`), or above PICKLE_SCAN_LIMIT the zip structure only."""
+    check_folder_pickles_allowed(folder, pickles)
+    for p in pickles:
+        rel = p.relative_to(folder).parent.as_posix()
+        try:
+            if p.stat().st_size > PICKLE_SCAN_LIMIT:
+                _check_pickle(p)
+            else:
+                read_state_dict(p)
+        except ConversionError as exc:
+            raise ConversionError(f"{rel}/{exc}" if rel != "." else str(exc)) from exc
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -234,6 +263,12 @@ def _inspect_base(path: Path) -> _Detected:
         # Wider, or per-block lists: not SD1.x's UNet.
         if cad is not None and (not isinstance(cad, int) or cad > 768):
             return _Detected("base", "diffusers", "", False, f"not an SD1.x model (cross_attention_dim {cad})")
+        variant = diffusers_variant(path)
+        pickles = []
+        for sub in ("unet", "vae", "text_encoder"):
+            if (path / sub).is_dir():  # (the loader says which is missing)
+                pickles += component_pickles(path / sub, variant)
+        _check_folder_pickles(path, pickles)
         return _Detected("base", "diffusers", "sd15" if cad in (None, 768) else "tiny")
     if path.suffix.lower() in PICKLE_SUFFIXES and path.stat().st_size > PICKLE_SCAN_LIMIT:
         _check_pickle(path)
@@ -263,8 +298,11 @@ def _inspect_motion(path: Path) -> _Detected:
             raise ConversionError(f"folder holds a {cfg.get('_class_name')}, not a MotionAdapter")
         widths = cfg.get("block_out_channels", (320, 640, 1280, 1280))
         check_sd15_motion_blocks(len(widths) if isinstance(widths, (list, tuple)) else 0)
-        if not any(p.suffix.lower() in WEIGHT_SUFFIXES for p in path.iterdir()):
+        weights = [p for p in path.iterdir() if p.suffix.lower() in WEIGHT_SUFFIXES and p.is_file()]
+        if not weights:
             raise ConversionError("motion adapter folder has no weights file")
+        if not any(p.suffix.lower() in SAFETENSORS_SUFFIXES for p in weights):
+            _check_folder_pickles(path, sorted(weights))  # what the loader would read
         name = path.name.lower()
         if "lightning" in name:
             version = "lightning"
@@ -333,6 +371,19 @@ def _label(kind: str, name: str, det: _Detected, camera: str) -> str:
     return stem
 
 
+def _cached_result(cached: Any, sig: list[list[Any]]) -> tuple[_Detected, str] | None:
+    """A cache entry's (detection, sha256) when its signature is `sig`; None when it is not,
+    or is malformed (a cache written by other code: inspected again, never an error)."""
+    if not isinstance(cached, dict) or cached.get("signature") != sig:
+        return None
+    try:
+        det = _Detected(**cached["detected"])
+    except (KeyError, TypeError):
+        return None
+    sha = cached.get("sha256")
+    return (det, sha) if isinstance(sha, str) else None
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -357,6 +408,8 @@ class ModelRegistry:
         if (
             not isinstance(data, dict)
             or data.get("version") != CACHE_VERSION
+            # results of pickles depend on the torch version (check_pickle_allowed)
+            or data.get("pickles_allowed") != pickles_allowed()
             or not isinstance(data.get("entries"), dict)
         ):
             return {}
@@ -366,7 +419,11 @@ class ModelRegistry:
         tmp = self._cache_path().with_suffix(f".tmp{os.getpid()}")
         try:
             tmp.write_text(
-                json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=1, sort_keys=True)
+                json.dumps(
+                    {"version": CACHE_VERSION, "pickles_allowed": pickles_allowed(), "entries": entries},
+                    indent=1,
+                    sort_keys=True,
+                )
             )
             os.replace(tmp, self._cache_path())
         except OSError as exc:  # a read-only models dir still scans, just without the cache
@@ -449,10 +506,9 @@ class ModelRegistry:
                 ok=False,
                 error=str(exc),
             )
-        cached = cache.get(rel)
-        if isinstance(cached, dict) and cached.get("signature") == sig:
-            det = _Detected(**cached["detected"])
-            sha = cached["sha256"]
+        cached = _cached_result(cache.get(rel), sig)
+        if cached is not None:
+            det, sha = cached
         else:
             try:
                 det = self._inspect(kind, path)
@@ -539,8 +595,9 @@ class ModelRegistry:
         return entry
 
     def is_current(self, entry: RegistryEntry) -> bool:
-        """Whether `entry`'s files are still the ones scanned (same names, sizes and mtimes).
-        A stat per file and no reading, so cheap enough before every use of a loaded model;
+        """Whether `entry`'s files are still the ones scanned (same names, sizes, mtimes, inodes
+        and change times: `_signature`).  A stat per file and no reading, so cheap enough
+        before every use of a loaded model;
         False means a rescan would give another entry (another hash, maybe another version)."""
         try:
             return bool(entry.signature) and _signature(entry.path) == entry.signature

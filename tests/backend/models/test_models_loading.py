@@ -3,6 +3,7 @@ same weights in different layouts giving identical tensors."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -453,3 +454,122 @@ def test_sdxl_motion_module_is_refused(tmp_path: Path) -> None:
     save_file(motion_diffusers_to_original(xl.state_dict()), str(tmp_path / "mm_sdxl_v10_beta.safetensors"))
     with pytest.raises(ConversionError, match="not an SD1.5 motion module: 3 down blocks"):
         loading.load_motion_adapter(tmp_path / "mm_sdxl_v10_beta.safetensors")
+
+
+def _spy_torch_load(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    """Records the keyword arguments of every torch.load (diffusers', transformers', ours)."""
+    calls: list[dict[str, object]] = []
+    real = torch.load
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "load", spy)
+    return calls
+
+
+def test_pickle_only_diffusers_folders_follow_the_pickle_policy(
+    pickle_folders: Path, tiny_zoo: Path, base_folder: loading.BaseComponents, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Diffusers folders whose weights are only `.bin` (diffusers' and transformers' own
+    torch.load) get the policy of single pickle files: refused below torch 2.10, naming the
+    folder and what to do; from 2.10 loaded with weights_only=True."""
+    base = pickle_folders / "base/tiny-sd15-bin"
+    motion = pickle_folders / "motion/tiny-motion-adapter-v2-bin"
+
+    # torch >= 2.10 (this venv): they load, every torch.load with weights_only=True.
+    calls = _spy_torch_load(monkeypatch)
+    comps = loading.load_base(base)
+    adapter = loading.load_motion_adapter(motion)
+    assert len(calls) == 4 and all(c.get("weights_only") is True for c in calls), calls
+    for part in ("unet", "vae", "text_encoder"):
+        _assert_same_state(getattr(comps, part), getattr(base_folder, part))
+    _assert_same_state(adapter, loading.load_motion_adapter(tiny_zoo / "motion/tiny-motion-adapter-v2"))
+
+    # torch < 2.10: refused before anything is unpickled; safetensors folders still load.
+    monkeypatch.setattr(convert, "_torch_version", lambda: (2, 5))
+    calls.clear()
+    with pytest.raises(ConversionError, match=r"tiny-sd15-bin.*2\.10.*safetensors"):
+        loading.load_base(base)
+    with pytest.raises(ConversionError, match=r"tiny-motion-adapter-v2-bin.*2\.10.*safetensors"):
+        loading.load_motion_adapter(motion)
+    assert calls == []
+    loading.load_base(tiny_zoo / "base/tiny-sd15")
+    loading.load_motion_adapter(tiny_zoo / "motion/tiny-motion-adapter-v2")
+    # Only the components without safetensors are refused.
+    mixed = pickle_folders / "base/mixed"
+    shutil.copytree(tiny_zoo / "base/tiny-sd15", mixed)
+    shutil.rmtree(mixed / "vae")
+    shutil.copytree(base / "vae", mixed / "vae")
+    with pytest.raises(ConversionError, match=r"mixed.*vae/diffusion_pytorch_model\.bin"):
+        loading.load_base(mixed)
+    assert calls == []
+
+
+def test_pickle_only_diffusers_folder_checks(
+    pickle_folders: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder's pickles get the single files' checks: no code runs, corrupt bytes are
+    found (torch's zip reader skips the CRCs), and safetensors are never passed over for a
+    pickle beside them."""
+    base = pickle_folders / "base/tiny-sd15-bin"
+
+    class Evil:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    evil = pickle_folders / "base/evil"
+    shutil.copytree(base, evil)
+    torch.save({"x": Evil()}, str(evil / "vae/diffusion_pytorch_model.bin"), pickle_module=pickle)
+    with pytest.raises(ConversionError, match="evil"):
+        loading.load_base(evil)
+    assert not (tmp_path / "pwned").exists()
+
+    corrupt = pickle_folders / "base/corrupt"
+    shutil.copytree(base, corrupt)
+    vae_bin = corrupt / "vae/diffusion_pytorch_model.bin"
+    with zipfile.ZipFile(vae_bin) as zf:
+        info = max(zf.infolist(), key=lambda i: i.file_size)  # a tensor (stored, not deflated)
+    data = bytearray(vae_bin.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0xFF
+    vae_bin.write_bytes(bytes(data))
+    with pytest.raises(ConversionError, match=r"corrupt.*checksum"):
+        loading.load_base(corrupt)
+
+    # Safetensors beside a pickle: the pickle is never read (not even on torch < 2.10).
+    both = pickle_folders / "base/both"
+    shutil.copytree(base, both)
+    shutil.copy(evil / "vae/diffusion_pytorch_model.bin", both / "unet/diffusion_pytorch_model.bin")
+    zoo_unet = pickle_folders.parent / "zoo-unet"
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel.from_pretrained(base / "unet").save_pretrained(zoo_unet, safe_serialization=True)
+    shutil.copy(zoo_unet / "diffusion_pytorch_model.safetensors", both / "unet")
+    monkeypatch.setattr(convert, "_torch_version", lambda: (2, 5))
+    with pytest.raises(ConversionError, match=r"both.*vae/diffusion_pytorch_model\.bin") as info_:
+        loading.load_base(both)
+    assert "unet" not in str(info_.value)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_component_pickles_are_what_from_pretrained_would_read(tmp_path: Path) -> None:
+    part = tmp_path / "text_encoder"
+    part.mkdir()
+    (part / "pytorch_model.bin").write_bytes(b"")
+    (part / "pytorch_model-00001-of-00002.bin").write_bytes(b"")
+    assert [p.name for p in convert.component_pickles(part)] == [
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model.bin",
+    ]
+    (part / "model.fp16.safetensors").write_bytes(b"")
+    assert convert.component_pickles(part, "fp16") == []
+    assert len(convert.component_pickles(part)) == 2  # no fp32 safetensors: the pickles load
+    (part / "model.safetensors.index.json").write_bytes(b"{}")
+    assert convert.component_pickles(part) == []
+    # transformers loads a weights file named in its config before any other.
+    (part / "config.json").write_text(json.dumps({"transformers_weights": "adapter_model.bin"}))
+    assert convert.component_pickles(part) == [part / "adapter_model.bin"]
+    (part / "config.json").write_text(json.dumps({"transformers_weights": "model.safetensors"}))
+    assert convert.component_pickles(part) == []

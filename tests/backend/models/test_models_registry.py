@@ -303,3 +303,151 @@ def test_inpainting_base_models_are_not_listed_as_usable(models_copy) -> None:  
     for model_id in ("base:tiny-sd15-inpainting", "base:tiny-sd15-inpainting.safetensors"):
         assert not infos[model_id].ok and "9 input channels" in infos[model_id].error, infos[model_id]
     assert infos["base:tiny-sd15"].ok and infos["base:tiny-sd15-ldm.safetensors"].ok
+
+
+def test_pickle_only_diffusers_folders_are_checked_at_scan(  # type: ignore[no-untyped-def]
+    pickle_folders: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Diffusers folders with `.bin` weights only get the single pickle files' scan checks:
+    restricted unpickling (zip structure only above PICKLE_SCAN_LIMIT) and, below torch 2.10,
+    a refusal -- not an `ok` entry that fails at its first load."""
+    from animatediff_blender.backend.models import convert
+
+    base, motion = "base:tiny-sd15-bin", "motion:tiny-motion-adapter-v2-bin"
+    infos = {i.id: i for i in ModelRegistry(pickle_folders).scan()}
+    assert infos[base].ok and infos[base].version == "tiny", infos[base].error
+    assert infos[motion].ok and infos[motion].version == "v2", infos[motion].error
+
+    class Evil:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    shutil.copytree(pickle_folders / "base/tiny-sd15-bin", pickle_folders / "base/evil")
+    torch.save({"x": Evil()}, str(pickle_folders / "base/evil/vae/diffusion_pytorch_model.bin"))
+    shutil.copytree(pickle_folders / "motion/tiny-motion-adapter-v2-bin", pickle_folders / "motion/garbage")
+    (pickle_folders / "motion/garbage/diffusion_pytorch_model.bin").write_bytes(os.urandom(4096))
+    reg = ModelRegistry(pickle_folders)
+    infos = {i.id: i for i in reg.scan()}
+    assert not infos["base:evil"].ok and "vae" in infos["base:evil"].error
+    assert "refused" in infos["base:evil"].error
+    assert not (tmp_path / "pwned").exists()
+    assert not infos["motion:garbage"].ok and "diffusion_pytorch_model.bin" in infos["motion:garbage"].error
+    assert infos[base].ok and infos[motion].ok
+
+    # Above the unpickling limit, the zip structure is still checked.
+    monkeypatch.setattr(registry_mod, "PICKLE_SCAN_LIMIT", 0)
+    (pickle_folders / registry_mod.CACHE_FILE).unlink()
+    infos = {i.id: i for i in reg.scan()}
+    assert infos["base:evil"].ok and infos[base].ok  # not unpickled: the loader refuses it
+    assert not infos["motion:garbage"].ok and "not a torch checkpoint" in infos["motion:garbage"].error
+    monkeypatch.undo()
+
+    # torch < 2.10: listed with the reason (whatever the cache of the scans above says).
+    monkeypatch.setattr(convert, "_torch_version", lambda: (2, 5))
+    infos = {i.id: i for i in reg.scan()}
+    for model_id, name in ((base, "tiny-sd15-bin"), (motion, "tiny-motion-adapter-v2-bin")):
+        assert not infos[model_id].ok
+        assert name in infos[model_id].error and "2.10" in infos[model_id].error
+        assert "safetensors" in infos[model_id].error
+    assert infos["base:tiny-sd15-bin"].error.count("unet/diffusion_pytorch_model.bin") == 1
+    with pytest.raises(UnknownModel, match="2.10"):
+        reg.get(base, require_ok=True)
+    monkeypatch.undo()
+    assert reg.get(base).ok is False  # until the next scan
+    assert {i.id: i.ok for i in reg.scan()}[base]
+
+
+def _replace_keeping_size_and_mtime(path: Path, content: bytes, how: str) -> None:
+    """Put `content` (as long as the file) under `path` with the old mtime, as
+    `cp --preserve=timestamps` (in place) or `rsync -t` (renamed over) do."""
+    import time
+
+    old = path.stat()
+    assert len(content) == old.st_size
+    if how == "in_place":
+        with open(path, "r+b") as f:
+            f.write(content)
+    else:
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_bytes(content)
+        os.utime(tmp, ns=(old.st_atime_ns, old.st_mtime_ns))
+        os.replace(tmp, path)
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    for _ in range(100):  # a coarse clock: the change time must still move
+        new = path.stat()
+        if (new.st_ino, new.st_ctime_ns) != (old.st_ino, old.st_ctime_ns):
+            break
+        time.sleep(0.01)
+        os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    new = path.stat()
+    assert (new.st_size, new.st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+    assert path.read_bytes() == content
+
+
+@pytest.mark.parametrize("how", ["in_place", "renamed_over"])
+def test_replacement_with_same_size_and_mtime_is_noticed(models_copy, how: str) -> None:  # type: ignore[no-untyped-def]
+    """A file replaced by another of the same size and mtime: `is_current` says so, the rescan
+    (also a new registry, through the cache file) re-reads it, and the load gets the new weights."""
+    from animatediff_blender.backend.models import convert, loading
+    from animatediff_blender.backend.models.zoo import (
+        _make_adapter,
+        _save_safetensors,
+        motion_diffusers_to_original,
+    )
+
+    models = models_copy("motion/mm_sd_v15_v2.safetensors", "motion/v3_sd15_mm.safetensors")
+    mm = "motion:mm_sd_v15_v2.safetensors"
+    path = models / "motion/mm_sd_v15_v2.safetensors"
+    reg = ModelRegistry(models)
+    reg.scan()
+    entry = reg.get(mm)
+    assert reg.is_current(entry) and entry.ok
+
+    retrained = models.parent / "retrained.safetensors"
+    _save_safetensors(motion_diffusers_to_original(_make_adapter("v2", 11).state_dict()), retrained)
+    _replace_keeping_size_and_mtime(path, retrained.read_bytes(), how)
+    new_sha = registry_mod.content_sha256(path)
+    assert new_sha != entry.sha256
+
+    assert not reg.is_current(entry)
+    assert reg.is_current(reg.get("motion:v3_sd15_mm.safetensors"))
+    reg.scan()
+    assert reg.get(mm).sha256 == new_sha and reg.is_current(reg.get(mm))
+    fresh = ModelRegistry(models)  # the cache file of the last scan
+    fresh.scan()
+    assert fresh.get(mm).sha256 == new_sha
+    loaded = loading.load_motion_adapter(fresh.get(mm)).state_dict()
+    expected = convert.motion_to_diffusers(convert.read_state_dict(retrained))
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+
+    # Replaced by a file that is no motion module: the entry turns broken, not stale.
+    _replace_keeping_size_and_mtime(path, os.urandom(path.stat().st_size), how)
+    reg.scan()
+    assert not reg.get(mm).ok
+
+
+def test_cache_of_an_older_signature_format_counts_as_changed(  # type: ignore[no-untyped-def]
+    models_copy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache file whose signatures lack fields (written by an older version) is read
+    without error; its entries are inspected and hashed again."""
+    models = models_copy("motion/mm_sd_v15_v2.safetensors", "base/tiny-sd15")
+    first = {i.id: (i.sha256, i.ok) for i in ModelRegistry(models).scan()}
+    cache_file = models / registry_mod.CACHE_FILE
+    data = json.loads(cache_file.read_text())
+    for cached in data["entries"].values():
+        cached["signature"] = [row[:3] for row in cached["signature"]]  # (name, size, mtime) only
+    cache_file.write_text(json.dumps(data))
+    hashed: list[Path] = []
+    real = registry_mod.content_sha256
+    monkeypatch.setattr(registry_mod, "content_sha256", lambda p: hashed.append(p) or real(p))
+    assert {i.id: (i.sha256, i.ok) for i in ModelRegistry(models).scan()} == first
+    assert len(hashed) == 2
+    hashed.clear()
+    assert {i.id: (i.sha256, i.ok) for i in ModelRegistry(models).scan()} == first
+    assert hashed == []  # the rewritten cache serves the next scan
+    data = json.loads(cache_file.read_text())
+    data["entries"]["base/tiny-sd15"]["detected"] = {"from": "another version"}
+    cache_file.write_text(json.dumps(data))
+    assert {i.id: (i.sha256, i.ok) for i in ModelRegistry(models).scan()} == first
+    assert hashed == [models / "base/tiny-sd15"]
