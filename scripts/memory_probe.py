@@ -11,8 +11,10 @@ eager kind, for comparing clip lengths and levers with each other, not a GPU fig
 Usage: python scripts/memory_probe.py [FRAMES=16 64 ...] [--chunk-ff [ELEMENTS]] [--split-batch]
 
 2026-11-27 (CPU, seconds): 16 frames 2.03 GiB; 64 frames 8.59 GiB (x4.23), 5.47 GiB (x2.69)
-with --chunk-ff (2**26, the engine's CUDA default), 3.52 GiB (x1.73) with --split-batch too;
-128 frames 17.19 / 9.37 / 5.70 GiB.
+with --chunk-ff (2**26, the engine's CUDA default), 3.13 GiB (x1.54) with --split-batch too
+(3.52 with the whole pair's window budget per half); 128 frames 17.19 / 9.37 / 5.47 GiB.
+Run 5 (H200) measured 4.55 and 7.94 GiB for 16 and 64 frames with --chunk-ff: these
+estimates plus ~2.5 GiB (weights, the VAE, allocator slack).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from animatediff_blender.backend.engine.chunking import (
     SPLIT_BATCH_IMAGES,
     chunk_feed_forwards,
 )
+from animatediff_blender.backend.engine.freenoise import WINDOW_BATCH_ELEMENTS, BatchedWindowsBlock
 
 GiB = 1024**3
 
@@ -43,8 +46,13 @@ def unet_peak(frames: int, chunk_ff: int | None, split_batch: bool = False) -> f
     unet = meta_motion_unet("real", (16, 4) if frames > 16 else None).half()
     if chunk_ff:
         chunk_feed_forwards(unet, chunk_ff)  # as the engine does (windowed blocks included)
-    # --split-batch: beyond a 16-frame clip's CFG batch, one CFG half per call (its peak is the call's).
+    # --split-batch: beyond a 16-frame clip's CFG batch, one CFG half per call (its peak is the
+    # call's), with as many FreeNoise windows per batch as the whole pair had (as the engine does).
     batch = 1 if split_batch and 2 * frames > SPLIT_BATCH_IMAGES else 2
+    if batch == 1:
+        for block in unet.modules():
+            if isinstance(block, BatchedWindowsBlock):
+                block.window_batch_elements = WINDOW_BATCH_ELEMENTS // 2
     sample = torch.zeros(batch, 4, frames, 64, 64, device="meta", dtype=torch.half)
     context = torch.zeros(batch * frames, 77, 768, device="meta", dtype=torch.half)
     original = F.scaled_dot_product_attention

@@ -145,9 +145,11 @@ class FastPath:
         untouched).
     split_batch_over: a UNet call on more images than this (batch x frames) runs one batch
         element, i.e. one CFG half, at a time (`chunking.in_batch_elements`; 0: never): the
-        halves never meet inside the UNet, so a long clip holds half the activations
-        (estimated: 64 frames 5.47 -> 3.52 GiB with the feed-forward chunks) for two calls per
-        step on half the images.  Not the default until a GPU run measures its time.
+        halves never meet inside the UNet, so a long clip holds half the activations, with
+        batched windows as many windows per batch as the whole pair had (estimated: 64 frames
+        5.47 -> 3.13 GiB with the feed-forward chunks, ~1.24x the 16-frame clip's measured
+        peak) for two calls per step on half the images.  Not the default until a GPU run
+        measures its time.
     cudnn_benchmark: while the engine runs (jobs and warm-up), cuDNN times its convolution
         algorithms for each new input shape and keeps the fastest (`torch.backends.cudnn.
         benchmark`, off in torch by default; set back afterwards).  The UNet's and the VAE's
@@ -1023,7 +1025,7 @@ class AnimateDiffEngine:
         (no init, no copy) and kept for later long jobs (compiled once)."""
         from diffusers.models.attention import FreeNoiseTransformerBlock
 
-        from .freenoise import BatchedWindowsBlock, windowed_like
+        from .freenoise import WINDOW_BATCH_ELEMENTS, BatchedWindowsBlock, windowed_like
 
         kind = BatchedWindowsBlock if self.fast.batch_windows else FreeNoiseTransformerBlock
         windowed = windowed_like(plain, kind, context_length, context_stride, weighting)
@@ -1032,6 +1034,10 @@ class AnimateDiffEngine:
             chunk_feed_forwards(windowed, self.fast.ff_chunk_elements)
         if self.fast.batch_windows:
             windowed.share_projections = self.fast.share_window_projections
+            if self.fast.split_batch_over:
+                # One CFG half per call: as many windows per batch as the whole pair had (half
+                # the budget), so the window batches' memory halves with the rest of the call.
+                windowed.window_batch_elements = WINDOW_BATCH_ELEMENTS // 2
         # Batched windows have no loop to keep eager: the compiled motion module traces them.
         if self.fast.compile != "off" and not self.fast.batch_windows:
             # The window loop stays eager (traced, it would unroll into one graph per clip

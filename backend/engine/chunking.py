@@ -16,9 +16,12 @@ with feed-forwards chunked at 2**26 elements; 128 frames 17.19 / 9.37 GiB.
 
 What is left at 64 frames is the clip itself: the skip connections and hidden states of 128
 images (64 frames x the CFG pair) and the windows' float32 accumulator.  The CFG halves never
-meet inside the UNet, so calling it once per half holds half of that: 3.52 GiB at 64 frames
-with the chunked feed-forwards (~1.30x the 16-frame clip's peak with the ~2.8 GiB of
-weights, against ~1.7x), for two calls per step on 64 images instead of one on 128.
+meet inside the UNet, so calling it once per half holds half of that: 3.13 GiB at 64 frames
+with the chunked feed-forwards, the FreeNoise windows batched as many per batch as for the
+whole pair (3.52 GiB with twice as many).  Run 5 (H200) measured 4.55 GiB for the 16-frame
+clip (2.03 GiB of it activations by this estimate) and 7.94 GiB for 64 frames without the
+split (5.47): with it, ~5.65 GiB, ~1.24x the 16-frame peak against 1.75x, for two calls per
+step on 64 images instead of one on 128.
 """
 
 from __future__ import annotations

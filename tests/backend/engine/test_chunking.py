@@ -14,6 +14,7 @@ from diffusers.models.attention import FeedForward
 
 from animatediff_blender.backend.engine.animatediff import AnimateDiffEngine, FastPath
 from animatediff_blender.backend.engine.chunking import chunk_feed_forwards, in_row_chunks, rows_per_chunk
+from animatediff_blender.backend.engine.freenoise import WINDOW_BATCH_ELEMENTS
 from animatediff_blender.protocol.messages import GenerateRequest
 
 pytestmark = pytest.mark.timeout(600)
@@ -147,6 +148,9 @@ def test_split_batch_runs_one_cfg_half_at_a_time_with_the_same_frames(tiny_zoo: 
     assert set(whole_batches) == {2 * 8} and len(batches) == 2 * len(whole_batches)  # 8 frames x the CFG pair
     assert set(batches) == {8}
     assert np.abs(frames - expected).max() <= 1
+    # Each half batches as many FreeNoise windows as the whole pair did: half the budget.
+    budgets = {e: {b.window_batch_elements for b in e._free_noise_blocks.values()} for e in (whole, split)}
+    assert budgets == {whole: {WINDOW_BATCH_ELEMENTS}, split: {WINDOW_BATCH_ELEMENTS // 2}}
     # Within the limit (4 frames x 2 = 8 images): one call per step, as before.
     _short, short_batches = _unet_batches(split, frames=4, context_length=None, context_stride=None)
     assert set(short_batches) == {8} and len(short_batches) == 2
