@@ -50,7 +50,7 @@ from .messages import (
     Welcome,
 )
 from .version import PROTOCOL_VERSION
-from .wire import ENVELOPE_FRAMES, Header, Message, Session, WireError, split_routing
+from .wire import ENVELOPE_FRAMES, MAX_REQUEST_BYTES, Header, Message, Session, WireError, split_routing
 
 __all__ = ["BackendClient", "ClientConfig", "ClientError", "Event", "JobResult", "EVENT_TYPES"]
 
@@ -263,6 +263,14 @@ class BackendClient:
         if self._socket is None or self._session is None:
             raise ClientError("connection", "not connected: call connect() first")
         header, frames = self._session.serialize_message(content)
+        size = sum(len(f) for f in frames)
+        if size > MAX_REQUEST_BYTES:
+            # The backend would drop the connection without a word: say why here.
+            raise ClientError(
+                "too_large",
+                f"this {header.msg_type} request is {size / 2**20:.1f} MiB, over the backend's limit of "
+                f"{MAX_REQUEST_BYTES / 2**20:g} MiB: is a prompt, tag or list far longer than allowed?",
+            )
         try:
             self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:

@@ -48,6 +48,10 @@ DELIMITER = b"<ADB|MSG>"
 ENVELOPE_FRAMES = 4
 DEFAULT_MAX_FRAMES = ENVELOPE_FRAMES + 256  # counted after the delimiter
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+# The most a server takes in one request (client -> server message).  Requests carry no
+# binary buffers and at most a few MiB of prompts (4000 characters x 256 prompt-travel
+# entries, JSON-escaped); libzmq drops a connection that sends a larger frame (MAXMSGSIZE).
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
 
 # Wire error codes (also used as `Error.code` in replies).
 BAD_SIGNATURE = "bad_signature"
@@ -239,17 +243,26 @@ def _parent_path(path: str) -> str | None:
     return path[:cut] if cut > 0 else None
 
 
+# Each further error costs a validation of the whole document: at most this many bytes are
+# validated again in all, or one request of 100,000 LoRA entries, the last 64 of them wrong,
+# holds the receiver (the server's loop) for seconds.  A form's request gets all 64 passes.
+ERROR_PASSES_BYTES = 1024 * 1024
+
+
 def content_errors(raw: bytes, cls: type[Any], first: msgspec.ValidationError) -> list[FieldError]:
     """Every field error of `raw`, not just msgspec's first: drop the offending field
     and validate again (bounded), so a form can highlight all its bad fields at once."""
     errors = [field_error(first)]
+    passes = min(64, ERROR_PASSES_BYTES // max(1, len(raw)))
+    if not passes:
+        return errors
     try:
         doc = msgspec.json.decode(raw)
     except (msgspec.DecodeError, RecursionError):
         return errors
     target = errors[-1].field
     removed: set[str] = set()
-    for _ in range(64):
+    for _ in range(passes):
         # Drop the offending key; when that leaves a required field missing, drop its
         # nearest removable ancestor instead (a whole LoRA entry, say).
         while not _remove_field(doc, target):

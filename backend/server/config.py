@@ -14,9 +14,8 @@ from animatediff_blender.protocol.messages import Limits
 
 log = logging.getLogger("animatediff_blender.server")
 
-# Requests (client -> server) carry no binary buffers and at most a few MiB of prompts
-# (4000 characters x 256 prompt-travel entries, JSON-escaped); anything bigger is abuse.
-MAX_REQUEST_BYTES = 8 * 1024 * 1024
+# Requests (client -> server) carry no binary buffers; their size cap is the protocol's
+# `wire.MAX_REQUEST_BYTES` (clients check it before sending).
 MAX_REQUEST_BUFFERS = 4
 
 

@@ -48,7 +48,8 @@ def check_request(req: GenerateRequest, limits: Limits, prefix: str = "$.request
         cap = min(req.frames, MAX_TRAVEL_ENTRIES)
         if len(req.prompt_travel) > cap:
             bad("prompt_travel", f"at most {cap} entries (one per frame)")
-        for frame, text in sorted(req.prompt_travel.items()):
+        # The first `cap` only: an error per entry of 600,000 made a reply too large to send.
+        for frame, text in sorted(req.prompt_travel.items())[:cap]:
             if not 0 <= frame < req.frames:
                 bad(f"prompt_travel.{frame}", f"frame index must be between 0 and {req.frames - 1}")
             if len(text) > limits.max_prompt_chars:

@@ -45,6 +45,7 @@ from animatediff_blender.protocol import auth, messages
 from animatediff_blender.protocol.version import PROTOCOL_VERSION
 from animatediff_blender.protocol.wire import (
     ENVELOPE_FRAMES,
+    MAX_REQUEST_BYTES,
     Header,
     Message,
     Session,
@@ -55,7 +56,6 @@ from animatediff_blender.protocol.wire import (
 from .config import (
     FRAME_MESSAGE_OVERHEAD,
     MAX_REQUEST_BUFFERS,
-    MAX_REQUEST_BYTES,
     ServerConfig,
     check_bind_policy,
     check_limits,
@@ -572,7 +572,8 @@ class Server:
         self._send(identity, content, msg.header, buffers)
 
     def _on_hello(self, identity: bytes, msg: Message, hello: messages.Hello) -> None:
-        log.info("hello peer=%s client=%s name=%r", identity.hex(), hello.client_id, hello.client_name)
+        # The name is free text of any length: a megabyte of it must not become a log line.
+        log.info("hello peer=%s client=%s name=%r", identity.hex(), hello.client_id, hello.client_name[:200])
         self._reply(
             identity,
             msg,
@@ -774,7 +775,8 @@ class Server:
         assert job is not None
         job.watchers.add(identity)
         if job.state == "queued":
-            self.queue.remove(job.job_id)
+            # Stored first: a cancel that cannot be stored (disk full) fails and the job stays
+            # queued, rather than out of the queue yet "queued" for ever.
             self.store.update(
                 job.job_id,
                 state="cancelled",
@@ -782,6 +784,7 @@ class Server:
                 error="cancelled by the client",
                 finished_at=time.time(),
             )
+            self.queue.remove(job.job_id)
             self.live.pop(job.job_id, None)
             self._reply(identity, msg, messages.CancelReply(job_id=job.job_id, state="cancelled"))
             self._broadcast(job, messages.Cancelled(job_id=job.job_id))

@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .config import ConfigError
+
 FINAL_STATES = ("finished", "failed", "cancelled", "interrupted")
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -95,13 +97,19 @@ class JobStore:
         self.jobs_dir = self.data_dir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.data_dir / "jobs.sqlite", check_same_thread=False, isolation_level=None, timeout=30
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit survives power loss too; there are only a few commits per job.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        path = self.data_dir / "jobs.sqlite"
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit survives power loss too; there are only a few commits per job.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:  # not a database, or a damaged one
+            self._db.close()
+            raise ConfigError(
+                f"cannot use the job database {path} ({exc}): move it aside to start with an empty job "
+                "list, or give --data-dir the backend's own data folder"
+            ) from None
 
     def close(self) -> None:
         with self._lock:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from server_helpers import small_request
@@ -244,6 +245,41 @@ def test_a_second_server_on_the_same_data_dir_is_refused(
     wait_for(client, job.job_id, (messages.Finished,))
     first.stop()
     make_server(data_dir=first.config.data_dir)  # free again once the first one stopped
+
+
+def test_an_unreadable_job_database_is_refused_in_words(
+    make_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    # A disk error, or --data-dir pointed at the wrong folder: one line naming the file, not a traceback.
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "jobs.sqlite").write_bytes(b"not a database " * 400)
+    with pytest.raises(ConfigError, match="jobs.sqlite"):
+        make_server(data_dir=data)
+    (data / "jobs.sqlite").unlink()
+    make_server(data_dir=data)  # the data folder's lock was let go
+
+
+def test_a_cancel_that_could_not_be_stored_leaves_the_job_to_run(
+    slow: Server, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Disk full while cancelling a queued job: the cancel fails, the job must not be left
+    # out of the queue yet "queued" for ever (its client waiting on it).
+    update = slow.store.update
+
+    def disk_full(job_id: str, **changes: object) -> None:
+        if changes.get("state") == "cancelled":
+            raise sqlite3.OperationalError("database or disk is full")
+        update(job_id, **changes)
+
+    monkeypatch.setattr(slow.store, "update", disk_full)
+    client = make_client(slow)
+    client.submit(small_request(steps=10))
+    queued = client.submit(small_request(prompt="second"))
+    with pytest.raises(ClientError) as info:
+        client.cancel(queued.job_id)
+    assert info.value.code == "internal"
+    wait_for(client, queued.job_id, (messages.Finished,))
 
 
 def test_a_job_whose_end_could_not_be_stored_is_not_reported_running_forever(

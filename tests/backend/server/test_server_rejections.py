@@ -312,6 +312,54 @@ def test_path_like_ids_are_refused(tight: Server, engine: FakeEngine, peer: RawP
     healthy(tight)
 
 
+def test_listing_every_bad_field_does_not_stall_the_loop(tight: Server, peer: RawPeer) -> None:
+    # Each further bad field costs one more validation of the whole request: 64 of them at
+    # the end of 100,000 LoRA entries held the loop (and everyone's pings) for seconds.
+    loras: list[dict[str, Any]] = [{"id": "lora:fake_ZoomIn"}] * 100_000
+    loras += [{"id": "lora:fake_ZoomIn", "weight": 99}] * 64
+    content = msgspec.json.encode({"request": {"prompt": "a", "motion_loras": loras}})
+    peer.send(peer.sign_raw(peer.header_bytes("submit"), b"{}", content))
+    with RawPeer(tight.endpoint, client_id="bystander") as other:
+        assert other.ping(timeout_s=3).nonce == "check"
+    err = peer.recv_error()
+    assert err.code == "bad_message"
+    assert err.fields[0].field == "$.request.motion_loras[100000].weight"
+
+
+def test_prompt_travel_past_every_frame_is_answered(
+    tight: Server, make_client: Callable[..., BackendClient]
+) -> None:
+    # One field error per out-of-range entry made a reply larger than any message: none was sent.
+    client = make_client(tight, timeout_s=5)
+    err = _submit_error(client, prompt_travel={i: "" for i in range(600_000)})
+    assert err.code == "limit"
+    assert "$.request.prompt_travel" in [f.field for f in err.fields]
+    assert len(err.fields) < 300
+    assert client.ping()
+
+
+def test_a_request_over_the_servers_size_cap_is_refused_as_such(
+    tight: Server, make_client: Callable[..., BackendClient]
+) -> None:
+    # libzmq drops a connection that sends a frame over the server's cap: the client used to
+    # wait out its timeout and blame the address or the key.
+    client = make_client(tight, timeout_s=3)
+    err = _submit_error(client, prompt="x" * (9 * 2**20))
+    assert err.code == "too_large"
+    assert "8 MiB" in err.message
+    assert client.ping()
+
+
+def test_a_huge_client_name_is_not_logged_whole(
+    tight: Server, peer: RawPeer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="animatediff_blender.server"):
+        reply = peer.request(messages.Hello(client_id="raw-peer", client_name="n" * 2**20))
+    assert isinstance(reply.content, messages.Welcome)
+    lengths = [len(r.getMessage()) for r in caplog.records if r.getMessage().startswith("hello ")]
+    assert lengths and max(lengths) < 1000
+
+
 def test_full_queue_and_per_client_cap_answer_busy(
     make_server: Callable[..., Server], make_client: Callable[..., BackendClient]
 ) -> None:
