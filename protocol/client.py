@@ -420,6 +420,7 @@ class BackendClient:
         cancel: threading.Event | None = None,
         timeout_s: float | None = None,
         received: dict[int, bytes] | None = None,
+        on_status: Callable[[JobStatus], None] | None = None,
     ) -> JobResult:
         """Submit a job and block until its frames are here.  Raises ClientError on failure
         (the job's own `code`), on cancellation ("cancelled"), or when the backend stays
@@ -427,11 +428,17 @@ class BackendClient:
         so that it can be fetched later.  With `timeout_s`, a job still running after that
         long is cancelled and "timeout" raised.  The error's `frames` hold the frames that
         arrived before it; `received`, when given, is filled with them as they arrive (checked):
-        what a caller keeps when it is interrupted (KeyboardInterrupt carries no frames)."""
+        what a caller keeps when it is interrupted (KeyboardInterrupt carries no frames).
+        `on_status` hears the job's state and place in the queue: once accepted, then each
+        time the client checks on a quiet job (a queued one sends no events)."""
         self._ensure_connected()
         accepted = self.submit(request, client_tag=client_tag)
+        if on_status is not None:
+            position = accepted.queue_position  # 0: running, else its place in line (1: next)
+            on_status(JobStatus(job_id=accepted.job_id, state="running" if position == 0 else "queued",
+                                queue_position=position))  # fmt: skip
         return self.wait_job(accepted.job_id, on_event=on_event, cancel=cancel, timeout_s=timeout_s,
-                             received=received, _watched=True)  # fmt: skip
+                             received=received, on_status=on_status, _watched=True)  # fmt: skip
 
     def wait_job(
         self,
@@ -441,6 +448,7 @@ class BackendClient:
         cancel: threading.Event | None = None,
         timeout_s: float | None = None,
         received: dict[int, bytes] | None = None,
+        on_status: Callable[[JobStatus], None] | None = None,
         _watched: bool = False,
     ) -> JobResult:
         """Block until a job submitted earlier by this client id (another process, a lost
@@ -487,6 +495,8 @@ class BackendClient:
                             continue  # cancelled while the backend was quiet: send the cancel first
                         last_heard = time.monotonic()
                         if statuses:
+                            if on_status is not None:
+                                on_status(statuses[0])
                             done = self._settle(statuses[0], collector, cancel)
                             if done is not None:
                                 return done

@@ -363,7 +363,7 @@ def _generate(
     from tqdm import tqdm
 
     from animatediff_blender.protocol.client import BackendClient, Event
-    from animatediff_blender.protocol.messages import Frames, Progress
+    from animatediff_blender.protocol.messages import Frames, JobStatus, Progress
 
     cancel = threading.Event()
     bar: Any = None
@@ -379,6 +379,21 @@ def _generate(
             bar.update(max(0, content.step - bar.n))
         elif isinstance(content, Frames) and bar is not None:
             bar.set_postfix_str(f"frames {content.start + content.count}/{content.total}")
+
+    shown: list[tuple[str, int]] = []
+
+    def on_status(status: JobStatus) -> None:
+        # A queued job sends nothing until it starts: say where it waits (its id first, for
+        # --resume), and again when its place changes.
+        if status.state not in ("queued", "running") or bar is not None:
+            return
+        seen = (status.state, status.queue_position if status.state == "queued" else 0)
+        if shown and shown[-1] == seen:
+            return
+        where = f"queued, place {status.queue_position} in line" if status.state == "queued" else "running"
+        prefix = f"job {status.job_id}" if not shown else f"job {status.job_id[:8]}"
+        print(f"{prefix}: {where}", file=sys.stderr)
+        shown.append(seen)
 
     running = threading.Event()  # the job may exist on the backend: cancel it, do not just quit
 
@@ -399,12 +414,12 @@ def _generate(
             if request is None:
                 running.set()
                 return client.wait_job(args.resume, on_event=on_event, cancel=cancel, timeout_s=args.job_timeout,
-                                       received=received)  # fmt: skip
+                                       received=received, on_status=on_status)  # fmt: skip
             request = resolve_aliases(request, welcome.models)
             validate_locally(request)
             running.set()
             return client.run_job(request, on_event=on_event, cancel=cancel, timeout_s=args.job_timeout,
-                                  received=received)  # fmt: skip
+                                  received=received, on_status=on_status)  # fmt: skip
     finally:
         if bar is not None:
             bar.close()

@@ -4,6 +4,7 @@ against an in-process server with the fake engine)."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -288,6 +289,45 @@ def test_generate_resume_collects_a_job_submitted_earlier(
     assert main(["generate", "--address", backend, "--resume", "../etc", "--out", str(out)]) == 2
     assert main(["generate", "--address", backend, "--resume", "0" * 32, "--out", str(out)]) == 1
     assert "no such job" in capsys.readouterr().err
+
+
+def test_generate_says_where_a_queued_job_waits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A job behind another sends no events until it starts: `generate` prints its id and
+    place in line at once, and again when it runs; `--resume` of a queued job does too."""
+    from animatediff_blender.backend.engine.fake import FakeEngine
+    from animatediff_blender.backend.server.config import ServerConfig
+    from animatediff_blender.backend.server.server import Server
+    from animatediff_blender.protocol.client import BackendClient, ClientConfig
+    from animatediff_blender.protocol.messages import GenerateRequest
+
+    server = Server(
+        ServerConfig(key=auth.create_key(), data_dir=tmp_path / "data", bind="tcp://127.0.0.1:*", linger_ms=0,
+                     shutdown_timeout_s=5),
+        FakeEngine(step_delay_s=0.4),
+    )  # fmt: skip
+    endpoint = server.start()
+    try:
+        # Another client's job holds the engine for ~8 steps of 0.4 s.
+        with BackendClient(ClientConfig(address=endpoint, client_id="f" * 32)) as other:
+            other.connect()
+            other.submit(GenerateRequest(prompt="first", frames=2, width=64, height=64, steps=8))
+            args = ["generate", "--address", endpoint, "--frames", "2", "--width", "64", "--height", "64",
+                    "--steps", "1"]  # fmt: skip
+            assert main([*args, "--prompt", "second", "--out", str(tmp_path / "a")]) == 0
+            lines = capsys.readouterr().err.splitlines()
+            queued = [line for line in lines if ": queued, place 1 in line" in line]
+            assert len(queued) == 1 and re.fullmatch(r"job [0-9a-f]{32}: queued, place 1 in line", queued[0]), lines
+            running = [line for line in lines if line.endswith(": running")]
+            assert len(running) <= 1 and lines.index(queued[0]) < (lines.index(running[0]) if running else len(lines))
+
+            other.submit(GenerateRequest(prompt="third", frames=2, width=64, height=64, steps=8))
+            with BackendClient(ClientConfig(address=endpoint)) as mine:  # the CLI's own client id
+                mine.connect()
+                job_id = mine.submit(GenerateRequest(prompt="fourth", frames=2, width=64, height=64, steps=1)).job_id
+            assert main(["generate", "--address", endpoint, "--resume", job_id, "--out", str(tmp_path / "b")]) == 0
+            assert f"job {job_id}: queued, place 1 in line" in capsys.readouterr().err
+    finally:
+        server.stop()
 
 
 def test_generate_list_models(backend: str, capsys: pytest.CaptureFixture[str]) -> None:
