@@ -93,6 +93,7 @@ def largest_frame_message(limits: Limits) -> int:
 POSITIVE_LIMITS = (
     "max_frames", "max_width", "max_height", "max_pixel_frames", "max_steps", "max_prompt_chars",
     "max_queue", "max_jobs_per_client", "job_timeout_s",
+    "max_frames_per_message",  # (0 made the frame splitter loop for ever; no flag sets it)
 )  # fmt: skip
 
 

@@ -115,3 +115,11 @@ def test_frames_messages_stay_within_the_queue_byte_bound(
         assert chunk.content.count == 1 or sum(len(b) for b in chunk.buffers) <= 40_000
     assert len(result.frames) == 8
     assert client.fetch(result.job_id).frames == result.frames
+
+
+def test_limits_without_room_for_a_frame_per_message_are_refused() -> None:
+    """max_frames_per_message 0 would split a clip's frames into messages of none, for ever."""
+    from animatediff_blender.backend.server.config import ConfigError, check_limits
+
+    with pytest.raises(ConfigError, match="max-frames-per-message must be > 0"):
+        check_limits(Limits(max_frames_per_message=0))
