@@ -539,7 +539,9 @@ class AnimateDiffEngine:
         self._free_noise_blocks: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self.warm_up_s: float | None = None  # how long the last warm_up took (load + compile)
 
-        self._registry_lock = threading.RLock()
+        # Thread-safe on its own, and no lock of ours is held around it: a rescan hashing a new
+        # multi-GB file (a client's list-models, or a job using a replaced model) must not
+        # stall hello, list-models and resolve on the server's loop past the clients' timeout.
         self._registry = ModelRegistry(self.models_dir)
         self._registry.scan()
 
@@ -608,25 +610,20 @@ class AnimateDiffEngine:
     # ------------------------------------------------------------------ registry
 
     def list_models(self, rescan: bool = False) -> list[ModelInfo]:
-        with self._registry_lock:
-            if rescan:
-                self._registry.scan()
-            return list(self._registry.infos())
+        if rescan:
+            return list(self._registry.scan())  # other callers get the last scan meanwhile
+        return list(self._registry.infos())
 
     def default_models(self) -> dict[str, str]:
-        with self._registry_lock:
-            return dict(self._registry.default_ids())
+        return dict(self._registry.default_ids())
 
     def _entry(self, model_id: str, field: str) -> Any:
         kind = _FIELD_KINDS[field]
-        with self._registry_lock:
-            try:
-                entry = self._registry.get(model_id)
-            except (KeyError, LookupError, ValueError) as exc:
-                reason = getattr(exc, "reason", "") or "not in the server's models folder"
-                raise EngineError(
-                    "unknown_model", f"{field}: no {kind} model {model_id!r}: {reason}"
-                ) from None
+        try:
+            entry = self._registry.get(model_id)
+        except (KeyError, LookupError, ValueError) as exc:
+            reason = getattr(exc, "reason", "") or "not in the server's models folder"
+            raise EngineError("unknown_model", f"{field}: no {kind} model {model_id!r}: {reason}") from None
         if entry.kind != kind:
             raise EngineError(
                 "unknown_model",
@@ -649,15 +646,14 @@ class AnimateDiffEngine:
         changed on disk since the last scan (replaced under the same name), rescan first --
         re-hashing only what changed -- so that the entry's sha256 is the content there now.
         Unchanged files cost a stat each: no job reads or hashes a file it already loaded."""
-        with self._registry_lock:
-            try:
-                entry = self._registry.get(model_id)
-            except (LookupError, ValueError):
-                pass  # _entry says why
-            else:
-                if not self._registry.is_current(entry):
-                    self._registry.scan()
-            return self._entry(model_id, field)
+        try:
+            entry = self._registry.get(model_id)
+        except (LookupError, ValueError):
+            pass  # _entry says why
+        else:
+            if not self._registry.is_current(entry):
+                self._registry.scan()
+        return self._entry(model_id, field)
 
     def _replaced_on_disk(self, s: GenerateRequest) -> bool:
         """Whether the loaded base model or motion module that job `s` uses changed on disk

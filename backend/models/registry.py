@@ -388,13 +388,17 @@ def _cached_result(cached: Any, sig: list[list[Any]]) -> tuple[_Detected, str] |
 
 
 class ModelRegistry:
-    """Scans a models directory; thread-safe (`get` may run while another thread rescans)."""
+    """Scans a models directory; thread-safe.  Readers (`get`, `entries`) never wait for a
+    scan: they see the last complete scan's entries until a rescan swaps in its own."""
 
     def __init__(self, models_dir: Path) -> None:
         self.models_dir = Path(models_dir)
         self._entries: dict[str, RegistryEntry] = {}
         self._scanned = False
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held only to read or swap `_entries`
+        # One scan at a time: two would race on the cache file, and an older one finishing
+        # last would put back entries from before a newer one.
+        self._scan_lock = threading.Lock()
 
     # -- cache
     def _cache_path(self) -> Path:
@@ -547,21 +551,24 @@ class ModelRegistry:
         )
 
     def scan(self) -> list[ModelInfo]:
-        """Re-read the models directory (cached hashes for unchanged files)."""
-        cache = self._load_cache()
-        new_cache: dict[str, Any] = {}
-        entries: dict[str, RegistryEntry] = {}
-        for kind, path in self._candidates():
-            entry = self._entry(kind, path, cache, new_cache)
-            if entry.id in entries:  # same name at top level and in a kind folder
-                entry.ok, entry.error = False, f"duplicate id {entry.id} (also {entries[entry.id].path})"
-                entry.id = f"{entry.id}#top"
-            entries[entry.id] = entry
-        if new_cache != cache and self.models_dir.is_dir():
-            self._save_cache(new_cache)
-        with self._lock:
-            self._entries = entries
-            self._scanned = True
+        """Re-read the models directory (cached hashes for unchanged files).  Hashing a new
+        multi-GB file takes seconds to minutes: it happens without `_lock`, into new dicts
+        swapped in at the end, so readers get the previous entries meanwhile."""
+        with self._scan_lock:
+            cache = self._load_cache()
+            new_cache: dict[str, Any] = {}
+            entries: dict[str, RegistryEntry] = {}
+            for kind, path in self._candidates():
+                entry = self._entry(kind, path, cache, new_cache)
+                if entry.id in entries:  # same name at top level and in a kind folder
+                    entry.ok, entry.error = False, f"duplicate id {entry.id} (also {entries[entry.id].path})"
+                    entry.id = f"{entry.id}#top"
+                entries[entry.id] = entry
+            if new_cache != cache and self.models_dir.is_dir():
+                self._save_cache(new_cache)
+            with self._lock:
+                self._entries = entries
+                self._scanned = True
         return [e.to_info() for e in entries.values()]
 
     def entries(self) -> list[RegistryEntry]:

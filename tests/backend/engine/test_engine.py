@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
@@ -539,6 +541,57 @@ def test_a_replaced_model_that_is_broken_now_is_a_model_error(own_models: Path) 
     assert info.value.code == "model_error" and LORA_ZOOM in info.value.message
     _replace_file(path, lambda dest: dest.write_bytes(data))
     assert max_abs_diff(eng.generate(job, no_progress, never).frames, good) == 0
+
+
+
+@pytest.mark.parametrize("trigger", ["list_models", "job"])
+def test_the_servers_calls_never_wait_for_a_rescan(
+    zoo: Path, own_models: Path, monkeypatch: pytest.MonkeyPatch, trigger: str
+) -> None:
+    """hello, list-models and submit (resolve) run on the server's network loop: while a
+    rescan hashes a checkpoint dropped in or replaced (held here: GBs on a network disk take
+    longer than the clients' timeout), asked by a client or by a job using a replaced model,
+    they answer at once from the previous scan; the new contents come when it completes."""
+    from animatediff_blender.backend.models import registry as registry_mod
+
+    eng = AnimateDiffEngine(own_models, device="cpu")
+    before, defaults = eng.list_models(), eng.default_models()
+    tilt = "lora:v2_lora_TiltUp.ckpt"
+    shutil.copy2(zoo / "lora/v2_lora_TiltUp.ckpt", own_models / "lora/v2_lora_TiltUp.ckpt")
+    _replace_file(own_models / "lora/v2_lora_ZoomIn.ckpt", lambda dest: shutil.copyfile(zoo / "lora/v2_lora_PanLeft.ckpt", dest))
+    hashing, release = threading.Event(), threading.Event()
+    real = registry_mod.content_sha256
+
+    def slow_first_hash(path: Path) -> str:
+        if not hashing.is_set():
+            hashing.set()
+            release.wait(30)
+        return real(path)
+
+    def loop_calls() -> tuple[Any, ...]:
+        try:
+            eng.resolve(request(motion_module=MM, motion_loras=[MotionLora(id=tilt)]))
+            refused = ""
+        except EngineError as exc:
+            refused = exc.code
+        zoom = eng.resolve(request(motion_module=MM, motion_loras=[MotionLora(id=LORA_ZOOM)]))
+        return eng.list_models(), eng.default_models(), zoom.motion_loras[0].id, refused
+
+    monkeypatch.setattr(registry_mod, "content_sha256", slow_first_hash)
+    with ThreadPoolExecutor(2) as pool:
+        if trigger == "list_models":
+            rescan = pool.submit(eng.list_models, rescan=True)
+        else:  # the worker, about to load the replaced LoRA
+            rescan = pool.submit(eng._current_entry, LORA_ZOOM, "motion_loras")
+        assert hashing.wait(30)
+        try:
+            assert pool.submit(loop_calls).result(timeout=1) == (before, defaults, LORA_ZOOM, "unknown_model")
+        finally:
+            release.set()
+        rescan.result(timeout=30)
+    old, new = ({m.id: m.sha256 for m in infos} for infos in (before, eng.list_models()))
+    assert tilt in new and tilt not in old
+    assert new[LORA_ZOOM] != old[LORA_ZOOM]
 
 
 # --------------------------------------------------------------------------- errors

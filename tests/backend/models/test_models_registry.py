@@ -7,6 +7,8 @@ import os
 import re
 import shutil
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import msgspec
@@ -451,3 +453,46 @@ def test_cache_of_an_older_signature_format_counts_as_changed(  # type: ignore[n
     cache_file.write_text(json.dumps(data))
     assert {i.id: (i.sha256, i.ok) for i in ModelRegistry(models).scan()} == first
     assert hashed == [models / "base/tiny-sd15"]
+
+
+def test_readers_get_the_last_scan_and_rescans_run_one_at_a_time(  # type: ignore[no-untyped-def]
+    models_copy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a rescan hashes a new file (held here: a multi-GB checkpoint on a slow disk),
+    readers get the previous scan's entries at once.  A second rescan asked meanwhile waits
+    for the first: run side by side, the older one, finishing last, would swap in entries
+    without the file added since it listed the folder, and both would write the cache."""
+    models = models_copy("motion/mm_sd_v15_v2.safetensors", "lora/v2_lora_ZoomIn.ckpt")
+    reg = ModelRegistry(models)
+    before = reg.scan()
+    models_copy("lora/v2_lora_PanLeft.ckpt")
+    hashing, release = threading.Event(), threading.Event()
+    real = registry_mod.content_sha256
+
+    def slow_first_hash(path: Path) -> str:
+        if not hashing.is_set():
+            hashing.set()
+            release.wait(30)
+        return real(path)
+
+    monkeypatch.setattr(registry_mod, "content_sha256", slow_first_hash)
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(reg.scan)
+        assert hashing.wait(30)
+        try:
+            assert pool.submit(reg.infos).result(timeout=1) == before
+            assert pool.submit(reg.get, "lora:v2_lora_ZoomIn.ckpt").result(timeout=1).ok
+            with pytest.raises(UnknownModel):
+                reg.get("lora:v2_lora_PanLeft.ckpt")  # not listed before the scan completes
+            models_copy("lora/v2_lora_TiltUp.ckpt")  # dropped in after the first listed the folder
+            second = pool.submit(reg.scan)
+            wait([second], timeout=0.5)  # side by side, it would finish now
+        finally:
+            release.set()
+        assert "lora:v2_lora_TiltUp.ckpt" not in {i.id for i in first.result(timeout=30)}
+        latest = second.result(timeout=30)
+    ids = {i.id for i in reg.infos()}
+    assert ids == {i.id for i in latest}
+    assert {"lora:v2_lora_PanLeft.ckpt", "lora:v2_lora_TiltUp.ckpt"} <= ids
+    cached = json.loads((models / registry_mod.CACHE_FILE).read_text())["entries"]
+    assert {"lora/v2_lora_PanLeft.ckpt", "lora/v2_lora_TiltUp.ckpt"} <= set(cached)

@@ -5,8 +5,11 @@ torch computes."""
 from __future__ import annotations
 
 import io
+import shutil
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +60,53 @@ def test_round_trip_with_the_real_engine(
     with pytest.raises(Exception) as info:
         client.submit(messages.GenerateRequest(prompt="x", width=64, height=64, base_model="base:nope"))
     assert getattr(info.value, "code", "") == "unknown_model"
+
+
+def test_clients_are_answered_while_a_rescan_hashes_a_new_checkpoint(
+    tiny_zoo: Path,
+    tmp_path: Path,
+    make_server: Callable[..., Server],
+    make_client: Callable[..., BackendClient],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A studio drops a multi-GB checkpoint into the models folder and an artist asks for a
+    rescan: hashing it (held here) may take longer than the clients' timeout, and meanwhile
+    every other artist's hello, ping, list-models and submit are answered at once."""
+    from animatediff_blender.backend.engine.animatediff import AnimateDiffEngine
+    from animatediff_blender.backend.models import registry as registry_mod
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_zoo / "base/tiny-sd15", models / "base/tiny-sd15")
+    (models / "motion").mkdir()
+    shutil.copy2(tiny_zoo / "motion/mm_sd_v15_v2.safetensors", models / "motion")
+    server = make_server(engine=AnimateDiffEngine(models, "cpu", "fp32"))
+    shutil.copy2(tiny_zoo / "motion/v3_sd15_mm.ckpt", models / "motion")
+    hashing, release = threading.Event(), threading.Event()
+    real = registry_mod.content_sha256
+
+    def slow_hash(path: Path) -> str:
+        hashing.set()
+        release.wait(30)
+        return real(path)
+
+    monkeypatch.setattr(registry_mod, "content_sha256", slow_hash)
+    other = make_client(server, "artist-b", timeout_s=2)
+    with ThreadPoolExecutor(1) as pool:
+        rescan = pool.submit(make_client(server, "artist-a", timeout_s=60).list_models, True)
+        assert hashing.wait(30)
+        try:
+            t = time.perf_counter()
+            welcome = other.connect()
+            other.ping()
+            assert other.list_models() == welcome.models
+            with pytest.raises(Exception) as info:
+                other.submit(
+                    messages.GenerateRequest(prompt="x", width=64, height=64, motion_module="motion:v3_sd15_mm.ckpt")
+                )
+            took = time.perf_counter() - t
+        finally:
+            release.set()
+        assert "motion:v3_sd15_mm.ckpt" in {m.id for m in rescan.result(timeout=60)}
+    assert getattr(info.value, "code", "") == "unknown_model"  # not listed until the rescan completes
+    assert "motion:v3_sd15_mm.ckpt" not in {m.id for m in welcome.models}
+    assert took < 1.0  # loose: other test processes share the machine's cores
