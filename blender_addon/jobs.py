@@ -212,6 +212,11 @@ def apply(msg: Any) -> None:
         STATE.test_running = False
         STATE.test_message = ("OK: " if msg.ok else "Failed: ") + msg.message
         return
+    if isinstance(msg, m.SubmitNote):
+        _scene, job = find_job(msg.local_id, by="local_id")
+        if job is not None and job.state == "submitting":
+            job.message = msg.message
+        return
     if isinstance(msg, (m.JobAccepted, m.JobRejected)):
         _scene, job = find_or_restore_job(msg.local_id, by="local_id")
         if job is None:

@@ -22,6 +22,9 @@ class SubmitJob:
     camera_motions: dict[str, float]  # "ZoomIn" -> weight, resolved to ids by the worker
     out_root: str  # absolute folder the frames go under
     client_tag: str = ""
+    # Sent before without an answer (a timeout): the backend may have made the job, so the
+    # worker sends it again, with `local_id` as its submit id, until the backend answers.
+    resend: bool = False
 
 
 @dataclass
@@ -81,6 +84,14 @@ class JobAccepted:
 
 @dataclass
 class JobRejected:
+    local_id: str
+    message: str
+
+
+@dataclass
+class SubmitNote:
+    """A submit that is still owed an answer (sent again once the backend is back)."""
+
     local_id: str
     message: str
 

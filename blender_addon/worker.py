@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import re
 import tempfile
 import threading
 import time
@@ -25,6 +26,10 @@ RECONNECT_MIN_S = 1.0
 RECONNECT_MAX_S = 15.0
 # ClientError codes that mean "the connection is bad", not "the request was refused".
 CONNECTION_CODES = {"", "timeout", "connection", "protocol", "bad_signature", "corrupt", "version", "auth"}
+# Of those, the ones after which a submit may have reached the backend without its answer
+# coming back: it is sent again (same submit id), not reported refused.
+RESEND_CODES = {"timeout", "connection"}
+SUBMIT_ID = re.compile(r"^[0-9a-f]{32}$")  # a job row's local_id (uuid4 hex) is its submit id
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
@@ -256,8 +261,11 @@ class Worker(threading.Thread):
             for job_id in self.jobs:
                 self.outbox.put(m.JobNote(job_id, f"backend unreachable ({reason}); retrying"))  # still owed
             for sub in self.waiting:
-                self.outbox.put(m.JobRejected(sub.local_id, f"cannot connect to the backend: {reason}"))
-            self.waiting.clear()
+                if sub.resend:  # may exist on the backend: owed until it answers
+                    self.outbox.put(m.SubmitNote(sub.local_id, f"backend unreachable ({reason}); retrying"))
+                else:
+                    self.outbox.put(m.JobRejected(sub.local_id, f"cannot connect to the backend: {reason}"))
+            self.waiting = [sub for sub in self.waiting if sub.resend]
             # Retry (with back-off) only while jobs or cancels are owed; otherwise wait for the
             # next request (Refresh, Generate).
             self.want_connection = False
@@ -275,7 +283,10 @@ class Worker(threading.Thread):
             self._guard(lambda j=job_id: self.client.cancel(j))
         self.waiting_cancels = set()
         waiting, self.waiting = self.waiting, []
-        for sub in waiting:
+        for i, sub in enumerate(waiting):
+            if self.client is None:  # lost again meanwhile: the rest waits for the next connection
+                self.waiting.extend(waiting[i:])
+                break
             self._submit(sub)
 
     def _drop_client(self) -> None:
@@ -340,10 +351,21 @@ class Worker(threading.Thread):
         except ValueError as exc:
             self.outbox.put(m.JobRejected(sub.local_id, str(exc)))
             return
+        submit_id = sub.local_id if SUBMIT_ID.match(sub.local_id) else None
         try:
-            accepted = self.client.submit(req, client_tag=sub.client_tag)
+            accepted = self.client.submit(req, client_tag=sub.client_tag, submit_id=submit_id)
         except ClientError as exc:
             code = getattr(exc, "code", "")
+            if code in RESEND_CODES and submit_id is not None:
+                # No answer: the backend may have made the job all the same.  Sent again, the
+                # same request with the same submit id, once connected: the backend then
+                # answers with that job instead of making a second one.
+                self.waiting.append(dataclasses.replace(
+                    sub, request=_to_builtins(req), camera_motions={}, resend=True))
+                self.outbox.put(m.SubmitNote(
+                    sub.local_id, f"no answer from the backend ({error_text(exc)}); asking again"))
+                self._lost(exc)
+                return
             self.outbox.put(m.JobRejected(sub.local_id, f"refused by the backend: {error_text(exc)}"))
             if code in CONNECTION_CODES:
                 self._lost(exc)

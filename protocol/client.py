@@ -16,6 +16,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -359,9 +360,15 @@ class BackendClient:
         self._ensure_connected()
         return self._call(ListModels(rescan=rescan), Models).models
 
-    def submit(self, request: GenerateRequest, client_tag: str = "") -> Accepted:
+    def submit(self, request: GenerateRequest, client_tag: str = "", submit_id: str | None = None) -> Accepted:
+        """Queue a job.  `submit_id` (32 lowercase hex; None: a fresh one) makes the submit
+        idempotent: sent again with the same id after its Accepted was lost (a timeout), it
+        gets the job the first one made, not a second job (a server older than submit ids
+        ignores it and makes a second job)."""
         self._ensure_connected()
-        return self._call(Submit(request=request, client_tag=client_tag), Accepted)
+        submit = Submit(request=request, client_tag=client_tag,
+                        submit_id=uuid.uuid4().hex if submit_id is None else submit_id)  # fmt: skip
+        return self._call(submit, Accepted)
 
     def cancel(self, job_id: str) -> CancelReply:
         self._ensure_connected()
@@ -430,9 +437,19 @@ class BackendClient:
         arrived before it; `received`, when given, is filled with them as they arrive (checked):
         what a caller keeps when it is interrupted (KeyboardInterrupt carries no frames).
         `on_status` hears the job's state and place in the queue: once accepted, then each
-        time the client checks on a quiet job (a queued one sends no events)."""
+        time the client checks on a quiet job (a queued one sends no events).
+
+        A submit that gets no answer is sent again (reconnecting with back-off, as for a lost
+        backend) with the same submit id: if the first one did reach the backend, its job is
+        the one collected, never a second job."""
         self._ensure_connected()
-        accepted = self.submit(request, client_tag=client_tag)
+        submit_id = uuid.uuid4().hex
+        accepted = self._guarded(
+            lambda: self.submit(request, client_tag=client_tag, submit_id=submit_id),
+            "",
+            cancel,
+            deadline=None if timeout_s is None else time.monotonic() + timeout_s,
+        )
         if on_status is not None:
             position = accepted.queue_position  # 0: running, else its place in line (1: next)
             on_status(JobStatus(job_id=accepted.job_id, state="running" if position == 0 else "queued",
@@ -564,8 +581,13 @@ class BackendClient:
         """Run a request; if the backend does not answer, reconnect with back-off and retry
         until it does or `reconnect_give_up_s` passes (or the job's `deadline`, a monotonic
         time: run_job's `timeout_s` holds while the backend is gone too).  Once `cancel` is
-        set, a backend that does not answer ends the wait at once: the user asked to stop."""
+        set, a backend that does not answer ends the wait at once: the user asked to stop.
+        `job_id` "": the request is the job's submit (its id not known yet)."""
         give_up = time.monotonic() + self.config.reconnect_give_up_s
+        if job_id:
+            job, later = f"job {job_id}", "(cancel or fetch it later by its id)"
+        else:  # a submit that may have reached the backend without its answer coming back
+            job, later = "the job", "(its id did not reach this client)"
         delay = 0.5
         while True:
             try:
@@ -579,22 +601,22 @@ class BackendClient:
                 if cancel is not None and cancel.is_set():
                     raise ClientError(
                         "cancelled",
-                        f"cancelled job {job_id}, but the backend at {self.config.address} did not answer; "
-                        "the job may still run there (cancel or fetch it later by its id)",
+                        f"cancelled {job}, but the backend at {self.config.address} did not answer; "
+                        f"the job may still run there {later}",
                     ) from None
                 if deadline is not None and time.monotonic() + delay > deadline:
                     raise ClientError(
                         "timeout",
-                        f"job {job_id} ran out of time while the backend at {self.config.address} did not "
-                        "answer; it may still run there (cancel or fetch it later by its id)",
+                        f"{job} ran out of time while the backend at {self.config.address} did not "
+                        f"answer; it may still run there {later}",
                     ) from None
                 log.warning("backend not answering (%s); reconnecting", exc.message)
                 if time.monotonic() + delay > give_up:
                     raise ClientError(
                         "connection",
                         f"lost the backend at {self.config.address} for over "
-                        f"{self.config.reconnect_give_up_s:g} s; job {job_id} may still finish there: "
-                        "fetch it later by its id",
+                        f"{self.config.reconnect_give_up_s:g} s; {job} may still finish there"
+                        + (": fetch it later by its id" if job_id else f" {later}"),
                     ) from None
                 if cancel is not None:
                     cancel.wait(delay)  # a cancel during the back-off ends it

@@ -21,7 +21,10 @@ import msgspec
 # folder name inside the server's models directory (no separators, no leading dot).
 MODEL_ID_PATTERN = r"^[a-z_]{1,16}:[A-Za-z0-9][A-Za-z0-9._+-]{0,159}$"
 ModelId = Annotated[str, msgspec.Meta(pattern=MODEL_ID_PATTERN, max_length=180)]
-JobId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]
+_HEX32 = r"[0-9a-f]{32}"  # a uuid4 hex
+JobId = Annotated[str, msgspec.Meta(pattern=f"^{_HEX32}$")]
+# A client-made idempotency key, shaped like a job id; "" for none.
+SubmitId = Annotated[str, msgspec.Meta(pattern=f"^(?:{_HEX32})?$")]
 ClientId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:@-]{1,64}$")]
 Prompt = Annotated[str, msgspec.Meta(max_length=4000)]
 
@@ -137,15 +140,23 @@ class GenerateRequest(Base):
 
 
 class Submit(Base):
-    """client -> server.  Reply: `Accepted`, or `Error` (code "busy" when the queue is full)."""
+    """client -> server.  Reply: `Accepted`, or `Error` (code "busy" when the queue is full).
+
+    `submit_id` makes the submit idempotent: a submit whose `Accepted` was lost (timeout,
+    reconnect) is sent again with the same id, and the server answers with the job the
+    first one made (`Accepted` with its id, this connection now watching it) instead of
+    making a second one; no queue limits apply to such a repeat.  The key is per client
+    id and lives as long as its job is stored.  "" (what older clients send): every
+    submit is a new job."""
 
     request: GenerateRequest
     client_tag: Annotated[str, msgspec.Meta(max_length=2000)] = ""  # opaque, echoed back in status
+    submit_id: SubmitId = ""
 
 
 class Accepted(Base):
     job_id: str
-    queue_position: int  # 0: running now
+    queue_position: int  # 0: running now (or, for a repeated submit_id, already over: watch it)
 
 
 class Cancel(Base):

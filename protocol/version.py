@@ -6,7 +6,8 @@ different MINOR is accepted and unknown fields are ignored (fields were only add
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = "1.0"
+# 1.1: `Submit.submit_id` (idempotent submits); a 1.0 server ignores it.
+PROTOCOL_VERSION = "1.1"
 
 
 def parse_version(version: str) -> tuple[int, int]:

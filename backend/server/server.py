@@ -620,6 +620,11 @@ class Server:
 
     def _on_submit(self, identity: bytes, msg: Message, submit: messages.Submit) -> None:
         client_id = self._client_id(msg)
+        if submit.submit_id:
+            existing = self.store.find_submit(client_id, submit.submit_id)
+            if existing is not None:
+                self._repeat_submit(identity, msg, existing)
+                return
         errors = check_request(submit.request, self.limits)
         if errors:
             self._reply_limit(identity, msg, errors)
@@ -658,6 +663,7 @@ class Server:
                     client_tag=submit.client_tag,
                     created_at=job.created_at,
                     total_steps=job.total_steps,
+                    submit_id=submit.submit_id or None,
                 )
             )
         except Exception:
@@ -675,7 +681,24 @@ class Server:
             frames=settings.frames,
             size=f"{settings.width}x{settings.height}",
             steps=settings.steps,
+            **({"submit_id": submit.submit_id} if submit.submit_id else {}),
         )
+
+    def _repeat_submit(self, identity: bytes, msg: Message, job_id: str) -> None:
+        """A submit this client made before (its Accepted was lost): the same job, nothing new,
+        and no limits apply (it is not a new job).  This connection watches it from now on."""
+        job = self.live.get(job_id)
+        if job is not None:
+            job.watchers.add(identity)
+            # (-1, neither queued nor running: ending now; like a job already over, 0)
+            position = 0 if job.state == "running" else max(0, self.queue.position(job_id))
+        else:
+            position = 0  # already over: the client learns how by watching it
+        self._reply(identity, msg, messages.Accepted(job_id=job_id, queue_position=position))
+        joblog.info(
+            "job=%s client=%s event=submit_repeated state=%s",
+            job_id, self._client_id(msg), job.state if job is not None else "ended",
+        )  # fmt: skip
 
     def _reply_limit(self, identity: bytes, msg: Message, errors: list[messages.FieldError]) -> None:
         text = "; ".join(f"{e.field} {e.message}" for e in errors)

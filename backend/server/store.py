@@ -17,6 +17,14 @@ interrupted) older than `max_age_s` are deleted, rows and frames; then, while th
 frame files together exceed `max_bytes`, the oldest finished jobs are deleted.
 The server runs it at start and periodically.
 
+Idempotent submits: a job keeps the `submit_id` its client gave it (NULL for none), unique
+per client id; `find_submit` maps (client id, submit id) back to the job.  The key lives
+and dies with its row.
+
+Schema changes are applied in place when a database of an earlier version is opened
+(`_migrate`: columns added, never removed), so that an upgrade keeps the job list;
+an older server ignores the columns it does not know.
+
 Thread safety: the network loop and the GPU worker both use the store; one lock
 serialises the (short) SQLite calls.  File writes happen outside the lock.
 """
@@ -56,10 +64,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     seed        INTEGER NOT NULL DEFAULT 0,
     elapsed_s   REAL NOT NULL DEFAULT 0,
     total_steps INTEGER NOT NULL DEFAULT 0,
-    bytes       INTEGER NOT NULL DEFAULT 0
+    bytes       INTEGER NOT NULL DEFAULT 0,
+    submit_id   TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state_finished ON jobs (state, finished_at);
 """
+# Columns added after the first version: (name, definition), added to older databases on open.
+_ADDED_COLUMNS = (("submit_id", "TEXT"),)
+# Indexes on added columns: created once the columns exist.  NULLs (no submit id) never clash.
+_ADDED_INDEXES = "CREATE UNIQUE INDEX IF NOT EXISTS jobs_client_submit ON jobs (client_id, submit_id);"
 
 
 @dataclass
@@ -82,6 +95,7 @@ class JobRecord:
     elapsed_s: float = 0.0
     total_steps: int = 0
     bytes: int = 0
+    submit_id: str | None = None  # the client's idempotency key, None without one
 
 
 _COLUMNS = [f.name for f in fields(JobRecord)]
@@ -104,12 +118,21 @@ class JobStore:
             # FULL: a commit survives power loss too; there are only a few commits per job.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
         except sqlite3.DatabaseError as exc:  # not a database, or a damaged one
             self._db.close()
             raise ConfigError(
                 f"cannot use the job database {path} ({exc}): move it aside to start with an empty job "
                 "list, or give --data-dir the backend's own data folder"
             ) from None
+
+    def _migrate(self) -> None:
+        """Bring a database of an earlier version up to this schema, in place."""
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, definition in _ADDED_COLUMNS:
+            if name not in present:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
+        self._db.executescript(_ADDED_INDEXES)
 
     def close(self) -> None:
         with self._lock:
@@ -138,6 +161,14 @@ class JobStore:
                 f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE job_id = ?", (job_id,)
             ).fetchone()
         return JobRecord(*row) if row else None
+
+    def find_submit(self, client_id: str, submit_id: str) -> str | None:
+        """The id of the job this client made with this submit id, if it is still stored."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT job_id FROM jobs WHERE client_id = ? AND submit_id = ?", (client_id, submit_id)
+            ).fetchone()
+        return str(row[0]) if row else None
 
     def count(self) -> int:
         with self._lock:

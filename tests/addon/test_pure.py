@@ -197,3 +197,85 @@ def test_move_take_to_the_saved_files_folder(tmp_path: Path) -> None:
     w._command(m.MoveTake(done, str(tmp_path / "elsewhere")))
     failed = outbox.get_nowait()
     assert failed.directory == str(folder) and failed.settled and "could not move it to" in failed.note
+
+
+class _SubmitClient(_FakeClient):
+    """A backend that takes submits: `answers` says what each submit gets in turn
+    (a ClientError code to raise, or "ok" for an Accepted)."""
+
+    def __init__(self, reachable: bool, calls: list[tuple[str, object]], answers: list[str]) -> None:
+        super().__init__(reachable, calls)
+        self.answers = answers
+
+    def submit(self, request, client_tag="", submit_id=None):
+        self.calls.append(("submit", submit_id))
+        answer = self.answers.pop(0)
+        if answer != "ok":
+            raise sys.modules["_adb_pkg.protocol.client"].ClientError(answer, f"{answer} from the backend")
+        return {"job_id": JOB, "queue_position": 2}
+
+
+def _drain(outbox) -> list:
+    msgs = []
+    while not outbox.empty():
+        msgs.append(outbox.get_nowait())
+    return msgs
+
+
+LOCAL = "fedcba9876543210fedcba9876543210"  # a job row's local_id (uuid4().hex)
+
+
+def test_a_submit_without_an_answer_is_resent_with_the_same_submit_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Accepted was lost (timeout): the job may exist on the backend.  It is not reported
+    refused; it is sent again, with the row's local id as submit id (the backend then
+    answers with the job it made), once the backend is back, even after failed reconnects."""
+    import queue
+
+    worker, m = _load_package()
+    calls: list[tuple[str, object]] = []
+    answers = ["timeout", "ok"]
+    reachable = {"now": True}
+    monkeypatch.setattr(worker, "make_client", lambda cfg: _SubmitClient(reachable["now"], calls, answers))
+    outbox: queue.Queue = queue.Queue()
+    w = worker.Worker(outbox, {"address": "tcp://gpu:5557"})
+    w._connect()
+    w._command(m.SubmitJob(LOCAL, {"prompt": "a cat"}, {}, str(tmp_path)))
+    msgs = _drain(outbox)
+    assert not any(isinstance(x, m.JobRejected) for x in msgs), msgs
+    assert w.client is None and [s.local_id for s in w.waiting] == [LOCAL]
+    assert w._needs_connection()
+    assert any(isinstance(x, m.SubmitNote) and x.local_id == LOCAL for x in msgs), msgs
+    # The backend is still away: the submit stays owed.  One that was never sent is refused
+    # as before (it cannot exist on the backend).
+    reachable["now"] = False
+    w._command(m.SubmitJob("0" * 32, {"prompt": "never sent"}, {}, str(tmp_path)))
+    w._connect()
+    msgs = _drain(outbox)
+    assert [x.local_id for x in msgs if isinstance(x, m.JobRejected)] == ["0" * 32], msgs
+    assert [s.local_id for s in w.waiting] == [LOCAL] and w._needs_connection()
+    reachable["now"] = True
+    w._connect()
+    msgs = _drain(outbox)
+    assert [(x.local_id, x.job_id, x.queue_position) for x in msgs if isinstance(x, m.JobAccepted)] == [
+        (LOCAL, JOB, 2)
+    ], msgs
+    assert [c for c in calls if c[0] == "submit"] == [("submit", LOCAL), ("submit", LOCAL)]
+    assert not w.waiting and JOB in w.jobs
+
+
+def test_a_refused_submit_is_still_reported_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import queue
+
+    worker, m = _load_package()
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setattr(worker, "make_client", lambda cfg: _SubmitClient(True, calls, ["busy"]))
+    outbox: queue.Queue = queue.Queue()
+    w = worker.Worker(outbox, {"address": "tcp://gpu:5557"})
+    w._connect()
+    w._command(m.SubmitJob(LOCAL, {"prompt": "a cat"}, {}, str(tmp_path)))
+    rejected = [x for x in _drain(outbox) if isinstance(x, m.JobRejected)]
+    assert [x.local_id for x in rejected] == [LOCAL] and "busy" in rejected[0].message
+    assert not w.waiting and w.client is not None  # the connection itself is fine
+    assert calls == [("submit", LOCAL)]
