@@ -98,10 +98,14 @@ def submit(scene: Any, **settings: Any) -> Job:
     client, welcome = connect(**conn)
     request = _request(plan, welcome)
     try:
-        accepted = client.submit(request, client_tag=scene.name[:200])
+        # retry: a submit whose answer was lost is sent again with the same submit id, so a
+        # network blip neither fails the shot nor leaves a second job running on the GPU.
+        accepted = client.submit(request, client_tag=scene.name[:200], retry=True)
     except Exception as exc:  # noqa: BLE001
         client.close()
-        raise AnimateDiffError(f"the backend refused the job: {exc}") from exc
+        code = getattr(exc, "code", "")
+        what = "no answer from the backend" if code in ("timeout", "connection") else "the backend refused the job"
+        raise AnimateDiffError(f"{what}: {exc}") from exc
     return Job(accepted.job_id, client, plan, st.output_root(scene), scene.name, request)
 
 

@@ -360,15 +360,31 @@ class BackendClient:
         self._ensure_connected()
         return self._call(ListModels(rescan=rescan), Models).models
 
-    def submit(self, request: GenerateRequest, client_tag: str = "", submit_id: str | None = None) -> Accepted:
+    def submit(
+        self,
+        request: GenerateRequest,
+        client_tag: str = "",
+        submit_id: str | None = None,
+        *,
+        retry: bool = False,
+        cancel: threading.Event | None = None,
+        deadline: float | None = None,
+    ) -> Accepted:
         """Queue a job.  `submit_id` (32 lowercase hex; None: a fresh one) makes the submit
         idempotent: sent again with the same id after its Accepted was lost (a timeout), it
         gets the job the first one made, not a second job (a server older than submit ids
-        ignores it and makes a second job)."""
-        self._ensure_connected()
+        ignores it and makes a second job).  `retry`: do that here -- reconnect with back-off
+        and send it again until the backend answers, `reconnect_give_up_s` passes or the
+        `deadline` (monotonic) -- instead of raising "timeout"/"connection" at once."""
         submit = Submit(request=request, client_tag=client_tag,
                         submit_id=uuid.uuid4().hex if submit_id is None else submit_id)  # fmt: skip
-        return self._call(submit, Accepted)
+
+        def send() -> Accepted:
+            self._ensure_connected()
+            return self._call(submit, Accepted)
+
+        # A resend is a new message (new header and message id): the wire's replay check passes it.
+        return self._guarded(send, "", cancel, deadline=deadline) if retry else send()
 
     def cancel(self, job_id: str) -> CancelReply:
         self._ensure_connected()
@@ -443,13 +459,8 @@ class BackendClient:
         backend) with the same submit id: if the first one did reach the backend, its job is
         the one collected, never a second job."""
         self._ensure_connected()
-        submit_id = uuid.uuid4().hex
-        accepted = self._guarded(
-            lambda: self.submit(request, client_tag=client_tag, submit_id=submit_id),
-            "",
-            cancel,
-            deadline=None if timeout_s is None else time.monotonic() + timeout_s,
-        )
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        accepted = self.submit(request, client_tag=client_tag, retry=True, cancel=cancel, deadline=deadline)
         if on_status is not None:
             position = accepted.queue_position  # 0: running, else its place in line (1: next)
             on_status(JobStatus(job_id=accepted.job_id, state="running" if position == 0 else "queued",

@@ -233,3 +233,20 @@ def test_run_job_still_reports_a_refusal_at_once(server: Server, make_client: Cl
     assert info.value.code == "unknown_model"
     assert time.monotonic() - t < 2
     assert server.store.count() == 0
+
+
+def test_submit_with_retry_gets_the_job_of_a_lost_accepted(
+    make_server: Callable[..., Server], make_client: ClientFactory
+) -> None:
+    """`submit(retry=True)` (the add-on's scripting API): one job, its id; without retry the
+    lost answer is a "timeout" (and the job runs all the same)."""
+    server = make_server(engine=FakeEngine())
+    dropped = _lose_first_accepted(server)
+    client = make_client(server, client_id="artist", timeout_s=1.0, reconnect_give_up_s=20)
+    accepted = client.submit(small_request(), retry=True)
+    assert dropped == [accepted.job_id] and server.store.count() == 1
+
+    dropped.clear()
+    with pytest.raises(ClientError) as info:
+        client.submit(small_request())
+    assert info.value.code == "timeout" and len(dropped) == 1 and server.store.count() == 2
