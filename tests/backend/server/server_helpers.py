@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import secrets
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import zmq
@@ -11,6 +12,10 @@ import zmq
 from animatediff_blender.protocol import messages
 from animatediff_blender.protocol.messages import GenerateRequest
 from animatediff_blender.protocol.wire import DELIMITER, Message, Session
+
+if TYPE_CHECKING:
+    from animatediff_blender.backend.server.server import Server
+    from animatediff_blender.protocol.client import BackendClient, Event
 
 KEY = secrets.token_hex(32).encode()
 
@@ -20,6 +25,26 @@ def small_request(prompt: str = "a cat", **kw: Any) -> GenerateRequest:
     fields: dict[str, Any] = {"width": 64, "height": 64, "frames": 4, "steps": 3, "seed": 1}
     fields.update(kw)
     return GenerateRequest(prompt=prompt, **fields)
+
+
+def wait_for(client: BackendClient, job_id: str, kinds: tuple[type, ...], timeout_s: float = 10) -> Event:
+    """The next event of `job_id` whose content is one of `kinds`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        event = client.poll(0.1)
+        if event is not None and event.job_id == job_id and isinstance(event.content, kinds):
+            return event
+    raise AssertionError(f"no {kinds} event for job {job_id} within {timeout_s} s")
+
+
+def wait_state(server: Server, job_id: str, state: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record = server.store.get(job_id)
+        if record is not None and record.state == state:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} did not reach {state}")
 
 
 class RawPeer:

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from server_helpers import small_request
+from server_helpers import small_request, wait_for, wait_state
 
 from animatediff_blender.backend.engine.fake import FakeEngine
 from animatediff_blender.backend.server.server import Server
 from animatediff_blender.backend.server.store import JobRecord, JobStore
 from animatediff_blender.protocol import messages
-from animatediff_blender.protocol.client import BackendClient, ClientError, Event
+from animatediff_blender.protocol.client import BackendClient, ClientError
 from animatediff_blender.protocol.messages import Limits
 
 pytestmark = pytest.mark.timeout(60)
@@ -28,23 +28,6 @@ SID = "5" * 32
 OTHER_SID = "6" * 32
 
 
-def wait_for(client: BackendClient, job_id: str, kinds: tuple[type, ...], timeout_s: float = 10) -> Event:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        event = client.poll(0.1)
-        if event is not None and event.job_id == job_id and isinstance(event.content, kinds):
-            return event
-    raise AssertionError(f"no {kinds} event for job {job_id} within {timeout_s} s")
-
-
-def wait_state(server: Server, job_id: str, state: str, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        record = server.store.get(job_id)
-        if record is not None and record.state == state:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"job {job_id} did not reach {state}")
 
 
 def test_a_repeated_submit_id_returns_the_same_job(

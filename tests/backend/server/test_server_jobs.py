@@ -9,14 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from server_helpers import small_request
+from server_helpers import small_request, wait_for
 
 from animatediff_blender.backend.engine.fake import FakeEngine
 from animatediff_blender.backend.server.config import ConfigError
 from animatediff_blender.backend.server.server import Server
 from animatediff_blender.backend.server.store import JobStore
 from animatediff_blender.protocol import messages
-from animatediff_blender.protocol.client import BackendClient, ClientError, Event
+from animatediff_blender.protocol.client import BackendClient, ClientError
 from animatediff_blender.protocol.messages import Limits
 
 pytestmark = pytest.mark.timeout(60)
@@ -24,24 +24,6 @@ pytestmark = pytest.mark.timeout(60)
 ClientFactory = Callable[..., BackendClient]
 
 
-def wait_for(client: BackendClient, job_id: str, kinds: tuple[type, ...], timeout_s: float = 10) -> Event:
-    """The next event of `job_id` whose content is one of `kinds`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        event = client.poll(0.1)
-        if event is not None and event.job_id == job_id and isinstance(event.content, kinds):
-            return event
-    raise AssertionError(f"no {kinds} event for job {job_id} within {timeout_s} s")
-
-
-def wait_state(server: Server, job_id: str, state: str, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        record = server.store.get(job_id)
-        if record is not None and record.state == state:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"job {job_id} did not reach {state}")
 
 
 @pytest.fixture
