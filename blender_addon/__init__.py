@@ -16,6 +16,7 @@ from . import operators, panels, preferences, properties, timer
 from .state import STATE
 
 _MODULES = (properties, preferences, operators, panels)
+UNREGISTER_JOIN_S = 0.05
 
 
 @persistent
@@ -24,6 +25,7 @@ def _on_load_post(*_args):
 
     jobs.forget_other_files()
     STATE.job_final.clear()  # a new undo history: rows of the opened file are resumed instead
+    STATE.job_orphans.clear()
     _resume()
 
 
@@ -100,7 +102,10 @@ def unregister():
         bpy.app.timers.unregister(_first_resume)
     timer.unregister()
     if STATE.worker is not None:
-        STATE.worker.stop()
+        # Told to stop, not waited for: a request in flight to a backend that does not answer
+        # would hold Blender for the whole join.  The thread ends after that request; what it
+        # still owed (a submit without an answer) is sent again by the next worker.
+        STATE.worker.stop(timeout=UNREGISTER_JOIN_S)
         STATE.worker = None
     operators.stop_backend()
     if STATE.previews is not None:

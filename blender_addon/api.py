@@ -15,6 +15,9 @@ context_length, context_stride, preview_every, channel, start_frame.  Connection
 address, key_file, server_public_key_file, client_secret_key_file, timeout_s (default:
 the add-on preferences).
 
+`api.check(scene, **settings)` validates the same keywords without a backend (the batch
+checks every shot with it before rendering any).
+
 These calls block the calling thread on the socket (with timeouts): in the UI use the
 panel's Generate operator instead, which never blocks Blender.
 """
@@ -63,6 +66,52 @@ def _split(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return conn, kwargs
 
 
+def check_connection(connection: dict[str, Any]) -> None:
+    """Connection overrides of the right types, or AnimateDiffError: a number as the address
+    (`address = 5557` in a shot list) used to hang the client for ever, a number as a key
+    file raised a TypeError."""
+    import os
+
+    for key, value in connection.items():
+        if value is None:
+            continue
+        if key == "address":
+            ok = isinstance(value, str) and bool(value.strip())
+            want = "a ZeroMQ address such as tcp://gpu-box:5557"
+        elif key == "timeout_s":
+            ok = _positive_number(value)
+            want = "a number of seconds above 0"
+        else:
+            ok = isinstance(value, str | os.PathLike)
+            want = "a file path"
+        if not ok:
+            raise AnimateDiffError(f"{key} must be {want}, not {value!r}")
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def _check_timeout(timeout: Any) -> None:
+    if timeout is not None and not _positive_number(timeout):
+        raise AnimateDiffError(f"timeout must be a number of seconds above 0 (or None), not {timeout!r}")
+
+
+def check(scene: Any, **settings: Any) -> st.Plan:
+    """The job `submit` would send, checked as far as possible without the backend (keywords,
+    types, the protocol's ranges, connection overrides); AnimateDiffError says what is wrong."""
+    from .worker import check_request
+
+    conn, rest = _split(dict(settings))
+    check_connection(conn)
+    try:
+        job_plan = st.plan_from_scene(scene, **rest)
+        check_request(job_plan.request, job_plan.camera_motions)
+    except ValueError as exc:
+        raise AnimateDiffError(str(exc)) from exc
+    return job_plan
+
+
 def connect(**connection: Any) -> tuple[Any, Any]:
     """A connected BackendClient and its Welcome (raises AnimateDiffError)."""
     from .jobs import client_config
@@ -90,13 +139,14 @@ def _request(plan: st.Plan, welcome: Any) -> Any:
 
 def submit(scene: Any, **settings: Any) -> Job:
     """Send one job; returns a handle for `wait`.  Placement is fixed now."""
-    conn, rest = _split(dict(settings))
-    try:
-        plan = st.plan_from_scene(scene, **rest)
-    except ValueError as exc:
-        raise AnimateDiffError(str(exc)) from exc
+    job_plan = check(scene, **settings)  # a bad setting is told before any connection
+    conn, _rest = _split(dict(settings))
     client, welcome = connect(**conn)
-    request = _request(plan, welcome)
+    try:
+        request = _request(job_plan, welcome)
+    except AnimateDiffError:
+        client.close()
+        raise
     try:
         # retry: a submit whose answer was lost is sent again with the same submit id, so a
         # network blip neither fails the shot nor leaves a second job running on the GPU.
@@ -106,7 +156,7 @@ def submit(scene: Any, **settings: Any) -> Job:
         code = getattr(exc, "code", "")
         what = "no answer from the backend" if code in ("timeout", "connection") else "the backend refused the job"
         raise AnimateDiffError(f"{what}: {exc}") from exc
-    return Job(accepted.job_id, client, plan, st.output_root(scene), scene.name, request)
+    return Job(accepted.job_id, client, job_plan, st.output_root(scene), scene.name, request)
 
 
 def _progress_printer(prefix: str) -> Callable[[Any], None]:
@@ -130,6 +180,7 @@ def wait(job: Job, timeout: float | None = None, on_event: Callable[[Any], None]
     """Block until the job's frames are on disk (written atomically).  Closes the connection."""
     from .protocol.client import ClientError
 
+    _check_timeout(timeout)  # before the try: the job's connection stays open for another wait
     on_event = on_event or _progress_printer(f"[{files.short_id(job.job_id)}] ")
     deadline = None if timeout is None else time.monotonic() + timeout
     client = job.client
@@ -210,6 +261,7 @@ def insert(scene: Any, result: Result) -> Any:
 def generate(scene: Any, timeout: float | None = None, on_event: Callable[[Any], None] | None = None,
              **settings: Any) -> Any:
     """Submit, wait, insert: returns the new strip.  Raises AnimateDiffError on failure."""
+    _check_timeout(timeout)  # not after the job is on the GPU
     job = submit(scene, **settings)
     print(f"AnimateDiff: job {job.job_id} submitted ({job.plan.request.get('frames')} frames, "
           f"channel {job.plan.channel}, frame {job.plan.start_frame})", flush=True)

@@ -22,8 +22,9 @@ context_length, context_stride, channel, start_frame.  Keys left out come from t
 AnimateDiff settings (frames: the scene length; size: the render size).
 
 Every shot is rendered even if one fails; the .blend is saved with the strips that
-succeeded; the exit code is 0 only when every shot succeeded (1: a shot failed, 2: bad
-arguments, shot list or installation).
+succeeded (a save that fails after a shot is reported and tried again after the next); the
+exit code is 0 only when every shot succeeded and the .blend was saved (1: a shot failed or
+the last save did, 2: bad arguments, shot list or installation).
 """
 
 import argparse
@@ -127,21 +128,19 @@ def main(argv, inside_blender):
         bpy.ops.wm.open_mainfile(filepath=os.path.abspath(args.blend))
     addon = find_addon(args.repo, args.addon_zip, inside_blender)
     api = importlib.import_module(addon.__name__ + ".api")
-    settings = importlib.import_module(addon.__name__ + ".settings")
-    worker = importlib.import_module(addon.__name__ + ".worker")
     sc = importlib.import_module(addon.__name__ + ".sequencer_compat")
     scene = bpy.context.scene
 
-    # Validate every shot before rendering any: the keys, and the values as the protocol
-    # checks them (a typo in the last shot must not surface after hours of rendering).
+    # Validate every shot before rendering any: the keys, the values as the protocol checks
+    # them, camera-motion weights and a shot's own connection keys included (a typo in the
+    # last shot must not surface after hours of rendering).
     names = []
     for i, shot in enumerate(shots):
         shot = dict(shot)
         names.append(str(shot.pop("name", f"shot {i + 1}")))
-        try:  # a shot's own connection keys (the API's keywords) are not request settings
-            plan = settings.plan_from_scene(scene, **{k: v for k, v in shot.items() if k not in api.CONNECTION_KEYS})
-            worker.resolve_request(plan.request, {}, [])  # camera motions are resolved by the backend's list
-        except (ValueError, TypeError) as exc:
+        try:
+            api.check(scene, **shot)
+        except api.AnimateDiffError as exc:
             raise BatchError(f"{names[-1]}: {exc}") from exc
 
     out_blend = args.out_blend or bpy.data.filepath or os.path.splitext(os.path.abspath(args.shots))[0] + ".blend"
@@ -175,10 +174,26 @@ def main(argv, inside_blender):
             continue
         print(f"[{i + 1}/{len(shots)}] {name}: strip {strip.name!r} on channel {strip.channel} at frame "
               f"{sc.strip_start(strip)}, {len(strip.elements)} frames ({time.monotonic() - t0:.1f} s)", flush=True)
-        bpy.ops.wm.save_mainfile()  # keep what is done even if a later shot hangs
-    bpy.ops.wm.save_mainfile()
-    print(f"batch: {len(shots)} shots, {len(shots) - failures} ok, {failures} failed; saved {out_blend}", flush=True)
-    return 1 if failures else 0
+        problem = save(bpy)  # keep what is done even if a later shot hangs
+        if problem:  # the shots still to render are not lost for it: tried again after each
+            print(f"[{i + 1}/{len(shots)}] {name}: could not save {out_blend} ({problem}); going on", flush=True)
+    problem = save(bpy)
+    if problem:
+        saved = (f"NOT saved: could not save {out_blend} ({problem}); the frames of the shots are in "
+                 f"{bpy.path.abspath('//animatediff')}")
+    else:
+        saved = f"saved {out_blend}"
+    print(f"batch: {len(shots)} shots, {len(shots) - failures} ok, {failures} failed; {saved}", flush=True)
+    return 1 if failures or problem else 0
+
+
+def save(bpy):
+    """Save the opened .blend; None, or why it could not be saved (a full disk, a quota)."""
+    try:
+        bpy.ops.wm.save_mainfile()
+    except RuntimeError as exc:
+        return str(exc).strip().removeprefix("Error: ").strip()
+    return None
 
 
 def run():

@@ -6,6 +6,7 @@ disk work happens on the worker thread.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import Any
@@ -55,6 +56,14 @@ def worker() -> Any:
         pending = pending_jobs(opened=False)  # a job being submitted now is not lost
         if pending:
             w.send(m.WatchJobs(pending))
+        # Submits the previous worker still owed an answer (the add-on was disabled and enabled
+        # again meanwhile): sent again with the same submit id, the backend answers with the job
+        # it made, if it made one.  Without this their rows stayed "submitting" -- or "running",
+        # accepted by a worker that was stopping -- for ever.
+        for shadow in list(STATE.job_shadow.values()):
+            sub = shadow.get("submit")
+            if sub is not None and not shadow.get("job_id"):
+                w.send(dataclasses.replace(sub, resend=True))
     else:
         w.send(m.Configure(cfg))
     return w
@@ -65,23 +74,30 @@ def submit(scene: Any, plan: st.Plan) -> Any:
     import bpy
 
     s = scene.animatediff
+    # Everything that can fail is worked out before the row exists: a row added and then
+    # never sent would stay "submitting" for ever.  (A value the protocol refuses, such as a
+    # damaged strip's frames for Regenerate, is the worker's to refuse, in words.)
+    frames = plan.request.get("frames", 16)
+    frames = frames if isinstance(frames, int) and not isinstance(frames, bool) and 0 < frames < 2**31 else 0
+    root = st.output_root(scene)
+    request_json = st.request_json(plan)
+    w = worker()  # a new worker resends the submits owed before this one
     job = s.jobs.add()
     job.local_id = uuid.uuid4().hex
     job.state = "submitting"
     job.prompt = str(plan.request.get("prompt", ""))[:200]
     job.channel = plan.channel
     job.frame_start = plan.start_frame
-    job.frames = int(plan.request.get("frames", 16))
-    root = st.output_root(scene)
+    job.frames = frames
     # Stored relative to the saved .blend ("//animatediff"): a project moved before the job is
     # collected gets the take beside its new location.
     job.out_root = bpy.path.relpath(root) if bpy.data.filepath else root
-    job.request_json = st.request_json(plan)
+    job.request_json = request_json
     s.active_job = len(s.jobs) - 1
-    STATE.job_shadow[job.local_id] = {"scene": scene.name, "blend": bpy.data.filepath,
+    sub = m.SubmitJob(job.local_id, plan.request, plan.camera_motions, root, client_tag=f"{scene.name}"[:200])
+    STATE.job_shadow[job.local_id] = {"scene": scene.name, "blend": bpy.data.filepath, "submit": sub,
                                       **{k: getattr(job, k) for k in SHADOW_FIELDS}}
-    worker().send(m.SubmitJob(job.local_id, plan.request, plan.camera_motions, root,
-                              client_tag=f"{scene.name}"[:200]))
+    w.send(sub)
     return job
 
 
@@ -115,7 +131,11 @@ def find_or_restore_job(key: str, by: str = "job_id") -> tuple[Any, Any] | tuple
     scene = bpy.data.scenes.get(shadow["scene"])
     if scene is None:
         return None, None
-    job = scene.animatediff.jobs.add()
+    # An undo can also bring the row back as it was before the backend answered (no job id):
+    # that row is the job's, not a second one beside it.
+    job = next((x for x in scene.animatediff.jobs if x.local_id == shadow["local_id"]), None)
+    if job is None:
+        job = scene.animatediff.jobs.add()
     for k in SHADOW_FIELDS:
         setattr(job, k, shadow[k])
     return scene, job
@@ -148,6 +168,7 @@ def pending_jobs(opened: bool = True) -> dict[str, str]:
                 # Blender quit before the backend answered: the job id is unknown.
                 job.state = "failed"
                 job.message = "submission was interrupted (Blender closed before the backend answered)"
+                STATE.job_shadow.pop(job.local_id, None)  # no later worker sends it again
     return out
 
 
@@ -188,6 +209,10 @@ def cancel(job: Any) -> None:
     elif job.state == "submitting":
         job.message = "will cancel once the backend accepted it"
         job["cancel_when_accepted"] = True
+        # A submit still waiting in the worker (the backend is away) ends now, as the docs
+        # promise for a cancel the backend cannot hear; one answered meanwhile is cancelled
+        # when its acceptance arrives (the flag above).
+        worker().send(m.CancelSubmit(job.local_id))
 
 
 def apply(msg: Any) -> None:
@@ -222,20 +247,25 @@ def apply(msg: Any) -> None:
         if job is None:
             return
         if isinstance(msg, m.JobRejected):
-            job.state, job.message = "failed", msg.message
+            job.state, job.message = msg.state, msg.message
             STATE.job_shadow.pop(msg.local_id, None)
             _ended(job)
             return
         job.job_id, job.queue_position = msg.job_id, msg.queue_position
-        if msg.local_id in STATE.job_shadow:
-            STATE.job_shadow[msg.local_id]["job_id"] = msg.job_id
         job.state = "queued" if msg.queue_position > 0 else "running"
+        if msg.local_id in STATE.job_shadow:
+            STATE.job_shadow[msg.local_id].update(job_id=msg.job_id, state=job.state)
         job.message = f"queued at position {msg.queue_position}" if msg.queue_position > 0 else ""
         if job.get("cancel_when_accepted"):
             worker().send(m.CancelJob(msg.job_id))
         return
     scene, job = find_or_restore_job(getattr(msg, "job_id", ""))
     if job is None:
+        if isinstance(msg, m.JobDone | m.JobFailed) and any(
+                v.get("job_id") == msg.job_id for v in STATE.job_shadow.values()):
+            # Its scene was deleted while the job ran; an undo may bring the scene back, with
+            # the row "running": the row gets this then (restore_ended) instead of never.
+            STATE.job_orphans[msg.job_id] = msg
         return
     if isinstance(msg, m.JobDone) and not msg.settled and _move_take(scene, job, msg):
         return  # the worker moves the frames, then reports the job done again
@@ -288,6 +318,17 @@ def restore_ended() -> None:
 
     from .sequencer_compat import strips_named
 
+    # The end of a job whose scene was gone: applied by the timer (not inside the undo
+    # handler: placing a take pushes an undo step), where the scene is back by now.
+    orphans, STATE.job_orphans = STATE.job_orphans, {}
+    for msg in orphans.values():
+        STATE.outbox.put(msg)
+    for scene in bpy.data.scenes:
+        for job in scene.animatediff.jobs:
+            # Brought back as it was before the backend answered: the job id is known here.
+            shadow = STATE.job_shadow.get(job.local_id)
+            if job.state == "submitting" and not job.job_id and shadow and shadow.get("job_id"):
+                job.job_id, job.state = shadow["job_id"], shadow.get("state", "queued")
     if not STATE.job_final:
         return
     for scene in bpy.data.scenes:

@@ -25,6 +25,16 @@ class SubmitJob:
     # Sent before without an answer (a timeout): the backend may have made the job, so the
     # worker sends it again, with `local_id` as its submit id, until the backend answers.
     resend: bool = False
+    # Cancelled by the artist while owed (`resend`): its row has ended; the job the backend
+    # answers with is cancelled at once and never reported.
+    cancelled: bool = False
+
+
+@dataclass
+class CancelSubmit:
+    """Cancel a job whose submit has no answer yet (its row is still "submitting")."""
+
+    local_id: str
 
 
 @dataclass
@@ -86,6 +96,7 @@ class JobAccepted:
 class JobRejected:
     local_id: str
     message: str
+    state: str = "failed"  # or "cancelled": the artist cancelled it before the backend answered
 
 
 @dataclass

@@ -181,14 +181,18 @@ class ADB_OT_regenerate(Operator):
         if strip.channel >= sc.MAX_CHANNEL:  # else it fails only after the render, with no strip
             self.report({"ERROR"}, f"no channel above {strip.channel} for a new take: move the strip down first")
             return {"CANCELLED"}
-        request = dict(data.get("request") or {})
-        request.pop("motion_loras", None)
-        request = {k: v for k, v in request.items() if k in st.REQUEST_KEYS}
+        stored = data.get("request")
+        if not isinstance(stored, dict) or not stored:
+            # Edited by hand or damaged: say so (it used to end in a traceback).
+            self.report({"ERROR"}, f"the strip's stored AnimateDiff settings have no request: {strip.name}")
+            return {"CANCELLED"}
+        request = {k: v for k, v in stored.items() if k in st.REQUEST_KEYS}
         if self.new_seed:
             request["seed"] = st.random_seed()
         # Frame for frame under the source, even when its start was trimmed off.
         plan = st.Plan(request, {}, strip.channel + 1, sc.content_start(strip))
-        stored_loras = (data.get("request") or {}).get("motion_loras") or []
+        stored_loras = stored.get("motion_loras")
+        stored_loras = stored_loras if isinstance(stored_loras, list) else []
         plan.request["motion_loras"] = [x for x in stored_loras if isinstance(x, dict) and "id" in x]
         moves = data.get("camera_motions")
         plan.noted_camera_motions = dict(moves) if isinstance(moves, dict) else {}

@@ -71,7 +71,9 @@ class ADB_Job(PropertyGroup):
     channel: IntProperty(default=1)  # type: ignore[valid-type]
     frame_start: IntProperty(default=1)  # type: ignore[valid-type]
     frames: IntProperty(default=16)  # type: ignore[valid-type]
-    out_root: StringProperty(subtype="DIR_PATH")  # type: ignore[valid-type]
+    # No DIR_PATH subtype: Blender 5.x prints a RuntimeWarning for "//animatediff" stored in a
+    # path property that does not declare PATH_SUPPORTS_BLEND_RELATIVE, an option 4.2 lacks.
+    out_root: StringProperty()  # type: ignore[valid-type]
     request_json: StringProperty()  # type: ignore[valid-type]
     strip_name: StringProperty()  # type: ignore[valid-type]
     preview_path: StringProperty()  # type: ignore[valid-type]

@@ -20,6 +20,7 @@ from typing import Any
 # render frame whatever resolution the backend produced.
 FIT_METHOD = "FIT"
 MAX_CHANNEL = 128
+MAX_FRAME = 1048574  # Blender's MAXFRAME: a strip asked to start further out is put at the limit
 
 
 def editor(scene: Any, create: bool = True) -> Any:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .properties import CAMERA_MOTIONS
-from .sequencer_compat import MAX_CHANNEL
+from .sequencer_compat import MAX_CHANNEL, MAX_FRAME
 
 CAMERA_NAMES = {name for name, _ in CAMERA_MOTIONS}
 REQUEST_KEYS = (
@@ -78,9 +78,9 @@ def plan_from_scene(scene: Any, **overrides: Any) -> Plan:
         camera, loras = split_loras(overrides.pop("motion_loras"))
     for key, value in overrides.items():
         if key == "channel":
-            channel = int(value)
+            channel = whole_number(key, value)
         elif key == "start_frame":
-            start = int(value)
+            start = whole_number(key, value)
         else:
             req[key] = value
     if req.get("preset") in PRESET_ALIASES:
@@ -93,19 +93,44 @@ def plan_from_scene(scene: Any, **overrides: Any) -> Plan:
         raise ValueError("the prompt is empty")
     if channel > MAX_CHANNEL:  # else refused only after the render, when the strip is added
         raise ValueError(f"channel {channel} is above the sequencer's last channel ({MAX_CHANNEL})")
+    if not -MAX_FRAME <= start <= MAX_FRAME:  # Blender would put the strip at the limit instead
+        raise ValueError(f"start frame {start} is outside Blender's frame range ({-MAX_FRAME} to {MAX_FRAME})")
     return Plan(req, camera, max(1, channel), start)
+
+
+def whole_number(key: str, value: Any) -> int:
+    """An int setting given by a script or a shot list; ValueError (not TypeError) in words."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{key} must be a whole number, not {value!r}")
+    try:
+        return int(value)
+    except (ValueError, OverflowError):
+        raise ValueError(f"{key} must be a whole number, not {value!r}") from None
 
 
 def split_loras(spec: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """{name-or-id: weight} (or a list of {id, weight}) -> camera motions and LoRA ids."""
     camera: dict[str, float] = {}
     loras: list[dict[str, Any]] = []
-    items = spec.items() if isinstance(spec, dict) else [(x["id"], x.get("weight", 1.0)) for x in spec or []]
+    if isinstance(spec, dict):
+        items = list(spec.items())
+    elif isinstance(spec, list | tuple) and all(isinstance(x, dict) and "id" in x for x in spec):
+        items = [(x["id"], x.get("weight", 1.0)) for x in spec]
+    elif not spec:
+        items = []
+    else:
+        raise ValueError(f"motion_loras must be {{name: weight}} or a list of {{id, weight}}, not {spec!r}"[:300])
     for name, weight in items:
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise ValueError(f"the weight of MotionLoRA {name!r} must be a number, not {weight!r}") from None
+        if not isinstance(name, str):
+            raise ValueError(f"a MotionLoRA is named by a string, not {name!r}")
         if name in CAMERA_NAMES:
-            camera[name] = float(weight)
-        elif ":" in str(name):
-            loras.append({"id": str(name), "weight": float(weight)})
+            camera[name] = weight
+        elif ":" in name:
+            loras.append({"id": name, "weight": weight})
         else:
             raise ValueError(f"unknown MotionLoRA {name!r}: use a camera motion "
                              f"({', '.join(sorted(CAMERA_NAMES))}) or a model id like lora:name.safetensors")

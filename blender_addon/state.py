@@ -27,6 +27,9 @@ class AddonState:
     # local id -> the job row's fields once the job ended: an undo back to before that brings
     # the row back as it was (running...), and the worker, done with the job, never updates it.
     job_final: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # job id -> its last message (JobDone / JobFailed) when the scene of its row was gone (deleted
+    # while the job ran): an undo that brings the scene back gets it applied then.
+    job_orphans: dict[str, Any] = field(default_factory=dict)
     backend_process: Any = None  # auto-started local backend (subprocess.Popen)
     # Timing of the main-thread timer (tests and the responsiveness check read it).
     drain_max_s: float = 0.0

@@ -139,6 +139,14 @@ def resolve_request(request: dict[str, Any], camera_motions: dict[str, float], m
         raise ValueError(f"invalid settings: {exc}") from exc
 
 
+def check_request(request: dict[str, Any], camera_motions: dict[str, float]) -> Any:
+    """`resolve_request` before the backend's model list is known (a batch validating its
+    shots, a script before it connects): each camera motion stands for a MotionLoRA of the
+    same name, so that its weight is checked against the protocol's range too."""
+    stand_ins = [{"kind": "lora", "camera_motion": name, "id": "lora:camera_motion"} for name in camera_motions]
+    return resolve_request(request, camera_motions, stand_ins)
+
+
 @dataclass
 class Track:
     out_root: str
@@ -241,6 +249,8 @@ class Worker(threading.Thread):
                 self._end(cmd.job_id, m.JobFailed(
                     cmd.job_id, "cancelled; the backend could not be reached and is told when it is back",
                     "cancelled"))
+        elif isinstance(cmd, m.CancelSubmit):
+            self._cancel_submit(cmd.local_id)
         elif isinstance(cmd, m.WatchJobs):
             for job_id, root in cmd.jobs.items():
                 self.jobs.setdefault(job_id, Track(root))
@@ -248,6 +258,21 @@ class Worker(threading.Thread):
                 self._watch(list(cmd.jobs))
         elif isinstance(cmd, m.MoveTake):
             self._move(cmd)
+
+    def _cancel_submit(self, local_id: str) -> None:
+        """A submit still waiting here ends now, as cancelled.  One that may have reached the
+        backend (`resend`) stays owed: sent again once the backend answers, its job is
+        cancelled there.  A submit answered meanwhile is not here: its row cancels the job
+        when the acceptance reaches it."""
+        sub = next((x for x in self.waiting if x.local_id == local_id and not x.cancelled), None)
+        if sub is None:
+            return
+        self.waiting.remove(sub)
+        if sub.resend:
+            self.waiting.append(dataclasses.replace(sub, cancelled=True))
+        self.outbox.put(m.JobRejected(
+            local_id, "cancelled" + ("; the backend could not be reached and is told when it is back"
+                                     if sub.resend else ""), "cancelled"))
 
     # ------------------------------------------------------------ connection
 
@@ -261,6 +286,8 @@ class Worker(threading.Thread):
             for job_id in self.jobs:
                 self.outbox.put(m.JobNote(job_id, f"backend unreachable ({reason}); retrying"))  # still owed
             for sub in self.waiting:
+                if sub.cancelled:
+                    continue  # its row has ended; owed to the backend only
                 if sub.resend:  # may exist on the backend: owed until it answers
                     self.outbox.put(m.SubmitNote(sub.local_id, f"backend unreachable ({reason}); retrying"))
                 else:
@@ -349,7 +376,8 @@ class Worker(threading.Thread):
         try:
             req = resolve_request(sub.request, sub.camera_motions, _get(self.welcome, "models", []))
         except ValueError as exc:
-            self.outbox.put(m.JobRejected(sub.local_id, str(exc)))
+            if not sub.cancelled:
+                self.outbox.put(m.JobRejected(sub.local_id, str(exc)))
             return
         submit_id = sub.local_id if SUBMIT_ID.match(sub.local_id) else None
         try:
@@ -362,19 +390,27 @@ class Worker(threading.Thread):
                 # answers with that job instead of making a second one.
                 self.waiting.append(dataclasses.replace(
                     sub, request=_to_builtins(req), camera_motions={}, resend=True))
-                self.outbox.put(m.SubmitNote(
-                    sub.local_id, f"no answer from the backend ({error_text(exc)}); asking again"))
+                if not sub.cancelled:
+                    self.outbox.put(m.SubmitNote(
+                        sub.local_id, f"no answer from the backend ({error_text(exc)}); asking again"))
                 self._lost(exc)
                 return
-            self.outbox.put(m.JobRejected(sub.local_id, f"refused by the backend: {error_text(exc)}"))
+            if not sub.cancelled:
+                self.outbox.put(m.JobRejected(sub.local_id, f"refused by the backend: {error_text(exc)}"))
             if code in CONNECTION_CODES:
                 self._lost(exc)
             return
         except Exception as exc:  # noqa: BLE001
-            self.outbox.put(m.JobRejected(sub.local_id, f"submit failed: {error_text(exc)}"))
+            if not sub.cancelled:
+                self.outbox.put(m.JobRejected(sub.local_id, f"submit failed: {error_text(exc)}"))
             self._lost(exc)
             return
         job_id = str(_get(accepted, "job_id"))
+        if sub.cancelled:  # its row has ended: only the backend is still owed the cancel
+            self._guard(lambda: self.client.cancel(job_id))
+            if self.client is None:
+                self.waiting_cancels.add(job_id)
+            return
         self.jobs[job_id] = Track(sub.out_root)
         self.last_heard = time.monotonic()
         self.outbox.put(m.JobAccepted(sub.local_id, job_id, int(_get(accepted, "queue_position", 0))))

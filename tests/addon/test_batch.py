@@ -165,3 +165,71 @@ def test_batch_refuses_bad_values_and_paths_before_rendering(which, addon_zips, 
     proc = run_batch(bpy_python, tmp_path, str(shots), "--addon-zip", zip_path, "--address", dead, timeout=120)
     assert proc.returncode == 2 and f"batch: error: {earlier} exists" in proc.stderr, proc.stdout + proc.stderr
     assert earlier.read_bytes() == b"the first run's strips"
+
+
+def test_batch_refuses_wrong_types_before_rendering(addon_zips, tmp_path: Path) -> None:
+    """Shot values of the wrong type or range are errors of the shot list, in words, before
+    the first shot renders: `address = 5557` (a port typed as the address) used to hang the
+    batch for ever, a LoRA list entry without an id ended in a KeyError traceback, and a
+    camera motion's weight outside the protocol's range failed its shot only after the shots
+    before it had rendered."""
+    bpy_python = newest()
+    zip_path = str(addon_zips[bpy_python.py_tag])
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    key = tmp_path / "k.key"
+    key.write_bytes(b"k" * 64)
+    key.chmod(0o600)
+    for bad_value, words in (("address = 5557", "address must be a ZeroMQ address"),
+                             ("motion_loras = [{ weight = 1.0 }]", "motion_loras must be"),
+                             ("motion_loras = { ZoomIn = 50 }", "<= 10.0"),
+                             ("key_file = 5", "key_file must be a file path")):
+        shots = tmp_path / "shots.toml"
+        shots.write_text(f'[[shot]]\nprompt = "a"\n\n[[shot]]\nname = "typo"\nprompt = "b"\n{bad_value}\n')
+        proc = run_batch(bpy_python, tmp_path, str(shots), "--addon-zip", zip_path, "--address", dead,
+                         "--key-file", str(key), "--out-blend", str(tmp_path / "o.blend"), "--overwrite",
+                         timeout=60)
+        assert proc.returncode == 2, (bad_value, proc.stdout + proc.stderr)
+        assert "batch: error: typo: " in proc.stderr and words in proc.stderr, (bad_value, proc.stderr)
+        assert "[1/2]" not in proc.stdout and "Traceback" not in proc.stderr, (bad_value, proc.stdout + proc.stderr)
+
+
+def test_batch_goes_on_when_the_blend_cannot_be_saved(addon_zips, backend_factory, tmp_path: Path) -> None:
+    """The .blend cannot be saved after a shot (a full disk, a quota; here Blender's temporary
+    `film.blend@` is made a folder once the first shot has landed): the batch says so and
+    renders the remaining shots, instead of dying with a traceback after the first one; the
+    run fails (exit 1) and says where the frames are."""
+    bpy_python = newest()
+    require(bpy_python)
+    backend = backend_factory("--fake-step-delay", "0.1")
+    shots = tmp_path / "shots.toml"
+    shots.write_text('[defaults]\nframes = 2\nwidth = 64\nheight = 64\nsteps = 4\n\n'
+                     '[[shot]]\nprompt = "a"\nstart_frame = 1\n\n[[shot]]\nprompt = "b"\nstart_frame = 3\n\n'
+                     '[[shot]]\nprompt = "c"\nstart_frame = 5\n')
+    out_blend = tmp_path / "film" / "film.blend"
+    out_blend.parent.mkdir()
+    env = dict(os.environ)
+    env["BLENDER_USER_RESOURCES"] = str(tmp_path / "batch-profile")
+    env["ANIMATEDIFF_BLENDER_CONFIG"] = str(tmp_path / "config")
+    cmd = [str(bpy_python.python), str(ROOT / "blender_addon" / "batch.py"), str(shots), "--addon-zip",
+           str(addon_zips[bpy_python.py_tag]), "--address", backend.address, "--key-file", str(backend.key_file),
+           "--out-blend", str(out_blend)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    lines = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("[1/3]") and ": strip " in line:
+                (out_blend.parent / "film.blend@").mkdir()  # every later save of film.blend fails
+        stderr = proc.stderr.read() if proc.stderr else ""
+        proc.wait(240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stdout = "".join(lines)
+    assert "Traceback" not in stderr, stderr
+    assert proc.returncode == 1, stdout + stderr
+    assert stdout.count(f"could not save {out_blend}") >= 2, stdout
+    assert "[3/3] shot 3: strip " in stdout, stdout  # the shots after the failed save rendered
+    assert "batch: 3 shots, 3 ok, 0 failed; NOT saved" in stdout and str(out_blend.parent / "animatediff") in stdout
+    assert len(list((out_blend.parent / "animatediff").iterdir())) == 3

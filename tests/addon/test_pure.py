@@ -279,3 +279,51 @@ def test_a_refused_submit_is_still_reported_refused(tmp_path: Path, monkeypatch:
     assert [x.local_id for x in rejected] == [LOCAL] and "busy" in rejected[0].message
     assert not w.waiting and w.client is not None  # the connection itself is fine
     assert calls == [("submit", LOCAL)]
+
+
+def test_cancel_of_a_submit_without_an_answer_ends_its_row_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """✕ on a row still "submitting" while the backend is away: the row ends now, as for a
+    job the backend cannot hear of (it used to stay "submitting", its "will cancel" note
+    overwritten by "retrying", for as long as the backend was gone).  A submit that may have
+    reached the backend is still sent again once it is back, and the job it made is cancelled
+    there, never reported accepted; one that was never sent is simply dropped."""
+    import queue
+
+    worker, m = _load_package()
+    calls: list[tuple[str, object]] = []
+    answers = ["timeout", "ok"]
+    reachable = {"now": True}
+    monkeypatch.setattr(worker, "make_client", lambda cfg: _SubmitClient(reachable["now"], calls, answers))
+    outbox: queue.Queue = queue.Queue()
+    w = worker.Worker(outbox, {"address": "tcp://gpu:5557"})
+    w._connect()
+    w._command(m.SubmitJob(LOCAL, {"prompt": "a cat"}, {}, str(tmp_path)))  # no answer: owed
+    reachable["now"] = False
+    w._command(m.SubmitJob("0" * 32, {"prompt": "never sent"}, {}, str(tmp_path)))
+    _drain(outbox)
+    w._command(m.CancelSubmit(LOCAL))
+    w._command(m.CancelSubmit("0" * 32))
+    ended = [(x.local_id, x.state) for x in _drain(outbox) if isinstance(x, m.JobRejected)]
+    assert ended == [(LOCAL, "cancelled"), ("0" * 32, "cancelled")], ended
+    assert [s.local_id for s in w.waiting] == [LOCAL] and w._needs_connection()  # owed to the backend
+    w._connect()  # still away: nothing more for the row
+    assert not [x for x in _drain(outbox) if getattr(x, "local_id", "") == LOCAL], "row already ended"
+    reachable["now"] = True
+    w._connect()
+    msgs = _drain(outbox)
+    assert not any(isinstance(x, m.JobAccepted | m.JobRejected | m.SubmitNote) for x in msgs), msgs
+    assert [c for c in calls if c[0] in ("submit", "cancel")] == [("submit", LOCAL), ("submit", LOCAL),
+                                                                    ("cancel", JOB)], calls
+    assert not w.waiting and JOB not in w.jobs and not w._needs_connection()
+
+
+def test_shot_check_covers_camera_motion_weights() -> None:
+    """A batch checks every shot before rendering; a camera motion's weight outside the
+    protocol's range (ZoomIn = 50) used to pass, and fail that shot only after the shots
+    before it had rendered."""
+    worker, _m = _load_package()
+    worker.check_request({"prompt": "a"}, {"ZoomIn": 0.7, "PanLeft": -0.5})
+    with pytest.raises(ValueError, match=r"<= 10\.0 - at `\$\.motion_loras\[0\]\.weight`"):
+        worker.check_request({"prompt": "a"}, {"ZoomIn": 50.0})
