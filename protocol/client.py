@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import zmq
 
@@ -185,13 +185,9 @@ class BackendClient:
         except auth.AuthError as exc:
             raise ClientError("auth", str(exc)) from None
 
-    def _open_socket(self) -> None:
-        self._close_socket()
-        if self._context.closed:
-            raise ClientError("connection", "this client was closed; create a new BackendClient")
-        if self._session is None:
-            self._session = Session(self._load_key(), client_id=self.client_id, role="client")
-        sock = self._context.socket(zmq.DEALER)
+    def _configure(self, sock: zmq.Socket[Any]) -> None:
+        """Options, CurveZMQ and the connect of a new socket; ClientError when it cannot be used."""
+        assert self._session is not None
         sock.setsockopt(zmq.LINGER, 200)  # never block close() on unsent requests
         sock.setsockopt(zmq.MAXMSGSIZE, self._session.max_bytes)  # per frame, enforced by libzmq
         sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
@@ -200,9 +196,12 @@ class BackendClient:
         sock.setsockopt(zmq.RECONNECT_IVL, 250)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
         cfg = self.config
+        if not isinstance(cfg.address, str):
+            raise ClientError(
+                "connection", f"the backend address must be text such as tcp://gpu-box:5557, not {cfg.address!r}"
+            )
         if cfg.server_public_key_file or cfg.client_secret_key_file:
             if not (cfg.server_public_key_file and cfg.client_secret_key_file):
-                sock.close(0)
                 raise ClientError(
                     "auth",
                     "CurveZMQ needs both the server's public key (--server-key) and this client's "
@@ -211,17 +210,27 @@ class BackendClient:
             try:
                 auth.configure_client_curve(sock, cfg.client_secret_key_file, cfg.server_public_key_file)
             except auth.AuthError as exc:
-                sock.close(0)
                 raise ClientError("auth", str(exc)) from None
         problem = connect_problem(cfg.address)
         if problem is not None:
-            sock.close(0)
             raise ClientError("connection", f"cannot connect to {cfg.address!r}: {problem}")
         try:
             sock.connect(cfg.address)
         except zmq.ZMQError as exc:
-            sock.close(0)
             raise ClientError("connection", f"cannot connect to {cfg.address!r}: {exc}") from None
+
+    def _open_socket(self) -> None:
+        self._close_socket()
+        if self._context.closed:
+            raise ClientError("connection", "this client was closed; create a new BackendClient")
+        if self._session is None:
+            self._session = Session(self._load_key(), client_id=self.client_id, role="client")
+        sock = self._context.socket(zmq.DEALER)
+        try:
+            self._configure(sock)
+        except BaseException:
+            sock.close(0)  # a socket left open would hang the context's term() in close() for ever
+            raise
         self._socket = sock
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)

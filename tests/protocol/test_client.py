@@ -385,6 +385,21 @@ def test_bad_address_fails_at_once(address: str, words: str, tmp_path: Path) -> 
     client.close()
 
 
+@pytest.mark.timeout(20)
+def test_an_address_that_is_not_text_fails_and_close_does_not_hang(tmp_path: Path) -> None:
+    """`address = 5557` in a script: the socket made before the check used to stay open, and
+    close() then hung for ever in the context's term()."""
+    key_file = tmp_path / "hmac.key"
+    create_key(key_file)
+    client = BackendClient(ClientConfig(address=5557, key_file=key_file, client_id="c", timeout_s=5))  # type: ignore[arg-type]
+    with pytest.raises(ClientError) as info:
+        client.connect()
+    assert info.value.code == "connection" and "5557" in info.value.message
+    start = time.monotonic()
+    client.close()
+    assert time.monotonic() - start < 2
+
+
 @pytest.mark.parametrize(
     "address", ["tcp://gpu-box:5557", "tcp://[::1]:5557", "tcp://10.0.0.2;gpu:5557", "ipc:///tmp/adb.sock"]
 )
