@@ -401,6 +401,10 @@ def _to_uint8_frames(video: torch.Tensor) -> list[np.ndarray]:
     return list(arr)
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
 def _shares_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     """Whether two modules with the same structure still hold the very same tensors."""
     ours, theirs = a.state_dict(), b.state_dict()
@@ -627,7 +631,7 @@ class AnimateDiffEngine:
         if entry.kind != kind:
             raise EngineError(
                 "unknown_model",
-                f"{field}: {model_id!r} is a {entry.kind} model, but {field} needs a {kind} model",
+                f"{field}: {model_id!r} is a model of kind {entry.kind!r}, but {field} takes kind {kind!r}",
             )
         if not getattr(entry, "ok", True):
             # A broken file replaced since the scan may be fixed now: let the job rescan it
@@ -673,7 +677,9 @@ class AnimateDiffEngine:
         preset = get_preset(request.preset)
         defaults = self.default_models()
         base = request.base_model or defaults.get("base")
-        motion = request.motion_module or defaults.get("motion")
+        # A few-step preset runs on the motion module distilled for it (the registry's
+        # "motion_lightning" / "motion_lcm") when one is installed and none is asked for.
+        motion = request.motion_module or defaults.get(f"motion_{preset.name}") or defaults.get("motion")
         if not base:
             raise EngineError(
                 "unknown_model", "base_model: none given and the server has no base model installed"
@@ -1338,6 +1344,10 @@ class AnimateDiffEngine:
                 self._to_warm[key] = request
                 self._to_warm.move_to_end(key, last=False)
                 return False
+            except EngineError as exc:  # its models went away or broke since its job: not the compiler
+                with self._gpu_lock:
+                    self._shape_dropped(request, exc)
+                continue
             except Exception as exc:
                 with self._gpu_lock:
                     self._compile_failed(request, exc)
@@ -1356,7 +1366,7 @@ class AnimateDiffEngine:
     def _is_long(s: GenerateRequest) -> bool:
         """Whether the job runs FreeNoise (the memory savers only apply there)."""
         assert s.context_length is not None
-        return s.frames > s.context_length or bool(s.prompt_travel)
+        return s.frames > s.context_length or (bool(s.prompt_travel) and s.frames > 1)
 
     def _oom_message(self, s: GenerateRequest) -> str:
         return (
@@ -1408,11 +1418,15 @@ class AnimateDiffEngine:
         # Sliding windows when the clip is longer than one window; prompt travel needs
         # FreeNoise's per-frame prompt interpolation even for a single window.
         free_noise: tuple[int, int] | None = None
-        if s.frames > s.context_length or s.prompt_travel:
+        if self._is_long(s):
             free_noise = (min(s.context_length, s.frames), s.context_stride)
         prompt: str | dict[int, str] = s.prompt
         if s.prompt_travel:
             prompt = {0: s.prompt, **{int(k): v for k, v in s.prompt_travel.items()}}
+            if s.frames == 1:
+                # Nothing to travel between: diffusers' interpolation would fill no frame
+                # (zero text embeddings, the prompt silently ignored).
+                prompt = prompt[0]
 
         scheduler = self._schedulers.get(s.preset)
         if scheduler is None:
@@ -1444,6 +1458,8 @@ class AnimateDiffEngine:
             timings["denoise"] = time.perf_counter() - t1
         if should_cancel():
             raise JobCancelled()
+        if not _all_finite(latents):  # before any frame is decoded or handed over
+            raise EngineError("model_error", self._non_finite_message(s, "denoising"))
         progress(StepProgress(s.steps, s.steps, None, phase="decode"))
         t2 = time.perf_counter()
         # With a frame sink, decode a few frames at a time and hand each batch over at
@@ -1454,7 +1470,7 @@ class AnimateDiffEngine:
         frames: list[np.ndarray] = []
         with torch.no_grad():
             for start in range(0, s.frames, step):
-                ready = self._decode(pipe, latents[:, :, start : start + step], step if fixed else 0)
+                ready = self._decode(pipe, latents[:, :, start : start + step], step if fixed else 0, s)
                 frames.extend(ready)
                 if on_frames is not None:
                     on_frames(start, ready)
@@ -1463,7 +1479,7 @@ class AnimateDiffEngine:
         timings["total"] = time.perf_counter() - t0
         return GenerationResult(frames=frames, settings=s, timings=timings)
 
-    def _decode(self, pipe: Any, latents: torch.Tensor, pad_to: int) -> list[np.ndarray]:
+    def _decode(self, pipe: Any, latents: torch.Tensor, pad_to: int, s: GenerateRequest) -> list[np.ndarray]:
         """Frames of video latents (1, C, F, h, w) as uint8 arrays.  `pad_to`: decode that
         many frames (the last one repeated, the copies dropped) so that a compiled decoder
         sees no new shape for a clip's last, shorter chunk."""
@@ -1471,8 +1487,23 @@ class AnimateDiffEngine:
         if pad_to > count:
             latents = torch.cat([latents, latents[:, :, -1:].expand(-1, -1, pad_to - count, -1, -1)], dim=2)
         video = pipe.decode_latents(latents, self.decode_chunk_size)[:, :, :count]
+        if not _all_finite(video):  # NaN would come out as black pixels
+            raise EngineError("model_error", self._non_finite_message(s, "decoding"))
         video = pipe.video_processor.postprocess_video(video=video, output_type="pt")  # (B, F, 3, H, W)
         return _to_uint8_frames(video)
+
+    def _non_finite_message(self, s: GenerateRequest, stage: str) -> str:
+        models = [f"base_model {s.base_model}", f"motion_module {s.motion_module}"]
+        models += [f"motion_loras {lora.id} (weight {lora.weight:g})" for lora in s.motion_loras]
+        if s.domain_adapter:
+            models.append(f"domain_adapter {s.domain_adapter} (scale {s.domain_adapter_scale:g})")
+        dtype = str(self.dtype).removeprefix("torch.")
+        hint = "lower LoRA weights, or another model" if s.motion_loras or s.domain_adapter else "another model"
+        return (
+            f"The clip came out as NaN or infinite values while {stage} (it would be black frames): a model "
+            f"file holds broken weights, or the numbers overflowed in {dtype}.  Models used: "
+            f"{', '.join(models)}.  Try {hint}."
+        )
 
     @staticmethod
     def _call_pipe(pipe: Any, s: GenerateRequest, prompt: Any, generator: Any, on_step_end: Any) -> Any:
@@ -1564,6 +1595,9 @@ class AnimateDiffEngine:
                         for later in jobs[i:]:
                             self._to_warm.setdefault(self._shape_key(later), later)
                         break
+                    except EngineError as exc:  # the models' fault (as any job would say), not the compiler's
+                        self._shape_dropped(job, exc)
+                        continue
                     except Exception as exc:
                         self._compile_failed(job, exc)
                         break
@@ -1596,6 +1630,15 @@ class AnimateDiffEngine:
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _shape_dropped(self, request: GenerateRequest, exc: EngineError) -> None:
+        """A shape could not run for a reason of its own (a model deleted, replaced by a
+        broken file, or giving NaNs): it is not compiled, the others still are."""
+        log.warning(
+            "not compiling for %d frames at %dx%d: %s (%s)",
+            request.frames, request.width, request.height, exc.message, exc.code,
+        )  # fmt: skip
+        self._free()
 
     def _compile_failed(self, request: GenerateRequest, exc: Exception) -> None:
         """Compiling one shape failed: stop compiling for good (each further try would fail

@@ -15,6 +15,7 @@ from animatediff_blender.backend.schedules import ANIMATEDIFF_DDIM, SD15_BETAS
 
 DEFAULT_CONTEXT_LENGTH = 16
 DEFAULT_CONTEXT_STRIDE = 4
+LCM_ORIGINAL_STEPS = 50  # LCMScheduler's default, pinned: a base model's config may not override it
 
 
 @dataclass(frozen=True)
@@ -57,13 +58,16 @@ PRESETS: dict[str, Preset] = {
         min_steps=1,
         max_steps=8,
     ),
-    # AnimateLCM: LCM scheduler with linear betas, ~4-8 steps, low CFG.
+    # AnimateLCM: LCM scheduler with linear betas, ~4-8 steps, low CFG.  Its schedule is a
+    # subset of the distillation's `original_inference_steps` (50): more steps than that
+    # make diffusers' set_timesteps raise.
     "lcm": Preset(
         name="lcm",
         scheduler_class=LCMScheduler,
-        scheduler_kwargs=dict(SD15_BETAS),
+        scheduler_kwargs={**SD15_BETAS, "original_inference_steps": LCM_ORIGINAL_STEPS},
         steps=6,
         guidance=1.5,
+        max_steps=LCM_ORIGINAL_STEPS,
     ),
 }
 
