@@ -237,6 +237,9 @@ def apply(msg: Any) -> None:
         STATE.test_running = False
         STATE.test_message = ("OK: " if msg.ok else "Failed: ") + msg.message
         return
+    if isinstance(msg, m.CancelsOwed):
+        worker().send(msg)  # from a worker that stopped: the current one tells the backend
+        return
     if isinstance(msg, m.SubmitNote):
         _scene, job = find_job(msg.local_id, by="local_id")
         if job is not None and job.state == "submitting":
@@ -250,6 +253,11 @@ def apply(msg: Any) -> None:
             job.state, job.message = msg.state, msg.message
             STATE.job_shadow.pop(msg.local_id, None)
             _ended(job)
+            return
+        if job.state not in PENDING_STATES:
+            # Its row ended before this answer came (cancelled while a stopping worker still
+            # sent it): the row stays as it is, and the job is not left holding the GPU.
+            worker().send(m.CancelJob(msg.job_id))
             return
         job.job_id, job.queue_position = msg.job_id, msg.queue_position
         job.state = "queued" if msg.queue_position > 0 else "running"

@@ -43,6 +43,17 @@ class CancelJob:
 
 
 @dataclass
+class CancelsOwed:
+    """Cancels a stopped worker still owed the backend (the add-on was disabled while the
+    backend was away): a job id to cancel, or a cancelled submit (`SubmitJob.cancelled`) whose
+    job, if the backend made one, is cancelled.  Sent by that worker as it ends, handed on to
+    the next worker by the main thread: without it the job ran on, holding a shared GPU."""
+
+    job_ids: list[str]
+    submits: list[SubmitJob]
+
+
+@dataclass
 class WatchJobs:
     jobs: dict[str, str]  # job id -> out_root
 

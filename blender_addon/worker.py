@@ -29,6 +29,7 @@ CONNECTION_CODES = {"", "timeout", "connection", "protocol", "bad_signature", "c
 # Of those, the ones after which a submit may have reached the backend without its answer
 # coming back: it is sent again (same submit id), not reported refused.
 RESEND_CODES = {"timeout", "connection"}
+TOLD_WHEN_BACK = "the backend could not be reached and is told when it is back"
 SUBMIT_ID = re.compile(r"^[0-9a-f]{32}$")  # a job row's local_id (uuid4 hex) is its submit id
 
 
@@ -201,6 +202,30 @@ class Worker(threading.Thread):
                     self._lost(exc)
         finally:
             self._drop_client()
+            self._hand_on_cancels()
+
+    def _hand_on_cancels(self) -> None:
+        """As the thread ends (the add-on is disabled): cancels the artist asked for that it had
+        no time to send end their rows here, as for a backend that cannot be reached, and
+        every cancel still owed goes to the main thread (`CancelsOwed`) for the next worker."""
+        while True:
+            try:
+                cmd = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, m.CancelJob):
+                self.waiting_cancels.add(cmd.job_id)
+                self._end(cmd.job_id, m.JobFailed(cmd.job_id, f"cancelled; {TOLD_WHEN_BACK}", "cancelled"))
+            elif isinstance(cmd, m.CancelSubmit):
+                self._cancel_submit(cmd.local_id)
+            elif isinstance(cmd, m.CancelsOwed):
+                self.waiting_cancels.update(cmd.job_ids)
+                self.waiting.extend(cmd.submits)
+            # Anything else is the next worker's: submits are sent again from the rows, jobs
+            # watched again from the scenes.
+        owed = [sub for sub in self.waiting if sub.cancelled]
+        if owed or self.waiting_cancels:
+            self.outbox.put(m.CancelsOwed(sorted(self.waiting_cancels), owed))
 
     def _needs_connection(self) -> bool:
         # An owed cancel counts: the job may still hold a shared GPU until the backend hears of it.
@@ -246,11 +271,14 @@ class Worker(threading.Thread):
                 # forever and the job could never be cleared.  End it here; the backend is
                 # told as soon as it answers again (the worker keeps trying).
                 self.waiting_cancels.add(cmd.job_id)
-                self._end(cmd.job_id, m.JobFailed(
-                    cmd.job_id, "cancelled; the backend could not be reached and is told when it is back",
-                    "cancelled"))
+                self._end(cmd.job_id, m.JobFailed(cmd.job_id, f"cancelled; {TOLD_WHEN_BACK}", "cancelled"))
         elif isinstance(cmd, m.CancelSubmit):
             self._cancel_submit(cmd.local_id)
+        elif isinstance(cmd, m.CancelsOwed):
+            self.waiting_cancels.update(cmd.job_ids)
+            self.waiting.extend(cmd.submits)
+            if self.client is not None:
+                self._send_owed()
         elif isinstance(cmd, m.WatchJobs):
             for job_id, root in cmd.jobs.items():
                 self.jobs.setdefault(job_id, Track(root))
@@ -271,8 +299,7 @@ class Worker(threading.Thread):
         if sub.resend:
             self.waiting.append(dataclasses.replace(sub, cancelled=True))
         self.outbox.put(m.JobRejected(
-            local_id, "cancelled" + ("; the backend could not be reached and is told when it is back"
-                                     if sub.resend else ""), "cancelled"))
+            local_id, "cancelled" + (f"; {TOLD_WHEN_BACK}" if sub.resend else ""), "cancelled"))
 
     # ------------------------------------------------------------ connection
 
@@ -306,12 +333,22 @@ class Worker(threading.Thread):
         self.outbox.put(_connection_state(True, welcome))
         if self.jobs:
             self._watch(list(self.jobs))
-        for job_id in sorted(self.waiting_cancels):
+        self._send_owed()
+
+    def _send_owed(self) -> None:
+        """Send what waited for a connection: owed cancels, then submits.  Whatever the
+        connection, lost again meanwhile, did not take waits for the next one."""
+        cancels, self.waiting_cancels = sorted(self.waiting_cancels), set()
+        for i, job_id in enumerate(cancels):
+            if self.client is None:
+                self.waiting_cancels.update(cancels[i:])
+                break
             self._guard(lambda j=job_id: self.client.cancel(j))
-        self.waiting_cancels = set()
+            if self.client is None:  # lost during this cancel: it may not have arrived
+                self.waiting_cancels.add(job_id)
         waiting, self.waiting = self.waiting, []
         for i, sub in enumerate(waiting):
-            if self.client is None:  # lost again meanwhile: the rest waits for the next connection
+            if self.client is None:
                 self.waiting.extend(waiting[i:])
                 break
             self._submit(sub)

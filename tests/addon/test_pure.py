@@ -319,6 +319,60 @@ def test_cancel_of_a_submit_without_an_answer_ends_its_row_at_once(
     assert not w.waiting and JOB not in w.jobs and not w._needs_connection()
 
 
+def test_cancels_a_stopped_worker_owed_go_to_the_next_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The add-on is disabled while cancels are owed to an absent backend (a cancelled job,
+    a cancelled submit without an answer): the worker hands them on as it stops, and the next
+    worker tells the backend once it is back.  They were lost with the worker, and the jobs
+    ran on, holding a shared GPU."""
+    import queue
+
+    worker, m = _load_package()
+    calls: list[tuple[str, object]] = []
+    answers = ["timeout", "ok"]
+    reachable = {"now": True}
+    monkeypatch.setattr(worker, "make_client", lambda cfg: _SubmitClient(reachable["now"], calls, answers))
+    outbox: queue.Queue = queue.Queue()
+    old = worker.Worker(outbox, {"address": "tcp://gpu:5557"})
+    old._connect()
+    old._command(m.SubmitJob(LOCAL, {"prompt": "a cat"}, {}, str(tmp_path)))  # no answer: owed
+    reachable["now"] = False
+    old._command(m.WatchJobs({"f" * 32: str(tmp_path), "d" * 32: str(tmp_path)}))
+    old._command(m.CancelJob("f" * 32))  # unreachable: ended here, owed to the backend
+    _drain(outbox)
+    # Disabling the add-on stops the worker; the artist's last two cancels were still in its
+    # inbox (it was busy with a request to the absent backend).
+    old._halt.set()
+    old.send(m.CancelSubmit(LOCAL))
+    old.send(m.CancelJob("d" * 32))
+    old.start()
+    old.join(5)
+    assert not old.is_alive()
+    msgs = _drain(outbox)
+    # Their rows end now, as for any cancel the backend cannot hear...
+    assert [(x.local_id, x.state) for x in msgs if isinstance(x, m.JobRejected)] == [(LOCAL, "cancelled")], msgs
+    assert [(x.job_id, x.state) for x in msgs if isinstance(x, m.JobFailed)] == [("d" * 32, "cancelled")], msgs
+    # ...and every cancel still owed is handed on.
+    handed = [x for x in msgs if isinstance(x, m.CancelsOwed)]
+    assert [(x.job_ids, [s.local_id for s in x.submits]) for x in handed] == [
+        (["d" * 32, "f" * 32], [LOCAL])], handed
+    assert handed[0].submits[0].cancelled and handed[0].submits[0].resend
+    # The main thread gives them to the next worker; the backend is back.
+    reachable["now"] = True
+    new = worker.Worker(outbox, {"address": "tcp://gpu:5557"})
+    new._command(handed[0])
+    assert new._needs_connection()  # owed: it connects without waiting for a Generate
+    new._connect()
+    assert [c for c in calls if c[0] in ("submit", "cancel")][-4:] == [
+        ("cancel", "d" * 32), ("cancel", "f" * 32), ("submit", LOCAL), ("cancel", JOB)], calls
+    assert not any(isinstance(x, m.JobAccepted | m.JobRejected) for x in _drain(outbox))
+    assert not new.waiting and not new.waiting_cancels and not new._needs_connection()
+    # Handed to a worker that is connected: sent at once.
+    new._command(m.CancelsOwed(["e" * 32], []))
+    assert calls[-1] == ("cancel", "e" * 32) and not new.waiting_cancels
+
+
 def test_shot_check_covers_camera_motion_weights() -> None:
     """A batch checks every shot before rendering; a camera motion's weight outside the
     protocol's range (ZoomIn = 50) used to pass, and fail that shot only after the shots

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _common as c  # noqa: E402
@@ -57,6 +58,11 @@ def pause_backend():
 
 def resume_backend():
     os.kill(a["backend_pid"], signal.SIGCONT)
+
+
+def backend_cancels() -> int:
+    """How many jobs the backend has cancelled (its log, as an operator reads it)."""
+    return Path(a["backend_log"]).read_text().count("event=cancelled")
 
 
 api, jobs, state, sc = mods()
@@ -171,14 +177,17 @@ except AssertionError:
 out["undo_to_submitting"] = [(x.state, x.message) for x in rows(local)]
 
 # 6. ✕ on a row still "submitting" while the backend is away: it ends at once; once the
-#    backend is back, the job it made of that submit is cancelled there.
+#    backend is back, the job it made of that submit is cancelled there.  100 steps (5 s with
+#    the fake 0.05 s a step): the job must still be running when the owed cancel arrives, after
+#    the worker's reconnect back-off (20 steps finished first on a loaded CI machine).
 scene = bpy.context.scene
 s = scene.animatediff
-s.steps, s.channel = 20, 10
+s.steps, s.channel = 100, 10
 pause_backend()
 assert bpy.ops.animatediff.generate() == {"FINISHED"}
 local = last_local(scene)
 time.sleep(0.3)
+cancels_before = backend_cancels()
 assert bpy.ops.animatediff.cancel(local_id=local) == {"FINISHED"}
 t0 = time.monotonic()
 try:
@@ -188,13 +197,38 @@ except AssertionError:
 out["cancel_submitting"] = {"state": row(local).state, "message": row(local).message,
                             "seconds": time.monotonic() - t0}
 resume_backend()
+# Waits for what the backend logs, not for the worker's lists: they are empty for a moment
+# while it sends what it owed (the test went on early and paused the backend again).
 try:
-    c.drain_until(lambda: not state.worker.waiting and not state.worker.waiting_cancels
-                  and not state.worker.jobs, 30)
+    c.drain_until(lambda: backend_cancels() > cancels_before, 30)
 except AssertionError:
     pass
 c.drain_until(lambda: True, 1)
-out["cancel_submitting_after"] = {"state": row(local).state, "owed": len(state.worker.waiting)}
+out["cancel_submitting_after"] = {"state": row(local).state, "owed": len(state.worker.waiting),
+                                  "backend_cancels": backend_cancels() - cancels_before}
+
+# 6b. The same, but the add-on is disabled while that cancel is owed, and enabled again: the
+#     stopped worker hands the cancel on, and the backend still hears of it.
+s.steps, s.channel = 100, 11
+pause_backend()
+assert bpy.ops.animatediff.generate() == {"FINISHED"}
+local = last_local(scene)
+time.sleep(0.3)
+cancels_before = backend_cancels()
+assert bpy.ops.animatediff.cancel(local_id=local) == {"FINISHED"}
+c.drain_until(lambda: True, 0.3)
+old_worker = state.worker
+bpy.ops.preferences.addon_disable(module=c.MODULE)
+old_worker.join(10)  # its submit times out (2 s): it stops, the cancel still owed
+bpy.ops.preferences.addon_enable(module=c.MODULE)
+c.configure(a["address"], a["key_file"], timeout_s=2.0)
+api, jobs, state, sc = mods()
+resume_backend()
+try:
+    c.drain_until(lambda: backend_cancels() > cancels_before, 30)
+except AssertionError:
+    pass
+out["cancel_owed_over_disable"] = {"state": row(local).state, "backend_cancels": backend_cancels() - cancels_before}
 
 # 7. The add-on is disabled while a submit waits for a backend that does not answer, and
 #    enabled again: disabling does not hold Blender (it waited 2 s for the worker), and the
