@@ -750,7 +750,11 @@ class AnimateDiffEngine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _ensure_pipeline(self, base_id: str, motion_id: str, progress: ProgressCallback) -> Any:
+    def _ensure_pipeline(
+        self, base_id: str, motion_id: str, progress: ProgressCallback, should_cancel: CancelCheck = lambda: False
+    ) -> Any:
+        """The pipeline of these two models, loading what changed.  A cancel is honoured
+        between loads (each can take many seconds); what was loaded stays for the next job."""
         from animatediff_blender.backend.models import loading
 
         base_entry = self._current_entry(base_id, "base_model")
@@ -770,6 +774,8 @@ class AnimateDiffEngine:
             self._base, self._base_id, self._base_sha = base, base_id, base_entry.sha256
             self._schedulers.clear()  # built on the base model's scheduler config
             self.load_counts["base"] += 1
+            if should_cancel():
+                raise JobCancelled()
         if (self._motion_id, self._motion_sha) != (motion_id, motion_entry.sha256):
             progress(StepProgress(0, 0, None, phase="loading"))
             self._pipe = None
@@ -780,6 +786,8 @@ class AnimateDiffEngine:
                 self._adapter = loading.load_motion_adapter(motion_entry, self.dtype)
             self._motion_id, self._motion_sha = motion_id, motion_entry.sha256
             self.load_counts["motion"] += 1
+            if should_cancel():
+                raise JobCancelled()
         if self._pipe is None:
             # Both models' weights copied to the device, in the UNet2D's dtype (self.dtype).
             try:
@@ -1394,7 +1402,7 @@ class AnimateDiffEngine:
         t0 = time.perf_counter()
         if should_cancel():
             raise JobCancelled()
-        pipe = self._ensure_pipeline(s.base_model, s.motion_module, progress)
+        pipe = self._ensure_pipeline(s.base_model, s.motion_module, progress, should_cancel)
         loras = [
             _LoraJob(f"adb_lora{i}", lora.id, float(lora.weight), self._lora_weights(lora.id, "motion_loras"))
             for i, lora in enumerate(s.motion_loras)
@@ -1470,6 +1478,8 @@ class AnimateDiffEngine:
         frames: list[np.ndarray] = []
         with torch.no_grad():
             for start in range(0, s.frames, step):
+                if start and should_cancel():  # a long clip decodes for seconds
+                    raise JobCancelled()
                 ready = self._decode(pipe, latents[:, :, start : start + step], step if fixed else 0, s)
                 frames.extend(ready)
                 if on_frames is not None:

@@ -283,6 +283,30 @@ def test_cancel_between_steps_then_next_job_is_unaffected(engine: AnimateDiffEng
     assert not any(isinstance(m, leftovers) for m in engine._pipe.unet.modules())
 
 
+def test_cancel_while_decoding_stops_between_chunks(engine: AnimateDiffEngine) -> None:
+    """A long clip decodes for seconds after its last step: a cancel then used to wait for
+    every frame.  It now stops at the next chunk; what was handed over is the server's to drop."""
+    handed: list[int] = []
+    with pytest.raises(JobCancelled):
+        engine.generate(request(steps=1, frames=12, context_length=8), no_progress,
+                        lambda: bool(handed), on_frames=lambda start, frames: handed.append(start))
+    assert handed == [0]  # one chunk of 4 (stream_chunk_size), not 3
+    assert len(engine.generate(request(steps=1, frames=12, context_length=8), no_progress, never).frames) == 12
+
+
+def test_cancel_while_loading_keeps_what_was_loaded(make_engine: Any) -> None:
+    """Loading a model can take many seconds: a cancel is honoured between the base model and
+    the motion module, and the next job does not load the base model again."""
+    fresh = make_engine()
+    seen: list[StepProgress] = []
+    with pytest.raises(JobCancelled):
+        fresh.generate(request(steps=1), seen.append, lambda: any(p.phase == "loading" for p in seen))
+    assert (fresh.load_counts["base"], fresh.load_counts["motion"], fresh.load_counts["pipeline"]) == (1, 0, 0)
+    assert not any(p.phase == "denoise" for p in seen)
+    assert len(fresh.generate(request(steps=1), no_progress, never).frames) == request().frames
+    assert (fresh.load_counts["base"], fresh.load_counts["motion"], fresh.load_counts["pipeline"]) == (1, 1, 1)
+
+
 def test_long_clip_swaps_motion_blocks_without_rebuilding_them(engine: AnimateDiffEngine) -> None:
     """FreeNoise windows stand in for the plain motion blocks during a long job, on the same
     weight tensors (no copy, nothing left on the meta device), and the very same plain
