@@ -156,7 +156,18 @@ def submit(scene: Any, **settings: Any) -> Job:
         code = getattr(exc, "code", "")
         what = "no answer from the backend" if code in ("timeout", "connection") else "the backend refused the job"
         raise AnimateDiffError(f"{what}: {exc}") from exc
+    _warn_preset(job_plan, welcome)
     return Job(accepted.job_id, client, job_plan, st.output_root(scene), scene.name, request)
+
+
+def _warn_preset(job_plan: st.Plan, welcome: Any) -> None:
+    from .preset_check import preset_mismatch
+    from .worker import _to_builtins
+
+    mismatch = preset_mismatch(str(job_plan.request.get("preset")), job_plan.request.get("motion_module") or "",
+                               [_to_builtins(x) for x in welcome.models], dict(welcome.defaults or {}))
+    if mismatch:
+        print(f"AnimateDiff: warning: {mismatch}", flush=True)
 
 
 def _progress_printer(prefix: str) -> Callable[[Any], None]:

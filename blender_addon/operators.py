@@ -13,6 +13,7 @@ from . import jobs
 from . import messages as m
 from . import sequencer_compat as sc
 from . import settings as st
+from .preset_check import preset_mismatch
 from .properties import PENDING_STATES, ensure_camera_loras, sync_extra_loras
 from .state import STATE
 
@@ -38,7 +39,12 @@ class ADB_OT_generate(Operator):
             return {"CANCELLED"}
         maybe_autostart()
         job = jobs.submit(scene, plan)
-        self.report({"INFO"}, f"AnimateDiff: submitted ({job.frames} frames -> channel {job.channel})")
+        mismatch = preset_mismatch(str(plan.request.get("preset")), plan.request.get("motion_module") or "",
+                                   STATE.models, STATE.defaults)
+        if mismatch:
+            self.report({"WARNING"}, f"AnimateDiff: submitted, but {mismatch[0].lower()}{mismatch[1:]}")
+        else:
+            self.report({"INFO"}, f"AnimateDiff: submitted ({job.frames} frames -> channel {job.channel})")
         return {"FINISHED"}
 
 

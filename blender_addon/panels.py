@@ -1,9 +1,12 @@
 """Sidebar panels: the full one in the Video Sequencer, a compact one in the 3D viewport."""
 
+import textwrap
+
 import bpy
 from bpy.types import Panel
 
 from . import settings as st
+from .preset_check import preset_mismatch
 from .properties import CAMERA_MOTIONS, PENDING_STATES
 from .state import STATE
 
@@ -63,8 +66,6 @@ def draw_jobs(layout, scene, compact=False):
 
 
 def _wrap(text, width):
-    import textwrap
-
     return textwrap.wrap(text, width)[:4] or [""]
 
 
@@ -89,6 +90,9 @@ class ADB_PT_sequencer(Panel):
         if not s.base_model or not s.motion_module:
             col.label(text="Empty: the backend's default", icon="INFO")
         col.prop(s, "preset")
+        mismatch = preset_mismatch(s.preset, s.motion_module, STATE.models, STATE.defaults)
+        for i, line in enumerate(textwrap.wrap(mismatch, 44)):  # all of it: it says how to fix it
+            col.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
 
         box = layout.box()
         row = box.row()

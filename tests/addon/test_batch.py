@@ -80,6 +80,9 @@ def test_batch_renders_three_shots(which, addon_zips, backend_factory, tmp_path:
     assert push_in["request"]["motion_loras"] == [{"id": "lora:fake_ZoomIn", "weight": 0.7}]
     assert push_in["request"]["negative_prompt"] == "blurry"
     assert r["strips"][2]["settings"]["request"]["preset"] == "lightning"
+    # The fake backend has no Lightning motion module: the shot still renders, with a warning.
+    assert proc.stdout.count("warning: Fast (AnimateDiff-Lightning) needs its own motion module; "
+                             "motion:fake-mm-v2 is not one") == 1, proc.stdout
     assert len(list((out_blend.parent / "animatediff").iterdir())) == 3
 
 

@@ -381,3 +381,23 @@ def test_shot_check_covers_camera_motion_weights() -> None:
     worker.check_request({"prompt": "a"}, {"ZoomIn": 0.7, "PanLeft": -0.5})
     with pytest.raises(ValueError, match=r"<= 10\.0 - at `\$\.motion_loras\[0\]\.weight`"):
         worker.check_request({"prompt": "a"}, {"ZoomIn": 50.0})
+
+
+def test_a_few_step_preset_on_a_motion_module_not_made_for_it_is_told() -> None:
+    """Fast/LCM on a v2 motion module makes a blur the backend cannot refuse (it knows
+    modules only by their detected version): the panel and the submit say so, and how to fix it."""
+    check = _load("preset_check").preset_mismatch
+    models = [{"id": "mm_v2", "kind": "motion", "version": "v2"},
+              {"id": "lightning_4step", "kind": "motion", "version": "lightning"},
+              {"id": "sd15", "kind": "base", "version": "sd15"}]
+    defaults = {"base": "sd15", "motion": "mm_v2", "motion_lightning": "lightning_4step"}
+    assert check("quality", "mm_v2", models, defaults) == ""
+    assert check("lightning", "", models, defaults) == ""  # the backend picks its Lightning module
+    assert check("lightning", "lightning_4step", models, defaults) == ""
+    told = check("lightning", "mm_v2", models, defaults)
+    assert "mm_v2 is not one" in told and "choose lightning_4step as the motion module" in told
+    # No LCM module on the backend: its default motion module runs, and that is told.
+    told = check("lcm", "", models, defaults)
+    assert "LCM (AnimateLCM) needs its own motion module; mm_v2" in told and "install an AnimateLCM motion module" in told
+    assert check("lightning", "not-installed", models, defaults) == ""  # the backend refuses it in words
+    assert check("lightning", "", [], {}) == ""  # not connected yet: nothing known

@@ -119,7 +119,8 @@ class Layout:
 
     def __getattr__(self, name):
         def call(*args, **kw):
-            Layout.calls.append((name, args[0] if name == "operator" else args[1] if len(args) > 1 else ""))
+            Layout.calls.append((name, args[0] if name == "operator" else kw.get("text", "") if name == "label"
+                                 else args[1] if len(args) > 1 else ""))
             return Layout()
         return call
 
@@ -128,7 +129,10 @@ class Layout:
 
 
 state.models = [{"id": "base:a", "kind": "base", "label": "A", "ok": True},
+                {"id": "motion:v2", "kind": "motion", "label": "v2", "version": "v2", "ok": True},
                 {"id": "lora:style.safetensors", "kind": "lora", "label": "Style", "ok": True}]
+state.defaults = {"base": "base:a", "motion": "motion:v2"}
+s.preset = "lightning"  # with no Lightning module on the backend: the panel warns
 c.sub("properties").fill_model_lists(bpy.context.window_manager)
 for st_name in ("submitting", "queued", "running", "lost", "finished", "failed", "cancelled"):
     j = s.jobs.add()
@@ -147,6 +151,8 @@ for cls in (panels.ADB_PT_sequencer, panels.ADB_PT_view3d, c.sub("preferences").
         cls.draw(holder, bpy.context)
 out["drawn_props"] = sorted({str(x[1]) for x in Layout.calls if x[0] in ("prop", "prop_search")})
 out["drawn_ops"] = sorted({str(x[1]) for x in Layout.calls if x[0] == "operator"})
+out["drawn_labels"] = [str(x[1]) for x in Layout.calls if x[0] == "label"]
+s.preset = "quality"
 s.jobs.clear()
 
 # The local backend command line, as Popen gets it on each OS.
