@@ -413,8 +413,7 @@ class Worker(threading.Thread):
         try:
             req = resolve_request(sub.request, sub.camera_motions, _get(self.welcome, "models", []))
         except ValueError as exc:
-            if not sub.cancelled:
-                self.outbox.put(m.JobRejected(sub.local_id, str(exc)))
+            self._tell_row(sub, m.JobRejected(sub.local_id, str(exc)))
             return
         submit_id = sub.local_id if SUBMIT_ID.match(sub.local_id) else None
         try:
@@ -427,19 +426,16 @@ class Worker(threading.Thread):
                 # answers with that job instead of making a second one.
                 self.waiting.append(dataclasses.replace(
                     sub, request=_to_builtins(req), camera_motions={}, resend=True))
-                if not sub.cancelled:
-                    self.outbox.put(m.SubmitNote(
-                        sub.local_id, f"no answer from the backend ({error_text(exc)}); asking again"))
+                self._tell_row(sub, m.SubmitNote(
+                    sub.local_id, f"no answer from the backend ({error_text(exc)}); asking again"))
                 self._lost(exc)
                 return
-            if not sub.cancelled:
-                self.outbox.put(m.JobRejected(sub.local_id, f"refused by the backend: {error_text(exc)}"))
+            self._tell_row(sub, m.JobRejected(sub.local_id, f"refused by the backend: {error_text(exc)}"))
             if code in CONNECTION_CODES:
                 self._lost(exc)
             return
         except Exception as exc:  # noqa: BLE001
-            if not sub.cancelled:
-                self.outbox.put(m.JobRejected(sub.local_id, f"submit failed: {error_text(exc)}"))
+            self._tell_row(sub, m.JobRejected(sub.local_id, f"submit failed: {error_text(exc)}"))
             self._lost(exc)
             return
         job_id = str(_get(accepted, "job_id"))
@@ -451,6 +447,12 @@ class Worker(threading.Thread):
         self.jobs[job_id] = Track(sub.out_root)
         self.last_heard = time.monotonic()
         self.outbox.put(m.JobAccepted(sub.local_id, job_id, int(_get(accepted, "queue_position", 0))))
+
+    def _tell_row(self, sub: m.SubmitJob, msg: Any) -> None:
+        """A message about a submit for its job row; none once the artist cancelled it (the
+        row has ended: only the backend is still owed something)."""
+        if not sub.cancelled:
+            self.outbox.put(msg)
 
     def _watch(self, job_ids: list[str]) -> None:
         statuses = self._guard(lambda: self.client.watch(job_ids), job_ids)

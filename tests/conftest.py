@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,22 @@ def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cached = os.environ.get("ANIMATEDIFF_BLENDER_TEST_ZOO")
     dest = Path(cached) if cached else tmp_path_factory.mktemp("zoo")
     return build_zoo(dest)
+
+
+@pytest.fixture
+def held_first_hash(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """The model registry's first file hash is held (a multi-GB checkpoint on a slow disk):
+    `hashing` is set once it started, and it goes on when the test sets `release`."""
+    from animatediff_blender.backend.models import registry
+
+    hashing, release = threading.Event(), threading.Event()
+    real = registry.content_sha256
+
+    def slow_first_hash(path: Path) -> str:
+        if not hashing.is_set():
+            hashing.set()
+            release.wait(30)
+        return real(path)
+
+    monkeypatch.setattr(registry, "content_sha256", slow_first_hash)
+    return hashing, release

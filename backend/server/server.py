@@ -672,7 +672,7 @@ class Server:
         job.watchers.add(identity)
         self.live[job.job_id] = job
         self._dispatch()
-        position = 0 if self.running is job else self.queue.position(job.job_id)
+        position = self._queue_position(job)
         self._reply(identity, msg, messages.Accepted(job_id=job.job_id, queue_position=position))
         self._log(
             job,
@@ -684,6 +684,10 @@ class Server:
             **({"submit_id": submit.submit_id} if submit.submit_id else {}),
         )
 
+    def _queue_position(self, job: Job) -> int:
+        """0 while it runs, its place in line while queued (1: next), -1 when neither (ending)."""
+        return 0 if job.state == "running" else self.queue.position(job.job_id)
+
     def _repeat_submit(self, identity: bytes, msg: Message, job_id: str) -> None:
         """A submit this client made before (its Accepted was lost): the same job, nothing new,
         and no limits apply (it is not a new job).  This connection watches it from now on."""
@@ -691,7 +695,7 @@ class Server:
         if job is not None:
             job.watchers.add(identity)
             # (-1, neither queued nor running: ending now; like a job already over, 0)
-            position = 0 if job.state == "running" else max(0, self.queue.position(job_id))
+            position = max(0, self._queue_position(job))
         else:
             position = 0  # already over: the client learns how by watching it
         self._reply(identity, msg, messages.Accepted(job_id=job_id, queue_position=position))
@@ -743,7 +747,7 @@ class Server:
             return messages.JobStatus(
                 job_id=job.job_id,
                 state=job.state,  # type: ignore[arg-type]
-                queue_position=0 if job.state == "running" else self.queue.position(job.job_id),
+                queue_position=self._queue_position(job),
                 step=job.step,
                 total_steps=job.total_steps,
                 frames=job.settings.frames,

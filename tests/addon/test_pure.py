@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,28 @@ class _SubmitClient(_FakeClient):
         return {"job_id": JOB, "queue_position": 2}
 
 
+@dataclass
+class _Backend:
+    """What the fake backend does: `reachable` (flip it mid-test) and each submit's answer in
+    turn; `calls` records what the worker sent."""
+
+    reachable: bool
+    answers: list[str]
+    calls: list[tuple[str, object]] = field(default_factory=list)
+
+
+def _submit_worker(monkeypatch: pytest.MonkeyPatch, answers: list[str], reachable: bool = True):
+    """(worker module, messages module, fake backend, outbox, a Worker not started)."""
+    import queue
+
+    worker, m = _load_package()
+    backend = _Backend(reachable, answers)
+    monkeypatch.setattr(worker, "make_client",
+                        lambda cfg: _SubmitClient(backend.reachable, backend.calls, backend.answers))
+    outbox: queue.Queue = queue.Queue()
+    return worker, m, backend, outbox, worker.Worker(outbox, {"address": "tcp://gpu:5557"})
+
+
 def _drain(outbox) -> list:
     msgs = []
     while not outbox.empty():
@@ -231,15 +254,7 @@ def test_a_submit_without_an_answer_is_resent_with_the_same_submit_id(
     """The Accepted was lost (timeout): the job may exist on the backend.  It is not reported
     refused; it is sent again, with the row's local id as submit id (the backend then
     answers with the job it made), once the backend is back, even after failed reconnects."""
-    import queue
-
-    worker, m = _load_package()
-    calls: list[tuple[str, object]] = []
-    answers = ["timeout", "ok"]
-    reachable = {"now": True}
-    monkeypatch.setattr(worker, "make_client", lambda cfg: _SubmitClient(reachable["now"], calls, answers))
-    outbox: queue.Queue = queue.Queue()
-    w = worker.Worker(outbox, {"address": "tcp://gpu:5557"})
+    worker, m, backend, outbox, w = _submit_worker(monkeypatch, ["timeout", "ok"])
     w._connect()
     w._command(m.SubmitJob(LOCAL, {"prompt": "a cat"}, {}, str(tmp_path)))
     msgs = _drain(outbox)
@@ -249,36 +264,30 @@ def test_a_submit_without_an_answer_is_resent_with_the_same_submit_id(
     assert any(isinstance(x, m.SubmitNote) and x.local_id == LOCAL for x in msgs), msgs
     # The backend is still away: the submit stays owed.  One that was never sent is refused
     # as before (it cannot exist on the backend).
-    reachable["now"] = False
+    backend.reachable = False
     w._command(m.SubmitJob("0" * 32, {"prompt": "never sent"}, {}, str(tmp_path)))
     w._connect()
     msgs = _drain(outbox)
     assert [x.local_id for x in msgs if isinstance(x, m.JobRejected)] == ["0" * 32], msgs
     assert [s.local_id for s in w.waiting] == [LOCAL] and w._needs_connection()
-    reachable["now"] = True
+    backend.reachable = True
     w._connect()
     msgs = _drain(outbox)
     assert [(x.local_id, x.job_id, x.queue_position) for x in msgs if isinstance(x, m.JobAccepted)] == [
         (LOCAL, JOB, 2)
     ], msgs
-    assert [c for c in calls if c[0] == "submit"] == [("submit", LOCAL), ("submit", LOCAL)]
+    assert [c for c in backend.calls if c[0] == "submit"] == [("submit", LOCAL), ("submit", LOCAL)]
     assert not w.waiting and JOB in w.jobs
 
 
 def test_a_refused_submit_is_still_reported_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import queue
-
-    worker, m = _load_package()
-    calls: list[tuple[str, object]] = []
-    monkeypatch.setattr(worker, "make_client", lambda cfg: _SubmitClient(True, calls, ["busy"]))
-    outbox: queue.Queue = queue.Queue()
-    w = worker.Worker(outbox, {"address": "tcp://gpu:5557"})
+    _worker, m, backend, outbox, w = _submit_worker(monkeypatch, ["busy"])
     w._connect()
     w._command(m.SubmitJob(LOCAL, {"prompt": "a cat"}, {}, str(tmp_path)))
     rejected = [x for x in _drain(outbox) if isinstance(x, m.JobRejected)]
     assert [x.local_id for x in rejected] == [LOCAL] and "busy" in rejected[0].message
     assert not w.waiting and w.client is not None  # the connection itself is fine
-    assert calls == [("submit", LOCAL)]
+    assert backend.calls == [("submit", LOCAL)]
 
 
 def test_cancel_of_a_submit_without_an_answer_ends_its_row_at_once(
@@ -289,18 +298,10 @@ def test_cancel_of_a_submit_without_an_answer_ends_its_row_at_once(
     overwritten by "retrying", for as long as the backend was gone).  A submit that may have
     reached the backend is still sent again once it is back, and the job it made is cancelled
     there, never reported accepted; one that was never sent is simply dropped."""
-    import queue
-
-    worker, m = _load_package()
-    calls: list[tuple[str, object]] = []
-    answers = ["timeout", "ok"]
-    reachable = {"now": True}
-    monkeypatch.setattr(worker, "make_client", lambda cfg: _SubmitClient(reachable["now"], calls, answers))
-    outbox: queue.Queue = queue.Queue()
-    w = worker.Worker(outbox, {"address": "tcp://gpu:5557"})
+    worker, m, backend, outbox, w = _submit_worker(monkeypatch, ["timeout", "ok"])
     w._connect()
     w._command(m.SubmitJob(LOCAL, {"prompt": "a cat"}, {}, str(tmp_path)))  # no answer: owed
-    reachable["now"] = False
+    backend.reachable = False
     w._command(m.SubmitJob("0" * 32, {"prompt": "never sent"}, {}, str(tmp_path)))
     _drain(outbox)
     w._command(m.CancelSubmit(LOCAL))
@@ -310,12 +311,12 @@ def test_cancel_of_a_submit_without_an_answer_ends_its_row_at_once(
     assert [s.local_id for s in w.waiting] == [LOCAL] and w._needs_connection()  # owed to the backend
     w._connect()  # still away: nothing more for the row
     assert not [x for x in _drain(outbox) if getattr(x, "local_id", "") == LOCAL], "row already ended"
-    reachable["now"] = True
+    backend.reachable = True
     w._connect()
     msgs = _drain(outbox)
     assert not any(isinstance(x, m.JobAccepted | m.JobRejected | m.SubmitNote) for x in msgs), msgs
-    assert [c for c in calls if c[0] in ("submit", "cancel")] == [("submit", LOCAL), ("submit", LOCAL),
-                                                                    ("cancel", JOB)], calls
+    assert [c for c in backend.calls if c[0] in ("submit", "cancel")] == [("submit", LOCAL), ("submit", LOCAL),
+                                                                    ("cancel", JOB)], backend.calls
     assert not w.waiting and JOB not in w.jobs and not w._needs_connection()
 
 
@@ -326,18 +327,10 @@ def test_cancels_a_stopped_worker_owed_go_to_the_next_worker(
     a cancelled submit without an answer): the worker hands them on as it stops, and the next
     worker tells the backend once it is back.  They were lost with the worker, and the jobs
     ran on, holding a shared GPU."""
-    import queue
-
-    worker, m = _load_package()
-    calls: list[tuple[str, object]] = []
-    answers = ["timeout", "ok"]
-    reachable = {"now": True}
-    monkeypatch.setattr(worker, "make_client", lambda cfg: _SubmitClient(reachable["now"], calls, answers))
-    outbox: queue.Queue = queue.Queue()
-    old = worker.Worker(outbox, {"address": "tcp://gpu:5557"})
+    worker, m, backend, outbox, old = _submit_worker(monkeypatch, ["timeout", "ok"])
     old._connect()
     old._command(m.SubmitJob(LOCAL, {"prompt": "a cat"}, {}, str(tmp_path)))  # no answer: owed
-    reachable["now"] = False
+    backend.reachable = False
     old._command(m.WatchJobs({"f" * 32: str(tmp_path), "d" * 32: str(tmp_path)}))
     old._command(m.CancelJob("f" * 32))  # unreachable: ended here, owed to the backend
     _drain(outbox)
@@ -359,18 +352,18 @@ def test_cancels_a_stopped_worker_owed_go_to_the_next_worker(
         (["d" * 32, "f" * 32], [LOCAL])], handed
     assert handed[0].submits[0].cancelled and handed[0].submits[0].resend
     # The main thread gives them to the next worker; the backend is back.
-    reachable["now"] = True
+    backend.reachable = True
     new = worker.Worker(outbox, {"address": "tcp://gpu:5557"})
     new._command(handed[0])
     assert new._needs_connection()  # owed: it connects without waiting for a Generate
     new._connect()
-    assert [c for c in calls if c[0] in ("submit", "cancel")][-4:] == [
-        ("cancel", "d" * 32), ("cancel", "f" * 32), ("submit", LOCAL), ("cancel", JOB)], calls
+    assert [c for c in backend.calls if c[0] in ("submit", "cancel")][-4:] == [
+        ("cancel", "d" * 32), ("cancel", "f" * 32), ("submit", LOCAL), ("cancel", JOB)], backend.calls
     assert not any(isinstance(x, m.JobAccepted | m.JobRejected) for x in _drain(outbox))
     assert not new.waiting and not new.waiting_cancels and not new._needs_connection()
     # Handed to a worker that is connected: sent at once.
     new._command(m.CancelsOwed(["e" * 32], []))
-    assert calls[-1] == ("cancel", "e" * 32) and not new.waiting_cancels
+    assert backend.calls[-1] == ("cancel", "e" * 32) and not new.waiting_cancels
 
 
 def test_shot_check_covers_camera_motion_weights() -> None:

@@ -570,27 +570,18 @@ def test_a_replaced_model_that_is_broken_now_is_a_model_error(own_models: Path) 
 
 @pytest.mark.parametrize("trigger", ["list_models", "job"])
 def test_the_servers_calls_never_wait_for_a_rescan(
-    zoo: Path, own_models: Path, monkeypatch: pytest.MonkeyPatch, trigger: str
+    zoo: Path, own_models: Path, held_first_hash: tuple[threading.Event, threading.Event], trigger: str
 ) -> None:
     """hello, list-models and submit (resolve) run on the server's network loop: while a
     rescan hashes a checkpoint dropped in or replaced (held here: GBs on a network disk take
     longer than the clients' timeout), asked by a client or by a job using a replaced model,
     they answer at once from the previous scan; the new contents come when it completes."""
-    from animatediff_blender.backend.models import registry as registry_mod
-
     eng = AnimateDiffEngine(own_models, device="cpu")
     before, defaults = eng.list_models(), eng.default_models()
     tilt = "lora:v2_lora_TiltUp.ckpt"
     shutil.copy2(zoo / "lora/v2_lora_TiltUp.ckpt", own_models / "lora/v2_lora_TiltUp.ckpt")
     _replace_file(own_models / "lora/v2_lora_ZoomIn.ckpt", lambda dest: shutil.copyfile(zoo / "lora/v2_lora_PanLeft.ckpt", dest))
-    hashing, release = threading.Event(), threading.Event()
-    real = registry_mod.content_sha256
-
-    def slow_first_hash(path: Path) -> str:
-        if not hashing.is_set():
-            hashing.set()
-            release.wait(30)
-        return real(path)
+    hashing, release = held_first_hash
 
     def loop_calls() -> tuple[Any, ...]:
         try:
@@ -601,7 +592,6 @@ def test_the_servers_calls_never_wait_for_a_rescan(
         zoom = eng.resolve(request(motion_module=MM, motion_loras=[MotionLora(id=LORA_ZOOM)]))
         return eng.list_models(), eng.default_models(), zoom.motion_loras[0].id, refused
 
-    monkeypatch.setattr(registry_mod, "content_sha256", slow_first_hash)
     with ThreadPoolExecutor(2) as pool:
         if trigger == "list_models":
             rescan = pool.submit(eng.list_models, rescan=True)
