@@ -375,6 +375,9 @@ def _engine_pipeline_class() -> type:
 
 
 LORA_CACHE_SIZE = 16  # LoRA files read from disk, kept on the CPU by registry id
+# Motion modules kept on the CPU besides the one in use (~0.9 GB each in fp16): an artist
+# alternating Quality and Fast switches between two without reading either again.
+KEPT_MOTION_ADAPTERS = 1
 DOMAIN_ADAPTER_NAME = "adb_domain"
 
 
@@ -560,8 +563,10 @@ class AnimateDiffEngine:
         self._adapter: Any = None  # MotionAdapter (CPU)
         self._pipe: Any = None  # AnimateDiffPipeline on self.device
         self._lora_cache: OrderedDict[str, tuple[str, Any]] = OrderedDict()  # id -> (sha256, weights)
+        # Motion modules used before, on the CPU, newest last: (id, sha256) -> MotionAdapter.
+        self._adapters: OrderedDict[tuple[str, str], Any] = OrderedDict()
         # What was (re)loaded from disk or rebuilt, for tests and logs: "base", "motion",
-        # "pipeline", "lora".
+        # "pipeline", "lora"; "motion_swap": motion weights copied into the built UNet.
         self.load_counts: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ device
@@ -658,18 +663,6 @@ class AnimateDiffEngine:
             if not self._registry.is_current(entry):
                 self._registry.scan()
         return self._entry(model_id, field)
-
-    def _replaced_on_disk(self, s: GenerateRequest) -> bool:
-        """Whether the loaded base model or motion module that job `s` uses changed on disk
-        since it was loaded (the job will rebuild the pipeline)."""
-        for model_id, loaded_id, loaded_sha, role in (
-            (s.base_model, self._base_id, self._base_sha, "base_model"),
-            (s.motion_module, self._motion_id, self._motion_sha, "motion_module"),
-        ):
-            if model_id is not None and model_id == loaded_id:
-                if self._current_entry(model_id, role).sha256 != loaded_sha:
-                    return True
-        return False
 
     # ------------------------------------------------------------------ resolve
 
@@ -778,14 +771,33 @@ class AnimateDiffEngine:
                 raise JobCancelled()
         if (self._motion_id, self._motion_sha) != (motion_id, motion_entry.sha256):
             progress(StepProgress(0, 0, None, phase="loading"))
-            self._pipe = None
-            self._adapter = None
-            self._motion_id, self._motion_sha = None, ""
-            self._free()
-            with _model_errors(motion_id):
-                self._adapter = loading.load_motion_adapter(motion_entry, self.dtype)
-            self._motion_id, self._motion_sha = motion_id, motion_entry.sha256
-            self.load_counts["motion"] += 1
+            key = (motion_id, motion_entry.sha256)
+            adapter = self._adapters.pop(key, None)
+            if adapter is None:
+                with _model_errors(motion_id):
+                    adapter = loading.load_motion_adapter(motion_entry, self.dtype)
+                self.load_counts["motion"] += 1
+            try:
+                swapped = self._pipe is not None and loading.swap_motion_weights(
+                    self._pipe.unet, self._adapter, adapter
+                )
+            except BaseException:
+                self._pipe = None  # half copied: built again from the adapters
+                raise
+            if swapped:
+                # Quality <-> Fast alternates v2 and its Lightning distillation: new motion
+                # weights in the same UNet, whose compiled shapes now serve this module too.
+                self._pipe.motion_adapter = adapter
+                self._warm_keys |= {(k[0], motion_id, *k[2:]) for k in self._warm_keys if k[1] == self._motion_id}
+                self.load_counts["motion_swap"] += 1
+            else:
+                self._pipe = None
+                self._free()
+            if self._adapter is not None and self._motion_id is not None:
+                self._adapters[(self._motion_id, self._motion_sha)] = self._adapter  # to come back to
+                while len(self._adapters) > KEPT_MOTION_ADAPTERS:
+                    self._adapters.popitem(last=False)
+            self._adapter, self._motion_id, self._motion_sha = adapter, motion_id, motion_entry.sha256
             if should_cancel():
                 raise JobCancelled()
         if self._pipe is None:
@@ -1255,16 +1267,8 @@ class AnimateDiffEngine:
         on_frames: FrameSink | None = None,
     ) -> GenerationResult:
         settings = self.resolve(request)
-        if self.fast.compiles and self._replaced_on_disk(settings):
-            # The job rebuilds the motion UNet: none of its shapes is compiled yet, so it
-            # runs eagerly and its shape compiles while idle, like any shape not warmed.
-            self._warm_keys.clear()
         key = self._shape_key(settings)
-        deferred = self.fast.compiles and (
-            self.compile_error is not None or (self.defer_compile and key not in self._warm_keys)
-        )
-        with torch.compiler.set_stance("force_eager") if deferred else nullcontext():
-            result = self._generate_with_retry(settings, progress, should_cancel, on_frames)
+        result, deferred = self._generate_with_retry(settings, key, progress, should_cancel, on_frames)
         if deferred:
             if self.compile_error is None:
                 self._to_warm.setdefault(key, self._warm_request(settings))
@@ -1273,10 +1277,14 @@ class AnimateDiffEngine:
         return result
 
     def _generate_with_retry(
-        self, settings: GenerateRequest, progress: ProgressCallback, should_cancel: CancelCheck,
-        on_frames: FrameSink | None,
-    ) -> GenerationResult:  # fmt: skip
+        self, settings: GenerateRequest, key: tuple[Any, ...], progress: ProgressCallback,
+        should_cancel: CancelCheck, on_frames: FrameSink | None,
+    ) -> tuple[GenerationResult, bool]:  # fmt: skip
+        """A job, retried with the memory savers after running out of memory; and whether it
+        ran eagerly because its shape (`key`) is not compiled yet (deferred to warm_pending)."""
         delivered = 0  # frames handed to on_frames: a job that delivered some is not retried
+        deferred: bool | None = None
+        load_s = 0.0
 
         def sink(start: int, frames: list[np.ndarray]) -> None:
             nonlocal delivered
@@ -1288,10 +1296,26 @@ class AnimateDiffEngine:
             saving = self.memory_saving is True
             while True:
                 try:
-                    return self._generate(
-                        settings, progress, should_cancel, memory_saving=saving,
-                        on_frames=sink if on_frames is not None else None,
-                    )  # fmt: skip
+                    if deferred is None:
+                        # The models first: what is compiled depends on what the loading keeps
+                        # (a UNet rebuilt has nothing compiled; one that took another motion
+                        # module's weights in keeps its graphs: `_warm_keys`).
+                        assert settings.base_model and settings.motion_module  # (resolved)
+                        t0 = time.perf_counter()
+                        self._ensure_pipeline(settings.base_model, settings.motion_module, progress, should_cancel)
+                        load_s = time.perf_counter() - t0
+                        deferred = self.fast.compiles and (
+                            self.compile_error is not None or (self.defer_compile and key not in self._warm_keys)
+                        )
+                    # A shape not compiled yet runs eagerly; it compiles while the device is idle.
+                    with torch.compiler.set_stance("force_eager") if deferred else nullcontext():
+                        result = self._generate(
+                            settings, progress, should_cancel, memory_saving=saving,
+                            on_frames=sink if on_frames is not None else None,
+                        )  # fmt: skip
+                    result.timings["load"] = result.timings.get("load", 0.0) + load_s
+                    result.timings["total"] = result.timings.get("total", 0.0) + load_s
+                    return result, deferred
                 except (JobCancelled, EngineError):
                     self._free()
                     raise
@@ -1669,4 +1693,5 @@ class AnimateDiffEngine:
             self._base_id = self._motion_id = None
             self._base_sha = self._motion_sha = ""
             self._lora_cache.clear()
+            self._adapters.clear()
             self._free()

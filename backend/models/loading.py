@@ -405,6 +405,33 @@ def build_motion_unet(unet: UNet2DConditionModel, adapter: MotionAdapter, device
     return UNetMotionModel.from_unet2d(unet, adapter).to(device).eval()
 
 
+def _motion_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if ".motion_modules." in f".{k}"}
+
+
+def swap_motion_weights(unet: Any, current: MotionAdapter, new: MotionAdapter) -> bool:
+    """Copy `new`'s motion-module weights into a motion UNet built with `current`, in place,
+    when both have the same architecture (AnimateDiff-Lightning and AnimateLCM are v2's):
+    the UNet2D's weights are not copied again, and compiled blocks and CUDA graphs keep their
+    tensors (same objects, same addresses), so nothing recompiles.  Returns False, with
+    nothing changed, when the architectures differ: the UNet is then rebuilt."""
+    import torch
+
+    def architecture(adapter: MotionAdapter) -> dict[str, Any]:
+        return {k: v for k, v in adapter.config.items() if not k.startswith("_")}
+
+    if architecture(current) != architecture(new) or new.config.get("conv_in_channels"):
+        return False
+    target = _motion_tensors(unet.state_dict(keep_vars=True))
+    source = _motion_tensors(new.state_dict())
+    if set(target) != set(source) or any(target[k].shape != v.shape for k, v in source.items()):
+        return False  # (a UNet with a job's LoRA or FreeNoise blocks still in it, say)
+    with torch.no_grad():
+        for k, tensor in target.items():
+            tensor.copy_(source[k])  # cast to the UNet's dtype and device, layout kept
+    return True
+
+
 # --------------------------------------------------------------------------- LoRAs
 
 

@@ -124,16 +124,19 @@ def _compiled(module: torch.nn.Module) -> bool:
 def test_cudnn_benchmark_is_on_while_the_engine_runs_on_cuda_and_set_back_after(
     tiny_zoo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from animatediff_blender.backend.engine.interface import GenerationResult
+
     seen: list[bool] = []
     engine = AnimateDiffEngine(tiny_zoo, "cpu", fast=FastPath(cudnn_benchmark=True))
+    result = GenerationResult(frames=[], settings=_request(), timings={})
 
-    def run(*_args: Any, **_kwargs: Any) -> str:
+    def run(*_args: Any, **_kwargs: Any) -> GenerationResult:
         seen.append(torch.backends.cudnn.benchmark)
-        return "result"
+        return result
 
     monkeypatch.setattr(engine, "_run", run)
     before = torch.backends.cudnn.benchmark
-    assert engine.generate(_request(), lambda _p: None, lambda: False) == "result"  # type: ignore[comparison-overlap]
+    assert engine.generate(_request(), lambda _p: None, lambda: False) is result
     engine.device = torch.device("cuda")  # the lever is for cuDNN's convolutions: CUDA only
     engine.generate(_request(), lambda _p: None, lambda: False)
     monkeypatch.setattr(engine, "fast", FastPath())
@@ -551,12 +554,14 @@ def test_idle_compiling_follows_the_loaded_models(tiny_zoo: Path, one_thread: No
     assert fast.load_counts["base"] == loads  # the other model's shape was dropped, not reloaded
 
 
-def test_a_motion_module_replaced_on_disk_is_compiled_anew_while_idle(
+def test_a_motion_module_replaced_on_disk_runs_compiled_or_is_compiled_anew_while_idle(
     tiny_zoo: Path, tmp_path: Path, one_thread: None
 ) -> None:
-    """A motion module replaced under its name: the next job rebuilds the motion UNet, so
-    its shape is not compiled any more -- the job runs eagerly (no graph traced in it) and
-    the shape compiles in warm_pending(), on the new modules."""
+    """A motion module replaced under its name.  Of the same architecture (a retrained v2):
+    its weights go into the compiled motion UNet, and the next job runs compiled at once (no
+    new graph, nothing left to warm) with the new weights.  Of another (v3, no mid-block
+    module): the UNet is rebuilt, its shape is not compiled any more -- the job runs eagerly
+    (no graph traced in it) and the shape compiles in warm_pending(), on the new modules."""
     import os
     import shutil
 
@@ -581,19 +586,32 @@ def test_a_motion_module_replaced_on_disk_is_compiled_anew_while_idle(
     fast.warm_up(BASE, motion)
     assert fast.pending_warm_ups == 0
     unet = fast.pipeline.unet
-    old = mm.stat()
-    tmp = mm.with_name("new.partial")
-    _save_safetensors(motion_diffusers_to_original(_make_adapter("v2", 77).state_dict()), tmp)
-    os.replace(tmp, mm)
-    os.utime(mm, ns=(old.st_atime_ns, old.st_mtime_ns + 1_000_000_000))
+    before = _frames(fast, motion_module=motion)
 
+    def replace(version: str, seed: int) -> None:
+        old = mm.stat()
+        tmp = mm.with_name("new.partial")
+        _save_safetensors(motion_diffusers_to_original(_make_adapter(version, seed).state_dict()), tmp)
+        os.replace(tmp, mm)
+        os.utime(mm, ns=(old.st_atime_ns, old.st_mtime_ns + 1_000_000_000))
+
+    replace("v2", 77)
+    graphs = int(counters["stats"]["unique_graphs"])
+    retrained = _frames(fast, motion_module=motion)
+    assert fast.pipeline.unet is unet and fast.load_counts["motion_swap"] == 1
+    assert int(counters["stats"]["unique_graphs"]) == graphs and fast.pending_warm_ups == 0
+    eager = AnimateDiffEngine(models, "cpu", "fp32")
+    assert np.abs(retrained - _frames(eager, motion_module=motion)).max() <= TOLERANCE
+    assert np.abs(retrained - before).max() > TOLERANCE  # the new weights, not the compiled old ones
+
+    replace("v3", 78)
     graphs = int(counters["stats"]["unique_graphs"])
     replaced = _frames(fast, motion_module=motion)
-    assert fast.pipeline.unet is not unet and fast.load_counts["motion"] == 2
+    assert fast.pipeline.unet is not unet and fast.load_counts["motion"] == 3
     assert int(counters["stats"]["unique_graphs"]) == graphs  # ran eagerly
     assert fast.pending_warm_ups == 1
     assert fast.warm_pending() is True and fast.pending_warm_ups == 0
     eager = AnimateDiffEngine(models, "cpu", "fp32")
     assert np.abs(_frames(fast, motion_module=motion) - _frames(eager, motion_module=motion)).max() <= TOLERANCE
     assert np.abs(replaced - _frames(eager, motion_module=motion)).max() == 0
-    assert fast.load_counts["motion"] == 2
+    assert fast.load_counts["motion"] == 3

@@ -448,12 +448,22 @@ def test_warm_cache_reuses_components_and_swaps_only_the_motion_module(make_engi
     eng.generate(request(seed=99, prompt="a dog"), no_progress, never)
     assert eng.load_counts == {"base": 1, "motion": 1, "pipeline": 1}
     assert eng._adapter is adapter
+    unet = eng.pipeline.unet
     eng.generate(request(motion_module=MOTION_CKPT), no_progress, never)
-    assert eng.load_counts == {"base": 1, "motion": 2, "pipeline": 2}
+    # Another v2 module: its weights are copied into the motion UNet built before.
+    assert eng.load_counts == {"base": 1, "motion": 2, "pipeline": 1, "motion_swap": 1}
     assert eng._base.vae is vae and eng._base.text_encoder is text_encoder
-    assert eng._adapter is not adapter
+    assert eng._adapter is not adapter and eng.pipeline.unet is unet
     eng.generate(request(motion_module=MOTION_CKPT, base_model=BASE), no_progress, never)
-    assert eng.load_counts["pipeline"] == 2
+    assert eng.load_counts["pipeline"] == 1
+    # Back to the first: kept on the CPU, not read again.  v3 (no mid-block motion module)
+    # is another architecture: the UNet is built again.
+    eng.generate(request(), no_progress, never)
+    assert eng.load_counts == {"base": 1, "motion": 2, "pipeline": 1, "motion_swap": 2}
+    assert eng._adapter is adapter
+    eng.generate(request(motion_module=MOTION_V3), no_progress, never)
+    assert eng.load_counts == {"base": 1, "motion": 3, "pipeline": 2, "motion_swap": 2}
+    assert eng.pipeline.unet is not unet
 
 
 # --------------------------------------------------------------------------- models replaced on disk
@@ -495,6 +505,30 @@ def own_models(zoo: Path, tmp_path: Path) -> Path:
     return models
 
 
+def test_quality_and_fast_alternate_without_rebuilding_or_rereading(own_models: Path) -> None:
+    """An artist alternating Quality and Fast: Fast runs on the backend's Lightning module (a
+    v2 distillation), Quality on v2.  Each switch copies the other module's weights into the
+    motion UNet already built (compiled blocks kept) instead of building a new one; each
+    module is read from disk once; the frames are a fresh engine's."""
+    _retrained_motion_module(seed=5)(own_models / "motion/animatediff_lightning_4step.safetensors")
+    eng = AnimateDiffEngine(own_models, device="cpu")
+    assert eng.default_models()["motion_lightning"] == "motion:animatediff_lightning_4step.safetensors"
+    quality = request(base_model=None, motion_module=None)
+    fast = request(base_model=None, motion_module=None, preset="lightning", steps=None, guidance=None)
+
+    def run(job: Any, engine: AnimateDiffEngine = eng) -> list[np.ndarray]:
+        return list(engine.generate(job, no_progress, never).frames)
+
+    q1, f1 = run(quality), run(fast)
+    unet = eng.pipeline.unet
+    q2, f2 = run(quality), run(fast)
+    assert eng.load_counts == {"base": 1, "motion": 2, "pipeline": 1, "motion_swap": 3}
+    assert eng.pipeline.unet is unet
+    assert max_abs_diff(q1, q2) == 0 and max_abs_diff(f1, f2) == 0 and max_abs_diff(q1, f1) > 0
+    assert max_abs_diff(f2, run(fast, AnimateDiffEngine(own_models, device="cpu"))) == 0
+    assert max_abs_diff(q2, run(quality, AnimateDiffEngine(own_models, device="cpu"))) == 0
+
+
 def test_models_replaced_on_disk_are_reloaded_and_unchanged_ones_are_not(zoo: Path, own_models: Path) -> None:
     """A studio replaces a MotionLoRA and the motion module under their names while the
     server runs: the next job that uses them loads the new files (with no rescan, or after
@@ -529,15 +563,15 @@ def test_models_replaced_on_disk_are_reloaded_and_unchanged_ones_are_not(zoo: Pa
     _replace_file(models / "motion/mm_sd_v15_v2.safetensors", _retrained_motion_module(seed=77))
     eng.list_models(rescan=True)
     third = run(zoom)
-    # The motion UNet is rebuilt around it; the base model stays, and so do the LoRAs.
-    assert eng.load_counts == {"base": 1, "motion": 2, "pipeline": 2, "lora": 4}
+    # Its weights go into the motion UNet; the base model stays, and so do the LoRAs.
+    assert eng.load_counts == {"base": 1, "motion": 2, "pipeline": 1, "motion_swap": 1, "lora": 4}
     assert max_abs_diff(third, second) > 0
     assert max_abs_diff(third, fresh(zoom)) == 0
 
     # Again without the rescan: the next job still sees it.
     _replace_file(models / "motion/mm_sd_v15_v2.safetensors", _retrained_motion_module(seed=78))
     fourth = run(zoom)
-    assert eng.load_counts == {"base": 1, "motion": 3, "pipeline": 3, "lora": 4}
+    assert eng.load_counts == {"base": 1, "motion": 3, "pipeline": 1, "motion_swap": 2, "lora": 4}
     assert max_abs_diff(fourth, third) > 0
     assert max_abs_diff(fourth, fresh(zoom)) == 0
 
@@ -547,7 +581,7 @@ def test_models_replaced_on_disk_are_reloaded_and_unchanged_ones_are_not(zoo: Pa
     _replace_file(path, lambda dest: shutil.copyfile(path, dest))
     again = run(zoom)
     run(pan)
-    assert eng.load_counts == {"base": 1, "motion": 3, "pipeline": 3, "lora": 4}
+    assert eng.load_counts == {"base": 1, "motion": 3, "pipeline": 1, "motion_swap": 2, "lora": 4}
     assert max_abs_diff(again, fourth) == 0
 
 
