@@ -144,6 +144,9 @@ class Server:
         self._start_error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="server-io")
+        # Rescans apart: one hashing a new multi-GB checkpoint takes minutes, and the rescans
+        # asked meanwhile wait for it (one at a time); fetches and pruning must not wait too.
+        self._scan_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="server-scan")
         self._wake_lock = threading.Lock()
         self._wake_tx: zmq.Socket[bytes] | None = None
         self._refused = _RateLimitedLog()
@@ -249,6 +252,7 @@ class Server:
                 authenticator.stop()
             ctx.term()
             self._pool.shutdown(wait=True, cancel_futures=True)  # its tasks use the store
+            self._scan_pool.shutdown(wait=False, cancel_futures=True)  # (a hash in progress ends alone)
             self.store.close()
             self._data_lock.close()  # releases the lock
             log.info("stopped")
@@ -616,7 +620,7 @@ class Server:
                 items = [(messages.Error(code="internal", message=f"model rescan failed: {exc}"), [])]
             self._post(Reply(identity, msg.header, items))
 
-        self._pool.submit(rescan)
+        self._scan_pool.submit(rescan)
 
     def _on_submit(self, identity: bytes, msg: Message, submit: messages.Submit) -> None:
         client_id = self._client_id(msg)

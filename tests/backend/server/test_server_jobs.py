@@ -4,8 +4,10 @@ shutdown, responsiveness while a job runs."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -110,6 +112,38 @@ def test_only_the_owner_sees_cancels_and_fetches(server: Server, make_client: Cl
     [status] = other.watch([result.job_id])
     assert status.error_code == "not_found"
     assert owner.fetch(result.job_id).frames == result.frames
+
+
+def test_fetches_are_answered_while_rescans_hash(
+    server: Server, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two artists ask for a rescan while a new multi-GB checkpoint hashes (held here): the
+    rescans wait, one after the other, and a third artist's finished clip is still fetched at
+    once (the rescans filled the pool that fetches share, and the fetch waited for the hash)."""
+    finished = make_client(server, client_id="artist-c").run_job(small_request())
+    hashing, release = threading.Event(), threading.Event()
+    real = server.engine.list_models
+
+    def held_rescan(rescan: bool = False) -> list:
+        if rescan:
+            hashing.set()
+            release.wait(30)
+        return real(rescan)
+
+    monkeypatch.setattr(server.engine, "list_models", held_rescan)
+    with ThreadPoolExecutor(2) as pool:
+        rescans = [pool.submit(make_client(server, client_id=f"artist-{x}", timeout_s=30).list_models, True)
+                   for x in "ab"]
+        assert hashing.wait(10)
+        time.sleep(0.2)  # the second rescan is queued behind the first
+        try:
+            t = time.perf_counter()
+            fetched = make_client(server, client_id="artist-c", timeout_s=5).fetch(finished.job_id)
+            took = time.perf_counter() - t
+        finally:
+            release.set()
+        assert all(r.result(timeout=30) for r in rescans)
+    assert fetched.frames == finished.frames and took < 2.0
 
 
 def test_fetch_of_an_unfinished_or_failed_job(slow: Server, make_client: ClientFactory) -> None:
