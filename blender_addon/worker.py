@@ -214,13 +214,11 @@ class Worker(threading.Thread):
             except queue.Empty:
                 break
             if isinstance(cmd, m.CancelJob):
-                self.waiting_cancels.add(cmd.job_id)
-                self._end(cmd.job_id, m.JobFailed(cmd.job_id, f"cancelled; {TOLD_WHEN_BACK}", "cancelled"))
+                self._cancel_offline(cmd.job_id)
             elif isinstance(cmd, m.CancelSubmit):
                 self._cancel_submit(cmd.local_id)
             elif isinstance(cmd, m.CancelsOwed):
-                self.waiting_cancels.update(cmd.job_ids)
-                self.waiting.extend(cmd.submits)
+                self._owe(cmd)
             # Anything else is the next worker's: submits are sent again from the rows, jobs
             # watched again from the scenes.
         owed = [sub for sub in self.waiting if sub.cancelled]
@@ -270,13 +268,11 @@ class Worker(threading.Thread):
                 # Unreachable (or lost during the cancel): waiting for the backend could last
                 # forever and the job could never be cleared.  End it here; the backend is
                 # told as soon as it answers again (the worker keeps trying).
-                self.waiting_cancels.add(cmd.job_id)
-                self._end(cmd.job_id, m.JobFailed(cmd.job_id, f"cancelled; {TOLD_WHEN_BACK}", "cancelled"))
+                self._cancel_offline(cmd.job_id)
         elif isinstance(cmd, m.CancelSubmit):
             self._cancel_submit(cmd.local_id)
         elif isinstance(cmd, m.CancelsOwed):
-            self.waiting_cancels.update(cmd.job_ids)
-            self.waiting.extend(cmd.submits)
+            self._owe(cmd)
             if self.client is not None:
                 self._send_owed()
         elif isinstance(cmd, m.WatchJobs):
@@ -286,6 +282,15 @@ class Worker(threading.Thread):
                 self._watch(list(cmd.jobs))
         elif isinstance(cmd, m.MoveTake):
             self._move(cmd)
+
+    def _cancel_offline(self, job_id: str) -> None:
+        """Cancel a job the backend cannot be told of now: its row ends; the cancel is owed."""
+        self.waiting_cancels.add(job_id)
+        self._end(job_id, m.JobFailed(job_id, f"cancelled; {TOLD_WHEN_BACK}", "cancelled"))
+
+    def _owe(self, owed: m.CancelsOwed) -> None:
+        self.waiting_cancels.update(owed.job_ids)
+        self.waiting.extend(owed.submits)
 
     def _cancel_submit(self, local_id: str) -> None:
         """A submit still waiting here ends now, as cancelled.  One that may have reached the

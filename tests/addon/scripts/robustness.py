@@ -180,15 +180,20 @@ out["undo_to_submitting"] = [(x.state, x.message) for x in rows(local)]
 #    backend is back, the job it made of that submit is cancelled there.  100 steps (5 s with
 #    the fake 0.05 s a step): the job must still be running when the owed cancel arrives, after
 #    the worker's reconnect back-off (20 steps finished first on a loaded CI machine).
-scene = bpy.context.scene
-s = scene.animatediff
-s.steps, s.channel = 100, 10
-pause_backend()
-assert bpy.ops.animatediff.generate() == {"FINISHED"}
-local = last_local(scene)
-time.sleep(0.3)
-cancels_before = backend_cancels()
-assert bpy.ops.animatediff.cancel(local_id=local) == {"FINISHED"}
+def cancel_while_submitting(channel: int) -> tuple[str, int]:
+    """Generate with the backend paused, then ✕ on its row: (local id, backend cancels before)."""
+    scene = bpy.context.scene
+    scene.animatediff.steps, scene.animatediff.channel = 100, channel
+    pause_backend()
+    assert bpy.ops.animatediff.generate() == {"FINISHED"}
+    local = last_local(scene)
+    time.sleep(0.3)
+    before = backend_cancels()
+    assert bpy.ops.animatediff.cancel(local_id=local) == {"FINISHED"}
+    return local, before
+
+
+local, cancels_before = cancel_while_submitting(10)
 t0 = time.monotonic()
 try:
     c.drain_until(lambda: row(local).state not in PENDING, 10)
@@ -209,13 +214,7 @@ out["cancel_submitting_after"] = {"state": row(local).state, "owed": len(state.w
 
 # 6b. The same, but the add-on is disabled while that cancel is owed, and enabled again: the
 #     stopped worker hands the cancel on, and the backend still hears of it.
-s.steps, s.channel = 100, 11
-pause_backend()
-assert bpy.ops.animatediff.generate() == {"FINISHED"}
-local = last_local(scene)
-time.sleep(0.3)
-cancels_before = backend_cancels()
-assert bpy.ops.animatediff.cancel(local_id=local) == {"FINISHED"}
+local, cancels_before = cancel_while_submitting(11)
 c.drain_until(lambda: True, 0.3)
 old_worker = state.worker
 bpy.ops.preferences.addon_disable(module=c.MODULE)
