@@ -1591,6 +1591,7 @@ class AnimateDiffEngine:
         assert settings.base_model and settings.motion_module
         with self._gpu_lock:
             self._ensure_pipeline(settings.base_model, settings.motion_module, lambda _p: None)
+            self._preload_fast_motion_module()
             if self.fast.compiles:
                 if requests is None:
                     requests = [
@@ -1639,6 +1640,25 @@ class AnimateDiffEngine:
                 self._save_compile_cache()
         self.warm_up_s = time.perf_counter() - t0
         return not self._to_warm
+
+    def _preload_fast_motion_module(self) -> None:
+        """Read the Fast preset's motion module (the registry's "motion_lightning") onto the
+        CPU now: the first Fast job then only copies its weights into the UNet (or builds
+        one) instead of reading a file first.  A file that cannot be read is the job's to say."""
+        from animatediff_blender.backend.models import loading
+
+        motion_id = self.default_models().get("motion_lightning")
+        if not motion_id or motion_id == self._motion_id:
+            return
+        try:
+            entry = self._current_entry(motion_id, "motion_module")
+            if (motion_id, entry.sha256) not in self._adapters:
+                self._adapters[(motion_id, entry.sha256)] = loading.load_motion_adapter(entry, self.dtype)
+                self.load_counts["motion"] += 1
+        except Exception as exc:  # noqa: BLE001 - warm-up goes on without it
+            log.warning("could not read the Fast preset's motion module %s ahead of time: %s", motion_id, exc)
+        while len(self._adapters) > KEPT_MOTION_ADAPTERS:
+            self._adapters.popitem(last=False)
 
     def _warm_run(self, request: GenerateRequest, should_yield: Callable[[], bool] | None) -> None:
         """One 2-step run of a shape, which compiles it; JobCancelled as soon as

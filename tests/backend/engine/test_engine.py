@@ -527,6 +527,12 @@ def test_quality_and_fast_alternate_without_rebuilding_or_rereading(own_models: 
     assert max_abs_diff(q1, q2) == 0 and max_abs_diff(f1, f2) == 0 and max_abs_diff(q1, f1) > 0
     assert max_abs_diff(f2, run(fast, AnimateDiffEngine(own_models, device="cpu"))) == 0
     assert max_abs_diff(q2, run(quality, AnimateDiffEngine(own_models, device="cpu"))) == 0
+    # The server's warm-up reads the Fast module ahead too: the first Fast job reads nothing.
+    warm = AnimateDiffEngine(own_models, device="cpu")
+    warm.warm_up()
+    assert warm.load_counts == {"base": 1, "motion": 2, "pipeline": 1}
+    assert max_abs_diff(run(fast, warm), f1) == 0
+    assert warm.load_counts == {"base": 1, "motion": 2, "pipeline": 1, "motion_swap": 1}
 
 
 def test_models_replaced_on_disk_are_reloaded_and_unchanged_ones_are_not(zoo: Path, own_models: Path) -> None:
