@@ -65,6 +65,13 @@ def draw_jobs(layout, scene, compact=False):
             col.template_icon(icon_value=icon, scale=6.0)
 
 
+def draw_preset_mismatch(layout, s):
+    """Fast/LCM on a motion module not made for them: what is wrong and how to fix it."""
+    mismatch = preset_mismatch(s.preset, s.motion_module.strip(), STATE.models, STATE.defaults)
+    for i, line in enumerate(textwrap.wrap(mismatch, 44)):  # all of it: it says how to fix it
+        layout.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
+
+
 def _wrap(text, width):
     return textwrap.wrap(text, width)[:4] or [""]
 
@@ -90,9 +97,7 @@ class ADB_PT_sequencer(Panel):
         if not s.base_model or not s.motion_module:
             col.label(text="Empty: the backend's default", icon="INFO")
         col.prop(s, "preset")
-        mismatch = preset_mismatch(s.preset, s.motion_module, STATE.models, STATE.defaults)
-        for i, line in enumerate(textwrap.wrap(mismatch, 44)):  # all of it: it says how to fix it
-            col.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
+        draw_preset_mismatch(col, s)
 
         box = layout.box()
         row = box.row()
@@ -161,6 +166,7 @@ class ADB_PT_view3d(Panel):
         draw_connection(layout, compact=True)
         layout.prop(s, "prompt")
         layout.prop(s, "preset")
+        draw_preset_mismatch(layout, s)
         layout.operator("animatediff.match_camera", icon="CAMERA_DATA")
         layout.operator("animatediff.generate", icon="RENDER_ANIMATION")
         draw_jobs(layout, context.scene, compact=True)

@@ -56,10 +56,10 @@ def test_install_register_camera_unregister(bpy_python, addon_zips, tmp_path: Pa
         assert prop in r["drawn_props"], prop
     assert {"animatediff.generate", "animatediff.regenerate", "animatediff.match_camera",
             "animatediff.test_connection", "animatediff.cancel"} <= set(r["drawn_ops"]), r["drawn_ops"]
-    # Fast on a motion module not made for it: the sequencer panel says so under the preset.
+    # Fast on a motion module not made for it: both panels say so under the preset.
     text = " ".join(r["drawn_labels"])
     assert ("Fast (AnimateDiff-Lightning) needs its own motion module; motion:v2 is not one" in text
-            and text.count("needs its own") == 1 and "or use Quality" in text), r["drawn_labels"]
+            and text.count("needs its own") == 2 and "or use Quality" in text), r["drawn_labels"]  # both panels
     # Windows paths keep their backslashes (POSIX shell splitting ate them).
     assert r["backend_argv_windows"] == r"C:\Users\me\venv\Scripts\animatediff-blender.exe serve --bind tcp://127.0.0.1:5557"
     assert r["backend_argv_posix"] == ["/opt/my tools/animatediff-blender", "serve"]
