@@ -503,6 +503,7 @@ class AnimateDiffEngine:
         fast: FastPath | bool | None = None,
         compile_cache_dir: Path | None = None,
         defer_compile: bool = True,
+        swap_motion_weights: bool = True,
     ) -> None:
         from animatediff_blender.backend.models.registry import ModelRegistry
 
@@ -533,6 +534,10 @@ class AnimateDiffEngine:
         # has not been compiled yet runs eagerly (stock speed) and its shape is compiled
         # later, by warm_pending(), when the device is idle.  False: the job compiles.
         self.defer_compile = defer_compile
+        # Another motion module of the same architecture takes the built UNet's place by a
+        # weight copy (`_ensure_pipeline`); False rebuilds the UNet (the baseline it is measured
+        # against: `scripts/switch_probe.py`).
+        self.swap_motion_weights = swap_motion_weights
         self._warm_keys: set[tuple[Any, ...]] = set()  # shapes compiled in this process
         # Set when compiling failed once (no triton for this GPU, a compiler bug): every job
         # then runs eagerly and nothing is compiled again in this process.
@@ -778,7 +783,7 @@ class AnimateDiffEngine:
                     adapter = loading.load_motion_adapter(motion_entry, self.dtype)
                 self.load_counts["motion"] += 1
             try:
-                swapped = self._pipe is not None and loading.swap_motion_weights(
+                swapped = self._pipe is not None and self.swap_motion_weights and loading.swap_motion_weights(
                     self._pipe.unet, self._adapter, adapter
                 )
             except BaseException:

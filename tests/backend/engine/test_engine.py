@@ -527,6 +527,11 @@ def test_quality_and_fast_alternate_without_rebuilding_or_rereading(own_models: 
     assert max_abs_diff(q1, q2) == 0 and max_abs_diff(f1, f2) == 0 and max_abs_diff(q1, f1) > 0
     assert max_abs_diff(f2, run(fast, AnimateDiffEngine(own_models, device="cpu"))) == 0
     assert max_abs_diff(q2, run(quality, AnimateDiffEngine(own_models, device="cpu"))) == 0
+    # The baseline the switch is measured against (scripts/switch_probe.py): rebuilt, same frames.
+    rebuild = AnimateDiffEngine(own_models, device="cpu", swap_motion_weights=False)
+    run(quality, rebuild)
+    assert max_abs_diff(run(fast, rebuild), f1) == 0
+    assert rebuild.load_counts["pipeline"] == 2 and not rebuild.load_counts["motion_swap"]
     # The server's warm-up reads the Fast module ahead too: the first Fast job reads nothing.
     warm = AnimateDiffEngine(own_models, device="cpu")
     warm.warm_up()
