@@ -791,17 +791,23 @@ class AnimateDiffEngine:
                 raise
             if swapped:
                 # Quality <-> Fast alternates v2 and its Lightning distillation: new motion
-                # weights in the same UNet, whose compiled shapes now serve this module too.
+                # weights in the same UNet, whose compiled shapes now serve this module too
+                # (regional compiles only: a whole-UNet graph also guards on the timesteps'
+                # dtype, which Lightning's scheduler changes).
                 self._pipe.motion_adapter = adapter
-                self._warm_keys |= {(k[0], motion_id, *k[2:]) for k in self._warm_keys if k[1] == self._motion_id}
+                if self.fast.compile != "full":
+                    self._warm_keys |= {(k[0], motion_id, *k[2:]) for k in self._warm_keys if k[1] == self._motion_id}
                 self.load_counts["motion_swap"] += 1
             else:
+                if should_cancel():  # before the built (compiled) UNet is dropped for nothing
+                    self._adapters[key] = adapter
+                    self._trim_adapters()
+                    raise JobCancelled()
                 self._pipe = None
                 self._free()
             if self._adapter is not None and self._motion_id is not None:
                 self._adapters[(self._motion_id, self._motion_sha)] = self._adapter  # to come back to
-                while len(self._adapters) > KEPT_MOTION_ADAPTERS:
-                    self._adapters.popitem(last=False)
+                self._trim_adapters()
             self._adapter, self._motion_id, self._motion_sha = adapter, motion_id, motion_entry.sha256
             if should_cancel():
                 raise JobCancelled()
@@ -1302,6 +1308,8 @@ class AnimateDiffEngine:
             while True:
                 try:
                     if deferred is None:
+                        if should_cancel():  # (cancelled while queued: load nothing)
+                            raise JobCancelled()
                         # The models first: what is compiled depends on what the loading keeps
                         # (a UNet rebuilt has nothing compiled; one that took another motion
                         # module's weights in keeps its graphs: `_warm_keys`).
@@ -1662,8 +1670,11 @@ class AnimateDiffEngine:
                 self.load_counts["motion"] += 1
         except Exception as exc:  # noqa: BLE001 - warm-up goes on without it
             log.warning("could not read the Fast preset's motion module %s ahead of time: %s", motion_id, exc)
+        self._trim_adapters()
+
+    def _trim_adapters(self) -> None:
         while len(self._adapters) > KEPT_MOTION_ADAPTERS:
-            self._adapters.popitem(last=False)
+            self._adapters.popitem(last=False)  # the oldest
 
     def _warm_run(self, request: GenerateRequest, should_yield: Callable[[], bool] | None) -> None:
         """One 2-step run of a shape, which compiles it; JobCancelled as soon as
@@ -1684,8 +1695,16 @@ class AnimateDiffEngine:
         if unet is not None and self.fast.compile == "regional":
             blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
             handles = [block.register_forward_pre_hook(check) for block in blocks if block is not None]
+        denoised = False
+
+        def progress(p: StepProgress) -> None:
+            nonlocal denoised
+            denoised = denoised or p.phase == "decode"
+
         try:
-            self._generate(request, lambda _p: None, should_yield)
+            # Not during the decode: the shape's graphs are all compiled by then, and a run
+            # stopped there would leave it not marked warm (the waiting job would run eagerly).
+            self._generate(request, progress, lambda: not denoised and should_yield())
         finally:
             for handle in handles:
                 handle.remove()

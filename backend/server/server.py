@@ -252,7 +252,8 @@ class Server:
                 authenticator.stop()
             ctx.term()
             self._pool.shutdown(wait=True, cancel_futures=True)  # its tasks use the store
-            self._scan_pool.shutdown(wait=False, cancel_futures=True)  # (a hash in progress ends alone)
+            # Queued rescans are dropped; one hashing now still finishes before the process exits.
+            self._scan_pool.shutdown(wait=False, cancel_futures=True)
             self.store.close()
             self._data_lock.close()  # releases the lock
             log.info("stopped")

@@ -307,6 +307,26 @@ def test_cancel_while_loading_keeps_what_was_loaded(make_engine: Any) -> None:
     assert (fresh.load_counts["base"], fresh.load_counts["motion"], fresh.load_counts["pipeline"]) == (1, 1, 1)
 
 
+def test_a_job_cancelled_before_it_starts_loads_nothing_and_keeps_the_built_unet(make_engine: Any) -> None:
+    """A job cancelled while queued (an artist's ✕ right after Generate, a resent submit that
+    was cancelled) loads no model; one cancelled while its motion module of another
+    architecture loads keeps the built UNet (and its compiled shapes) for the next job, the
+    module read kept for when it is asked for again."""
+    fresh = make_engine()
+    with pytest.raises(JobCancelled):
+        fresh.generate(request(), no_progress, lambda: True)
+    assert not fresh.load_counts
+    fresh.generate(request(), no_progress, never)
+    unet = fresh.pipeline.unet
+    seen: list[StepProgress] = []
+    with pytest.raises(JobCancelled):
+        fresh.generate(request(motion_module=MOTION_V3), seen.append, lambda: bool(seen))
+    assert fresh.pipeline is not None and fresh.pipeline.unet is unet and fresh._motion_id == MOTION
+    assert fresh.load_counts == {"base": 1, "motion": 2, "pipeline": 1}
+    fresh.generate(request(motion_module=MOTION_V3), no_progress, never)
+    assert fresh.load_counts == {"base": 1, "motion": 2, "pipeline": 2}  # v3 not read again
+
+
 def test_long_clip_swaps_motion_blocks_without_rebuilding_them(engine: AnimateDiffEngine) -> None:
     """FreeNoise windows stand in for the plain motion blocks during a long job, on the same
     weight tensors (no copy, nothing left on the meta device), and the very same plain
