@@ -164,8 +164,11 @@ def _warn_preset(job_plan: st.Plan, welcome: Any) -> None:
     from .preset_check import preset_mismatch
     from .worker import _to_builtins
 
-    mismatch = preset_mismatch(str(job_plan.request.get("preset")), job_plan.request.get("motion_module") or "",
-                               [_to_builtins(x) for x in welcome.models], dict(welcome.defaults or {}))
+    try:
+        mismatch = preset_mismatch(str(job_plan.request.get("preset")), job_plan.request.get("motion_module") or "",
+                                   [_to_builtins(x) for x in welcome.models], dict(welcome.defaults or {}))
+    except Exception:  # noqa: BLE001 - a warning never fails a job
+        return
     if mismatch:
         print(f"AnimateDiff: warning: {mismatch}", flush=True)
 

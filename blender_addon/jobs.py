@@ -254,9 +254,10 @@ def apply(msg: Any) -> None:
             STATE.job_shadow.pop(msg.local_id, None)
             _ended(job)
             return
-        if job.state not in PENDING_STATES:
-            # Its row ended before this answer came (cancelled while a stopping worker still
-            # sent it): the row stays as it is, and the job is not left holding the GPU.
+        if job.state == "cancelled":
+            # Cancelled before this answer came (while a stopping worker still sent it): the
+            # row stays cancelled, and the job is not left holding the GPU.  A row that ended
+            # otherwise (failed: "Blender closed before the backend answered") takes its job.
             worker().send(m.CancelJob(msg.job_id))
             return
         job.job_id, job.queue_position = msg.job_id, msg.queue_position
@@ -274,6 +275,10 @@ def apply(msg: Any) -> None:
             # Its scene was deleted while the job ran; an undo may bring the scene back, with
             # the row "running": the row gets this then (restore_ended) instead of never.
             STATE.job_orphans[msg.job_id] = msg
+        return
+    if job.state == "cancelled":
+        # The artist cancelled it: nothing a worker still says of the job (one that started
+        # watching it before the cancel reached it) brings the row back or lands its take.
         return
     if isinstance(msg, m.JobDone) and not msg.settled and _move_take(scene, job, msg):
         return  # the worker moves the frames, then reports the job done again

@@ -214,7 +214,7 @@ class Worker(threading.Thread):
             except queue.Empty:
                 break
             if isinstance(cmd, m.CancelJob):
-                self._cancel_offline(cmd.job_id)
+                self._cancel_offline(cmd.job_id, "the add-on stopped first; the backend is told when it runs again")
             elif isinstance(cmd, m.CancelSubmit):
                 self._cancel_submit(cmd.local_id)
             elif isinstance(cmd, m.CancelsOwed):
@@ -283,10 +283,10 @@ class Worker(threading.Thread):
         elif isinstance(cmd, m.MoveTake):
             self._move(cmd)
 
-    def _cancel_offline(self, job_id: str) -> None:
+    def _cancel_offline(self, job_id: str, why: str = TOLD_WHEN_BACK) -> None:
         """Cancel a job the backend cannot be told of now: its row ends; the cancel is owed."""
         self.waiting_cancels.add(job_id)
-        self._end(job_id, m.JobFailed(job_id, f"cancelled; {TOLD_WHEN_BACK}", "cancelled"))
+        self._end(job_id, m.JobFailed(job_id, f"cancelled; {why}", "cancelled"))
 
     def _owe(self, owed: m.CancelsOwed) -> None:
         self.waiting_cancels.update(owed.job_ids)

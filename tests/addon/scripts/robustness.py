@@ -257,6 +257,36 @@ j = row(local)
 out["reenabled"] = {"state": j.state, "message": j.message, "rows": len(rows(local)),
                     "strips": len(sc.strips_named(bpy.context.scene, [j.strip_name])) if j.strip_name else 0}
 
+# 8. Late messages for rows that ended.  A cancelled row stays cancelled: a late acceptance
+#    cancels its job, and progress or a take from a worker that watched the job before the
+#    cancel reached it is ignored.  A row that ended otherwise ("Blender closed before the
+#    backend answered") takes a late acceptance, as before.
+msgs = c.sub("messages")
+scene = bpy.context.scene
+sent = []
+real_worker = jobs.worker
+jobs.worker = lambda: type("W", (), {"send": staticmethod(sent.append)})()
+try:
+    ended = {}
+    for name in ("cancelled", "failed"):
+        j = scene.animatediff.jobs.add()
+        j.local_id, j.state, j.message = name * 4 + "0" * (32 - 4 * len(name)), name, "ended"
+        ended[name] = j.local_id
+    jobs.apply(msgs.JobAccepted(ended["cancelled"], "c" * 32, 0))
+    jobs.apply(msgs.JobAccepted(ended["failed"], "f" * 32, 0))
+    row(ended["cancelled"]).job_id = "d" * 32  # as if accepted before the cancel
+    strips_before = len(sc.all_strips(scene))
+    jobs.apply(msgs.JobProgress("d" * 32, "running", 1, 2))
+    jobs.apply(msgs.JobDone("d" * 32, str(Path(a["workdir"])), ["frame_0001.png"], 1, {}))
+    out["late_messages"] = {
+        "cancelled": [row(ended["cancelled"]).state, row(ended["cancelled"]).job_id],
+        "failed": [row(ended["failed"]).state, row(ended["failed"]).job_id],
+        "sent": [[type(x).__name__, x.job_id] for x in sent],
+        "new_strips": len(sc.all_strips(scene)) - strips_before,
+    }
+finally:
+    jobs.worker = real_worker
+
 state.worker.stop()
 bpy.ops.preferences.addon_disable(module=c.MODULE)
 c.result(**out)
