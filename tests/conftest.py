@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,19 +33,23 @@ def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def held_first_hash(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
-    """The model registry's first file hash is held (a multi-GB checkpoint on a slow disk):
-    `hashing` is set once it started, and it goes on when the test sets `release`."""
+def held_first_hash(monkeypatch: pytest.MonkeyPatch) -> Callable[[], tuple[threading.Event, threading.Event]]:
+    """Call it to hold the model registry's next file hash (a multi-GB checkpoint on a slow
+    disk): it returns (`hashing`, set once that hash started; `release`, set by the test to let
+    it go on).  Armed by the call, not by the fixture: scans before it (an engine's first) run."""
     from animatediff_blender.backend.models import registry
 
-    hashing, release = threading.Event(), threading.Event()
-    real = registry.content_sha256
+    def arm() -> tuple[threading.Event, threading.Event]:
+        hashing, release = threading.Event(), threading.Event()
+        real = registry.content_sha256
 
-    def slow_first_hash(path: Path) -> str:
-        if not hashing.is_set():
-            hashing.set()
-            release.wait(30)
-        return real(path)
+        def slow_first_hash(path: Path) -> str:
+            if not hashing.is_set():
+                hashing.set()
+                release.wait(30)
+            return real(path)
 
-    monkeypatch.setattr(registry, "content_sha256", slow_first_hash)
-    return hashing, release
+        monkeypatch.setattr(registry, "content_sha256", slow_first_hash)
+        return hashing, release
+
+    return arm

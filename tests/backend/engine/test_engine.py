@@ -635,7 +635,7 @@ def test_a_replaced_model_that_is_broken_now_is_a_model_error(own_models: Path) 
 
 @pytest.mark.parametrize("trigger", ["list_models", "job"])
 def test_the_servers_calls_never_wait_for_a_rescan(
-    zoo: Path, own_models: Path, held_first_hash: tuple[threading.Event, threading.Event], trigger: str
+    zoo: Path, own_models: Path, held_first_hash: Callable[[], tuple[threading.Event, threading.Event]], trigger: str
 ) -> None:
     """hello, list-models and submit (resolve) run on the server's network loop: while a
     rescan hashes a checkpoint dropped in or replaced (held here: GBs on a network disk take
@@ -646,7 +646,7 @@ def test_the_servers_calls_never_wait_for_a_rescan(
     tilt = "lora:v2_lora_TiltUp.ckpt"
     shutil.copy2(zoo / "lora/v2_lora_TiltUp.ckpt", own_models / "lora/v2_lora_TiltUp.ckpt")
     _replace_file(own_models / "lora/v2_lora_ZoomIn.ckpt", lambda dest: shutil.copyfile(zoo / "lora/v2_lora_PanLeft.ckpt", dest))
-    hashing, release = held_first_hash
+    hashing, release = held_first_hash()
 
     def loop_calls() -> tuple[Any, ...]:
         try:

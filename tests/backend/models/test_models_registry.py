@@ -8,6 +8,7 @@ import re
 import shutil
 import struct
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -456,7 +457,7 @@ def test_cache_of_an_older_signature_format_counts_as_changed(  # type: ignore[n
 
 
 def test_readers_get_the_last_scan_and_rescans_run_one_at_a_time(  # type: ignore[no-untyped-def]
-    models_copy, held_first_hash: tuple[threading.Event, threading.Event]
+    models_copy, held_first_hash: Callable[[], tuple[threading.Event, threading.Event]]
 ) -> None:
     """While a rescan hashes a new file (held here: a multi-GB checkpoint on a slow disk),
     readers get the previous scan's entries at once.  A second rescan asked meanwhile waits
@@ -466,7 +467,7 @@ def test_readers_get_the_last_scan_and_rescans_run_one_at_a_time(  # type: ignor
     reg = ModelRegistry(models)
     before = reg.scan()
     models_copy("lora/v2_lora_PanLeft.ckpt")
-    hashing, release = held_first_hash
+    hashing, release = held_first_hash()
 
     with ThreadPoolExecutor(3) as pool:
         first = pool.submit(reg.scan)
