@@ -1379,6 +1379,11 @@ class AnimateDiffEngine:
             if should_yield():
                 return False
             key, request = self._to_warm.popitem(last=False)
+            if request.base_model == self._base_id and self._swaps_in(request.motion_module):
+                # Its motion module takes the loaded one's place by a weight copy: the same
+                # graphs serve both, compiled here on the loaded one (the swap relabels them).
+                request = msgspec.structs.replace(request, motion_module=self._motion_id)
+                key = self._shape_key(request)
             if key in self._warm_keys or (request.base_model, request.motion_module) != (self._base_id, self._motion_id):
                 continue  # compiled meanwhile, or for models no longer loaded (not worth reloading them)
             t0 = time.perf_counter()
@@ -1671,6 +1676,16 @@ class AnimateDiffEngine:
         except Exception as exc:  # noqa: BLE001 - warm-up goes on without it
             log.warning("could not read the Fast preset's motion module %s ahead of time: %s", motion_id, exc)
         self._trim_adapters()
+
+    def _swaps_in(self, motion_id: str | None) -> bool:
+        """Whether `motion_id`, another module kept on the CPU, would take the loaded one's place
+        by a weight copy (same architecture) rather than a rebuild."""
+        from animatediff_blender.backend.models import loading
+
+        if self._adapter is None or motion_id == self._motion_id or self.fast.compile == "full":
+            return False
+        kept = [a for (kept_id, _sha), a in self._adapters.items() if kept_id == motion_id]
+        return bool(kept) and self.swap_motion_weights and loading.same_motion_architecture(self._adapter, kept[-1])
 
     def _trim_adapters(self) -> None:
         while len(self._adapters) > KEPT_MOTION_ADAPTERS:

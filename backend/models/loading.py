@@ -409,6 +409,16 @@ def _motion_tensors(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in state.items() if ".motion_modules." in f".{k}"}
 
 
+def same_motion_architecture(a: MotionAdapter, b: MotionAdapter) -> bool:
+    """Whether one motion module's weights can stand in for the other's in a built motion UNet
+    (same config; PIA-style modules with their own conv_in never)."""
+
+    def architecture(adapter: MotionAdapter) -> dict[str, Any]:
+        return {k: v for k, v in adapter.config.items() if not k.startswith("_")}
+
+    return architecture(a) == architecture(b) and not b.config.get("conv_in_channels")
+
+
 def swap_motion_weights(unet: Any, current: MotionAdapter, new: MotionAdapter) -> bool:
     """Copy `new`'s motion-module weights into a motion UNet built with `current`, in place,
     when both have the same architecture (AnimateDiff-Lightning and AnimateLCM are v2's):
@@ -417,10 +427,7 @@ def swap_motion_weights(unet: Any, current: MotionAdapter, new: MotionAdapter) -
     nothing changed, when the architectures differ: the UNet is then rebuilt."""
     import torch
 
-    def architecture(adapter: MotionAdapter) -> dict[str, Any]:
-        return {k: v for k, v in adapter.config.items() if not k.startswith("_")}
-
-    if architecture(current) != architecture(new) or new.config.get("conv_in_channels"):
+    if not same_motion_architecture(current, new):
         return False
     target = _motion_tensors(unet.state_dict(keep_vars=True))
     source = _motion_tensors(new.state_dict())

@@ -554,6 +554,40 @@ def test_idle_compiling_follows_the_loaded_models(tiny_zoo: Path, one_thread: No
     assert fast.load_counts["base"] == loads  # the other model's shape was dropped, not reloaded
 
 
+def test_a_pending_shape_of_the_swapped_out_module_compiles_on_the_loaded_one(
+    tiny_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Fast job ran eagerly (its shape not compiled yet) and the artist went back to Quality
+    before the device was idle: the pending shape is compiled on the loaded v2 module, whose
+    UNet the Lightning module's weights will take again (the graphs serve both).  It used to
+    be dropped as "for models no longer loaded", and the next Fast job ran eagerly again."""
+    import shutil
+
+    from animatediff_blender.backend.models.zoo import (
+        _make_adapter,
+        _save_safetensors,
+        motion_diffusers_to_original,
+    )
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_zoo / "base/tiny-sd15", models / "base/tiny-sd15")
+    (models / "motion").mkdir()
+    shutil.copy2(tiny_zoo / "motion/mm_sd_v15_v2.safetensors", models / "motion")
+    lightning = models / "motion/animatediff_lightning_4step.safetensors"
+    _save_safetensors(motion_diffusers_to_original(_make_adapter("v2", 5).state_dict()), lightning)
+    fast = AnimateDiffEngine(
+        models, "cpu", "fp32", fast=FastPath(compile="regional", compile_backend="eager", warm_shapes=()),
+    )  # fmt: skip
+    _frames(fast, base_model=None, motion_module=None, preset="lightning", steps=1, guidance=1.0)
+    _frames(fast, base_model=None, motion_module=None)  # Quality: back to v2 by a weight copy
+    assert fast.load_counts["motion_swap"] == 1 and fast.pending_warm_ups == 2
+    warmed: list[Any] = []
+    monkeypatch.setattr(fast, "_warm_run", lambda request, _should_yield: warmed.append(request))
+    assert fast.warm_pending() is True
+    v2 = "motion:mm_sd_v15_v2.safetensors"
+    assert [(r.motion_module, r.guidance) for r in warmed] == [(v2, 1.0), (v2, 7.5)]
+
+
 def test_a_motion_module_replaced_on_disk_runs_compiled_or_is_compiled_anew_while_idle(
     tiny_zoo: Path, tmp_path: Path, one_thread: None
 ) -> None:
