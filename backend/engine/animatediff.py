@@ -800,14 +800,12 @@ class AnimateDiffEngine:
                 self.load_counts["motion_swap"] += 1
             else:
                 if should_cancel():  # before the built (compiled) UNet is dropped for nothing
-                    self._adapters[key] = adapter
-                    self._trim_adapters()
+                    self._keep_adapter(key, adapter)
                     raise JobCancelled()
                 self._pipe = None
                 self._free()
             if self._adapter is not None and self._motion_id is not None:
-                self._adapters[(self._motion_id, self._motion_sha)] = self._adapter  # to come back to
-                self._trim_adapters()
+                self._keep_adapter((self._motion_id, self._motion_sha), self._adapter)  # to come back to
             self._adapter, self._motion_id, self._motion_sha = adapter, motion_id, motion_entry.sha256
             if should_cancel():
                 raise JobCancelled()
@@ -1671,11 +1669,10 @@ class AnimateDiffEngine:
         try:
             entry = self._current_entry(motion_id, "motion_module")
             if (motion_id, entry.sha256) not in self._adapters:
-                self._adapters[(motion_id, entry.sha256)] = loading.load_motion_adapter(entry, self.dtype)
+                self._keep_adapter((motion_id, entry.sha256), loading.load_motion_adapter(entry, self.dtype))
                 self.load_counts["motion"] += 1
         except Exception as exc:  # noqa: BLE001 - warm-up goes on without it
             log.warning("could not read the Fast preset's motion module %s ahead of time: %s", motion_id, exc)
-        self._trim_adapters()
 
     def _swaps_in(self, motion_id: str | None) -> bool:
         """Whether `motion_id`, another module kept on the CPU, would take the loaded one's place
@@ -1687,9 +1684,11 @@ class AnimateDiffEngine:
         kept = [a for (kept_id, _sha), a in self._adapters.items() if kept_id == motion_id]
         return bool(kept) and self.swap_motion_weights and loading.same_motion_architecture(self._adapter, kept[-1])
 
-    def _trim_adapters(self) -> None:
+    def _keep_adapter(self, key: tuple[str, str], adapter: Any) -> None:
+        """Keep a motion module on the CPU for later, dropping the oldest beyond the limit."""
+        self._adapters[key] = adapter
         while len(self._adapters) > KEPT_MOTION_ADAPTERS:
-            self._adapters.popitem(last=False)  # the oldest
+            self._adapters.popitem(last=False)
 
     def _warm_run(self, request: GenerateRequest, should_yield: Callable[[], bool] | None) -> None:
         """One 2-step run of a shape, which compiles it; JobCancelled as soon as
