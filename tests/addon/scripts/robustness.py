@@ -65,6 +65,24 @@ def backend_cancels() -> int:
     return Path(a["backend_log"]).read_text().count("event=cancelled")
 
 
+def generate_while_paused(steps: int, channel: int) -> str:
+    """Generate in the current scene with the backend paused (its submit unanswered): the row's local id."""
+    scene = bpy.context.scene
+    scene.animatediff.steps, scene.animatediff.channel = steps, channel
+    pause_backend()
+    assert bpy.ops.animatediff.generate() == {"FINISHED"}
+    return last_local(scene)
+
+
+def cancel_while_submitting(channel: int) -> tuple[str, int]:
+    """Generate with the backend paused, then ✕ on its row: (local id, backend cancels before)."""
+    local = generate_while_paused(100, channel)
+    time.sleep(0.3)
+    before = backend_cancels()
+    assert bpy.ops.animatediff.cancel(local_id=local) == {"FINISHED"}
+    return local, before
+
+
 api, jobs, state, sc = mods()
 scene = bpy.context.scene
 s = setup(scene, "a pier", 2)
@@ -157,12 +175,8 @@ out["deleted_scene"] = {"scene_back": shot2 is not None, "state": j.state if j e
 # 5. Ctrl+Z back to a step where the row was still "submitting" (the artist kept working
 #    while a slow backend took its time to accept): one row, and it ends (there used to be
 #    two rows, one "submitting" for ever).
+local = generate_while_paused(20, 8)
 scene = bpy.context.scene
-s = scene.animatediff
-s.steps, s.channel = 20, 8
-pause_backend()
-assert bpy.ops.animatediff.generate() == {"FINISHED"}
-local = last_local(scene)
 scene.frame_current = 3
 bpy.ops.ed.undo_push(message="artist edit while submitting")
 resume_backend()
@@ -180,19 +194,6 @@ out["undo_to_submitting"] = [(x.state, x.message) for x in rows(local)]
 #    backend is back, the job it made of that submit is cancelled there.  100 steps (5 s with
 #    the fake 0.05 s a step): the job must still be running when the owed cancel arrives, after
 #    the worker's reconnect back-off (20 steps finished first on a loaded CI machine).
-def cancel_while_submitting(channel: int) -> tuple[str, int]:
-    """Generate with the backend paused, then ✕ on its row: (local id, backend cancels before)."""
-    scene = bpy.context.scene
-    scene.animatediff.steps, scene.animatediff.channel = 100, channel
-    pause_backend()
-    assert bpy.ops.animatediff.generate() == {"FINISHED"}
-    local = last_local(scene)
-    time.sleep(0.3)
-    before = backend_cancels()
-    assert bpy.ops.animatediff.cancel(local_id=local) == {"FINISHED"}
-    return local, before
-
-
 local, cancels_before = cancel_while_submitting(10)
 t0 = time.monotonic()
 try:
@@ -232,12 +233,7 @@ out["cancel_owed_over_disable"] = {"state": row(local).state, "backend_cancels":
 # 7. The add-on is disabled while a submit waits for a backend that does not answer, and
 #    enabled again: disabling does not hold Blender (it waited 2 s for the worker), and the
 #    submit the stopped worker still owed is sent again: the row ends, with its take.
-scene = bpy.context.scene
-s = scene.animatediff
-s.steps, s.channel = 2, 12
-pause_backend()
-assert bpy.ops.animatediff.generate() == {"FINISHED"}
-local = last_local(scene)
+local = generate_while_paused(2, 12)
 time.sleep(0.3)
 old_worker = state.worker
 t0 = time.perf_counter()

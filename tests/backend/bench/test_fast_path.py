@@ -554,6 +554,28 @@ def test_idle_compiling_follows_the_loaded_models(tiny_zoo: Path, one_thread: No
     assert fast.load_counts["base"] == loads  # the other model's shape was dropped, not reloaded
 
 
+def _v2_models(tiny_zoo: Path, tmp_path: Path) -> Path:
+    """A writable models folder: the tiny base and the v2 motion module (original layout)."""
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_zoo / "base/tiny-sd15", models / "base/tiny-sd15")
+    (models / "motion").mkdir()
+    shutil.copy2(tiny_zoo / "motion/mm_sd_v15_v2.safetensors", models / "motion")
+    return models
+
+
+def _write_motion_module(dest: Path, version: str, seed: int) -> None:
+    """Another motion module of `version`'s layout with its own random weights, as a file."""
+    from animatediff_blender.backend.models.zoo import (
+        _make_adapter,
+        _save_safetensors,
+        motion_diffusers_to_original,
+    )
+
+    _save_safetensors(motion_diffusers_to_original(_make_adapter(version, seed).state_dict()), dest)
+
+
 def test_a_pending_shape_of_the_swapped_out_module_compiles_on_the_loaded_one(
     tiny_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -561,20 +583,8 @@ def test_a_pending_shape_of_the_swapped_out_module_compiles_on_the_loaded_one(
     before the device was idle: the pending shape is compiled on the loaded v2 module, whose
     UNet the Lightning module's weights will take again (the graphs serve both).  It used to
     be dropped as "for models no longer loaded", and the next Fast job ran eagerly again."""
-    import shutil
-
-    from animatediff_blender.backend.models.zoo import (
-        _make_adapter,
-        _save_safetensors,
-        motion_diffusers_to_original,
-    )
-
-    models = tmp_path / "models"
-    shutil.copytree(tiny_zoo / "base/tiny-sd15", models / "base/tiny-sd15")
-    (models / "motion").mkdir()
-    shutil.copy2(tiny_zoo / "motion/mm_sd_v15_v2.safetensors", models / "motion")
-    lightning = models / "motion/animatediff_lightning_4step.safetensors"
-    _save_safetensors(motion_diffusers_to_original(_make_adapter("v2", 5).state_dict()), lightning)
+    models = _v2_models(tiny_zoo, tmp_path)
+    _write_motion_module(models / "motion/animatediff_lightning_4step.safetensors", "v2", 5)
     fast = AnimateDiffEngine(
         models, "cpu", "fp32", fast=FastPath(compile="regional", compile_backend="eager", warm_shapes=()),
     )  # fmt: skip
@@ -597,21 +607,11 @@ def test_a_motion_module_replaced_on_disk_runs_compiled_or_is_compiled_anew_whil
     module): the UNet is rebuilt, its shape is not compiled any more -- the job runs eagerly
     (no graph traced in it) and the shape compiles in warm_pending(), on the new modules."""
     import os
-    import shutil
 
     from torch._dynamo.utils import counters
 
-    from animatediff_blender.backend.models.zoo import (
-        _make_adapter,
-        _save_safetensors,
-        motion_diffusers_to_original,
-    )
-
-    models = tmp_path / "models"
-    shutil.copytree(tiny_zoo / "base/tiny-sd15", models / "base/tiny-sd15")
-    (models / "motion").mkdir()
+    models = _v2_models(tiny_zoo, tmp_path)
     mm = models / "motion/mm_sd_v15_v2.safetensors"
-    shutil.copy2(tiny_zoo / "motion/mm_sd_v15_v2.safetensors", mm)
     motion = "motion:mm_sd_v15_v2.safetensors"
     fast = AnimateDiffEngine(
         models, "cpu", "fp32",
@@ -625,7 +625,7 @@ def test_a_motion_module_replaced_on_disk_runs_compiled_or_is_compiled_anew_whil
     def replace(version: str, seed: int) -> None:
         old = mm.stat()
         tmp = mm.with_name("new.partial")
-        _save_safetensors(motion_diffusers_to_original(_make_adapter(version, seed).state_dict()), tmp)
+        _write_motion_module(tmp, version, seed)
         os.replace(tmp, mm)
         os.utime(mm, ns=(old.st_atime_ns, old.st_mtime_ns + 1_000_000_000))
 
