@@ -203,6 +203,7 @@ class Worker(threading.Thread):
         finally:
             self._drop_client()
             self._hand_on_cancels()
+            self._remove_previews()
 
     def _hand_on_cancels(self) -> None:
         """As the thread ends (the add-on is disabled): cancels the artist asked for that it had
@@ -224,6 +225,18 @@ class Worker(threading.Thread):
         owed = [sub for sub in self.waiting if sub.cancelled]
         if owed or self.waiting_cancels:
             self.outbox.put(m.CancelsOwed(sorted(self.waiting_cancels), owed))
+
+    def _remove_previews(self) -> None:
+        """As the thread ends: the previews of jobs still running go, and so does the folder
+        (one per Blender process, left behind in the temp folder at every quit before)."""
+        for track in self.jobs.values():
+            if track.preview_path:
+                _remove(track.preview_path)
+                track.preview_path = ""
+        try:
+            os.rmdir(self.preview_dir)
+        except OSError:
+            pass  # never made, or holds a file this thread did not write
 
     def _needs_connection(self) -> bool:
         # An owed cancel counts: the job may still hold a shared GPU until the backend hears of it.

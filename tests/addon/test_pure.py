@@ -366,6 +366,31 @@ def test_cancels_a_stopped_worker_owed_go_to_the_next_worker(
     assert backend.calls[-1] == ("cancel", "e" * 32) and not new.waiting_cancels
 
 
+def test_a_stopping_worker_leaves_no_preview_files_or_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job still running when the add-on stops (Blender quits): its step preview and the
+    process's preview folder go with the worker.  The folder was left in the temp folder at
+    every quit, one per Blender process."""
+    import queue
+
+    worker, m = _load_package()
+    monkeypatch.setattr(worker, "make_client", lambda cfg: _FakeClient(False, []))
+    w = worker.Worker(queue.Queue(), {"address": "tcp://gpu:5557"})
+    w.preview_dir = str(tmp_path / "previews")
+    w._command(m.WatchJobs({JOB: str(tmp_path)}))
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
+    for step in (1, 2):
+        w._event({"msg_type": "progress", "content": {"job_id": JOB, "step": step, "has_preview": True},
+                  "buffers": [png]})
+    assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == [f"{JOB[:8]}_0002.png"]
+    w._halt.set()
+    w.start()
+    w.join(5)
+    assert not w.is_alive()
+    assert not (tmp_path / "previews").exists()
+
+
 def test_shot_check_covers_camera_motion_weights() -> None:
     """A batch checks every shot before rendering; a camera motion's weight outside the
     protocol's range (ZoomIn = 50) used to pass, and fail that shot only after the shots
