@@ -1294,6 +1294,7 @@ class AnimateDiffEngine:
         delivered = 0  # frames handed to on_frames: a job that delivered some is not retried
         deferred: bool | None = None
         load_s = 0.0
+        pipe: Any = None
 
         def sink(start: int, frames: list[np.ndarray]) -> None:
             nonlocal delivered
@@ -1313,7 +1314,9 @@ class AnimateDiffEngine:
                         # module's weights in keeps its graphs: `_warm_keys`).
                         assert settings.base_model and settings.motion_module  # (resolved)
                         t0 = time.perf_counter()
-                        self._ensure_pipeline(settings.base_model, settings.motion_module, progress, should_cancel)
+                        pipe = self._ensure_pipeline(
+                            settings.base_model, settings.motion_module, progress, should_cancel
+                        )
                         load_s = time.perf_counter() - t0
                         deferred = self.fast.compiles and (
                             self.compile_error is not None or (self.defer_compile and key not in self._warm_keys)
@@ -1322,7 +1325,7 @@ class AnimateDiffEngine:
                     with torch.compiler.set_stance("force_eager") if deferred else nullcontext():
                         result = self._generate(
                             settings, progress, should_cancel, memory_saving=saving,
-                            on_frames=sink if on_frames is not None else None,
+                            on_frames=sink if on_frames is not None else None, pipe=pipe,
                         )  # fmt: skip
                     result.timings["load"] = result.timings.get("load", 0.0) + load_s
                     result.timings["total"] = result.timings.get("total", 0.0) + load_s
@@ -1426,15 +1429,16 @@ class AnimateDiffEngine:
 
     def _generate(
         self, s: GenerateRequest, progress: ProgressCallback, should_cancel: CancelCheck, *,
-        memory_saving: bool = False, on_frames: FrameSink | None = None,
+        memory_saving: bool = False, on_frames: FrameSink | None = None, pipe: Any = None,
     ) -> GenerationResult:  # fmt: skip
-        """One run on the device (a job, or a warm-up run that compiles a shape)."""
+        """One run on the device (a job, or a warm-up run that compiles a shape), on `pipe`
+        when the caller has just ensured it (a job: what it loaded decided how it runs)."""
         with _cudnn_benchmark(self.fast.cudnn_benchmark and self.device.type == "cuda"):
-            return self._run(s, progress, should_cancel, memory_saving=memory_saving, on_frames=on_frames)
+            return self._run(s, progress, should_cancel, memory_saving=memory_saving, on_frames=on_frames, pipe=pipe)
 
     def _run(
         self, s: GenerateRequest, progress: ProgressCallback, should_cancel: CancelCheck, *,
-        memory_saving: bool, on_frames: FrameSink | None,
+        memory_saving: bool, on_frames: FrameSink | None, pipe: Any = None,
     ) -> GenerationResult:  # fmt: skip
         assert s.base_model and s.motion_module and s.steps is not None and s.guidance is not None
         assert s.context_length is not None and s.context_stride is not None
@@ -1442,7 +1446,8 @@ class AnimateDiffEngine:
         t0 = time.perf_counter()
         if should_cancel():
             raise JobCancelled()
-        pipe = self._ensure_pipeline(s.base_model, s.motion_module, progress, should_cancel)
+        if pipe is None:
+            pipe = self._ensure_pipeline(s.base_model, s.motion_module, progress, should_cancel)
         loras = [
             _LoraJob(f"adb_lora{i}", lora.id, float(lora.weight), self._lora_weights(lora.id, "motion_loras"))
             for i, lora in enumerate(s.motion_loras)

@@ -616,6 +616,27 @@ def test_models_replaced_on_disk_are_reloaded_and_unchanged_ones_are_not(zoo: Pa
     assert max_abs_diff(again, fourth) == 0
 
 
+def test_a_job_checks_each_model_file_once(own_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether a loaded model was replaced on disk costs a stat per file, once per job: the
+    job's loading decides how it runs (compiled or not), and the run uses what it loaded.  The
+    run checked the base model and motion module a second time."""
+    from collections import Counter
+
+    eng = AnimateDiffEngine(own_models, device="cpu")
+    job = request(motion_module=MM, motion_loras=[MotionLora(id=LORA_ZOOM)], domain_adapter=ADAPTER)
+    eng.generate(job, no_progress, never)
+    checked: Counter[str] = Counter()
+    is_current = eng._registry.is_current
+
+    def counting(entry: Any) -> bool:
+        checked[entry.id] += 1
+        return is_current(entry)
+
+    monkeypatch.setattr(eng._registry, "is_current", counting)
+    eng.generate(job, no_progress, never)
+    assert set(checked) >= {MM, LORA_ZOOM, ADAPTER} and set(checked.values()) == {1}, checked
+
+
 def test_a_replaced_model_that_is_broken_now_is_a_model_error(own_models: Path) -> None:
     """The replacement is checked as a rescan checks it: a truncated file is refused with its
     reason (not served from the old weights); once fixed, the job runs again."""
