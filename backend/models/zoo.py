@@ -470,6 +470,18 @@ def _make_adapter(version: str, seed: int) -> Any:
     return adapter
 
 
+def original_motion_module(version: str, seed: int) -> dict[str, Any]:
+    """A tiny motion module of `version`'s layout ("v1", "v2", "v3") with its own random
+    weights, in the original AnimateDiff key names (what `mm_sd_v15_v2.ckpt` holds)."""
+    return motion_diffusers_to_original(_make_adapter(version, seed).state_dict())
+
+
+def write_motion_module(dest: Path, version: str, seed: int) -> None:
+    """`original_motion_module` as a .safetensors file: a retrained module, or a distilled one
+    (Lightning, LCM) of the same architecture, for tests that replace or add one."""
+    _save_safetensors(original_motion_module(version, seed), dest)
+
+
 def _build_motion(dest: Path) -> Any:
     motion = dest / "motion"
     v2 = _make_adapter("v2", 10)
@@ -478,12 +490,12 @@ def _build_motion(dest: Path) -> Any:
     _save_ckpt(original, motion / "mm_sd_v15_v2.ckpt")
     _save_safetensors(original, motion / "mm_sd_v15_v2.safetensors")
 
-    v3 = motion_diffusers_to_original(_make_adapter("v3", 20).state_dict())
+    v3 = original_motion_module("v3", 20)
     # Real v3 files are sometimes wrapped as {"state_dict": ...}; the loader handles both.
     _save_ckpt({"state_dict": v3}, motion / "v3_sd15_mm.ckpt")
     _save_safetensors(v3, motion / "v3_sd15_mm.safetensors")
 
-    v1 = motion_diffusers_to_original(_make_adapter("v1", 30).state_dict())
+    v1 = original_motion_module("v1", 30)
     _save_ckpt(v1, motion / "mm_sd_v15.ckpt")
     return v2
 

@@ -17,6 +17,7 @@ import torch
 from animatediff_blender.backend.bench.run import parse_lever
 from animatediff_blender.backend.engine.animatediff import AnimateDiffEngine, FastPath
 from animatediff_blender.backend.engine.interface import EngineError
+from animatediff_blender.backend.models.zoo import write_motion_module
 from animatediff_blender.protocol.messages import GenerateRequest
 
 pytestmark = pytest.mark.timeout(600)
@@ -565,17 +566,6 @@ def _v2_models(tiny_zoo: Path, tmp_path: Path) -> Path:
     return models
 
 
-def _write_motion_module(dest: Path, version: str, seed: int) -> None:
-    """Another motion module of `version`'s layout with its own random weights, as a file."""
-    from animatediff_blender.backend.models.zoo import (
-        _make_adapter,
-        _save_safetensors,
-        motion_diffusers_to_original,
-    )
-
-    _save_safetensors(motion_diffusers_to_original(_make_adapter(version, seed).state_dict()), dest)
-
-
 def test_a_pending_shape_of_the_swapped_out_module_compiles_on_the_loaded_one(
     tiny_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -584,7 +574,7 @@ def test_a_pending_shape_of_the_swapped_out_module_compiles_on_the_loaded_one(
     UNet the Lightning module's weights will take again (the graphs serve both).  It used to
     be dropped as "for models no longer loaded", and the next Fast job ran eagerly again."""
     models = _v2_models(tiny_zoo, tmp_path)
-    _write_motion_module(models / "motion/animatediff_lightning_4step.safetensors", "v2", 5)
+    write_motion_module(models / "motion/animatediff_lightning_4step.safetensors", "v2", 5)
     fast = AnimateDiffEngine(
         models, "cpu", "fp32", fast=FastPath(compile="regional", compile_backend="eager", warm_shapes=()),
     )  # fmt: skip
@@ -625,7 +615,7 @@ def test_a_motion_module_replaced_on_disk_runs_compiled_or_is_compiled_anew_whil
     def replace(version: str, seed: int) -> None:
         old = mm.stat()
         tmp = mm.with_name("new.partial")
-        _write_motion_module(tmp, version, seed)
+        write_motion_module(tmp, version, seed)
         os.replace(tmp, mm)
         os.utime(mm, ns=(old.st_atime_ns, old.st_mtime_ns + 1_000_000_000))
 

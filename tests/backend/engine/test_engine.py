@@ -504,13 +504,9 @@ def _replace_file(path: Path, write: Callable[[Path], None]) -> None:
 
 def _retrained_motion_module(seed: int) -> Callable[[Path], None]:
     """Writes another v2 motion module (own random weights, same layout and size)."""
-    from animatediff_blender.backend.models.zoo import (
-        _make_adapter,
-        _save_safetensors,
-        motion_diffusers_to_original,
-    )
+    from animatediff_blender.backend.models.zoo import write_motion_module
 
-    return lambda dest: _save_safetensors(motion_diffusers_to_original(_make_adapter("v2", seed).state_dict()), dest)
+    return lambda dest: write_motion_module(dest, "v2", seed)
 
 
 @pytest.fixture

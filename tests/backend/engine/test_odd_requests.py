@@ -76,9 +76,9 @@ def _models_with_motion(zoo: Path, dest: Path, motion: dict[str, Any]) -> Path:
 
 
 def _v2_state(seed: int = 10) -> dict[str, Any]:
-    from animatediff_blender.backend.models.zoo import _make_adapter, motion_diffusers_to_original
+    from animatediff_blender.backend.models.zoo import original_motion_module
 
-    return dict(motion_diffusers_to_original(_make_adapter("v2", seed).state_dict()))
+    return dict(original_motion_module("v2", seed))
 
 
 def test_non_finite_model_output_is_a_model_error_not_black_frames(zoo: Path, tmp_path: Path) -> None:
