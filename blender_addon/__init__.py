@@ -12,7 +12,7 @@ import bpy
 import bpy.utils.previews
 from bpy.app.handlers import persistent
 
-from . import operators, panels, preferences, properties, timer
+from . import files, operators, panels, preferences, properties, timer
 from .state import STATE
 
 _MODULES = (properties, preferences, operators, panels)
@@ -87,12 +87,15 @@ def register():
     for handlers in (bpy.app.handlers.undo_post, bpy.app.handlers.redo_post):
         if _on_undo_redo not in handlers:
             handlers.append(_on_undo_redo)
-    # Blender does not unregister add-ons when it quits: stop a backend we started anyway.
+    # Blender does not unregister add-ons when it quits: stop a backend we started anyway,
+    # and remove this process's step previews (a folder per Blender session was left).
     atexit.register(operators.stop_backend)
+    atexit.register(files.remove_preview_folder)
 
 
 def unregister():
     atexit.unregister(operators.stop_backend)
+    atexit.unregister(files.remove_preview_folder)
     if _on_load_post in bpy.app.handlers.load_post:
         bpy.app.handlers.load_post.remove(_on_load_post)
     for handlers in (bpy.app.handlers.undo_post, bpy.app.handlers.redo_post):

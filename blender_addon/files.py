@@ -15,6 +15,16 @@ FRAME_NAME = "frame_{:04d}.png"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def preview_folder() -> str:
+    """This Blender process's folder of step previews, in the temp folder."""
+    return os.path.join(tempfile.gettempdir(), f"animatediff_blender_previews_{os.getpid()}")
+
+
+def remove_preview_folder() -> None:
+    """At exit: Blender quits without unregistering add-ons, so the worker cannot."""
+    shutil.rmtree(preview_folder(), ignore_errors=True)
+
+
 def short_id(job_id: str) -> str:
     return job_id[:8]
 

@@ -11,7 +11,6 @@ import dataclasses
 import os
 import queue
 import re
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -170,7 +169,7 @@ class Worker(threading.Thread):
         self.next_connect = 0.0
         self.backoff = RECONNECT_MIN_S
         self.last_heard = time.monotonic()
-        self.preview_dir = os.path.join(tempfile.gettempdir(), f"animatediff_blender_previews_{os.getpid()}")
+        self.preview_dir = files.preview_folder()
         self._halt = threading.Event()
 
     # ------------------------------------------------------------ public (any thread)
@@ -227,8 +226,8 @@ class Worker(threading.Thread):
             self.outbox.put(m.CancelsOwed(sorted(self.waiting_cancels), owed))
 
     def _remove_previews(self) -> None:
-        """As the thread ends: the previews of jobs still running go, and so does the folder
-        (one per Blender process, left behind in the temp folder at every quit before)."""
+        """As the thread ends (the add-on is disabled): the previews of jobs still running go,
+        and so does the folder (at a quit, `files.remove_preview_folder` runs instead)."""
         for track in self.jobs.values():
             if track.preview_path:
                 _remove(track.preview_path)

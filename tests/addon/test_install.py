@@ -82,3 +82,16 @@ def test_zip_contents(addon_zips) -> None:
         else:
             assert 'blender_version_min = "5.1.0"' in manifest
             assert all("cp313" in w or "abi3" in w for w in wheels)
+
+
+def test_quitting_blender_leaves_no_preview_folder(addon_zips, tmp_path: Path) -> None:
+    """One empty `animatediff_blender_previews_<pid>` folder was left in the temp folder per
+    Blender session: Blender quits without unregistering add-ons."""
+    bpy_python = bpy_pythons()[-1]
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    r = run_bpy(bpy_python, "quit_with_previews.py",
+                {"zip": str(addon_zips[bpy_python.py_tag]), "address": "tcp://127.0.0.1:9"},
+                tmp_path, extra_env={"TMPDIR": str(temp)})
+    assert r["exists"] and Path(str(r["folder"])).parent == temp, r["folder"]
+    assert not Path(str(r["folder"])).exists()
