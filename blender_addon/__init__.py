@@ -12,7 +12,7 @@ import bpy
 import bpy.utils.previews
 from bpy.app.handlers import persistent
 
-from . import files, operators, panels, preferences, properties, timer
+from . import files, operators, owed, panels, preferences, properties, timer
 from .state import STATE
 
 _MODULES = (properties, preferences, operators, panels)
@@ -74,6 +74,18 @@ def _first_resume():
     return None  # run once
 
 
+def _keep_owed_cancels() -> None:
+    """At a quit (exit handler): what the worker still owes the backend goes to a file that
+    the next session's worker claims (owed.py)."""
+    w = STATE.worker
+    if w is None or not STATE.owed_folder:
+        return
+    try:
+        owed.save(STATE.owed_folder, str(w.config.get("address", "")), w.owed_now())
+    except Exception as exc:  # noqa: BLE001 - an exit handler must not fail Blender's quit
+        print(f"AnimateDiff: could not keep the cancels owed to the backend: {exc}")
+
+
 def register():
     for mod in _MODULES:
         mod.register()
@@ -91,11 +103,18 @@ def register():
     # and remove this process's step previews (a folder per Blender session was left).
     atexit.register(operators.stop_backend)
     atexit.register(files.remove_preview_folder)
+    # ...and keep the cancels its worker still owes the backend for the next session.
+    try:
+        STATE.owed_folder = bpy.utils.extension_path_user(__package__, create=True)
+    except (ValueError, AttributeError):  # loaded as a legacy add-on: nowhere of its own
+        STATE.owed_folder = ""
+    atexit.register(_keep_owed_cancels)
 
 
 def unregister():
     atexit.unregister(operators.stop_backend)
     atexit.unregister(files.remove_preview_folder)
+    atexit.unregister(_keep_owed_cancels)
     if _on_load_post in bpy.app.handlers.load_post:
         bpy.app.handlers.load_post.remove(_on_load_post)
     for handlers in (bpy.app.handlers.undo_post, bpy.app.handlers.redo_post):

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any
 
-from . import files
+from . import files, owed
 from . import messages as m
 from . import settings as st
 from .properties import PENDING_STATES
@@ -64,6 +64,11 @@ def worker() -> Any:
             sub = shadow.get("submit")
             if sub is not None and not shadow.get("job_id"):
                 w.send(dataclasses.replace(sub, resend=True))
+        # Cancels a Blender that quit (or this one, at a disable) still owed this backend.
+        if STATE.owed_folder:
+            claimed = owed.claim(STATE.owed_folder, str(cfg.get("address", "")))
+            if claimed is not None:
+                w.send(claimed)
     else:
         w.send(m.Configure(cfg))
     return w

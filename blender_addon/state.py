@@ -31,6 +31,7 @@ class AddonState:
     # while the job ran): an undo that brings the scene back gets it applied then.
     job_orphans: dict[str, Any] = field(default_factory=dict)
     backend_process: Any = None  # auto-started local backend (subprocess.Popen)
+    owed_folder: str = ""  # the extension's user folder: cancels owed at a quit (owed.py)
     # Timing of the main-thread timer (tests and the responsiveness check read it).
     drain_max_s: float = 0.0
     drain_calls: int = 0

@@ -171,6 +171,7 @@ class Worker(threading.Thread):
         self.last_heard = time.monotonic()
         self.preview_dir = files.preview_folder()
         self._halt = threading.Event()
+        self._in_hand: Any = None  # the command being carried out
 
     # ------------------------------------------------------------ public (any thread)
 
@@ -225,6 +226,35 @@ class Worker(threading.Thread):
         if owed or self.waiting_cancels:
             self.outbox.put(m.CancelsOwed(sorted(self.waiting_cancels), owed))
 
+    def owed_now(self) -> m.CancelsOwed:
+        """From another thread, at a quit (the thread may still run): the cancels owed to the
+        backend so far, with the one being sent (it waits on an absent backend) and those still
+        in the inbox (`owed.save` keeps them for the next session).  A copy taken while the
+        thread changes its lists is taken again."""
+        for _attempt in range(5):
+            try:
+                in_hand = self._in_hand
+                job_ids = set(self.waiting_cancels)
+                waiting = list(self.waiting)
+                inbox = [in_hand, *self.inbox.queue]
+                break
+            except RuntimeError:  # changed size during the copy
+                continue
+        else:
+            return m.CancelsOwed([], [])
+        submits = [sub for sub in waiting if sub.cancelled]
+        for cmd in inbox:
+            if isinstance(cmd, m.CancelJob):
+                job_ids.add(cmd.job_id)
+            elif isinstance(cmd, m.CancelsOwed):
+                job_ids.update(cmd.job_ids)
+                submits.extend(cmd.submits)
+            elif isinstance(cmd, m.CancelSubmit):
+                # Only one that may have reached the backend is owed (as in _cancel_submit).
+                submits.extend(dataclasses.replace(sub, cancelled=True) for sub in waiting
+                               if sub.local_id == cmd.local_id and sub.resend and not sub.cancelled)
+        return m.CancelsOwed(sorted(job_ids), submits)
+
     def _remove_previews(self) -> None:
         """As the thread ends (the add-on is disabled): the previews of jobs still running go,
         and so does the folder (at a quit, `files.remove_preview_folder` runs instead)."""
@@ -249,7 +279,11 @@ class Worker(threading.Thread):
             except queue.Empty:
                 return
             timeout = 0.0
-            self._command(cmd)
+            self._in_hand = cmd  # (owed_now: a cancel being sent is in no list yet)
+            try:
+                self._command(cmd)
+            finally:
+                self._in_hand = None
 
     def _command(self, cmd: Any) -> None:
         if isinstance(cmd, m.Shutdown):

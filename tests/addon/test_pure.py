@@ -391,6 +391,48 @@ def test_a_stopping_worker_leaves_no_preview_files_or_folder(
     assert not (tmp_path / "previews").exists()
 
 
+def test_cancels_owed_at_a_quit_are_kept_for_the_next_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blender quits while cancels are owed to an absent backend (it does not unregister
+    add-ons, so the worker cannot hand them on): the exit handler's snapshot goes to a file,
+    and the next session's worker for the same backend claims it, once."""
+    import dataclasses
+    import os
+    import queue
+
+    worker, m = _load_package()
+    owed = importlib.import_module("_adb_pkg.owed")
+    monkeypatch.setattr(worker, "make_client", lambda cfg: _FakeClient(False, []))
+    w = worker.Worker(queue.Queue(), {"address": "tcp://gpu:5557"})
+    w._command(m.WatchJobs({"f" * 32: str(tmp_path)}))
+    w._command(m.CancelJob("f" * 32))  # unreachable: ended here, owed
+    sent = m.SubmitJob(LOCAL, {"prompt": "a cat"}, {}, str(tmp_path), resend=True)  # unanswered
+    w.waiting.append(sent)
+    w.waiting.append(m.SubmitJob("a" * 32, {"prompt": "a dog"}, {}, str(tmp_path)))  # never sent
+    # The artist's last cancels were still in the inbox when Blender quit.
+    w.send(m.CancelJob("d" * 32))
+    w.send(m.CancelSubmit(LOCAL))
+    w.send(m.CancelSubmit("a" * 32))  # never reached the backend: nothing to cancel there
+    w._in_hand = m.CancelJob("e" * 32)  # being sent: the thread waits on the absent backend
+    snapshot = w.owed_now()
+    assert snapshot.job_ids == ["d" * 32, "e" * 32, "f" * 32]
+    assert [(s.local_id, s.cancelled) for s in snapshot.submits] == [(LOCAL, True)]
+
+    folder = str(tmp_path / "user")
+    path = owed.save(folder, "tcp://gpu:5557", snapshot)
+    assert path is not None and path.endswith(f"owed_cancels_{os.getpid()}.json")
+    assert owed.save(folder, "tcp://gpu:5557", m.CancelsOwed([], [])) is None  # nothing owed: no file
+    assert owed.claim(folder, "tcp://other:5557") is None  # another backend's: left alone
+    claimed = owed.claim(folder, "tcp://gpu:5557")
+    assert claimed is not None and claimed.job_ids == ["d" * 32, "e" * 32, "f" * 32]
+    assert claimed.submits == [dataclasses.replace(sent, cancelled=True)]
+    assert owed.claim(folder, "tcp://gpu:5557") is None and not os.listdir(folder)  # taken once
+    # A file left by another version, or half written, is skipped, not fatal.
+    (tmp_path / "user" / "owed_cancels_1.json").write_text("{not json")
+    assert owed.claim(folder, "tcp://gpu:5557") is None
+
+
 def test_shot_check_covers_camera_motion_weights() -> None:
     """A batch checks every shot before rendering; a camera motion's weight outside the
     protocol's range (ZoomIn = 50) used to pass, and fail that shot only after the shots
