@@ -64,7 +64,7 @@ def worker() -> Any:
             sub = shadow.get("submit")
             if sub is not None and not shadow.get("job_id"):
                 w.send(dataclasses.replace(sub, resend=True))
-        # Cancels a Blender that quit (or this one, at a disable) still owed this backend.
+        # Cancels a Blender that quit still owed this backend (its exit handler kept them).
         if STATE.owed_folder:
             claimed = owed.claim(STATE.owed_folder, str(cfg.get("address", "")))
             if claimed is not None:

@@ -30,7 +30,7 @@ def save(folder: str, address: str, owed: m.CancelsOwed) -> str | None:
         return None
     path = _file(folder)
     job_ids, submits = set(owed.job_ids), [dataclasses.asdict(sub) for sub in owed.submits]
-    earlier = _read(path)  # saved at a disable, not claimed since: kept too
+    earlier = _read(path)  # an earlier process's with this pid (pids are reused), unclaimed: kept
     if earlier is not None and earlier.get("address") == address:
         job_ids.update(j for j in earlier.get("job_ids", []) if isinstance(j, str))
         submits += [sub for sub in earlier.get("submits", []) if isinstance(sub, dict)]

@@ -222,9 +222,9 @@ class Worker(threading.Thread):
                 self._owe(cmd)
             # Anything else is the next worker's: submits are sent again from the rows, jobs
             # watched again from the scenes.
-        owed = [sub for sub in self.waiting if sub.cancelled]
-        if owed or self.waiting_cancels:
-            self.outbox.put(m.CancelsOwed(sorted(self.waiting_cancels), owed))
+        owed = self.owed_now()  # the inbox is empty now: what the lists hold
+        if owed.job_ids or owed.submits:
+            self.outbox.put(owed)
 
     def owed_now(self) -> m.CancelsOwed:
         """From another thread, at a quit (the thread may still run): the cancels owed to the
