@@ -75,15 +75,24 @@ def _first_resume():
 
 
 def _keep_owed_cancels() -> None:
-    """At a quit (exit handler): what the worker still owes the backend goes to a file that
-    the next session's worker claims (owed.py)."""
-    w = STATE.worker
-    if w is None or not STATE.owed_folder:
+    """At a quit (exit handler): what the workers still owe the backend goes to a file that
+    the next session's worker claims (owed.py).  That is the running worker's, and that of
+    every worker stopped by a disable whose cancels no new worker took over: the add-on may
+    be disabled when Blender quits, so this handler stays registered after `unregister`."""
+    if not STATE.owed_folder:
         return
-    try:
-        owed.save(STATE.owed_folder, str(w.config.get("address", "")), w.owed_now())
-    except Exception as exc:  # noqa: BLE001 - an exit handler must not fail Blender's quit
-        print(f"AnimateDiff: could not keep the cancels owed to the backend: {exc}")
+    for w in [*STATE.stopped_workers, STATE.worker]:
+        if w is None:
+            continue
+        try:
+            owed.save(STATE.owed_folder, str(w.config.get("address", "")), w.owed_now())
+        except Exception as exc:  # noqa: BLE001 - an exit handler must not fail Blender's quit
+            print(f"AnimateDiff: could not keep the cancels owed to the backend: {exc}")
+
+
+def _owes(w) -> bool:
+    owed_ = w.owed_now()
+    return bool(owed_.job_ids or owed_.submits)
 
 
 def register():
@@ -108,13 +117,15 @@ def register():
         STATE.owed_folder = bpy.utils.extension_path_user(__package__, create=True)
     except (ValueError, AttributeError):  # loaded as a legacy add-on: nowhere of its own
         STATE.owed_folder = ""
+    atexit.unregister(_keep_owed_cancels)  # still registered after a disable: once is enough
     atexit.register(_keep_owed_cancels)
 
 
 def unregister():
     atexit.unregister(operators.stop_backend)
     atexit.unregister(files.remove_preview_folder)
-    atexit.unregister(_keep_owed_cancels)
+    # `_keep_owed_cancels` stays: a disabled add-on's stopped worker may still owe cancels at
+    # the quit (they wait in the outbox for a worker that an enable would start).
     if _on_load_post in bpy.app.handlers.load_post:
         bpy.app.handlers.load_post.remove(_on_load_post)
     for handlers in (bpy.app.handlers.undo_post, bpy.app.handlers.redo_post):
@@ -128,6 +139,9 @@ def unregister():
         # would hold Blender for the whole join.  The thread ends after that request; what it
         # still owed (a submit without an answer) is sent again by the next worker.
         STATE.worker.stop(timeout=UNREGISTER_JOIN_S)
+        # What it owes is kept at a quit (the worker stopped earlier and owing nothing are dropped).
+        STATE.stopped_workers[:] = [w for w in STATE.stopped_workers if w.is_alive() or _owes(w)]
+        STATE.stopped_workers.append(STATE.worker)
         STATE.worker = None
     operators.stop_backend()
     if STATE.previews is not None:

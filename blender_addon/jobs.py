@@ -244,6 +244,8 @@ def apply(msg: Any) -> None:
         return
     if isinstance(msg, m.CancelsOwed):
         worker().send(msg)  # from a worker that stopped: the current one tells the backend
+        # Taken over: its sender owes nothing more at a quit (owed_now would still list them).
+        STATE.stopped_workers[:] = [w for w in STATE.stopped_workers if w is not msg.sender]
         return
     if isinstance(msg, m.SubmitNote):
         _scene, job = find_job(msg.local_id, by="local_id")

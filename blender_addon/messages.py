@@ -51,6 +51,8 @@ class CancelsOwed:
 
     job_ids: list[str]
     submits: list[SubmitJob]
+    # The stopped worker that handed these on: once they are taken over, it owes nothing at a quit.
+    sender: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 from typing import Any
@@ -20,21 +21,26 @@ from . import messages as m
 PATTERN = "owed_cancels_*.json"
 
 
-def _file(folder: str) -> str:
-    return os.path.join(folder, f"owed_cancels_{os.getpid()}.json")
+def _file(folder: str, address: str) -> str:
+    # One file per process and backend: workers stopped by a disable may have had other addresses.
+    digest = hashlib.sha256(address.encode("utf-8", "replace")).hexdigest()[:12]
+    return os.path.join(folder, f"owed_cancels_{os.getpid()}_{digest}.json")
 
 
 def save(folder: str, address: str, owed: m.CancelsOwed) -> str | None:
     """Write `owed` for the next session (nothing when nothing is owed).  Returns the file."""
     if not owed.job_ids and not owed.submits:
         return None
-    path = _file(folder)
+    path = _file(folder, address)
     job_ids, submits = set(owed.job_ids), [dataclasses.asdict(sub) for sub in owed.submits]
-    earlier = _read(path)  # an earlier process's with this pid (pids are reused), unclaimed: kept
+    # An earlier save of this process (another stopped worker for the same backend), or of an
+    # earlier process with this pid (pids are reused) never claimed: kept, once each.
+    earlier = _read(path)
     if earlier is not None and earlier.get("address") == address:
         job_ids.update(j for j in earlier.get("job_ids", []) if isinstance(j, str))
         submits += [sub for sub in earlier.get("submits", []) if isinstance(sub, dict)]
-    data = {"address": address, "job_ids": sorted(job_ids), "submits": submits}
+    unique = {str(sub.get("local_id")): sub for sub in reversed(submits)}  # the newest of each
+    data = {"address": address, "job_ids": sorted(job_ids), "submits": list(reversed(unique.values()))}
     os.makedirs(folder, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:

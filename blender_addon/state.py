@@ -32,6 +32,9 @@ class AddonState:
     job_orphans: dict[str, Any] = field(default_factory=dict)
     backend_process: Any = None  # auto-started local backend (subprocess.Popen)
     owed_folder: str = ""  # the extension's user folder: cancels owed at a quit (owed.py)
+    # Workers stopped by a disable whose owed cancels no new worker has taken over yet: an
+    # exit handler keeps what they owe (the add-on may still be disabled at the quit).
+    stopped_workers: list[Any] = field(default_factory=list)
     # Timing of the main-thread timer (tests and the responsiveness check read it).
     drain_max_s: float = 0.0
     drain_calls: int = 0

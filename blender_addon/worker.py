@@ -224,7 +224,7 @@ class Worker(threading.Thread):
             # watched again from the scenes.
         owed = self.owed_now()  # the inbox is empty now: what the lists hold
         if owed.job_ids or owed.submits:
-            self.outbox.put(owed)
+            self.outbox.put(dataclasses.replace(owed, sender=self))
 
     def owed_now(self) -> m.CancelsOwed:
         """From another thread, at a quit (the thread may still run): the cancels owed to the

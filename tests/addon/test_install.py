@@ -97,17 +97,20 @@ def test_quitting_blender_leaves_no_preview_folder(addon_zips, tmp_path: Path) -
     assert not Path(str(r["folder"])).exists()
 
 
+@pytest.mark.parametrize("before_quit", ["nothing", "disable"])
 @pytest.mark.parametrize("bpy_python", bpy_pythons(), ids=lambda b: f"blender-{b.label}")
 def test_a_cancel_owed_when_blender_quits_is_owed_by_the_next_session(
-    bpy_python, addon_zips, tmp_path: Path
+    bpy_python, addon_zips, tmp_path: Path, before_quit: str
 ) -> None:
-    """Cancelled while the backend was away, then Blender quit: the next session tells the
-    backend once it is back.  The cancel was lost with the process, and the job ran on,
-    holding a shared GPU."""
+    """Cancelled while the backend was away, then Blender quit (with the add-on enabled, or
+    after disabling it): the next session tells the backend once it is back.  The cancel was
+    lost with the process, and the job ran on, holding a shared GPU."""
     job_id = "c" * 32
     args = {"zip": str(addon_zips[bpy_python.py_tag]), "address": "tcp://127.0.0.1:9", "job_id": job_id,
             "out_root": str(tmp_path / "takes")}
-    quit_ = run_bpy(bpy_python, "quit_owing_cancels.py", {**args, "phase": "quit"}, tmp_path)
+    phase = "quit" if before_quit == "nothing" else "disable"
+    quit_ = run_bpy(bpy_python, "quit_owing_cancels.py", {**args, "phase": phase}, tmp_path)
+    assert quit_.get("worker_ended", True), "the disabled add-on's worker did not stop"
     folder = Path(str(quit_["folder"]))
     assert [p.name for p in folder.glob("owed_cancels_*.json")], "nothing kept at the quit"
     nxt = run_bpy(bpy_python, "quit_owing_cancels.py", {**args, "phase": "next"}, tmp_path)

@@ -421,13 +421,20 @@ def test_cancels_owed_at_a_quit_are_kept_for_the_next_session(
 
     folder = str(tmp_path / "user")
     path = owed.save(folder, "tcp://gpu:5557", snapshot)
-    assert path is not None and path.endswith(f"owed_cancels_{os.getpid()}.json")
+    assert path is not None and os.path.basename(path).startswith(f"owed_cancels_{os.getpid()}_")
+    # A second stopped worker for the same backend (disabled, enabled, disabled): one file,
+    # each cancel once; another backend's worker gets a file of its own.
+    assert owed.save(folder, "tcp://gpu:5557", snapshot) == path
+    other = owed.save(folder, "tcp://other:5557", m.CancelsOwed(["b" * 32], []))
+    assert other is not None and other != path
     assert owed.save(folder, "tcp://gpu:5557", m.CancelsOwed([], [])) is None  # nothing owed: no file
-    assert owed.claim(folder, "tcp://other:5557") is None  # another backend's: left alone
     claimed = owed.claim(folder, "tcp://gpu:5557")
     assert claimed is not None and claimed.job_ids == ["d" * 32, "e" * 32, "f" * 32]
     assert claimed.submits == [dataclasses.replace(sent, cancelled=True)]
-    assert owed.claim(folder, "tcp://gpu:5557") is None and not os.listdir(folder)  # taken once
+    assert owed.claim(folder, "tcp://gpu:5557") is None  # taken once
+    assert os.listdir(folder) == [os.path.basename(other)]  # another backend's: left alone
+    theirs = owed.claim(folder, "tcp://other:5557")
+    assert theirs is not None and theirs.job_ids == ["b" * 32] and not os.listdir(folder)
     # A file left by another version, or half written, is skipped, not fatal.
     (tmp_path / "user" / "owed_cancels_1.json").write_text("{not json")
     assert owed.claim(folder, "tcp://gpu:5557") is None

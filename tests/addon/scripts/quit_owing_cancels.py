@@ -1,5 +1,6 @@
 """Run twice on one profile.  "quit": the artist cancels a job while the backend is away,
-and Blender quits (no disable, no unregister).  "next": a new session's worker for the same
+and Blender quits (no disable, no unregister); "disable": the same, but the add-on is
+disabled before the quit.  "next": a new session's worker for the same
 backend owes that cancel again, from the file the first session's exit handler wrote."""
 
 import os
@@ -16,9 +17,17 @@ state = c.sub("state").STATE
 m = c.sub("messages")
 w = c.sub("jobs").worker()
 out = {"folder": state.owed_folder}
-if a["phase"] == "quit":
+if a["phase"] in ("quit", "disable"):
     w.send(m.WatchJobs({a["job_id"]: a["out_root"]}))
     w.send(m.CancelJob(a["job_id"]))
+    if a["phase"] == "disable":
+        # The add-on is disabled before the quit: its stopped worker hands the cancel to an
+        # outbox that no timer drains any more, so only the exit handler can keep it.
+        import bpy
+
+        bpy.ops.preferences.addon_disable(module=c.MODULE)
+        w.join(10)
+        out["worker_ended"] = not w.is_alive()
     c.result(**out)  # and quit, owing the cancel
 else:
     deadline = time.monotonic() + 20
