@@ -44,7 +44,7 @@ KEY_FILE_NAME = "hmac.key"
 CURVE_DIR_NAME = "curve"
 ALLOWED_CLIENTS_DIR_NAME = "allowed_clients"
 MIN_KEY_BYTES = 16
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,64}\Z")
 
 
 class AuthError(Exception):

@@ -46,3 +46,23 @@ def connect_problem(address: str) -> str | None:
     if not (port.isdigit() and 1 <= int(port) <= 65535):
         return f"the port must be a number from 1 to 65535, not {port!r}"
     return None
+
+
+def bind_problem(address: str) -> str | None:
+    """Why a server cannot listen on `address`, or None.  libzmq reads a bind's port modulo
+    65536 and ignores what follows the digits: `tcp://127.0.0.1:65557`, a typo of 5557, listens
+    on port 21.  A bind may name a wildcard host (`*`) or an interface, and port `*` or 0 for
+    one the system picks."""
+    scheme, sep, rest = address.partition("://")
+    if not sep or not rest:
+        return "expected tcp://HOST:PORT (or ipc://PATH)"
+    if scheme != "tcp":
+        return None
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host:
+        return "expected tcp://HOST:PORT"
+    if port == "*":
+        return None
+    if not (port.isdigit() and 0 <= int(port) <= 65535):
+        return f"the port must be a number from 1 to 65535 (or * for any), not {port!r}"
+    return None

@@ -19,13 +19,14 @@ import msgspec
 
 # Registry ids name models; never paths.  `kind:name`, the name being a file or
 # folder name inside the server's models directory (no separators, no leading dot).
-MODEL_ID_PATTERN = r"^[a-z_]{1,16}:[A-Za-z0-9][A-Za-z0-9._+-]{0,159}$"
+MODEL_ID_PATTERN = r"^[a-z_]{1,16}:[A-Za-z0-9][A-Za-z0-9._+-]{0,159}\Z"
 ModelId = Annotated[str, msgspec.Meta(pattern=MODEL_ID_PATTERN, max_length=180)]
 _HEX32 = r"[0-9a-f]{32}"  # a uuid4 hex
-JobId = Annotated[str, msgspec.Meta(pattern=f"^{_HEX32}$")]
+# Patterns end in \Z, not $: `$` also matches before a final newline ("1.1\n", "artist\n").
+JobId = Annotated[str, msgspec.Meta(pattern=rf"^{_HEX32}\Z")]
 # A client-made idempotency key, shaped like a job id; "" for none.
-SubmitId = Annotated[str, msgspec.Meta(pattern=f"^(?:{_HEX32})?$")]
-ClientId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:@-]{1,64}$")]
+SubmitId = Annotated[str, msgspec.Meta(pattern=rf"^(?:{_HEX32})?\Z")]
+ClientId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:@-]{1,64}\Z")]
 Prompt = Annotated[str, msgspec.Meta(max_length=4000)]
 
 Preset = Literal["quality", "lightning", "lcm"]

@@ -86,9 +86,9 @@ class WireError(Exception):
         return messages.Error(code=self.code, message=self.message, fields=list(self.fields))
 
 
-_MsgId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]
+_MsgId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}\Z")]
 _Short = Annotated[str, msgspec.Meta(max_length=64)]
-_Version = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,4}\.[0-9]{1,4}$")]
+_Version = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,4}\.[0-9]{1,4}\Z")]
 
 
 @dataclass
@@ -200,7 +200,7 @@ def field_error(exc: msgspec.ValidationError) -> FieldError:
     if missing:
         path = f"{path}.{missing.group('name')}"
         text = "missing required field"
-    elif messages.MODEL_ID_PATTERN in text:
+    elif messages.MODEL_ID_PATTERN.replace("\\", "\\\\") in text:  # msgspec doubles its backslashes
         text = "must be a model id such as `lora:name` from the server's model list (never a path)"
     if match.group("key"):
         text += " (in a key)"
@@ -272,7 +272,9 @@ def content_errors(raw: bytes, cls: type[Any], first: msgspec.ValidationError) -
             target = parent
         removed.add(target)
         try:
-            msgspec.convert(doc, cls)
+            # Decoded from JSON as the first pass was: `convert` would not turn the string keys
+            # of `prompt_travel` into ints, and flagged a valid travel as bad.
+            msgspec.json.decode(msgspec.json.encode(doc), type=cls)
         except msgspec.ValidationError as exc:
             nxt = field_error(exc)
             if nxt.field in removed or any(e.field == nxt.field for e in errors):

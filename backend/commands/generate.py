@@ -4,6 +4,7 @@ an animated GIF (and an MP4 when imageio-ffmpeg is installed)."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -449,9 +450,15 @@ def save(result: JobResult, out: Path, *, fps: float) -> list[tuple[str, Path]]:
         paths.append(path)
     if not paths:
         return []
+    # A longer clip written here before left its last frames: one image sequence of two clips.
+    for old in out.glob("frame_*.png"):
+        match = re.fullmatch(r"frame_(\d{4,})\.png", old.name)
+        if match and int(match.group(1)) >= len(paths):
+            old.unlink(missing_ok=True)
     written: list[tuple[str, Path]] = [("frames", out / "frame_0000.png ...")]
     images = [media.decode_png(data) for data in result.frames]
     written.append(("gif", media.write_gif(images, out / "clip.gif", fps=fps)))
+    (out / "clip.mp4").unlink(missing_ok=True)  # never an earlier clip's beside these frames
     try:
         mp4 = media.write_mp4(images, out / "clip.mp4", fps=fps)
     except Exception as exc:  # an MP4 is a bonus: never lose the frames over it

@@ -178,8 +178,10 @@ def run(args: argparse.Namespace) -> int:
     from animatediff_blender.backend.server.config import (
         ConfigError,
         ServerConfig,
+        check_bind_policy,
         check_limits,
         load_or_create_key,
+        lock_data_dir,
     )
     from animatediff_blender.backend.server.server import Server
 
@@ -223,6 +225,11 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.png_compress_level is not None:
             config.png_compress_level = args.png_compress_level
+        # Refused before the engine scans and hashes the models (minutes for new checkpoints):
+        # an address that cannot work, or a data folder another backend uses (the server
+        # takes the lock for good).
+        check_bind_policy(config, warn=False)  # (the server warns, once)
+        lock_data_dir(data_dir).close()
         engine: Engine
         if args.engine == "fake":
             from animatediff_blender.backend.engine.fake import FakeEngine

@@ -631,17 +631,19 @@ class AnimateDiffEngine:
     def default_models(self) -> dict[str, str]:
         return dict(self._registry.default_ids())
 
-    def _entry(self, model_id: str, field: str) -> Any:
+    def _entry(self, model_id: str, field: str, path: str = "") -> Any:
         kind = _FIELD_KINDS[field]
+        path = path or f"$.request.{field}"  # (the request field, for the client's form)
         try:
             entry = self._registry.get(model_id)
         except (KeyError, LookupError, ValueError) as exc:
             reason = getattr(exc, "reason", "") or "not in the server's models folder"
-            raise EngineError("unknown_model", f"{field}: no {kind} model {model_id!r}: {reason}") from None
+            raise EngineError("unknown_model", f"{field}: no {kind} model {model_id!r}: {reason}", path) from None
         if entry.kind != kind:
             raise EngineError(
                 "unknown_model",
                 f"{field}: {model_id!r} is a model of kind {entry.kind!r}, but {field} takes kind {kind!r}",
+                path,
             )
         if not getattr(entry, "ok", True):
             # A broken file replaced since the scan may be fixed now: let the job rescan it
@@ -652,6 +654,7 @@ class AnimateDiffEngine:
                 raise EngineError(
                     "model_error",
                     f"{field}: {model_id!r} cannot be used: {getattr(entry, 'error', '') or 'broken file'}",
+                    path,
                 )
         return entry
 
@@ -688,8 +691,8 @@ class AnimateDiffEngine:
             )
         self._entry(base, "base_model")
         motion_entry = self._entry(motion, "motion_module")
-        for lora in request.motion_loras:
-            self._entry(lora.id, "motion_loras")
+        for i, lora in enumerate(request.motion_loras):
+            self._entry(lora.id, "motion_loras", f"$.request.motion_loras[{i}].id")
         if request.domain_adapter:
             self._entry(request.domain_adapter, "domain_adapter")
 
@@ -698,6 +701,7 @@ class AnimateDiffEngine:
             raise EngineError(
                 "invalid_request",
                 f"steps: the {preset.name} preset runs {preset.min_steps}-{preset.max_steps} steps, got {steps}",
+                field="$.request.steps",
             )
         guidance = request.guidance if request.guidance is not None else preset.guidance
         context_length = request.context_length or DEFAULT_CONTEXT_LENGTH
@@ -707,6 +711,7 @@ class AnimateDiffEngine:
                 "invalid_request",
                 f"context_stride ({context_stride}) must not exceed context_length ({context_length}): "
                 "frames between windows would get no motion context",
+                field="$.request.context_stride",
             )
         max_len = self._max_context(motion_entry)
         if max_len is not None and context_length > max_len and request.frames > min(context_length, max_len):
@@ -714,6 +719,7 @@ class AnimateDiffEngine:
                 "invalid_request",
                 f"context_length: the motion module {motion!r} handles at most {max_len} frames at once, "
                 f"got {context_length}",
+                field="$.request.context_length",
             )
         if request.prompt_travel:
             bad = sorted(k for k in request.prompt_travel if not 0 <= k < request.frames)
@@ -721,6 +727,7 @@ class AnimateDiffEngine:
                 raise EngineError(
                     "invalid_request",
                     f"prompt_travel: frame {bad[0]} is outside the clip (frames 0-{request.frames - 1})",
+                    field=f"$.request.prompt_travel.{bad[0]}",
                 )
         return msgspec.structs.replace(
             request,

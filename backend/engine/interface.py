@@ -31,10 +31,11 @@ class JobCancelled(Exception):
 class EngineError(Exception):
     """A failure to report to the client with a code and a message a person understands."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, field: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.field = field  # the request field at fault ("$.request.steps"), if one is
 
 
 @dataclass

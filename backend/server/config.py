@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import IO
 
 from animatediff_blender.protocol import auth
+from animatediff_blender.protocol.endpoints import bind_problem
 from animatediff_blender.protocol.messages import Limits
 
 log = logging.getLogger("animatediff_blender.server")
 
 # Requests (client -> server) carry no binary buffers; their size cap is the protocol's
-# `wire.MAX_REQUEST_BYTES` (clients check it before sending).
+# `wire.MAX_REQUEST_BYTES` (clients check it before sending), whatever --max-message-mb says
+# (that bounds what the server sends).
 MAX_REQUEST_BUFFERS = 4
 
 
@@ -57,8 +59,12 @@ class ServerConfig:
         return self.curve_secret is not None and self.curve_allowed_dir is not None
 
 
-def check_bind_policy(config: ServerConfig) -> None:
-    """Refuse a network-reachable address without CurveZMQ unless `insecure`."""
+def check_bind_policy(config: ServerConfig, warn: bool = True) -> None:
+    """Refuse a malformed address, and a network-reachable one without CurveZMQ unless
+    `insecure`."""
+    problem = bind_problem(config.bind)
+    if problem is not None:
+        raise ConfigError(f"cannot listen on {config.bind}: {problem}")
     if (config.curve_secret is None) != (config.curve_allowed_dir is None):
         raise ConfigError("CurveZMQ needs both --curve-secret and --curve-allowed-dir")
     if auth.is_loopback(config.bind) or config.curve:
@@ -70,11 +76,12 @@ def check_bind_policy(config: ServerConfig) -> None:
             "pass --curve-secret and --curve-allowed-dir, or bind tcp://127.0.0.1 and tunnel over SSH, "
             "or pass --insecure on a network you trust."
         )
-    log.warning(
-        "INSECURE: listening on %s without CurveZMQ (--insecure). Messages are signed but NOT "
-        "encrypted: anyone on this network can read prompts and frames.",
-        config.bind,
-    )
+    if warn:
+        log.warning(
+            "INSECURE: listening on %s without CurveZMQ (--insecure). Messages are signed but NOT "
+            "encrypted: anyone on this network can read prompts and frames.",
+            config.bind,
+        )
 
 
 FRAME_MESSAGE_OVERHEAD = 64 * 1024  # header/content JSON of a Frames message, generously

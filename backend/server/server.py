@@ -26,11 +26,13 @@ client sends `watch` to resume and `fetch` to get finished frames again.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import logging
 import queue
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -82,7 +84,7 @@ from .worker import Worker
 log = logging.getLogger("animatediff_blender.server")
 joblog = logging.getLogger("animatediff_blender.server.jobs")
 
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,64}\Z")
 MAX_RECV_PER_TURN = 200  # then look at engine events again: neither side starves
 # What a peer that stops reading can make the server hold: libzmq bounds a peer's queue in
 # messages (SNDHWM), not bytes, so frames travel in messages of at most
@@ -91,6 +93,18 @@ MAX_RECV_PER_TURN = 200  # then look at engine events again: neither side starve
 # clip (~100 such messages) still fits, and a client that misses frames fetches them again.
 FRAMES_MESSAGE_BYTES = 8 * 2**20
 SEND_QUEUE_MESSAGES = 128
+# A reply of more messages than the peer's queue holds (a fetch of a clip over ~1 GiB) is
+# sent as the peer reads it, not cut off at the full queue; a peer that takes none of it for
+# this long is given up on, as one that does not read.
+REPLY_STALL_S = 30.0
+
+
+@dataclasses.dataclass
+class _PendingReply:
+    """What is left of replies to one peer, sent as its queue drains (in order)."""
+
+    items: collections.deque[tuple[messages.Base, Header | None, list[bytes]]]
+    progress_at: float
 
 
 class _RateLimitedLog:
@@ -137,6 +151,7 @@ class Server:
         self.endpoint = ""  # the bound address (with the real port when bound to :0 or *)
         self.refusals = 0  # messages refused (tests and metrics)
         self.dropped = 0  # messages dropped because their peer did not read (tests and metrics)
+        self._pending: dict[bytes, _PendingReply] = {}  # peer -> the rest of its replies
         self._not_reading: dict[bytes, int] = {}  # peer -> messages dropped since it stopped reading
         self._events: queue.Queue[Event] = queue.Queue()
         self._stop = threading.Event()
@@ -154,7 +169,9 @@ class Server:
         self.rx = Session(
             config.key,
             max_frames=ENVELOPE_FRAMES + MAX_REQUEST_BUFFERS,
-            max_bytes=min(MAX_REQUEST_BYTES, self.limits.max_message_bytes),
+            # Not --max-message-mb, which bounds what the server sends: clients size their
+            # requests by the protocol's cap, and a larger one is dropped without an answer.
+            max_bytes=MAX_REQUEST_BYTES,
             replay_window_s=config.replay_window_s,
             role="server",
         )
@@ -274,7 +291,10 @@ class Server:
         interrupted = self.store.recover()
         for job_id in interrupted:
             joblog.info("job=%s event=interrupted reason=restart", job_id)
-        self._prune()
+        # Off the loop: after a long downtime it may delete thousands of frame folders, and
+        # clients would wait for answers meanwhile (and blame their key).
+        self._last_prune = time.monotonic()
+        self._pool.submit(self._prune_safely)
 
     def _prune(self) -> None:
         self._last_prune = time.monotonic()
@@ -300,7 +320,8 @@ class Server:
         poller.register(wake_rx, zmq.POLLIN)
         self._sock = sock
         while not self._stop.is_set():
-            ready = dict(poller.poll(200))
+            ready = dict(poller.poll(10 if self._pending else 200))
+            self._send_pending()
             if wake_rx in ready:
                 try:
                     while True:
@@ -347,37 +368,86 @@ class Server:
         parent: Header | None = None,
         buffers: list[bytes] | None = None,
     ) -> bool:
+        outcome = self._try_send(identity, content, parent, buffers)
+        if outcome == "again":
+            self._drop(identity, content)
+        return outcome == "sent"
+
+    def _try_send(
+        self, identity: bytes, content: messages.Base, parent: Header | None, buffers: list[bytes] | None
+    ) -> str:
+        """"sent", "again" (the peer's queue is full) or "failed" (logged; the peer is gone or
+        the message cannot be made)."""
         try:
             frames = self.tx.serialize(content, parent=parent, buffers=buffers or ())
         except WireError as exc:
             log.error("cannot send %s: %s", type(content).__name__, exc)
-            return False
+            return "failed"
         try:
             self._sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            self.dropped += 1
-            if identity not in self._not_reading:
-                self._not_reading[identity] = 0
-                log.warning(
-                    "peer=%s is not reading: dropping messages to it (first: %s) until it reads again",
-                    identity.hex(), type(content).__name__,
-                )  # fmt: skip
-            self._not_reading[identity] += 1
-            return False
+            return "again"
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
                 self._forget(identity)
-                return False
+                return "failed"
             raise
         if identity in self._not_reading:
             log.warning(
                 "peer=%s reads again; %d messages to it were dropped", identity.hex(), self._not_reading.pop(identity)
             )
-        return True
+        return "sent"
+
+    def _drop(self, identity: bytes, content: messages.Base) -> None:
+        self.dropped += 1
+        if identity not in self._not_reading:
+            self._not_reading[identity] = 0
+            log.warning(
+                "peer=%s is not reading: dropping messages to it (first: %s) until it reads again",
+                identity.hex(), type(content).__name__,
+            )  # fmt: skip
+        self._not_reading[identity] += 1
+
+    def _reply_all(self, identity: bytes, parent: Header | None, items: list[tuple[messages.Base, list[bytes]]]) -> None:
+        """Send a reply of several messages; what the peer's queue cannot take now waits (in
+        order, behind what already waits for that peer) and goes as the peer reads."""
+        pending = self._pending.get(identity)
+        if pending is None:
+            pending = self._pending[identity] = _PendingReply(collections.deque(), time.monotonic())
+        elif any(buffers for _c, buffers in items) and any(buffers for _c, _p, buffers in pending.items):
+            # Frames wait for this peer already: it is not keeping up.  One clip at most is held
+            # for it beyond its queue (a peer that fetches and never reads must not pile them up).
+            for content, _buffers in items:
+                self._drop(identity, content)
+            return
+        pending.items.extend((content, parent, buffers) for content, buffers in items)
+        self._send_pending_to(identity)
+
+    def _send_pending(self) -> None:
+        for identity in list(self._pending):
+            self._send_pending_to(identity)
+
+    def _send_pending_to(self, identity: bytes) -> None:
+        pending = self._pending.get(identity)
+        while pending is not None and pending.items:
+            content, parent, buffers = pending.items[0]
+            outcome = self._try_send(identity, content, parent, buffers)
+            if outcome == "again":
+                if time.monotonic() - pending.progress_at < REPLY_STALL_S:
+                    return  # the next loop turn tries again
+                for content, _parent, _buffers in pending.items:
+                    self._drop(identity, content)
+                break
+            if outcome == "failed" and identity not in self._pending:
+                return  # the peer is gone (`_forget`)
+            pending.items.popleft()
+            pending.progress_at = time.monotonic()
+        self._pending.pop(identity, None)
 
     def _forget(self, identity: bytes) -> None:
         """The connection is gone: stop sending it events."""
         self._not_reading.pop(identity, None)
+        self._pending.pop(identity, None)
         for job in self.live.values():
             job.watchers.discard(identity)
 
@@ -444,9 +514,7 @@ class Server:
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, Reply):
-            for content, buffers in event.items:
-                if not self._send(event.identity, content, event.parent, buffers):
-                    break
+            self._reply_all(event.identity, event.parent, event.items)
             return
         if isinstance(event, EngineReady):
             self.warming_up = False
@@ -544,6 +612,13 @@ class Server:
             self._handle(identity, msg)
         except WireError as exc:
             self._refuse(identity, exc)
+        except (sqlite3.Error, OSError) as exc:  # the job store (a submit's record): disk full?
+            log.error("could not store %s from peer=%s: %s: %s", msg.msg_type, identity.hex(), type(exc).__name__, exc)
+            self._send(
+                identity,
+                messages.Error(code="storage", message=f"the backend could not store this request (is its disk full?): {exc}"),
+                msg.header,
+            )
         except Exception:
             log.exception("error while handling %s from peer=%s", msg.msg_type, identity.hex())
             self._send(
@@ -637,7 +712,8 @@ class Server:
         try:
             settings = self.engine.resolve(submit.request)
         except EngineError as exc:
-            self._reply(identity, msg, messages.Error(code=exc.code, message=exc.message))
+            fields = [messages.FieldError(field=exc.field, message=exc.message)] if exc.field else []
+            self._reply(identity, msg, messages.Error(code=exc.code, message=exc.message, fields=fields))
             return
         errors = check_request(settings, self.limits)  # preset defaults must obey the limits too
         if errors:

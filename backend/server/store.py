@@ -43,7 +43,7 @@ from pathlib import Path
 from .config import ConfigError
 
 FINAL_STATES = ("finished", "failed", "cancelled", "interrupted")
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_JOB_ID = re.compile(r"^[0-9a-f]{32}\Z")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

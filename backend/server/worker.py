@@ -16,6 +16,7 @@ import concurrent.futures
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -227,6 +228,9 @@ class Worker:
     def _finish_safely(self, job: Job, result: GenerationResult, start: float, writer: FrameWriter) -> None:
         try:
             self._finish(job, result, start, writer)
+        except (sqlite3.Error, OSError) as exc:  # the job store: its frames are stored, its end is not
+            log.exception("job=%s event=finish_error", job.job_id)
+            self._end(job, "failed", "storage", f"could not record the finished job (is the disk full?): {exc}")
         except Exception as exc:
             log.exception("job=%s event=finish_error", job.job_id)
             self._end(job, "failed", "internal", f"could not encode the frames: {type(exc).__name__}: {exc}")

@@ -269,6 +269,13 @@ def test_generate_writes_frames_gif_and_mp4(
     assert gif.shape[0] == 5
     assert (out / "clip.mp4").stat().st_size > 0
     assert "5 frames 64x48" in captured.out and str(out / "clip.gif") in captured.out
+    # Again into the same folder, shorter: the first clip's last frames do not stay behind.
+    (out / "notes.txt").write_text("mine")
+    code = main(["generate", "--address", backend, "--prompt", "a fox", "--frames", "3", "--width", "64",
+                 "--height", "48", "--steps", "1", "--out", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("frame_*.png")) == [f"frame_{i:04d}.png" for i in range(3)]
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_generate_resume_collects_a_job_submitted_earlier(

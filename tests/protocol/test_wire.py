@@ -300,6 +300,17 @@ def test_header_fields_are_validated() -> None:
     assert err.fields[0].field == "$header.msg_id"
 
 
+@pytest.mark.parametrize(("field", "value"), [("version", f"{PROTOCOL_VERSION}\n"), ("msg_id", "0" * 32 + "\n")])
+def test_a_header_value_with_a_final_newline_is_refused_as_such(field: str, value: str) -> None:
+    """`$` in a pattern also matches before a final newline: "1.1\n" passed the schema and
+    then raised a ValueError, not a protocol error."""
+    client, server = pair()
+    frames = resign(client.serialize(messages.Ping()), client.signer, header=edit_json(**{field: value}))
+    err = refused(server, frames)
+    assert err.code == "bad_message"
+    assert [f.field for f in err.fields] == [f"$header.{field}"]
+
+
 def test_too_many_frames_is_refused_before_verifying() -> None:
     client, _ = pair()
     server = Session(KEY, max_frames=6)
@@ -389,6 +400,19 @@ def test_all_bad_fields_are_reported_at_once() -> None:
         "$.request.seed",
         "$.request.motion_loras[0].weight",
     }
+
+
+def test_a_valid_prompt_travel_is_not_listed_among_the_bad_fields() -> None:
+    """The passes after the first re-validated the document with `msgspec.convert`, which
+    does not turn JSON's string keys into the travel's frame numbers."""
+    err = refused_request({"width": 4, "frames": 16, "prompt_travel": {"0": "a cat", "8": "a dog"}})
+    assert [f.field for f in err.fields] == ["$.request.width"]
+
+
+@pytest.mark.parametrize("field", ["base_model", "motion_module"])
+def test_a_model_id_with_a_final_newline_is_refused(field: str) -> None:
+    err = refused_request({field: "base:sd15\n"})
+    assert err.fields[0].field == f"$.request.{field}" and "model id" in err.fields[0].message
 
 
 def test_missing_required_field() -> None:

@@ -58,27 +58,29 @@ def test_resolve_fills_preset_defaults_and_explicit_fields_win(engine: AnimateDi
 
 
 @pytest.mark.parametrize(
-    ("fields", "code", "words"),
+    ("fields", "code", "words", "field"),
     [
-        ({"base_model": "base:nope"}, "unknown_model", ["base:nope", "base"]),
-        ({"motion_module": "motion:nope.ckpt"}, "unknown_model", ["motion:nope.ckpt", "motion"]),
-        ({"motion_module": LORA_ZOOM}, "unknown_model", [LORA_ZOOM, "lora", "motion"]),
-        ({"base_model": MOTION}, "unknown_model", [MOTION, "base"]),
-        ({"motion_loras": [MotionLora(id=ADAPTER)]}, "unknown_model", [ADAPTER, "adapter", "lora"]),
-        ({"domain_adapter": LORA_PAN}, "unknown_model", [LORA_PAN, "adapter"]),
-        ({"preset": "lightning", "steps": 9}, "invalid_request", ["lightning", "9"]),
-        ({"context_length": 8, "context_stride": 9}, "invalid_request", ["context_stride"]),
-        ({"frames": 8, "prompt_travel": {8: "x"}}, "invalid_request", ["prompt_travel", "8"]),
+        ({"base_model": "base:nope"}, "unknown_model", ["base:nope", "base"], "base_model"),
+        ({"motion_module": "motion:nope.ckpt"}, "unknown_model", ["motion:nope.ckpt", "motion"], "motion_module"),
+        ({"motion_module": LORA_ZOOM}, "unknown_model", [LORA_ZOOM, "lora", "motion"], "motion_module"),
+        ({"base_model": MOTION}, "unknown_model", [MOTION, "base"], "base_model"),
+        ({"motion_loras": [MotionLora(id=LORA_ZOOM), MotionLora(id=ADAPTER)]}, "unknown_model",
+         [ADAPTER, "adapter", "lora"], "motion_loras[1].id"),
+        ({"domain_adapter": LORA_PAN}, "unknown_model", [LORA_PAN, "adapter"], "domain_adapter"),
+        ({"preset": "lightning", "steps": 9}, "invalid_request", ["lightning", "9"], "steps"),
+        ({"context_length": 8, "context_stride": 9}, "invalid_request", ["context_stride"], "context_stride"),
+        ({"frames": 8, "prompt_travel": {8: "x"}}, "invalid_request", ["prompt_travel", "8"], "prompt_travel.8"),
     ],
 )
 def test_resolve_rejects_bad_requests(
-    engine: AnimateDiffEngine, fields: dict[str, Any], code: str, words: list[str]
+    engine: AnimateDiffEngine, fields: dict[str, Any], code: str, words: list[str], field: str
 ) -> None:
     with pytest.raises(EngineError) as info:
         engine.resolve(request(**fields))
     assert info.value.code == code
     for word in words:
         assert word in info.value.message
+    assert info.value.field == f"$.request.{field}"  # the server's reply names it (`fields`), for forms
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

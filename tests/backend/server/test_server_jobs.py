@@ -294,8 +294,42 @@ def test_a_cancel_that_could_not_be_stored_leaves_the_job_to_run(
     queued = client.submit(small_request(prompt="second"))
     with pytest.raises(ClientError) as info:
         client.cancel(queued.job_id)
-    assert info.value.code == "internal"
+    assert info.value.code == "storage" and "disk full" in info.value.message
     wait_for(client, queued.job_id, (messages.Finished,))
+
+
+def test_a_submit_that_could_not_be_stored_is_refused_as_storage(
+    server: Server, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(record: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(server.store, "create", disk_full)
+    client = make_client(server)
+    with pytest.raises(ClientError) as info:
+        client.submit(small_request())
+    assert info.value.code == "storage" and "disk full" in info.value.message
+    assert client.ping().queued == 0  # not left in the queue
+
+
+def test_a_finished_job_whose_end_could_not_be_stored_fails_as_storage(
+    server: Server, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its frames are stored; its row is not: "could not encode the frames" (internal) told
+    # the artist the wrong cause, and disagreed with `status` on the same job.
+    update = server.store.update
+
+    def disk_full(job_id: str, **changes: object) -> None:
+        if changes.get("state") == "finished":
+            raise sqlite3.OperationalError("database or disk is full")
+        update(job_id, **changes)
+
+    monkeypatch.setattr(server.store, "update", disk_full)
+    client = make_client(server)
+    job = client.submit(small_request())
+    failed = wait_for(client, job.job_id, (messages.Failed,)).content
+    assert failed.code == "storage" and "disk is full" in failed.message
+    assert client.status(job.job_id).error_code == "storage"
 
 
 def test_a_job_whose_end_could_not_be_stored_is_not_reported_running_forever(

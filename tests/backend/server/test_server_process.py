@@ -136,6 +136,13 @@ def test_cli_refuses_a_network_bind_without_curve(spawn: Callable[..., subproces
     assert "--insecure" in output
 
 
+def test_cli_refuses_a_bind_port_typo(spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    proc = spawn("--bind", "tcp://127.0.0.1:65557")  # libzmq would listen on port 21
+    assert proc.wait(30) == 2
+    output = proc.stdout.read().decode() if proc.stdout else ""
+    assert "cannot listen on tcp://127.0.0.1:65557: the port must be a number from 1 to 65535" in output
+
+
 def test_network_bind_policy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = ServerConfig(key=KEY, data_dir=tmp_path / "d", bind="tcp://0.0.0.0:*")
     with pytest.raises(ConfigError, match="refusing"):
@@ -150,6 +157,15 @@ def test_network_bind_policy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
             assert c.ping()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("bind", ["tcp://127.0.0.1:65557", "tcp://127.0.0.1:5557x", "tcp://127.0.0.1", "tcp://:5557"])
+def test_a_bind_address_with_a_bad_port_is_refused(tmp_path: Path, bind: str) -> None:
+    """libzmq reads the port modulo 65536 (65557, a typo of 5557, listened on port 21) and
+    ignores trailing junk; clients refuse the same address."""
+    with pytest.raises(ConfigError, match="cannot listen on"):
+        Server(ServerConfig(key=KEY, data_dir=tmp_path / "d", bind=bind), FakeEngine())
+    assert not (tmp_path / "d").exists()
 
 
 def test_a_message_limit_too_small_for_one_frame_is_refused(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import zmq
 from server_helpers import RawPeer, small_request
 
 from animatediff_blender.backend.engine.fake import FakeEngine
+from animatediff_blender.backend.engine.interface import EngineError
 from animatediff_blender.backend.server import server as server_module
 from animatediff_blender.backend.server.server import Server
 from animatediff_blender.protocol import messages
@@ -191,8 +192,10 @@ def test_wrong_major_version(tight: Server, peer: RawPeer) -> None:
     healthy(tight)
 
 
-def test_missing_client_id(tight: Server, peer: RawPeer) -> None:
-    peer.session.client_id = ""
+@pytest.mark.parametrize("client_id", ["", "artist-a\n"])
+def test_missing_client_id(tight: Server, peer: RawPeer, client_id: str) -> None:
+    # ("artist-a\n" passed a pattern ending in `$` and became another job owner.)
+    peer.session.client_id = client_id
     reply = peer.request(messages.Submit(request=small_request()))
     assert isinstance(reply.content, messages.Error)
     assert reply.content.code == "bad_message"
@@ -289,6 +292,19 @@ def test_unknown_model(
     assert engine.generate_calls == 0
 
 
+def test_an_engine_refusal_names_the_field(
+    make_server: Callable[..., Server], make_client: Callable[..., BackendClient]
+) -> None:
+    class Refusing(FakeEngine):
+        def resolve(self, request: messages.GenerateRequest) -> messages.GenerateRequest:
+            raise EngineError("invalid_request", "steps: the lightning preset runs 1-8 steps, got 20",
+                              field="$.request.steps")
+
+    err = _submit_error(make_client(make_server(engine=Refusing())))
+    assert err.code == "invalid_request" and "1-8 steps" in err.message
+    assert [(f.field, f.message) for f in err.fields] == [("$.request.steps", err.message)]
+
+
 @pytest.mark.parametrize(
     "model_id",
     [
@@ -350,6 +366,20 @@ def test_a_request_over_the_servers_size_cap_is_refused_as_such(
     assert client.ping()
 
 
+def test_a_lower_message_limit_does_not_lower_the_request_cap(
+    make_server: Callable[..., Server], make_client: Callable[..., BackendClient]
+) -> None:
+    """--max-message-mb bounds what the server sends; it also capped requests, so a valid
+    2 MB submit (a long non-ASCII prompt travel) was dropped by libzmq without an answer,
+    and the client blamed the key."""
+    limits = Limits(max_message_bytes=2**20, max_width=256, max_height=256, max_prompt_chars=4000)
+    server = make_server(limits=limits)
+    client = make_client(server, timeout_s=5)
+    travel = {i: "é" * 4000 for i in range(0, 256, 1)}
+    accepted = client.submit(small_request(frames=256, prompt_travel=travel))
+    assert accepted.job_id
+
+
 def test_a_huge_client_name_is_not_logged_whole(
     tight: Server, peer: RawPeer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -401,6 +431,38 @@ def test_vanished_peer_does_not_block_the_loop(
     client = make_client(server, client_id="other")
     result = client.run_job(small_request(prompt="after"))
     assert len(result.frames) == 4
+
+
+def test_a_fetch_larger_than_the_peers_queue_arrives_whole(
+    make_server: Callable[..., Server], make_client: Callable[..., BackendClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fetch of more messages than a peer's queue holds (a clip over ~1 GiB with the shipped
+    sizes; here the queue and the messages are scaled down) lost its tail, `Finished`
+    included, though the client was reading: every retry failed the same way."""
+    monkeypatch.setattr(server_module, "SEND_QUEUE_MESSAGES", 8)
+    monkeypatch.setattr(server_module, "FRAMES_MESSAGE_BYTES", 64 * 1024)
+    server = make_server()
+    client = make_client(server, timeout_s=5)
+    result = client.run_job(small_request(frames=48, width=128, height=128, steps=1))
+    fetched = client.fetch(result.job_id)
+    assert fetched.frames == result.frames and server.dropped == 0
+
+
+def test_a_reply_its_peer_never_reads_is_given_up(
+    make_server: Callable[..., Server], make_client: Callable[..., BackendClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server_module, "SEND_QUEUE_MESSAGES", 4)
+    monkeypatch.setattr(server_module, "REPLY_STALL_S", 0.5)
+    server = make_server(limits=Limits(max_frames_per_message=1))
+    job_id = make_client(server).run_job(small_request(frames=8, width=256, height=256)).job_id
+    with RawPeer(server.endpoint, client_id="artist-a", sockopts={zmq.RCVHWM: 1, zmq.RCVBUF: 4096}) as peer:
+        for _ in range(3):
+            peer.send(peer.signed(messages.Fetch(job_id=job_id)))
+        deadline = time.monotonic() + 10
+        while (server.dropped == 0 or server._pending) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.dropped > 0 and not server._pending  # nothing held for it any more
+        healthy(server)
 
 
 def test_a_peer_that_stops_reading_cannot_pile_up_frames(

@@ -131,6 +131,9 @@ def test_server_prunes_at_start(make_server, tmp_path: Path) -> None:  # type: i
     store.save_frames("6" * 32, [b"old"])
     store.close()
     server = make_server(data_dir=data, retention_hours=72)
+    deadline = time.monotonic() + 10  # on the server's pool, not before it answers
+    while server.store.get("6" * 32) is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert server.store.get("6" * 32) is None
     assert not (data / "jobs" / ("6" * 32)).exists()
 
