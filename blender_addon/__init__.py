@@ -30,6 +30,16 @@ def _on_load_post(*_args):
 
 
 @persistent
+def _on_save_pre(filepath="", *_args):
+    from . import strips
+
+    try:
+        strips.adopt_unsaved_takes(filepath or bpy.data.filepath)
+    except Exception as exc:  # noqa: BLE001 - never break saving
+        print(f"AnimateDiff: could not move unsaved takes beside the .blend: {exc}")
+
+
+@persistent
 def _on_undo_redo(*_args):
     from . import jobs
 
@@ -105,6 +115,8 @@ def register():
         bpy.app.timers.register(_first_resume, first_interval=0.5)
     if _on_load_post not in bpy.app.handlers.load_post:
         bpy.app.handlers.load_post.append(_on_load_post)
+    if _on_save_pre not in bpy.app.handlers.save_pre:
+        bpy.app.handlers.save_pre.append(_on_save_pre)
     for handlers in (bpy.app.handlers.undo_post, bpy.app.handlers.redo_post):
         if _on_undo_redo not in handlers:
             handlers.append(_on_undo_redo)
@@ -128,6 +140,8 @@ def unregister():
     # the quit (they wait in the outbox for a worker that an enable would start).
     if _on_load_post in bpy.app.handlers.load_post:
         bpy.app.handlers.load_post.remove(_on_load_post)
+    if _on_save_pre in bpy.app.handlers.save_pre:
+        bpy.app.handlers.save_pre.remove(_on_save_pre)
     for handlers in (bpy.app.handlers.undo_post, bpy.app.handlers.redo_post):
         if _on_undo_redo in handlers:
             handlers.remove(_on_undo_redo)

@@ -169,8 +169,10 @@ def pending_jobs(opened: bool = True) -> dict[str, str]:
         for job in scene.animatediff.jobs:
             if job.job_id and job.state in PENDING_STATES:
                 out[job.job_id] = take_root(scene, job)
-            elif opened and not job.job_id and job.state == "submitting":
-                # Blender quit before the backend answered: the job id is unknown.
+            elif opened and not job.job_id and job.state == "submitting" and job.local_id not in STATE.job_shadow:
+                # Blender quit before the backend answered: the job id is unknown.  (With a
+                # shadow, this session still owes the submit: the add-on was disabled and
+                # enabled again, or the file reloaded; a worker sends it again.)
                 job.state = "failed"
                 job.message = "submission was interrupted (Blender closed before the backend answered)"
                 STATE.job_shadow.pop(job.local_id, None)  # no later worker sends it again

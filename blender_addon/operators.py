@@ -26,7 +26,7 @@ class ADB_OT_generate(Operator):
     bl_options = {"REGISTER"}
 
     def execute(self, context):
-        scene = context.scene
+        scene = sc.edit_scene(context)
         ensure_camera_loras(scene.animatediff)
         try:
             plan = st.plan_from_scene(scene)
@@ -59,7 +59,7 @@ class ADB_OT_cancel(Operator):
     def execute(self, context):
         _scene, job = jobs.find_job(self.local_id, by="local_id")
         if job is None:
-            s = context.scene.animatediff
+            s = sc.edit_scene(context).animatediff
             job = s.jobs[s.active_job] if 0 <= s.active_job < len(s.jobs) else None
         if job is None or job.state not in PENDING_STATES:
             self.report({"WARNING"}, "no running job to cancel")
@@ -75,7 +75,7 @@ class ADB_OT_clear_jobs(Operator):
     bl_label = "Clear finished"
 
     def execute(self, context):
-        s = context.scene.animatediff
+        s = sc.edit_scene(context).animatediff
         for i in reversed(range(len(s.jobs))):
             if s.jobs[i].state not in PENDING_STATES:
                 s.jobs.remove(i)
@@ -91,7 +91,7 @@ class ADB_OT_randomize_seed(Operator):
     bl_options = {"REGISTER", "UNDO"}
 
     def execute(self, context):
-        context.scene.animatediff.seed = st.random_seed()
+        sc.edit_scene(context).animatediff.seed = st.random_seed()
         return {"FINISHED"}
 
 
@@ -105,13 +105,12 @@ class ADB_OT_match_camera(Operator):
     def execute(self, context):
         from . import camera_match
 
-        scene = context.scene
         try:
-            motion = camera_match.analyse(scene)
+            motion = camera_match.analyse(context.scene)  # the camera of the 3D scene being worked on
         except ValueError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
-        camera_match.apply_to_settings(scene.animatediff, motion.weights)
+        camera_match.apply_to_settings(sc.edit_scene(context).animatediff, motion.weights)
         used = ", ".join(f"{k} {v:.2f}" for k, v in motion.weights.items() if v > 0) or "no camera move found"
         self.report({"INFO"}, f"Camera: {used}")
         return {"FINISHED"}
@@ -140,7 +139,7 @@ class ADB_OT_sync_loras(Operator):
     bl_label = "Sync LoRAs"
 
     def execute(self, context):
-        sync_extra_loras(context.scene.animatediff)
+        sync_extra_loras(sc.edit_scene(context).animatediff)
         return {"FINISHED"}
 
 
@@ -175,7 +174,7 @@ class ADB_OT_regenerate(Operator):
     def execute(self, context):
         from .strips import stored_settings
 
-        scene = context.scene
+        scene = sc.edit_scene(context)
         strip = sc.active_strip(context)
         selected = sc.selected_strips(context)
         if strip is None or (selected and strip not in selected):

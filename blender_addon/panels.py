@@ -5,6 +5,7 @@ import textwrap
 import bpy
 from bpy.types import Panel
 
+from . import sequencer_compat as sc
 from . import settings as st
 from .preset_check import preset_mismatch
 from .properties import CAMERA_MOTIONS, PENDING_STATES
@@ -85,7 +86,7 @@ class ADB_PT_sequencer(Panel):
 
     def draw(self, context):
         layout = self.layout
-        scene = context.scene
+        scene = sc.edit_scene(context)
         s = scene.animatediff
         draw_connection(layout)
         col = layout.column()
@@ -162,14 +163,17 @@ class ADB_PT_view3d(Panel):
 
     def draw(self, context):
         layout = self.layout
-        s = context.scene.animatediff
+        scene = sc.edit_scene(context)  # the settings and takes of the edit the Sequencer shows
+        s = scene.animatediff
         draw_connection(layout, compact=True)
         layout.prop(s, "prompt")
         layout.prop(s, "preset")
         draw_preset_mismatch(layout, s)
         layout.operator("animatediff.match_camera", icon="CAMERA_DATA")
         layout.operator("animatediff.generate", icon="RENDER_ANIMATION")
-        draw_jobs(layout, context.scene, compact=True)
+        if scene != context.scene:
+            layout.label(text=f"Takes go to the Sequencer's scene: {scene.name}", icon="SEQUENCE")
+        draw_jobs(layout, scene, compact=True)
 
 
 CLASSES = (ADB_PT_sequencer, ADB_PT_view3d)

@@ -23,6 +23,14 @@ MAX_CHANNEL = 128
 MAX_FRAME = 1048574  # Blender's MAXFRAME: a strip asked to start further out is put at the limit
 
 
+def edit_scene(context: Any) -> Any:
+    """The scene whose Sequencer the artist edits.  From 5.0 the Video Sequencer shows a scene
+    of its own (`context.sequencer_scene`, picked in its header), often not the window's: an
+    edit scene holding strips of 3D shot scenes.  Takes, the panel's settings, the current
+    frame and the selection are that scene's; before 5.0 (or with none picked) the window's."""
+    return getattr(context, "sequencer_scene", None) or context.scene
+
+
 def editor(scene: Any, create: bool = True) -> Any:
     se = scene.sequence_editor
     if se is None and create:
@@ -49,12 +57,12 @@ def selected_strips(context: Any) -> list[Any]:
     if sel is None:
         sel = getattr(context, "selected_sequences", None)
     if sel is None:  # no sequencer context (e.g. a script): fall back to the select flags
-        sel = [s for s in all_strips(context.scene) if s.select]
+        sel = [s for s in all_strips(edit_scene(context)) if s.select]
     return list(sel)
 
 
 def active_strip(context: Any) -> Any:
-    se = editor(context.scene, create=False)
+    se = editor(edit_scene(context), create=False)
     if se is None:
         return None
     return getattr(se, "active_strip", None)
@@ -77,8 +85,13 @@ def strip_duration(strip: Any) -> int:
 
 
 def channel_is_free(scene: Any, channel: int, start: int, length: int) -> bool:
+    """Whether no top-level strip is on `channel` within [start, start+length).  Strips inside
+    meta strips do not count: their channels are the meta's own, not the timeline's."""
     end = start + length
-    for s in all_strips(scene):
+    se = editor(scene, create=False)
+    if se is None:
+        return True
+    for s in se.strips if hasattr(se, "strips") else se.sequences:
         if s.channel != channel:
             continue
         s_start = strip_start(s)

@@ -143,6 +143,15 @@ def output_root(scene: Any) -> str:
 
     if bpy.data.filepath:
         return bpy.path.abspath("//animatediff")
+    return unsaved_root()
+
+
+def unsaved_root() -> str:
+    """Where takes of a file never saved land: the add-on's user folder.  They move beside the
+    .blend when it is first saved (`strips.adopt_unsaved_takes`): that folder goes when the
+    extension is uninstalled."""
+    import bpy
+
     try:
         return bpy.utils.extension_path_user(__package__, path="renders", create=True)
     except (ValueError, AttributeError):  # not installed as an extension (development)

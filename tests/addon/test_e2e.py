@@ -183,3 +183,44 @@ def test_save_as_elsewhere_mid_job_lands_beside_new_file(bpy_python, addon_zips,
         assert sorted(p.name for p in (work / folder / "animatediff" / d["short_id"]).iterdir()) == [
             f"frame_{i:04d}.png" for i in range(4)], case
     assert r["reopened_missing"] == [], r
+
+
+@pytest.mark.parametrize("bpy_python", bpy_pythons(), ids=lambda b: f"blender-{b.label}")
+def test_a_take_lands_in_the_scene_the_sequencer_shows(bpy_python, addon_zips, backend_factory, tmp_path: Path) -> None:
+    """Blender 5.x: the Sequencer shows the workspace's `sequencer_scene`; takes went to the
+    window's scene, where the artist never saw them.  And a strip inside a meta strip made the
+    timeline's channel of the same number look taken."""
+    backend = backend_factory()
+    work = tmp_path / "work"
+    work.mkdir()
+    r = run_bpy(bpy_python, "sequencer_scene.py", {"zip": str(addon_zips[bpy_python.py_tag]),
+                                                   "address": backend.address, "key_file": str(backend.key_file),
+                                                   "workdir": str(work)}, tmp_path)
+    five = int(bpy_python.label.split(".")[0]) >= 5
+    assert r["edit_scene"] == ("Edit" if five else "Shot3D")
+    assert r["job"][0] == "finished", r["job"]
+    placed = {name: strips for name, strips in r["strips"].items() if strips}
+    assert list(placed) == [r["edit_scene"]], r["strips"]
+    [(_name, channel, start)] = placed[r["edit_scene"]]
+    assert (channel, start) == (2, 30)  # the edit scene's current frame; channel 2 is free at the top level
+    assert r["regenerate"] == ["FINISHED"] and r["jobs_after_regenerate"] == 2
+
+
+@pytest.mark.parametrize("bpy_python", bpy_pythons(), ids=lambda b: f"blender-{b.label}")
+def test_a_take_made_before_the_first_save_moves_beside_the_blend(
+    bpy_python, addon_zips, backend_factory, tmp_path: Path
+) -> None:
+    """It stayed in the extension's user folder, referred to from the project by a path into the
+    Blender profile, and was deleted with the extension at an uninstall."""
+    backend = backend_factory()
+    work = tmp_path / "work"
+    work.mkdir()
+    r = run_bpy(bpy_python, "unsaved_take.py", {"zip": str(addon_zips[bpy_python.py_tag]),
+                                                "address": backend.address, "key_file": str(backend.key_file),
+                                                "workdir": str(work)}, tmp_path)
+    assert r["job"][0] == "finished", r["job"]
+    assert r["before"] == {"in_user_folder": True, "exist": True}
+    [directory] = r["directories"]  # the duplicate strip follows its take
+    assert directory.startswith("//animatediff/"), directory
+    assert r["after"] == {"beside": True, "exist": True, "old_gone": True}
+    assert r["reopened"] == [directory] and r["reopened_exist"]

@@ -244,6 +244,7 @@ bpy.ops.preferences.addon_enable(module=c.MODULE)
 c.configure(a["address"], a["key_file"], timeout_s=2.0)  # Blender drops a disabled add-on's preferences
 importlib.import_module(c.MODULE)._first_resume()  # what the add-on's start-up timer runs
 api, jobs, state, sc = mods()
+jobs.resume_pending()  # ...and, with a window (not under -b), its `_resume`: the owed submit stays owed
 resume_backend()
 try:
     c.drain_until(lambda: row(local).state not in PENDING, 30)
