@@ -9,7 +9,7 @@ Options:
     --address ADDR       backend address (default: the add-on preferences, tcp://127.0.0.1:5557)
     --key-file PATH      shared HMAC key file (default: the preferences, else the user's default key)
     --server-public-key PATH / --client-secret-key PATH   CurveZMQ certificates
-    --timeout SECONDS    per shot (default 3600); a shot running longer is cancelled
+    --timeout SECONDS    per shot, above 0 (default 3600); a shot running longer is cancelled
     --addon-zip ZIP      install this extension zip into a throw-away Blender profile first
                          (only when run as `python batch.py`: Blender picks its profile at start)
     --repo NAME          extension repository the add-on is installed in (default user_default)
@@ -24,12 +24,14 @@ AnimateDiff settings (frames: the scene length; size: the render size).
 Every shot is rendered even if one fails; the .blend is saved with the strips that
 succeeded (a save that fails after a shot is reported and tried again after the next); the
 exit code is 0 only when every shot succeeded and the .blend was saved (1: a shot failed or
-the last save did, 2: bad arguments, shot list or installation).
+the last save did, 2: bad arguments, shot list or installation -- a --timeout not above 0,
+a --blend or --addon-zip that is missing or cannot be opened -- found before anything is saved).
 """
 
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -104,8 +106,11 @@ def find_addon(repo, zip_path, inside_blender):
             raise BatchError("--addon-zip works with `python batch.py` only; in Blender, install the zip "
                              "(Preferences > Get Extensions > Install from Disk) or run blender with "
                              "BLENDER_USER_RESOURCES pointing at a profile that has it")
-        result = bpy.ops.extensions.package_install_files(filepath=os.path.abspath(zip_path), repo=repo,
-                                                          enable_on_install=True)
+        try:
+            result = bpy.ops.extensions.package_install_files(filepath=os.path.abspath(zip_path), repo=repo,
+                                                              enable_on_install=True)
+        except RuntimeError as exc:  # not a zip, not this platform's, unreadable...
+            raise BatchError(f"installing {zip_path} failed: {_blender_error(exc)}") from exc
         if result != {"FINISHED"}:
             raise BatchError(f"installing {zip_path} failed: {result}")
     if module not in bpy.context.preferences.addons:
@@ -114,8 +119,23 @@ def find_addon(repo, zip_path, inside_blender):
     return importlib.import_module(module)
 
 
+def check_args(args, inside_blender):
+    """What can be told wrong from the arguments alone, before anything is opened or saved
+    (a bad --timeout used to fail every shot, after a .blend was saved that then blocked
+    the corrected run)."""
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise BatchError(f"--timeout must be a number of seconds above 0, not {args.timeout:g}")
+    if args.blend and inside_blender:
+        raise BatchError("--blend is for `python batch.py`; with blender, pass the .blend before -P")
+    # (--addon-zip with an installed add-on is ignored inside Blender; find_addon refuses it otherwise.)
+    for option, path in (("--blend", args.blend), ("--addon-zip", None if inside_blender else args.addon_zip)):
+        if path and not os.path.isfile(path):
+            raise BatchError(f"{option} {path}: {'not a file' if os.path.exists(path) else 'no such file'}")
+
+
 def main(argv, inside_blender):
     args = parse_args(argv)
+    check_args(args, inside_blender)
     shots = load_shots(args.shots)
     if args.addon_zip and not inside_blender and "BLENDER_USER_RESOURCES" not in os.environ:
         # A throw-away profile: the user's own Blender setup stays untouched.
@@ -123,9 +143,10 @@ def main(argv, inside_blender):
     import bpy
 
     if args.blend:
-        if inside_blender:
-            raise BatchError("--blend is for `python batch.py`; with blender, pass the .blend before -P")
-        bpy.ops.wm.open_mainfile(filepath=os.path.abspath(args.blend))
+        try:
+            bpy.ops.wm.open_mainfile(filepath=os.path.abspath(args.blend))
+        except RuntimeError as exc:  # unreadable, not a .blend, from a newer Blender...
+            raise BatchError(f"cannot open {args.blend}: {_blender_error(exc)}") from exc
     addon = find_addon(args.repo, args.addon_zip, inside_blender)
     api = importlib.import_module(addon.__name__ + ".api")
     sc = importlib.import_module(addon.__name__ + ".sequencer_compat")
@@ -155,7 +176,7 @@ def main(argv, inside_blender):
     try:
         bpy.ops.wm.save_as_mainfile(filepath=out_blend)
     except RuntimeError as exc:  # e.g. its folder does not exist
-        raise BatchError(f"cannot save {out_blend}: {str(exc).strip()}") from exc
+        raise BatchError(f"cannot save {out_blend}: {_blender_error(exc)}") from exc
 
     connection = {"address": args.address, "key_file": args.key_file,
                   "server_public_key_file": args.server_public_key,
@@ -192,8 +213,13 @@ def save(bpy):
     try:
         bpy.ops.wm.save_mainfile()
     except RuntimeError as exc:
-        return str(exc).strip().removeprefix("Error: ").strip()
+        return _blender_error(exc)
     return None
+
+
+def _blender_error(exc):
+    """A bpy.ops RuntimeError in words ("Error: Cannot read file ..." -> "Cannot read file ...")."""
+    return str(exc).strip().removeprefix("Error: ").strip()
 
 
 def run():

@@ -16,7 +16,7 @@ from . import messages as m
 from . import settings as st
 from .properties import PENDING_STATES
 from .state import STATE
-from .worker import Worker  # light: the protocol and zmq are imported by the thread itself
+from .worker import Worker, watch_entry  # light: the protocol and zmq are imported by the thread itself
 
 
 def preferences() -> Any:
@@ -159,7 +159,7 @@ def forget_other_files() -> None:
             del STATE.job_shadow[local_id]
 
 
-def pending_jobs(opened: bool = True) -> dict[str, str]:
+def pending_jobs(opened: bool = True) -> dict[str, Any]:
     """job id -> output folder of every job still owed a result, in every scene.  `opened`:
     the file was just opened, so a job still submitting there never reached the backend."""
     import bpy
@@ -168,7 +168,9 @@ def pending_jobs(opened: bool = True) -> dict[str, str]:
     for scene in bpy.data.scenes:
         for job in scene.animatediff.jobs:
             if job.job_id and job.state in PENDING_STATES:
-                out[job.job_id] = take_root(scene, job)
+                # With what the row knows: a take found on disk once the backend has forgotten
+                # the job is checked against its frame count and placed with its settings.
+                out[job.job_id] = watch_entry(take_root(scene, job), job.frames, job.request_json)
             elif opened and not job.job_id and job.state == "submitting" and job.local_id not in STATE.job_shadow:
                 # Blender quit before the backend answered: the job id is unknown.  (With a
                 # shadow, this session still owes the submit: the add-on was disabled and

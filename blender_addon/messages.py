@@ -57,7 +57,7 @@ class CancelsOwed:
 
 @dataclass
 class WatchJobs:
-    jobs: dict[str, str]  # job id -> out_root
+    jobs: dict[str, Any]  # job id -> out_root, or `worker.watch_entry` (out_root and what the row knows)
 
 
 @dataclass

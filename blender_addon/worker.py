@@ -8,12 +8,14 @@ are not thread-safe, so this thread is the only one that touches the socket.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import queue
 import re
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import files
@@ -30,6 +32,7 @@ CONNECTION_CODES = {"", "timeout", "connection", "protocol", "bad_signature", "c
 RESEND_CODES = {"timeout", "connection"}
 TOLD_WHEN_BACK = "the backend could not be reached and is told when it is back"
 SUBMIT_ID = re.compile(r"^[0-9a-f]{32}$")  # a job row's local_id (uuid4 hex) is its submit id
+FRAME_FILE = re.compile(r"^frame_([0-9]{4,})\.png$")  # files.FRAME_NAME
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
@@ -152,6 +155,59 @@ class Track:
     out_root: str
     frames: dict[int, bytes] = field(default_factory=dict)
     preview_path: str = ""
+    # What the job's row knows, for a take found on disk once the backend has forgotten the
+    # job (`_gone`): its frame count (0: not known) and its request (its seed, its settings).
+    expected: int = 0
+    request: dict[str, Any] = field(default_factory=dict)
+
+
+def watch_entry(out_root: str, frames: int = 0, request_json: str = "") -> dict[str, Any]:
+    """A `WatchJobs` value that tells the worker what the job's row knows besides the folder
+    its take goes under (a bare folder, a str, is a value too): the row's frame count and
+    its `request_json`.  With them, a take found on disk after the backend forgot the job is
+    checked frame for frame and placed with the row's seed and settings."""
+    return {"out_root": out_root, "frames": frames, "request_json": request_json}
+
+
+def _watched_track(value: Any) -> Track:
+    """A Track from a `WatchJobs` value: the output folder, or a `watch_entry`."""
+    if not isinstance(value, dict):
+        return Track(str(value))
+    frames = value.get("frames", 0)
+    frames = frames if isinstance(frames, int) and not isinstance(frames, bool) and frames > 0 else 0
+    request: Any = {}
+    try:
+        request = json.loads(value.get("request_json") or "{}").get("request", {})
+    except (ValueError, AttributeError):
+        pass
+    return Track(str(value.get("out_root", "")), expected=frames, request=request if isinstance(request, dict) else {})
+
+
+def take_on_disk(out_root: str, job_id: str, expected: int = 0) -> tuple[Path, list[str], bool]:
+    """The job's folder (`files.job_dir`), the frame names of its take found there (each a
+    PNG), and whether they are the whole take: `expected` frames when the row's count is
+    known, else an unbroken run from frame 0 (the worker puts a take in place in one step,
+    so a folder holding one has all of it, unless frames were deleted since)."""
+    folder = files.job_dir(out_root, job_id)
+    try:
+        present = {entry.name for entry in os.scandir(folder) if entry.is_file()}
+    except OSError:
+        return folder, [], False
+    found = sorted(i for i in (int(match.group(1)) for match in map(FRAME_FILE.match, present) if match)
+                   if files.FRAME_NAME.format(i) in present and (expected <= 0 or i < expected)
+                   and _is_png(folder / files.FRAME_NAME.format(i)))
+    count = expected if expected > 0 else len(found)
+    names = files.frame_names(count)
+    complete = count > 0 and found[:count] == list(range(count))
+    return folder, names if complete else [files.FRAME_NAME.format(i) for i in found], complete
+
+
+def _is_png(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8) == files.PNG_MAGIC
+    except OSError:
+        return False
 
 
 class Worker(threading.Thread):
@@ -322,8 +378,11 @@ class Worker(threading.Thread):
             if self.client is not None:
                 self._send_owed()
         elif isinstance(cmd, m.WatchJobs):
-            for job_id, root in cmd.jobs.items():
-                self.jobs.setdefault(job_id, Track(root))
+            for job_id, value in cmd.jobs.items():
+                track = _watched_track(value)
+                known = self.jobs.setdefault(job_id, track)
+                if known is not track and not known.expected:  # watched again, now with the row's
+                    known.expected, known.request = track.expected, track.request
             if self.client is not None:
                 self._watch(list(cmd.jobs))
         elif isinstance(cmd, m.MoveTake):
@@ -434,7 +493,11 @@ class Worker(threading.Thread):
                 self._lost(exc)
             else:
                 for job_id in job_ids or []:
-                    self._end(job_id, m.JobFailed(job_id, f"backend refused: {error_text(exc)}"))
+                    why = f"backend refused: {error_text(exc)}"
+                    if getattr(exc, "code", "") == "not_found":  # e.g. its frames expired meanwhile
+                        self._gone(job_id, why)
+                    else:
+                        self._end(job_id, m.JobFailed(job_id, why))
         except Exception as exc:  # noqa: BLE001 - never let the worker thread die
             self._lost(exc)
         return None
@@ -495,7 +558,10 @@ class Worker(threading.Thread):
             if self.client is None:
                 self.waiting_cancels.add(job_id)
             return
-        self.jobs[job_id] = Track(sub.out_root)
+        request = _to_builtins(req)
+        frames = _get(req, "frames", 0)
+        self.jobs[job_id] = Track(sub.out_root, expected=frames if isinstance(frames, int) else 0,
+                                  request=request if isinstance(request, dict) else {})
         self.last_heard = time.monotonic()
         self.outbox.put(m.JobAccepted(sub.local_id, job_id, int(_get(accepted, "queue_position", 0))))
 
@@ -523,12 +589,37 @@ class Worker(threading.Thread):
         elif state in ("failed", "interrupted"):
             msg = _get(st, "error", "") or state
             code = _get(st, "error_code", "")
-            self._end(job_id, m.JobFailed(job_id, f"{code}: {msg}" if code else msg, state))
+            if code == "not_found":
+                self._gone(job_id, f"{code}: {msg}")
+            else:
+                self._end(job_id, m.JobFailed(job_id, f"{code}: {msg}" if code else msg, state))
         elif state == "cancelled":
             self._end(job_id, m.JobFailed(job_id, "cancelled", "cancelled"))
         else:
             self.outbox.put(m.JobProgress(job_id, state, int(_get(st, "step", 0)), int(_get(st, "total_steps", 0)),
                                           queue_position=int(_get(st, "queue_position", -1))))
+
+    def _gone(self, job_id: str, why: str) -> None:
+        """The backend no longer knows the job: it pruned it (its retention, 72 h by default),
+        or it runs with another data folder now.  Its take may be on disk all the same: written
+        by this add-on while another .blend was open, it waits in the job's folder for the
+        file to be reopened.  A whole take there ends the job as done, from disk, with the
+        seed and settings the row asked for; frames missing from it fail the job with the
+        folder named, so that what is there can still be used."""
+        track = self.jobs.get(job_id)
+        if track is None:
+            return
+        folder, names, complete = take_on_disk(track.out_root, job_id, track.expected)
+        if complete:
+            seed = track.request.get("seed", 0)
+            seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+            self._end(job_id, m.JobDone(job_id, str(folder), names, seed, dict(track.request)))
+            return
+        if names:
+            of = f" of {track.expected}" if track.expected else ""
+            missing = next(name for name in files.frame_names(len(names) + 1) if name not in names)
+            why += f"; the take on disk is incomplete: {len(names)}{of} frames in {folder} ({missing} is missing)"
+        self._end(job_id, m.JobFailed(job_id, why))
 
     def _end(self, job_id: str, msg: Any) -> None:
         track = self.jobs.pop(job_id, None)

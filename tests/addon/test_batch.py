@@ -236,3 +236,47 @@ def test_batch_goes_on_when_the_blend_cannot_be_saved(addon_zips, backend_factor
     assert "[3/3] shot 3: strip " in stdout, stdout  # the shots after the failed save rendered
     assert "batch: 3 shots, 3 ok, 0 failed; NOT saved" in stdout and str(out_blend.parent / "animatediff") in stdout
     assert len(list((out_blend.parent / "animatediff").iterdir())) == 3
+
+
+
+def _one_shot(tmp_path: Path) -> Path:
+    shots = tmp_path / "shots.toml"
+    shots.write_text('[[shot]]\nprompt = "a"\n')
+    return shots
+
+
+def test_batch_refuses_a_bad_timeout_up_front(addon_zips, tmp_path: Path) -> None:
+    """A --timeout that is not a number of seconds above 0 is a bad argument: exit 2 before
+    anything is saved (it used to fail every shot, exit 1, and leave a shots.blend that
+    refused the corrected run)."""
+    bpy_python = oldest()
+    zip_path = str(addon_zips[bpy_python.py_tag])
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    shots = _one_shot(tmp_path)
+    out = tmp_path / "shots.blend"
+    for value in ("0", "-5", "inf", "nan"):
+        proc = run_batch(bpy_python, tmp_path, str(shots), "--addon-zip", zip_path, "--address", dead,
+                         f"--timeout={value}", timeout=120)
+        assert proc.returncode == 2, (value, proc.stdout + proc.stderr)
+        assert f"batch: error: --timeout must be a number of seconds above 0, not {value}" in proc.stderr, proc.stderr
+        assert "[1/1]" not in proc.stdout and not out.exists(), proc.stdout
+
+
+def test_batch_refuses_a_missing_or_unreadable_blend(addon_zips, tmp_path: Path) -> None:
+    """A --blend (or --addon-zip) that does not exist, or that Blender cannot open, is a bad
+    argument: exit 2, in words (it used to exit 1 with a traceback)."""
+    bpy_python = oldest()
+    zip_path = str(addon_zips[bpy_python.py_tag])
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    shots = _one_shot(tmp_path)
+    out = tmp_path / "shots.blend"
+    garbage = tmp_path / "garbage.blend"
+    garbage.write_bytes(b"not a blend file")
+    for args, words in ((["--blend", "nope.blend"], "batch: error: --blend nope.blend: no such file"),
+                        (["--blend", str(tmp_path)], f"batch: error: --blend {tmp_path}: not a file"),
+                        (["--blend", str(garbage)], f"batch: error: cannot open {garbage}: "),
+                        (["--addon-zip", "nope.zip"], "batch: error: --addon-zip nope.zip: no such file")):
+        proc = run_batch(bpy_python, tmp_path, str(shots), "--addon-zip", zip_path, "--address", dead, *args,
+                         timeout=120)
+        assert proc.returncode == 2 and words in proc.stderr, (args, proc.stdout + proc.stderr)
+        assert "Traceback" not in proc.stderr and not out.exists(), proc.stderr
