@@ -74,8 +74,9 @@ def worker() -> Any:
     return w
 
 
-def submit(scene: Any, plan: st.Plan) -> Any:
-    """Add a job row and hand the request to the worker.  Returns the row."""
+def submit(scene: Any, plan: st.Plan, patient_s: float = 0.0) -> Any:
+    """Add a job row and hand the request to the worker.  Returns the row.  `patient_s`: how
+    long a backend that cannot be reached is waited for (one the add-on has just started)."""
     import bpy
 
     s = scene.animatediff
@@ -99,7 +100,8 @@ def submit(scene: Any, plan: st.Plan) -> Any:
     job.out_root = bpy.path.relpath(root) if bpy.data.filepath else root
     job.request_json = request_json
     s.active_job = len(s.jobs) - 1
-    sub = m.SubmitJob(job.local_id, plan.request, plan.camera_motions, root, client_tag=f"{scene.name}"[:200])
+    sub = m.SubmitJob(job.local_id, plan.request, plan.camera_motions, root, client_tag=f"{scene.name}"[:200],
+                      patient_until=time.monotonic() + patient_s if patient_s > 0 else 0.0)
     STATE.job_shadow[job.local_id] = {"scene": scene.name, "blend": bpy.data.filepath, "submit": sub,
                                       **{k: getattr(job, k) for k in SHADOW_FIELDS}}
     w.send(sub)

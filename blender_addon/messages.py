@@ -28,6 +28,10 @@ class SubmitJob:
     # Cancelled by the artist while owed (`resend`): its row has ended; the job the backend
     # answers with is cancelled at once and never reported.
     cancelled: bool = False
+    # time.monotonic() until which a backend that cannot be reached is waited for rather than
+    # the submit refused: the add-on has just started the local backend, which loads its
+    # models before it listens (minutes, the first time, for new checkpoints).
+    patient_until: float = 0.0
 
 
 @dataclass

@@ -37,8 +37,7 @@ class ADB_OT_generate(Operator):
         if refusal:
             self.report({"ERROR"}, refusal)
             return {"CANCELLED"}
-        maybe_autostart()
-        job = jobs.submit(scene, plan)
+        job = jobs.submit(scene, plan, patient_s=maybe_autostart())
         mismatch = preset_mismatch(str(plan.request.get("preset")), plan.request.get("motion_module") or "",
                                    STATE.models, STATE.defaults)
         if mismatch:
@@ -205,8 +204,7 @@ class ADB_OT_regenerate(Operator):
         if refusal:
             self.report({"ERROR"}, refusal)
             return {"CANCELLED"}
-        maybe_autostart()
-        jobs.submit(scene, plan)
+        jobs.submit(scene, plan, patient_s=maybe_autostart())
         return {"FINISHED"}
 
 
@@ -268,13 +266,22 @@ def stop_backend() -> None:
         proc.kill()
 
 
-def maybe_autostart() -> None:
+# How long a submit waits for a local backend the add-on started: it imports torch and
+# diffusers and scans (the first time: hashes) the models before it listens.
+BACKEND_START_PATIENCE_S = 600.0
+
+
+def maybe_autostart() -> float:
+    """Start the local backend if the preferences say so.  Returns how long a submit should
+    wait for it to listen: 0 unless a backend this Blender started is running."""
     prefs = jobs.preferences()
     if prefs is not None and prefs.auto_start and prefs.backend_command.strip():
         try:
             start_backend()
         except (ValueError, OSError) as exc:
             print(f"AnimateDiff: local backend not started: {exc}")
+    proc = STATE.backend_process
+    return BACKEND_START_PATIENCE_S if proc is not None and proc.poll() is None else 0.0
 
 
 def job_request_summary(job) -> str:

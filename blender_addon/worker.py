@@ -422,14 +422,17 @@ class Worker(threading.Thread):
             self.outbox.put(m.ConnectionState(False, f"cannot connect to {self.config.get('address', '?')}: {reason}"))
             for job_id in self.jobs:
                 self.outbox.put(m.JobNote(job_id, f"backend unreachable ({reason}); retrying"))  # still owed
+            now = time.monotonic()
             for sub in self.waiting:
                 if sub.cancelled:
                     continue  # its row has ended; owed to the backend only
                 if sub.resend:  # may exist on the backend: owed until it answers
                     self.outbox.put(m.SubmitNote(sub.local_id, f"backend unreachable ({reason}); retrying"))
+                elif now < sub.patient_until:
+                    self.outbox.put(m.SubmitNote(sub.local_id, f"waiting for the local backend to start ({reason})"))
                 else:
                     self.outbox.put(m.JobRejected(sub.local_id, f"cannot connect to the backend: {reason}"))
-            self.waiting = [sub for sub in self.waiting if sub.resend]
+            self.waiting = [sub for sub in self.waiting if sub.resend or now < sub.patient_until]
             # Retry (with back-off) only while jobs or cancels are owed; otherwise wait for the
             # next request (Refresh, Generate).
             self.want_connection = False

@@ -158,6 +158,32 @@ def test_cancel_while_backend_unreachable_ends_the_job(tmp_path: Path, monkeypat
     assert not w._needs_connection()  # nothing owed any more: no reconnect loop
 
 
+def test_a_submit_waits_for_a_local_backend_that_is_starting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The add-on starts the local backend at Generate; it loads torch and its models before it
+    listens (longer than the request timeout, the first time): the submit was refused as
+    "cannot connect".  It now waits, saying so, until its patience runs out."""
+    import queue
+
+    worker, m = _load_package()
+    monkeypatch.setattr(worker, "make_client", lambda cfg: _FakeClient(False, []))
+    outbox: queue.Queue = queue.Queue()
+    w = worker.Worker(outbox, {"address": "tcp://127.0.0.1:5557"})
+    patient = m.SubmitJob("a" * 32, {"prompt": "a cat"}, {}, str(tmp_path), patient_until=time.monotonic() + 60)
+    hasty = m.SubmitJob("b" * 32, {"prompt": "a dog"}, {}, str(tmp_path))
+    w.waiting.extend([patient, hasty])
+    w._connect()
+    msgs = list(outbox.queue)
+    assert [(type(x).__name__, x.local_id) for x in msgs if hasattr(x, "local_id")] == [
+        ("SubmitNote", "a" * 32), ("JobRejected", "b" * 32)]
+    assert "waiting for the local backend to start" in msgs[1].message
+    assert w.waiting == [patient] and w._needs_connection()  # retried with back-off
+    patient.patient_until = time.monotonic() - 1  # it never came up
+    outbox.queue.clear()
+    w._connect()
+    assert [type(x).__name__ for x in outbox.queue if hasattr(x, "local_id")] == ["JobRejected"]
+    assert w.waiting == []
+
+
 def test_cancel_reaches_a_backend_that_is_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Disconnected (backoff) but the backend answers now: the cancel goes to it at once and
     the job waits for the backend's own `cancelled`."""
