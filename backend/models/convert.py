@@ -5,13 +5,17 @@ Everything here is pure key/tensor work on state dicts (no model construction), 
 
 * `read_state_dict(path)`: safetensors preferred; pickle files (`.ckpt .pt .pth .bin`) only via
   `torch.load(..., weights_only=True)` on torch >= 2.10.  Unwraps `{"state_dict": ...}`.
-* `read_tensor_shapes(path)`: key -> shape without loading tensors (safetensors header).
+* `read_tensor_shapes(path)`: key -> shape without loading tensors (safetensors header);
+  `read_pickle_shapes(path)` the same for a torch zip checkpoint (only its pickle is read).
+* `folder_weights_file(folder, preferred)`: which weights file of a model folder is loaded.
 * `component_pickles(folder)`, `check_folder_pickles_allowed(...)`: the same pickle policy for
   diffusers folders, whose weights diffusers' / transformers' `from_pretrained` read.
 * `motion_original_to_diffusers(sd)`: original AnimateDiff motion module keys -> MotionAdapter keys.
 * `motion_adapter_config(shapes, ...)`: MotionAdapter kwargs inferred from the weights.
-* `lora_to_peft(sd, scope)`: MotionLoRA / domain-adapter files (original AnimateDiff,
-  diffusers hub, or peft layout) -> `unet.<module>.lora_A.weight` / `lora_B.weight`.
+* `lora_to_peft(sd, scope, config)`: MotionLoRA / domain-adapter files (original AnimateDiff,
+  diffusers hub, or peft layout) -> `unet.<module>.lora_A.weight` / `lora_B.weight`;
+  `lora_adapter_config(path)` reads the peft config (rank, alpha) diffusers saves in a
+  safetensors header, and `read_lora(path, scope)` does both.
 
 Every converter raises `ConversionError` on a key it does not understand: a key that is
 silently ignored is a LoRA or module that silently does nothing.
@@ -20,6 +24,7 @@ silently ignored is a LoRA or module that silently does nothing.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 import struct
@@ -139,6 +144,27 @@ def check_folder_pickles_allowed(folder: Path, pickles: Iterable[Path]) -> None:
         )
 
 
+# What diffusers loads from a LoRA folder (hub MotionLoRA repos; `save_lora_weights`) and from
+# a MotionAdapter folder.
+LORA_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "pytorch_lora_weights.safetensors")
+MOTION_ADAPTER_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def folder_weights_file(folder: Path, preferred: tuple[str, ...]) -> Path:
+    """The weights file of a model folder that is loaded: the first of `preferred` present,
+    else its only `.safetensors` file, else its only weights file.  The registry and the
+    loaders both use this, so a folder listed as usable is the one that loads."""
+    for name in preferred:
+        if (folder / name).is_file():
+            return folder / name
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in SAFETENSORS_SUFFIXES and p.is_file())
+    if not files:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in WEIGHT_SUFFIXES and p.is_file())
+    if len(files) != 1:
+        raise ConversionError(f"expected one weights file in the folder, found {len(files)}")
+    return files[0]
+
+
 def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path.name}: not a state dict (got {type(obj).__name__})")
@@ -239,6 +265,26 @@ def read_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         header = read_safetensors_header(path)
         return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     return {k: tuple(v.shape) for k, v in read_state_dict(path).items()}
+
+
+def read_pickle_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """key -> shape of a torch zip checkpoint without reading its tensors: only its pickle is
+    unpickled (weights_only), the storages are mapped onto the meta device.  For checkpoints
+    too large to load at scan time.  A refused pickle raises ConversionError (as
+    `read_state_dict` would); a file torch cannot map (a legacy pickle) raises what torch raises."""
+    import torch
+
+    path = Path(path)
+    check_pickle_allowed(f"{path.name} (a pickle checkpoint)")
+    try:
+        raw = torch.load(str(path), map_location="meta", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise _refused_pickle(path, exc) from exc
+    return {
+        k: tuple(v.shape)
+        for k, v in _unwrap(raw, path).items()
+        if isinstance(k, str) and isinstance(v, torch.Tensor)
+    }
 
 
 # --------------------------------------------------------------------------- motion modules
@@ -480,11 +526,64 @@ def lora_format(keys: Iterable[str]) -> str:
     )
 
 
-def lora_to_peft(sd: Mapping[str, torch.Tensor], scope: LoraScope) -> LoraWeights:
+# diffusers' LORA_ADAPTER_METADATA_KEY: the safetensors header entry holding a LoRA's peft config.
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+_PEFT_DEFAULT_R = _PEFT_DEFAULT_ALPHA = 8  # peft's LoraConfig defaults, which diffusers falls back to
+
+
+def lora_adapter_config(path: Path) -> dict[str, Any] | None:
+    """The peft LoraConfig that diffusers' `save_lora_weights(..., unet_lora_adapter_metadata=)`
+    and `save_lora_adapter` keep in a safetensors header (`{"unet.r": 4, "unet.lora_alpha": 2,
+    ...}` as JSON under `lora_adapter_metadata`), without its `unet.` prefix; None when the file
+    has none (pickles never do).  Stock `load_lora_weights` scales the LoRA by it."""
+    path = Path(path)
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return None
+    meta = read_safetensors_header(path).get("__metadata__")
+    raw = meta.get(LORA_ADAPTER_METADATA_KEY) if isinstance(meta, dict) else None
+    if raw is None:
+        return None
+    try:
+        config = json.loads(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConversionError(f"{path.name}: corrupt {LORA_ADAPTER_METADATA_KEY} in the header ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path.name}: corrupt {LORA_ADAPTER_METADATA_KEY} in the header (not an object)")
+    unet = {k.removeprefix("unet."): v for k, v in config.items() if k.startswith("unet.")}
+    # `save_lora_adapter` of a bare UNet writes the keys without a prefix.
+    return unet or {k: v for k, v in config.items() if "." not in k} or None
+
+
+def _config_alpha(config: Mapping[str, Any], rank: int) -> float:
+    """The network alpha (scale = alpha / rank, as the engine applies it) that makes a LoRA
+    as strong as diffusers' `LoraConfig(**config)` does."""
+    r = config.get("r", _PEFT_DEFAULT_R)
+    alpha = config.get("lora_alpha", _PEFT_DEFAULT_ALPHA)
+    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+        raise ConversionError(f"LoRA header: bad rank r={r!r}")
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)):
+        raise ConversionError(f"LoRA header: bad lora_alpha={alpha!r}")
+    if r != rank:
+        raise ConversionError(f"LoRA header says rank {r}, its weights have rank {rank}")
+    for name, default in (("rank_pattern", r), ("alpha_pattern", alpha)):
+        pattern = config.get(name) or {}
+        if not isinstance(pattern, dict) or any(v != default for v in pattern.values()):
+            raise ConversionError(f"LoRA header sets per-module ranks or alphas ({name}), which is not supported")
+    if config.get("use_dora"):
+        raise ConversionError("DoRA LoRAs are not supported")
+    if config.get("use_rslora"):
+        return float(alpha) * math.sqrt(r)  # rsLoRA scales by alpha / sqrt(r)
+    return float(alpha)
+
+
+def lora_to_peft(
+    sd: Mapping[str, torch.Tensor], scope: LoraScope, config: Mapping[str, Any] | None = None
+) -> LoraWeights:
     """Convert a LoRA file's state dict (original, diffusers-hub or peft layout) to the
     peft keys diffusers applies; raises on unknown keys, unpaired halves, inconsistent
     ranks or modules outside `scope` ("motion": motion-module attention, "spatial": the
-    UNet's own attention layers, where the v3 domain adapter lives)."""
+    UNet's own attention layers, where the v3 domain adapter lives).  `config` is the
+    file's peft config (`lora_adapter_config`): its alpha sets `network_alpha`."""
     fmt = lora_format(sd.keys())
     parts: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
@@ -537,11 +636,23 @@ def lora_to_peft(sd: Mapping[str, torch.Tensor], scope: LoraScope) -> LoraWeight
     alpha_values = set(alphas.values())
     if len(alpha_values) > 1:
         raise ConversionError("LoRA has per-module alphas, which is not supported")
+    rank = ranks.pop()
+    alpha = alpha_values.pop() if alpha_values else None
+    if config is not None:
+        header_alpha = _config_alpha(config, rank)
+        if alpha is not None and alpha != header_alpha:
+            raise ConversionError(f"LoRA has alpha {alpha:g} in its keys but {header_alpha:g} in its header")
+        alpha = header_alpha
     return LoraWeights(
         state_dict=out,
         target_modules=set(parts),
-        rank=ranks.pop(),
-        network_alpha=alpha_values.pop() if alpha_values else None,
+        rank=rank,
+        network_alpha=alpha,
         source_format=fmt,
         scope=scope,
     )
+
+
+def read_lora(path: Path, scope: LoraScope) -> LoraWeights:
+    """A LoRA weights file as `lora_to_peft` gives it, with the alpha of its header."""
+    return lora_to_peft(read_state_dict(path), scope, lora_adapter_config(path))

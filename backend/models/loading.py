@@ -13,7 +13,8 @@ The engine calls exactly these (each takes a `registry.RegistryEntry`, or a `Pat
   (AnimateDiff-Lightning) and diffusers folders; widths and version from the weights.
 * `load_motion_lora(entry) -> convert.LoraWeights` — MotionLoRAs (original `v2_lora_*.ckpt`,
   diffusers hub folders, peft files) as peft keys for
-  `pipe.load_lora_weights(lora.state_dict, adapter_name=...)`.
+  `pipe.load_lora_weights(lora.state_dict, adapter_name=...)`; the r / lora_alpha that
+  diffusers' `save_lora_weights` keeps in a safetensors header set `network_alpha`.
 * `load_domain_adapter(entry) -> convert.LoraWeights` — the v3 domain adapter (spatial LoRA).
 * `verify_lora_applied(unet, lora, adapter_name)` — after `load_lora_weights`, raises unless
   every target module received the adapter (diffusers ignores keys it does not map).
@@ -33,8 +34,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .convert import (
+    LORA_WEIGHT_NAMES,
+    MOTION_ADAPTER_WEIGHT_NAMES,
     PICKLE_SUFFIXES,
-    SAFETENSORS_SUFFIXES,
     WEIGHT_SUFFIXES,
     ConversionError,
     LoraScope,
@@ -43,9 +45,10 @@ from .convert import (
     check_zip_checksums,
     component_pickles,
     diffusers_variant,
-    lora_to_peft,
+    folder_weights_file,
     motion_adapter_config,
     motion_to_diffusers,
+    read_lora,
     read_state_dict,
 )
 
@@ -320,15 +323,10 @@ def _load_base_single_file(path: Path, dtype: torch.dtype) -> BaseComponents:
 
 
 def _weights_file(folder: Path, preferred: tuple[str, ...]) -> Path:
-    for name in preferred:
-        if (folder / name).is_file():
-            return folder / name
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in SAFETENSORS_SUFFIXES)
-    if not files:
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in WEIGHT_SUFFIXES)
-    if len(files) != 1:
-        raise ConversionError(f"{folder.name}: expected one weights file in the folder, found {len(files)}")
-    return files[0]
+    try:
+        return folder_weights_file(folder, preferred)
+    except ConversionError as exc:
+        raise ConversionError(f"{folder.name}: {exc}") from exc
 
 
 def load_motion_adapter(entry: RegistryEntry | Path, dtype: torch.dtype | None = None) -> MotionAdapter:
@@ -340,11 +338,7 @@ def load_motion_adapter(entry: RegistryEntry | Path, dtype: torch.dtype | None =
 
     path = _path(entry)
     dtype = _default_dtype(dtype)
-    weights = (
-        _weights_file(path, ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))
-        if path.is_dir()
-        else path
-    )
+    weights = _weights_file(path, MOTION_ADAPTER_WEIGHT_NAMES) if path.is_dir() else path
     if path.is_dir() and weights.suffix.lower() in PICKLE_SUFFIXES:
         check_folder_pickles_allowed(path, [weights])  # (read_state_dict's refusal, naming the folder)
     sd = read_state_dict(weights)
@@ -444,15 +438,11 @@ def swap_motion_weights(unet: Any, current: MotionAdapter, new: MotionAdapter) -
 
 def _load_lora(entry: RegistryEntry | Path, scope: LoraScope) -> LoraWeights:
     path = _path(entry)
-    weights = (
-        _weights_file(path, ("diffusion_pytorch_model.safetensors", "pytorch_lora_weights.safetensors"))
-        if path.is_dir()
-        else path
-    )
+    weights = _weights_file(path, LORA_WEIGHT_NAMES) if path.is_dir() else path
     if path.is_dir() and weights.suffix.lower() in PICKLE_SUFFIXES:
         check_folder_pickles_allowed(path, [weights])
     try:
-        lora = lora_to_peft(read_state_dict(weights), scope)
+        lora = read_lora(weights, scope)  # (with the alpha of a peft header, as diffusers reads it)
     except ConversionError as exc:
         raise ConversionError(f"{path.name}: {exc}") from exc
     lora.metadata["path"] = str(path)

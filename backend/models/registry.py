@@ -11,8 +11,23 @@ only ever name ids: `get()` accepts nothing but an id of the last scan, so no re
 reach a path outside the models directory.
 
 Every entry's version and layout are detected from its keys (safetensors headers are read
-without loading tensors; pickles through `torch.load(weights_only=True)`), and files that
-cannot be used are listed with `ok=False` and the reason instead of stopping the scan.
+without loading tensors; pickles through `torch.load(weights_only=True)`, those over
+PICKLE_SCAN_LIMIT without their tensors), and files that cannot be used are listed with
+`ok=False` and the reason instead of stopping the scan (for a model in the wrong kind folder:
+which folder it belongs in).
+
+Camera motions: only v2 MotionLoRAs under an official name (`v2_lora_ZoomIn.ckpt`, optionally
+`mm_sd15_`-prefixed or converted to `.safetensors`; the hub folders `animatediff-motion-lora-
+zoom-in`, also without `animatediff-`) carry `camera_motion`; a user's `zoomin_mix.ckpt` is an
+ordinary LoRA.
+
+Order of the model list (`scan`, `infos`, `entries`; the engine's `list_models`): by kind
+(base, motion, lora, adapter), then the camera-motion LoRAs by move, the names exactly as
+published (`v2_lora_<Move>.ckpt`, `animatediff-motion-lora-<move>`) before other official
+ones, then every other entry by id.  Clients that need one LoRA for a camera move (the add-on)
+take the first entry with that `camera_motion` in this order.  Entries of one kind never share
+a label: colliding labels get the file suffix, format or name added.
+
 Content hashes (sha256 of the file, or of a folder's files in sorted order) and detection
 results are cached in `<models>/.registry-cache.json` by (path, size, mtime, inode, ctime),
 so rescans only re-read what changed.  `is_current(entry)` compares an entry's files with that
@@ -28,6 +43,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +51,7 @@ from typing import Any
 from animatediff_blender.protocol.messages import MODEL_ID_PATTERN, ModelInfo
 
 from .convert import (
+    LORA_WEIGHT_NAMES,
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
     WEIGHT_SUFFIXES,
@@ -45,11 +62,13 @@ from .convert import (
     component_pickles,
     detect_motion_version,
     diffusers_variant,
+    folder_weights_file,
     lora_format,
-    lora_to_peft,
     motion_adapter_config,
     motion_layout,
     pickles_allowed,
+    read_lora,
+    read_pickle_shapes,
     read_state_dict,
     read_tensor_shapes,
 )
@@ -62,8 +81,9 @@ CACHE_FILE = ".registry-cache.json"
 CACHE_VERSION = hashlib.sha256(
     b"".join(Path(m).read_bytes() for m in (__file__, Path(__file__).with_name("convert.py")))
 ).hexdigest()[:16]
-# Above this size a pickle is only checked for its zip structure at scan time (a 4 GB
-# base checkpoint would otherwise be unpickled on every new file); loading checks the rest.
+# Above this size a pickle is not loaded at scan time (a 4 GB base checkpoint would otherwise
+# be unpickled on every new file): its zip structure is checked, and a base checkpoint's keys
+# and shapes are read without its tensors; loading checks the rest.
 PICKLE_SCAN_LIMIT = 512 * 1024 * 1024
 
 # The 8 official MotionLoRAs: official name -> label.
@@ -74,9 +94,19 @@ CAMERA_MOTIONS = {
     "PanRight": "Pan right",
     "TiltUp": "Tilt up",
     "TiltDown": "Tilt down",
-    "RollingAnticlockwise": "Rolling anticlockwise",  # before "clockwise": it contains it
     "RollingClockwise": "Rolling clockwise",
+    "RollingAnticlockwise": "Rolling anticlockwise",
 }
+# Only the official names carry a camera motion (a user's "zoomin_mix.ckpt" is a LoRA of its
+# own): guoyww/animatediff's `v2_lora_<Move>.ckpt` (also seen with a `mm_sd15_` prefix) and the
+# hub repos `animatediff-motion-lora-<move>` (`models fetch` folders; the zoo's `motion-lora-zoom-in`).
+_CAMERA_FILE_RX = re.compile(r"^(?:mm_sd15_|mm_sd_v15_)?v2_lora_(?P<move>[a-z]+)$", re.IGNORECASE)
+_CAMERA_HUB_RX = re.compile(r"^(?:animatediff-)?motion-lora-(?P<move>[a-z-]+)$", re.IGNORECASE)
+_CAMERA_BY_NAME = {m.lower(): m for m in CAMERA_MOTIONS} | {
+    re.sub(r"(?<!^)(?=[A-Z])", "-", m).lower(): m for m in CAMERA_MOTIONS  # "ZoomIn" -> "zoom-in"
+}
+# The names exactly as published (the original file, the `models fetch` folder): listed first.
+_CAMERA_PUBLISHED_RX = re.compile(r"^v2_lora_[A-Za-z]+\.ckpt$|^animatediff-motion-lora-[a-z-]+$")
 
 _ID_RX = re.compile(MODEL_ID_PATTERN)
 
@@ -125,14 +155,19 @@ class RegistryEntry:
         )
 
 
+def _stem(name: str) -> str:
+    for suffix in WEIGHT_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def camera_motion_of(name: str) -> str:
-    """Official camera-move name found in a file or folder name ("v2_lora_PanLeft.ckpt",
-    "animatediff-motion-lora-pan-left"), or ""."""
-    flat = re.sub(r"[^a-z]", "", name.lower())
-    for move in CAMERA_MOTIONS:
-        if move.lower() in flat:
-            return move
-    return ""
+    """The camera move ("PanLeft") of an official MotionLoRA file or folder name
+    ("v2_lora_PanLeft.ckpt", "animatediff-motion-lora-pan-left"), or "" for any other name."""
+    stem = _stem(name)
+    m = _CAMERA_FILE_RX.match(stem) or _CAMERA_HUB_RX.match(stem)
+    return _CAMERA_BY_NAME.get(m.group("move").lower(), "") if m else ""
 
 
 def is_valid_id(model_id: object) -> bool:
@@ -272,8 +307,21 @@ def _inspect_base(path: Path) -> _Detected:
         return _Detected("base", "diffusers", "sd15" if cad in (None, 768) else "tiny")
     if path.suffix.lower() in PICKLE_SUFFIXES and path.stat().st_size > PICKLE_SCAN_LIMIT:
         _check_pickle(path)
-        return _Detected("base", "single_file", "sd15")
-    shapes = _shapes(path)
+        try:
+            shapes = read_pickle_shapes(path)
+        except ConversionError:
+            raise  # refused pickle code: the loader refuses it too
+        except Exception as exc:  # torch cannot map it: listed, but unchecked
+            log.info("cannot read the shapes of %s without loading it: %s", path, exc)
+            return _Detected("base", "single_file", "")  # "" (unchecked): default_ids prefers checked bases
+    else:
+        shapes = _shapes(path)
+    return _Detected("base", "single_file", _base_version(shapes))
+
+
+def _base_version(shapes: dict[str, tuple[int, ...]]) -> str:
+    """"sd15" or "tiny" (the zoo) for an SD1.x single-file checkpoint's key -> shape; raises for
+    other models (SDXL, SD2, inpainting, no UNet)."""
     key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     if not any(k.startswith("model.diffusion_model.") for k in shapes):
         raise ConversionError("not an SD1.x single-file checkpoint (no model.diffusion_model.* keys)")
@@ -285,7 +333,7 @@ def _inspect_base(path: Path) -> _Detected:
     cad = shapes[key][1] if key in shapes and len(shapes[key]) == 2 else None
     if cad is not None and cad > 768:
         raise ConversionError(f"not an SD1.x checkpoint (cross-attention width {cad})")
-    return _Detected("base", "single_file", "sd15" if cad in (None, 768) else "tiny")
+    return "sd15" if cad in (None, 768) else "tiny"
 
 
 def _inspect_motion(path: Path) -> _Detected:
@@ -320,17 +368,12 @@ def _inspect_motion(path: Path) -> _Detected:
 
 
 def _lora_file(path: Path) -> Path:
-    if path.is_file():
-        return path
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in WEIGHT_SUFFIXES)
-    if len(files) != 1:
-        raise ConversionError(f"expected one weights file in the folder, found {len(files)}")
-    return files[0]
+    # The loaders' rule (a hub folder may also hold a .bin copy or an fp16 variant).
+    return path if path.is_file() else folder_weights_file(path, LORA_WEIGHT_NAMES)
 
 
 def _inspect_lora(path: Path, kind: str) -> _Detected:
-    sd = read_state_dict(_lora_file(path))
-    lora = lora_to_peft(sd, "motion" if kind == "lora" else "spatial")
+    lora = read_lora(_lora_file(path), "motion" if kind == "lora" else "spatial")
     if kind == "lora":
         has_mid = any(m.startswith("mid_block.") for m in lora.target_modules)
         return _Detected(kind, lora.source_format, "v2" if has_mid else "")
@@ -357,11 +400,60 @@ def _classify_top_level(path: Path) -> _Detected:
     raise ConversionError("LoRA targets neither motion modules nor the spatial attention layers")
 
 
+_KIND_WORDS = {"base": "base model", "motion": "motion module", "lora": "MotionLoRA", "adapter": "domain adapter"}
+
+
+def _other_kind(path: Path, kind: str) -> _Detected | None:
+    """What a file or folder that failed the inspection of its kind folder is, when it is a
+    usable model of another kind (a file in the wrong folder); else None."""
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            tries = [lambda: _inspect_base(path)]
+        elif (path / "config.json").is_file():
+            tries = [lambda: _inspect_motion(path)]
+        else:
+            tries = [lambda: _inspect_lora(path, "lora"), lambda: _inspect_lora(path, "adapter")]
+    elif path.suffix.lower() in PICKLE_SUFFIXES and path.stat().st_size > PICKLE_SCAN_LIMIT:
+        tries = [lambda: _classify_large_pickle(path)]  # (not unpickled whole at scan time)
+    else:
+        tries = [lambda: _classify_top_level(path)]
+    for attempt in tries:
+        try:
+            det = attempt()
+        except Exception:  # no model of another kind: the original reason stands
+            continue
+        if det.ok and det.kind != kind:
+            return det
+    return None
+
+
+def _classify_large_pickle(path: Path) -> _Detected:
+    """Base model or motion module, from the keys of a pickle too large to load at scan time."""
+    shapes = read_pickle_shapes(path)
+    if any(k.startswith("model.diffusion_model.") for k in shapes):
+        return _Detected("base", "single_file", _base_version(shapes))
+    motion_adapter_config(shapes)
+    return _Detected("motion", motion_layout(shapes), detect_motion_version(shapes, path.name))
+
+
+def _wrong_folder(path: Path, kind: str, exc: ConversionError) -> ConversionError:
+    """`exc`, or where the file is a model of another kind, an error that says where it goes."""
+    try:
+        det = _other_kind(path, kind)
+    except OSError:  # (gone or unreadable since: the original reason stands)
+        det = None
+    if det is None:
+        return exc
+    detail = det.version or det.format
+    return ConversionError(
+        f"not a {_KIND_WORDS[kind]}: it looks like a {_KIND_WORDS[det.kind]}"
+        + (f" ({detail})" if detail else "")
+        + f": move it to {det.kind}/"
+    )
+
+
 def _label(kind: str, name: str, det: _Detected, camera: str) -> str:
-    stem = name
-    for suffix in WEIGHT_SUFFIXES:
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
+    stem = _stem(name)
     if camera:
         return CAMERA_MOTIONS[camera]
     if kind == "motion" and det.version:
@@ -382,6 +474,41 @@ def _cached_result(cached: Any, sig: list[list[Any]]) -> tuple[_Detected, str] |
         return None
     sha = cached.get("sha256")
     return (det, sha) if isinstance(sha, str) else None
+
+
+def _list_order(entry: RegistryEntry) -> tuple[Any, ...]:
+    """The model list's order (see the module docstring): by kind, camera-motion LoRAs first
+    (by move, the published names before other official ones), then by id."""
+    kind = KINDS.index(entry.kind) if entry.kind in KINDS else len(KINDS)
+    if entry.camera_motion:
+        move = list(CAMERA_MOTIONS).index(entry.camera_motion)
+        published = _CAMERA_PUBLISHED_RX.match(entry.path.name) is not None
+        return (kind, 0, move, not published, entry.id)
+    return (kind, 1, 0, False, entry.id)
+
+
+def _distinct_labels(entries: list[RegistryEntry]) -> None:
+    """Entries of one kind with the same label ("Zoom in" of the .ckpt and of the hub folder,
+    "mm_sd_v15_v2 (v2)" of the .ckpt and the .safetensors) get what tells them apart: the file
+    name for camera moves, else the suffix, format, file name or id, whichever differs."""
+    groups: dict[tuple[str, str], list[RegistryEntry]] = {}
+    for e in entries:
+        groups.setdefault((e.kind, e.label), []).append(e)
+    details: list[Callable[[RegistryEntry], str]] = [
+        lambda e: e.path.suffix.lower() if e.path.is_file() else "folder",
+        lambda e: e.format,
+        lambda e: e.path.name,
+        lambda e: e.id,
+    ]
+    for (_kind, label), group in groups.items():
+        if len(group) < 2:
+            continue
+        for detail in details[2:] if group[0].camera_motion else details:
+            values = [detail(e) for e in group]
+            if all(values) and len(set(values)) == len(values):
+                break
+        for e, value in zip(group, values, strict=True):
+            e.label = f"{label[:-1]}, {value})" if label.endswith(")") else f"{label} ({value})"
 
 
 # --------------------------------------------------------------------------- registry
@@ -481,11 +608,14 @@ class ModelRegistry:
                     "pickle files at the top level are not inspected: move it into base/, motion/, lora/ or adapter/",
                 )
             return _classify_top_level(path)
-        if kind == "base":
-            return _inspect_base(path)
-        if kind == "motion":
-            return _inspect_motion(path)
-        return _inspect_lora(path, kind)
+        try:
+            if kind == "base":
+                return _inspect_base(path)
+            if kind == "motion":
+                return _inspect_motion(path)
+            return _inspect_lora(path, kind)
+        except ConversionError as exc:
+            raise _wrong_folder(path, kind, exc) from exc
 
     def _entry(
         self, kind: str | None, path: Path, cache: dict[str, Any], new_cache: dict[str, Any]
@@ -526,7 +656,8 @@ class ModelRegistry:
             except OSError as exc:
                 det, sha = _Detected(det.kind, det.format, det.version, False, str(exc)), ""
         new_cache[rel] = {"signature": sig, "detected": asdict(det), "sha256": sha}
-        camera = camera_motion_of(path.name) if det.kind == "lora" else ""
+        # Official names of v2 MotionLoRAs only: the add-on picks a camera move's LoRA by this tag.
+        camera = camera_motion_of(path.name) if det.kind == "lora" and det.ok and det.version == "v2" else ""
         model_id = f"{det.kind}:{path.name}"
         ok, error = det.ok, det.error
         if not is_valid_id(model_id):
@@ -566,6 +697,8 @@ class ModelRegistry:
                 entries[entry.id] = entry
             if new_cache != cache and self.models_dir.is_dir():
                 self._save_cache(new_cache)
+            entries = {e.id: e for e in sorted(entries.values(), key=_list_order)}
+            _distinct_labels(list(entries.values()))
             with self._lock:
                 self._entries = entries
                 self._scanned = True
@@ -612,14 +745,16 @@ class ModelRegistry:
             return False
 
     def default_ids(self) -> dict[str, str]:
-        """Sensible defaults: the real SD1.5 folder over other bases, diffusers folders over
-        single files; the v2 motion module (what the MotionLoRAs were trained on) over v3, v1.
-        Adds "motion_lightning" / "motion_lcm" when such a motion module is present."""
+        """Sensible defaults: the real SD1.5 folder over other bases, checked bases over
+        unchecked ones (version "": a pickle whose shapes could not be read at scan time),
+        diffusers folders over single files; the v2 motion module (what the MotionLoRAs were
+        trained on) over v3, v1.  Adds "motion_lightning" / "motion_lcm" when such a motion
+        module is present."""
         usable = [e for e in self.entries() if e.ok]
         out: dict[str, str] = {}
         bases = sorted(
             (e for e in usable if e.kind == "base"),
-            key=lambda e: (e.version != "sd15", e.format != "diffusers", e.id),
+            key=lambda e: (e.version != "sd15", e.version == "", e.format != "diffusers", e.id),
         )
         if bases:
             out["base"] = bases[0].id

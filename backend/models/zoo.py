@@ -13,6 +13,9 @@ format real users have, so that the backend's loaders and key converters
     motion/mm_sd_v15.ckpt                  original layout, v1 (max length 24, no mid block)
     lora/v2_lora_<Move>.ckpt             the 8 camera MotionLoRAs, original layout
     lora/motion-lora-zoom-in/            diffusers layout of v2_lora_ZoomIn (as on the hub)
+    lora/zoom-in-peft/                   v2_lora_ZoomIn's weights in peft layout, saved by diffusers'
+                                         save_lora_weights with r=4, lora_alpha=2 in the header
+                                         (as diffusers' training scripts write them): half as strong
     adapter/v3_sd15_adapter.ckpt         v3 domain adapter (LoRA on the spatial attention)
     zoo.json                             manifest: files with size and sha256
     .zoo-marker                          version + config hash; a rebuild happens only when it differs
@@ -31,6 +34,7 @@ import json
 import logging
 import re
 import shutil
+import struct
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -41,7 +45,7 @@ from . import tiny
 
 log = logging.getLogger(__name__)
 
-ZOO_VERSION = "1"
+ZOO_VERSION = "2"
 MARKER = ".zoo-marker"
 MANIFEST = "zoo.json"
 
@@ -56,6 +60,7 @@ CAMERA_MOVES = (
     "RollingAnticlockwise",
 )
 LORA_RANK = 4
+PEFT_LORA_ALPHA = 2  # of lora/zoom-in-peft: scale alpha / rank = 0.5
 DIFFUSERS_VERSION = "0.42.1"
 
 # Top-level entries this module owns inside dest (only these are removed on rebuild).
@@ -71,6 +76,7 @@ _OWNED = (
     "motion/mm_sd_v15.ckpt",
     *(f"lora/v2_lora_{m}.ckpt" for m in CAMERA_MOVES),
     "lora/motion-lora-zoom-in",
+    "lora/zoom-in-peft",
     "adapter/v3_sd15_adapter.ckpt",
     MANIFEST,
 )
@@ -99,6 +105,7 @@ def _marker_value() -> str:
             "motion": [tiny.motion_adapter_config(v) for v in ("v1", "v2", "v3")],
             "words": _WORDS,
             "rank": LORA_RANK,
+            "peft_alpha": PEFT_LORA_ALPHA,
         },
         sort_keys=True,
     )
@@ -518,6 +525,49 @@ def _build_loras(dest: Path, adapter: Any) -> None:
             _save_safetensors(
                 hub, dest / "lora" / "motion-lora-zoom-in" / "diffusion_pytorch_model.safetensors"
             )
+            _save_peft_lora(old, sorted(shapes), dest / "lora" / "zoom-in-peft")
+
+
+def _save_peft_lora(old: dict[str, Any], modules: list[str], folder: Path) -> None:
+    """An old-style LoRA dict as diffusers' training scripts save a LoRA: peft keys, and the
+    peft config (r, lora_alpha) in the safetensors header, where stock `load_lora_weights`
+    reads the scale alpha / r from."""
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+
+    layers = {}
+    for module in modules:
+        layers[f"{module}.lora_A.weight"] = old[_old_lora_key(module, "down")].contiguous()
+        layers[f"{module}.lora_B.weight"] = old[_old_lora_key(module, "up")].contiguous()
+    config = {  # what `unet.peft_config["default"].to_dict()` holds (its set of targets sorted)
+        "r": LORA_RANK,
+        "lora_alpha": PEFT_LORA_ALPHA,
+        "target_modules": modules,
+        "alpha_pattern": {},
+        "rank_pattern": {},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "init_lora_weights": "gaussian",
+        "use_dora": False,
+        "use_rslora": False,
+        "peft_type": "LORA",
+    }
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        folder,
+        unet_lora_layers=layers,
+        unet_lora_adapter_metadata=config,
+        weight_name="pytorch_lora_weights.safetensors",
+    )
+    _sort_safetensors_header(folder / "pytorch_lora_weights.safetensors")
+
+
+def _sort_safetensors_header(path: Path) -> None:
+    """safetensors writes a header's metadata entries in hash order, which changes between
+    processes: sort the header so that the file is byte-identical across builds."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # (the writer's alignment of the tensor data)
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + n :])
 
 
 def motion_diffusers_to_original_lora(sd: dict[str, Any]) -> dict[str, Any]:

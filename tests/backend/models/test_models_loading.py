@@ -255,6 +255,140 @@ def test_loras_apply_through_diffusers(tiny_zoo: Path, base_folder: loading.Base
         loading.verify_lora_applied(pipe.unet, motion, "never-loaded")
 
 
+def _save_peft_lora(path: Path, lora: convert.LoraWeights, config: dict[str, object] | None) -> None:
+    """`lora` as diffusers' `save_lora_weights(..., unet_lora_adapter_metadata=config)` writes it."""
+    metadata = {"format": "pt"}
+    if config is not None:
+        prefixed = {f"unet.{k}": v for k, v in config.items()}
+        metadata[convert.LORA_ADAPTER_METADATA_KEY] = json.dumps(prefixed, indent=2, sort_keys=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in lora.state_dict.items()}, str(path), metadata=metadata)
+
+
+def test_peft_lora_takes_its_alpha_from_the_safetensors_header(
+    tiny_zoo: Path, base_folder: loading.BaseComponents
+) -> None:
+    """diffusers' `save_lora_weights` keeps r and lora_alpha in the safetensors header, not in
+    the keys; stock `load_lora_weights` scales by alpha / r, and so must the loaders."""
+    from diffusers import AnimateDiffPipeline, DDIMScheduler
+    from safetensors import safe_open
+
+    folder = tiny_zoo / "lora/zoom-in-peft"
+    with safe_open(str(folder / "pytorch_lora_weights.safetensors"), "pt") as f:
+        header = json.loads((f.metadata() or {})["lora_adapter_metadata"])
+    assert (header["unet.r"], header["unet.lora_alpha"]) == (4, 2)
+    peft = loading.load_motion_lora(folder)
+    zoom = loading.load_motion_lora(tiny_zoo / "lora/v2_lora_ZoomIn.ckpt")
+    assert peft.source_format == "peft" and (peft.rank, peft.network_alpha) == (4, 2.0)
+    assert peft.state_dict.keys() == zoom.state_dict.keys()
+    assert all(torch.equal(v, zoom.state_dict[k]) for k, v in peft.state_dict.items())
+
+    b = base_folder
+    pipe = AnimateDiffPipeline(
+        vae=b.vae,
+        text_encoder=b.text_encoder,
+        tokenizer=b.tokenizer,
+        unet=b.unet,
+        motion_adapter=loading.load_motion_adapter(tiny_zoo / "motion/mm_sd_v15_v2.ckpt"),
+        scheduler=DDIMScheduler.from_config(b.scheduler_config),
+    )
+    pipe.load_lora_weights(str(folder), adapter_name="stock")
+    for module in peft.target_modules:
+        assert pipe.unet.get_submodule(module).scaling["stock"] == peft.network_alpha / peft.rank == 0.5
+
+
+def test_engine_applies_a_peft_lora_at_the_strength_of_its_header(tiny_zoo: Path) -> None:
+    """End to end: the header's alpha 2 at rank 4 makes the LoRA at weight 1 what the same
+    weights without a header are at 0.5 (before the fix it ran at full strength)."""
+    from animatediff_blender.backend.engine.animatediff import AnimateDiffEngine
+    from animatediff_blender.protocol.messages import GenerateRequest, MotionLora
+
+    engine = AnimateDiffEngine(tiny_zoo, device="cpu")
+
+    def frames(lora: str, weight: float) -> list[torch.Tensor]:
+        request = GenerateRequest(
+            prompt="a cat walking on the beach",
+            base_model="base:tiny-sd15",
+            motion_module="motion:tiny-motion-adapter-v2",
+            motion_loras=[MotionLora(lora, weight)],
+            frames=4,
+            width=64,
+            height=64,
+            steps=2,
+            seed=3,
+            preview_every=0,
+        )
+        result = engine.generate(request, lambda _p: None, lambda: False)
+        return [torch.as_tensor(f).to(torch.int16) for f in result.frames]
+
+    def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> int:
+        return max(int((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+    peft = frames("lora:zoom-in-peft", 1.0)
+    assert max_diff(peft, frames("lora:v2_lora_ZoomIn.ckpt", 0.5)) <= 1
+    assert max_diff(peft, frames("lora:v2_lora_ZoomIn.ckpt", 1.0)) > 1
+
+
+def test_peft_header_variants(tiny_zoo: Path, tmp_path: Path) -> None:
+    """What the header may say: rsLoRA's alpha / sqrt(r), a bare UNet's `save_lora_adapter`
+    (no `unet.` prefix), the domain adapter; per-module patterns and a wrong r are refused."""
+    zoom = loading.load_motion_lora(tiny_zoo / "lora/v2_lora_ZoomIn.ckpt")
+    zoom = convert.lora_to_peft(zoom.state_dict, "motion")
+
+    def load(config: dict[str, object] | None, name: str = "x.safetensors") -> convert.LoraWeights:
+        _save_peft_lora(tmp_path / name, zoom, config)
+        return loading.load_motion_lora(tmp_path / name)
+
+    assert load(None).network_alpha is None  # no header: peft's scale 1
+    assert load({"r": 4, "lora_alpha": 8}).network_alpha == 8.0
+    assert load({"r": 4, "lora_alpha": 2, "use_rslora": True}).network_alpha == pytest.approx(4.0)  # 2/sqrt(4)*4
+    # patterns that repeat the global values change nothing
+    assert load({"r": 4, "lora_alpha": 2, "alpha_pattern": {"attn1.to_q": 2}, "rank_pattern": {}}).network_alpha == 2
+    bare = tmp_path / "bare.safetensors"
+    save_file(
+        {k.removeprefix("unet."): v.contiguous() for k, v in zoom.state_dict.items()},
+        str(bare),
+        metadata={"format": "pt", convert.LORA_ADAPTER_METADATA_KEY: json.dumps({"r": 4, "lora_alpha": 1})},
+    )
+    assert loading.load_motion_lora(bare).network_alpha == 1.0
+    with pytest.raises(ConversionError, match=r"x.safetensors: .*per-module .*alpha_pattern"):
+        load({"r": 4, "lora_alpha": 2, "alpha_pattern": {"down_blocks.0.motion_modules.0": 4}})
+    with pytest.raises(ConversionError, match="rank_pattern"):
+        load({"r": 4, "lora_alpha": 2, "rank_pattern": {"mid_block": 8}})
+    with pytest.raises(ConversionError, match="header says rank 8, its weights have rank 4"):
+        load({"r": 8, "lora_alpha": 8})
+    with pytest.raises(ConversionError, match="lora_alpha"):
+        load({"r": 4, "lora_alpha": "two"})
+    (tmp_path / "corrupt.safetensors").write_bytes(b"")
+    save_file(
+        {k: v.contiguous() for k, v in zoom.state_dict.items()},
+        str(tmp_path / "corrupt.safetensors"),
+        metadata={convert.LORA_ADAPTER_METADATA_KEY: "{not json"},
+    )
+    with pytest.raises(ConversionError, match="corrupt lora_adapter_metadata"):
+        loading.load_motion_lora(tmp_path / "corrupt.safetensors")
+
+    # The domain adapter (a spatial LoRA) reads the same header.
+    adapter = loading.load_domain_adapter(tiny_zoo / "adapter/v3_sd15_adapter.ckpt")
+    _save_peft_lora(tmp_path / "adapter/pytorch_lora_weights.safetensors", adapter, {"r": 4, "lora_alpha": 1})
+    loaded = loading.load_domain_adapter(tmp_path / "adapter")
+    assert (loaded.source_format, loaded.rank, loaded.network_alpha) == ("peft", 4, 1.0)
+
+
+def test_lora_folder_weights_file_rule(tiny_zoo: Path, tmp_path: Path) -> None:
+    """The rule the registry shares: the diffusers names first, then the only safetensors."""
+    folder = tmp_path / "hub"
+    shutil.copytree(tiny_zoo / "lora/motion-lora-zoom-in", folder)
+    torch.save(load_file(folder / "diffusion_pytorch_model.safetensors"), folder / "diffusion_pytorch_model.bin")
+    assert convert.folder_weights_file(folder, convert.LORA_WEIGHT_NAMES).name == "diffusion_pytorch_model.safetensors"
+    assert loading.load_motion_lora(folder).source_format == "diffusers"
+    (folder / "diffusion_pytorch_model.safetensors").rename(folder / "zoom.safetensors")
+    assert convert.folder_weights_file(folder, convert.LORA_WEIGHT_NAMES).name == "zoom.safetensors"
+    shutil.copy(folder / "zoom.safetensors", folder / "zoom.fp16.safetensors")
+    with pytest.raises(ConversionError, match="hub: expected one weights file in the folder, found 2"):
+        loading.load_motion_lora(folder)
+
+
 def test_pickles_only_with_weights_only(tmp_path: Path) -> None:
     class Evil:
         def __reduce__(self) -> tuple[object, tuple[str]]:
@@ -305,7 +439,7 @@ def test_every_zoo_lora_loads(tiny_zoo: Path) -> None:
             loaded[entry.id] = loading.load_motion_lora(entry)
         elif entry.kind == "adapter":
             loaded[entry.id] = loading.load_domain_adapter(entry)
-    assert len(loaded) == 10
+    assert len(loaded) == 11
     zoom_in = loaded["lora:v2_lora_ZoomIn.ckpt"].state_dict
     for model_id, lora in loaded.items():
         assert lora.rank == 4 and all(v.abs().sum() > 0 for v in lora.state_dict.values()), model_id

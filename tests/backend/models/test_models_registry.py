@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from animatediff_blender.backend.models import registry as registry_mod
+from animatediff_blender.backend.models.convert import ConversionError
 from animatediff_blender.backend.models.registry import ModelRegistry, UnknownModel, camera_motion_of
 from animatediff_blender.protocol.messages import MODEL_ID_PATTERN, ModelInfo
 
@@ -43,6 +44,7 @@ def test_scan_lists_the_zoo(zoo_registry: ModelRegistry) -> None:
         "motion:mm_sd_v15.ckpt": ("motion", "original", "v1"),
         "lora:v2_lora_ZoomIn.ckpt": ("lora", "original", "v2"),
         "lora:motion-lora-zoom-in": ("lora", "diffusers", "v2"),
+        "lora:zoom-in-peft": ("lora", "peft", "v2"),
         "adapter:v3_sd15_adapter.ckpt": ("adapter", "original", "v3"),
     }
     for model_id, (kind, fmt, version) in expected.items():
@@ -52,23 +54,95 @@ def test_scan_lists_the_zoo(zoo_registry: ModelRegistry) -> None:
         assert len(e.sha256) == 64 and e.size > 0
     # the sidecar config of the single file is not a model of its own
     assert not any("tiny-sd15-ldm.config" in i for i in by_id)
-    assert len([i for i in by_id if i.startswith("lora:")]) == 9
-    assert by_id["motion:mm_sd_v15_v2.ckpt"].label == "mm_sd_v15_v2 (v2)"
+    assert len([i for i in by_id if i.startswith("lora:")]) == 10
+    assert by_id["motion:mm_sd_v15.ckpt"].label == "mm_sd_v15 (v1)"
+    assert by_id["motion:mm_sd_v15_v2.ckpt"].label == "mm_sd_v15_v2 (v2, .ckpt)"
+    assert by_id["motion:mm_sd_v15_v2.safetensors"].label == "mm_sd_v15_v2 (v2, .safetensors)"
+
+
+def test_labels_are_distinct_within_a_kind(zoo_registry: ModelRegistry) -> None:
+    labels = [(e.kind, e.label) for e in zoo_registry.entries()]
+    assert len(set(labels)) == len(labels), sorted(labels)
 
 
 def test_camera_move_labels(zoo_registry: ModelRegistry) -> None:
     labels = {e.id: (e.label, e.camera_motion) for e in zoo_registry.entries() if e.kind == "lora"}
-    assert labels["lora:v2_lora_ZoomIn.ckpt"] == ("Zoom in", "ZoomIn")
+    assert labels["lora:v2_lora_ZoomIn.ckpt"] == ("Zoom in (v2_lora_ZoomIn.ckpt)", "ZoomIn")
     assert labels["lora:v2_lora_PanLeft.ckpt"] == ("Pan left", "PanLeft")
     assert labels["lora:v2_lora_RollingClockwise.ckpt"] == ("Rolling clockwise", "RollingClockwise")
     assert labels["lora:v2_lora_RollingAnticlockwise.ckpt"] == (
         "Rolling anticlockwise",
         "RollingAnticlockwise",
     )
-    assert labels["lora:motion-lora-zoom-in"] == ("Zoom in", "ZoomIn")
+    assert labels["lora:motion-lora-zoom-in"] == ("Zoom in (motion-lora-zoom-in)", "ZoomIn")
+    assert labels["lora:zoom-in-peft"] == ("zoom-in-peft", "")  # a LoRA of its own
     assert camera_motion_of("animatediff-motion-lora-rolling-anticlockwise") == "RollingAnticlockwise"
+    assert camera_motion_of("animatediff-motion-lora-rolling-clockwise") == "RollingClockwise"
     assert camera_motion_of("animatediff-motion-lora-tilt-down") == "TiltDown"
+    assert camera_motion_of("v2_lora_RollingClockwise.ckpt") == "RollingClockwise"
+    assert camera_motion_of("mm_sd15_v2_lora_PanLeft.safetensors") == "PanLeft"
     assert camera_motion_of("my_dance_lora.safetensors") == ""
+    # Only the official names: a camera word in a user's own file name is no camera motion.
+    for name in (
+        "crazy_zoomin_tiltup_mix.ckpt",
+        "zoomin_v3_finetune.safetensors",
+        "my_v2_lora_ZoomIn.ckpt",
+        "v2_lora_ZoomIn_finetuned.ckpt",
+        "animatediff-motion-lora-zoom-in-v2",
+        "v2_lora_Zoom.ckpt",
+    ):
+        assert camera_motion_of(name) == "", name
+
+
+def test_user_loras_never_take_over_a_camera_move(models_copy) -> None:  # type: ignore[no-untyped-def]
+    """A user's LoRA named after a camera move keeps its own name and tag-free entry; among
+    several official entries of one move, the published name comes first in the list, which is
+    the entry the add-on takes for that move (the first with that camera_motion)."""
+    models = models_copy(
+        "lora/v2_lora_ZoomIn.ckpt", "lora/v2_lora_TiltUp.ckpt", "lora/motion-lora-zoom-in", "motion/mm_sd_v15_v2.ckpt"
+    )
+    lora = models / "lora"
+    shutil.copy(lora / "v2_lora_TiltUp.ckpt", lora / "crazy_zoomin_tiltup_mix.ckpt")
+    shutil.copy(lora / "v2_lora_TiltUp.ckpt", lora / "aaa_ZoomIn.ckpt")
+    shutil.copytree(lora / "motion-lora-zoom-in", lora / "animatediff-motion-lora-zoom-in")
+    save_file(
+        {k: v.contiguous() for k, v in torch.load(lora / "v2_lora_ZoomIn.ckpt", weights_only=True).items()},
+        str(lora / "mm_sd15_v2_lora_ZoomIn.safetensors"),
+    )
+    # An official name on a LoRA that is no v2 MotionLoRA (no mid block): not tagged.
+    sd = torch.load(lora / "v2_lora_TiltUp.ckpt", weights_only=True)
+    torch.save({k: v for k, v in sd.items() if not k.startswith("mid_block.")}, lora / "v2_lora_PanLeft.ckpt")
+    # A motion module under an official LoRA name is listed broken, untagged.
+    shutil.copy(models / "motion/mm_sd_v15_v2.ckpt", lora / "v2_lora_PanRight.ckpt")
+
+    infos = ModelRegistry(models).scan()
+    by_id = {i.id: i for i in infos}
+    for user in ("lora:crazy_zoomin_tiltup_mix.ckpt", "lora:aaa_ZoomIn.ckpt"):
+        assert by_id[user].ok and by_id[user].camera_motion == "", user
+    assert by_id["lora:crazy_zoomin_tiltup_mix.ckpt"].label == "crazy_zoomin_tiltup_mix"
+    assert by_id["lora:v2_lora_PanLeft.ckpt"].ok and by_id["lora:v2_lora_PanLeft.ckpt"].camera_motion == ""
+    assert not by_id["lora:v2_lora_PanRight.ckpt"].ok and by_id["lora:v2_lora_PanRight.ckpt"].camera_motion == ""
+
+    zoom = [i.id for i in infos if i.camera_motion == "ZoomIn"]
+    assert zoom == [
+        "lora:animatediff-motion-lora-zoom-in",  # as `models fetch` names it
+        "lora:v2_lora_ZoomIn.ckpt",  # as guoyww/animatediff publishes it
+        "lora:mm_sd15_v2_lora_ZoomIn.safetensors",
+        "lora:motion-lora-zoom-in",
+    ]
+    # the add-on's rule (blender_addon/worker.py resolve_request): the first ok entry of the move
+    first = next(i for i in infos if i.kind == "lora" and i.camera_motion == "ZoomIn" and i.ok)
+    assert first.id == "lora:animatediff-motion-lora-zoom-in"
+    # kinds stay grouped in the list; camera LoRAs by move, before the other LoRAs
+    kinds = [i.kind for i in infos]
+    assert kinds == sorted(kinds, key=["base", "motion", "lora", "adapter"].index)
+    loras = [i for i in infos if i.kind == "lora"]
+    assert [i.camera_motion for i in loras] == ["ZoomIn"] * 4 + ["TiltUp"] + [""] * 4
+    labels = [i.label for i in loras]
+    assert len(set(labels)) == len(labels), labels
+    assert by_id["lora:v2_lora_ZoomIn.ckpt"].label == "Zoom in (v2_lora_ZoomIn.ckpt)"
+    assert by_id["lora:v2_lora_TiltUp.ckpt"].label == "Tilt up"
+    assert [i.id for i in ModelRegistry(models).scan()] == [i.id for i in infos]  # the cache gives the same
 
 
 def test_infos_are_valid_protocol_messages(zoo_registry: ModelRegistry) -> None:
@@ -144,7 +218,9 @@ def test_broken_files_are_listed_with_reasons(models_copy, tmp_path: Path) -> No
     assert "garbage.ckpt" in broken["lora:garbage.ckpt"] or "cannot read" in broken["lora:garbage.ckpt"]
     assert "not understood" in broken["motion:not_a_motion_module.safetensors"]
     assert "rename" in broken["lora:bad name (copy).ckpt"]
-    assert "outside the spatial attention" in broken["adapter:wrong_kind.ckpt"]
+    assert broken["adapter:wrong_kind.ckpt"] == (
+        "not a domain adapter: it looks like a MotionLoRA (v2): move it to lora/"
+    )
     assert not any("notes" in i for i in infos)
     entry = reg.get("motion:truncated.safetensors")  # listed, so callers can say why
     assert not entry.ok and "truncated" in entry.error
@@ -489,3 +565,187 @@ def test_readers_get_the_last_scan_and_rescans_run_one_at_a_time(  # type: ignor
     assert {"lora:v2_lora_PanLeft.ckpt", "lora:v2_lora_TiltUp.ckpt"} <= ids
     cached = json.loads((models / registry_mod.CACHE_FILE).read_text())["entries"]
     assert {"lora/v2_lora_PanLeft.ckpt", "lora/v2_lora_TiltUp.ckpt"} <= set(cached)
+
+
+def test_models_in_the_wrong_kind_folder_say_where_they_go(models_copy) -> None:  # type: ignore[no-untyped-def]
+    """Not a dump of keys that were not understood: the kind the file is and its folder."""
+    models = models_copy(
+        "motion/v3_sd15_mm.safetensors",
+        "motion/mm_sd_v15_v2.safetensors",
+        "motion/tiny-motion-adapter-v2",
+        "lora/v2_lora_ZoomIn.ckpt",
+        "lora/motion-lora-zoom-in",
+        "adapter/v3_sd15_adapter.ckpt",
+        "base/tiny-sd15-ldm.safetensors",
+        "base/tiny-sd15",
+    )
+    wrong = {
+        "adapter/v3_sd15_mm.safetensors": "motion/v3_sd15_mm.safetensors",
+        "lora/mm_sd_v15_v2.safetensors": "motion/mm_sd_v15_v2.safetensors",
+        "lora/tiny-motion-adapter-v2": "motion/tiny-motion-adapter-v2",
+        "motion/v2_lora_ZoomIn.ckpt": "lora/v2_lora_ZoomIn.ckpt",
+        "motion/motion-lora-zoom-in": "lora/motion-lora-zoom-in",
+        "motion/v3_sd15_adapter.ckpt": "adapter/v3_sd15_adapter.ckpt",
+        "lora/v3_sd15_adapter.ckpt": "adapter/v3_sd15_adapter.ckpt",
+        "base/mm_sd_v15_v2.safetensors": "motion/mm_sd_v15_v2.safetensors",
+        "motion/tiny-sd15-ldm.safetensors": "base/tiny-sd15-ldm.safetensors",
+        "lora/tiny-sd15": "base/tiny-sd15",
+    }
+    for dest, src in wrong.items():
+        if (models / src).is_dir():
+            shutil.copytree(models / src, models / dest)
+        else:
+            (models / dest).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(models / src, models / dest)
+    infos = {i.id: i for i in ModelRegistry(models).scan()}
+    expected = {
+        "adapter:v3_sd15_mm.safetensors": "not a domain adapter: it looks like a motion module (v3): move it to motion/",
+        "lora:mm_sd_v15_v2.safetensors": "not a MotionLoRA: it looks like a motion module (v2): move it to motion/",
+        "lora:tiny-motion-adapter-v2": "not a MotionLoRA: it looks like a motion module (v2): move it to motion/",
+        "motion:v2_lora_ZoomIn.ckpt": "not a motion module: it looks like a MotionLoRA (v2): move it to lora/",
+        "motion:motion-lora-zoom-in": "not a motion module: it looks like a MotionLoRA (v2): move it to lora/",
+        "motion:v3_sd15_adapter.ckpt": "not a motion module: it looks like a domain adapter (v3): move it to adapter/",
+        "lora:v3_sd15_adapter.ckpt": "not a MotionLoRA: it looks like a domain adapter (v3): move it to adapter/",
+        "base:mm_sd_v15_v2.safetensors": "not a base model: it looks like a motion module (v2): move it to motion/",
+        "motion:tiny-sd15-ldm.safetensors": "not a motion module: it looks like a base model (tiny): move it to base/",
+        "lora:tiny-sd15": "not a MotionLoRA: it looks like a base model (tiny): move it to base/",
+    }
+    for model_id, error in expected.items():
+        assert not infos[model_id].ok and infos[model_id].error == error, (model_id, infos[model_id].error)
+        assert infos[model_id].camera_motion == ""
+    # the same files in their own folders are fine
+    assert all(i.ok for model_id, i in infos.items() if model_id not in expected), [
+        (i.id, i.error) for i in infos.values() if not i.ok and i.id not in expected
+    ]
+
+
+def test_large_wrong_folder_pickle_is_classified_without_loading(  # type: ignore[no-untyped-def]
+    models_copy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from animatediff_blender.backend.models import convert
+
+    models = models_copy("motion/mm_sd_v15_v2.ckpt")
+    (models / "base").mkdir()
+    shutil.move(models / "motion/mm_sd_v15_v2.ckpt", models / "base/mm_sd_v15_v2.ckpt")
+    monkeypatch.setattr(registry_mod, "PICKLE_SCAN_LIMIT", 1000)
+
+    def no_loading(path: Path) -> dict[str, torch.Tensor]:
+        raise AssertionError(f"loaded {path}")
+
+    monkeypatch.setattr(registry_mod, "read_state_dict", no_loading)
+    monkeypatch.setattr(convert, "read_state_dict", no_loading)
+    info = {i.id: i for i in ModelRegistry(models).scan()}["base:mm_sd_v15_v2.ckpt"]
+    assert info.error == "not a base model: it looks like a motion module (v2): move it to motion/"
+
+
+def _big_base_pickles(models: Path) -> None:
+    """`base/sd-v1-5-inpainting.ckpt` (9 input channels) and `base/v1-5-pruned-emaonly.ckpt`,
+    as .ckpt pickles of the zoo's single-file base, each with its sidecar config."""
+    from safetensors.torch import load_file
+
+    sd = load_file(models / "base/tiny-sd15-ldm.safetensors")
+    torch.save(sd, models / "base/v1-5-pruned-emaonly.ckpt")
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    w = sd[key]
+    torch.save({**sd, key: torch.cat([w, torch.zeros(w.shape[0], 5, *w.shape[2:])], 1)},
+               models / "base/sd-v1-5-inpainting.ckpt")
+    for stem in ("v1-5-pruned-emaonly", "sd-v1-5-inpainting"):
+        shutil.copytree(models / "base/tiny-sd15-ldm.config", models / f"base/{stem}.config")
+    (models / "base/tiny-sd15-ldm.safetensors").unlink()
+    shutil.rmtree(models / "base/tiny-sd15-ldm.config")
+
+
+def test_large_base_pickles_get_the_key_and_shape_checks(  # type: ignore[no-untyped-def]
+    models_copy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real SD1.5 .ckpt (2-7 GB) is over PICKLE_SCAN_LIMIT (lowered here to stand for one):
+    its keys and shapes are read without its tensors, so an inpainting checkpoint is refused
+    at the scan instead of becoming the default base whose jobs all fail."""
+    from animatediff_blender.backend.models import convert
+
+    models = models_copy("base/tiny-sd15-ldm.safetensors", "base/tiny-sd15-ldm.config")
+    _big_base_pickles(models)
+    monkeypatch.setattr(registry_mod, "PICKLE_SCAN_LIMIT", 1000)
+
+    def no_loading(path: Path) -> dict[str, torch.Tensor]:
+        raise AssertionError(f"loaded {path}")
+
+    monkeypatch.setattr(registry_mod, "read_state_dict", no_loading)
+    monkeypatch.setattr(convert, "read_state_dict", no_loading)
+    reg = ModelRegistry(models)
+    infos = {i.id: i for i in reg.scan()}
+    inpainting = infos["base:sd-v1-5-inpainting.ckpt"]
+    assert not inpainting.ok and "9 input channels" in inpainting.error
+    assert infos["base:v1-5-pruned-emaonly.ckpt"].ok and infos["base:v1-5-pruned-emaonly.ckpt"].version == "tiny"
+    assert reg.default_ids()["base"] == "base:v1-5-pruned-emaonly.ckpt"
+
+
+def test_large_base_pickle_that_cannot_be_read_lazily_is_unchecked(  # type: ignore[no-untyped-def]
+    models_copy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where torch cannot read a big pickle's shapes without loading it, the entry is listed
+    with version "" (unchecked), and default_ids prefers a checked base."""
+    models = models_copy("base/tiny-sd15-ldm.safetensors", "base/tiny-sd15-ldm.config")
+    _big_base_pickles(models)
+    (models / "base/sd-v1-5-inpainting.ckpt").rename(models / "base/a-big-one.ckpt")
+    (models / "base/sd-v1-5-inpainting.config").rename(models / "base/a-big-one.config")
+    monkeypatch.setattr(registry_mod, "PICKLE_SCAN_LIMIT", 1000)
+    real = registry_mod.read_pickle_shapes
+
+    def unmappable(path: Path) -> dict[str, tuple[int, ...]]:
+        if path.name == "a-big-one.ckpt":
+            raise RuntimeError("mmap can only be used with files saved with the zipfile serialization")
+        return real(path)
+
+    monkeypatch.setattr(registry_mod, "read_pickle_shapes", unmappable)
+    reg = ModelRegistry(models)
+    infos = {i.id: i for i in reg.scan()}
+    assert infos["base:a-big-one.ckpt"].ok and infos["base:a-big-one.ckpt"].version == ""
+    assert reg.default_ids()["base"] == "base:v1-5-pruned-emaonly.ckpt"
+
+
+def test_lora_folder_with_a_pickle_copy_is_usable(models_copy) -> None:  # type: ignore[no-untyped-def]
+    """A hub LoRA folder that also holds a .bin copy (or an fp16 variant) is listed as the
+    loader loads it: the registry and the loaders pick the weights file by one rule."""
+    from safetensors.torch import load_file
+
+    from animatediff_blender.backend.models import loading
+
+    models = models_copy("lora/motion-lora-zoom-in")
+    folder = models / "lora/motion-lora-zoom-in"
+    sd = load_file(folder / "diffusion_pytorch_model.safetensors")
+    torch.save(sd, folder / "diffusion_pytorch_model.bin")
+    shutil.copy(folder / "diffusion_pytorch_model.safetensors", folder / "diffusion_pytorch_model.fp16.safetensors")
+    shutil.copytree(folder, models / "lora/two-safetensors")
+    (models / "lora/two-safetensors/diffusion_pytorch_model.safetensors").rename(
+        models / "lora/two-safetensors/zoom.safetensors"
+    )
+    reg = ModelRegistry(models)
+    infos = {i.id: i for i in reg.scan()}
+    hub = infos["lora:motion-lora-zoom-in"]
+    assert hub.ok and (hub.format, hub.version, hub.camera_motion) == ("diffusers", "v2", "ZoomIn"), hub.error
+    assert loading.load_motion_lora(reg.get(hub.id)).source_format == "diffusers"
+    # no diffusers name and two safetensors: neither knows which to take, and both say so
+    two = infos["lora:two-safetensors"]
+    assert not two.ok and two.error == "expected one weights file in the folder, found 2"
+    with pytest.raises(ConversionError, match="found 2"):
+        loading.load_motion_lora(models / "lora/two-safetensors")
+
+
+def test_lora_header_alpha_is_checked_at_scan(tiny_zoo: Path, models_copy) -> None:  # type: ignore[no-untyped-def]
+    """A peft header that the loader refuses (per-module alphas) lists the entry as broken."""
+    from safetensors import safe_open
+
+    models = models_copy("lora/zoom-in-peft")
+    src = models / "lora/zoom-in-peft/pytorch_lora_weights.safetensors"
+    with safe_open(str(src), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = dict(f.metadata() or {})
+    config = json.loads(metadata["lora_adapter_metadata"])
+    config["unet.alpha_pattern"] = {"mid_block.motion_modules.0.transformer_blocks.0.attn1.to_q": 8}
+    metadata["lora_adapter_metadata"] = json.dumps(config)
+    save_file(tensors, str(models / "lora/per-module.safetensors"), metadata=metadata)
+    infos = {i.id: i for i in ModelRegistry(models).scan()}
+    assert infos["lora:zoom-in-peft"].ok and infos["lora:zoom-in-peft"].format == "peft"
+    assert not infos["lora:per-module.safetensors"].ok
+    assert "per-module" in infos["lora:per-module.safetensors"].error

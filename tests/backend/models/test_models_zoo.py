@@ -85,6 +85,7 @@ def test_layout_has_every_format(tiny_zoo: Path) -> None:
         "motion/v3_sd15_mm.safetensors",
         "motion/mm_sd_v15.ckpt",
         "lora/motion-lora-zoom-in/diffusion_pytorch_model.safetensors",
+        "lora/zoom-in-peft/pytorch_lora_weights.safetensors",
         "adapter/v3_sd15_adapter.ckpt",
     ] + [f"lora/v2_lora_{m}.ckpt" for m in zoo.CAMERA_MOVES]
     for rel in expected:
@@ -127,6 +128,12 @@ def test_original_key_names(tiny_zoo: Path) -> None:
     assert not any(k.startswith("unet.") for k in lora)
     hub = _keys(tiny_zoo / "lora/motion-lora-zoom-in/diffusion_pytorch_model.safetensors")
     assert all(k.startswith("unet.") and ".attn" in k and "_lora." in k for k in hub)
+    # diffusers' save_lora_weights: peft keys, r and lora_alpha in the header, not in the keys
+    peft = tiny_zoo / "lora/zoom-in-peft/pytorch_lora_weights.safetensors"
+    assert all(k.startswith("unet.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in _keys(peft))
+    with safe_open(str(peft), "pt") as f:
+        config = json.loads((f.metadata() or {})["lora_adapter_metadata"])
+    assert (config["unet.r"], config["unet.lora_alpha"]) == (zoo.LORA_RANK, zoo.PEFT_LORA_ALPHA)
 
     adapter = _keys(tiny_zoo / "adapter/v3_sd15_adapter.ckpt")
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight" in adapter
