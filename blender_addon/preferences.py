@@ -7,6 +7,19 @@ from bpy.types import AddonPreferences
 from .state import STATE
 
 
+def _absolute(attr: str):
+    """An update callback: a `//` path (the file browser makes one relative to the .blend open
+    at that moment) becomes absolute at once; kept relative, it would resolve against whichever
+    .blend is open later, and the key would be "missing" in every other project."""
+
+    def update(self, _context) -> None:
+        value = getattr(self, attr)
+        if value.startswith("//") and bpy.data.filepath:
+            setattr(self, attr, bpy.path.abspath(value))
+
+    return update
+
+
 class ADB_Preferences(AddonPreferences):
     bl_idname = __package__
 
@@ -14,13 +27,13 @@ class ADB_Preferences(AddonPreferences):
         name="Backend address", default="tcp://127.0.0.1:5557",
         description="ZeroMQ address of the AnimateDiff backend (tcp://host:port)")
     key_file: StringProperty(  # type: ignore[valid-type]
-        name="Shared key file", subtype="FILE_PATH", default="",
+        update=_absolute("key_file"), name="Shared key file", subtype="FILE_PATH", default="",
         description="HMAC key shared with the backend (empty: the default key of this user)")
     server_public_key_file: StringProperty(  # type: ignore[valid-type]
-        name="Server public key", subtype="FILE_PATH", default="",
+        update=_absolute("server_public_key_file"), name="Server public key", subtype="FILE_PATH", default="",
         description="CurveZMQ: the backend's public certificate (for encrypted remote connections)")
     client_secret_key_file: StringProperty(  # type: ignore[valid-type]
-        name="Client secret key", subtype="FILE_PATH", default="",
+        update=_absolute("client_secret_key_file"), name="Client secret key", subtype="FILE_PATH", default="",
         description="CurveZMQ: this client's secret certificate")
     timeout_s: FloatProperty(  # type: ignore[valid-type]
         name="Timeout (s)", default=10.0, min=0.5, max=600.0,

@@ -3,6 +3,7 @@ imports its bundled wheels, gives the expected camera-motion weights, and disabl
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def test_install_register_camera_unregister(bpy_python, addon_zips, tmp_path: Pa
     zip_path = addon_zips[bpy_python.py_tag]
     r = run_bpy(bpy_python, "install_check.py", {"zip": str(zip_path)}, tmp_path)
     assert r["module"] == "bl_ext.user_default.animatediff_blender"
+    got, expected = r["key_file_from_relative"]
+    assert os.path.normpath(got) == os.path.normpath(expected), r["key_file_from_relative"]
     # The wheels came from the extension's own site-packages, not from anywhere else.
     assert "extensions" in r["zmq_file"] and str(tmp_path) in r["zmq_file"]
     assert r["zmq"] == "27.3.0" and r["msgspec"] == "0.22.0" and r["zmq_has_curve"]

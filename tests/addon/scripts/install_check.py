@@ -161,6 +161,16 @@ win_cmd = r'C:\Users\me\venv\Scripts\animatediff-blender.exe serve --bind tcp://
 out["backend_argv_windows"] = ops_mod.backend_argv(win_cmd, windows=True)
 out["backend_argv_posix"] = ops_mod.backend_argv("'/opt/my tools/animatediff-blender' serve", windows=False)
 
+# A key file picked with the file browser's "Relative Path" (`//`, relative to the .blend open
+# then) is kept absolute: relative, it would resolve against every other project opened later.
+import tempfile  # noqa: E402
+
+blend_dir = tempfile.mkdtemp()
+bpy.ops.wm.save_as_mainfile(filepath=os.path.join(blend_dir, "project.blend"))
+prefs.key_file = "//keys/hmac.key"
+out["key_file_from_relative"] = [prefs.key_file, os.path.join(blend_dir, "keys", "hmac.key")]
+prefs.key_file = ""
+
 # Disable: unregistration is clean.
 bpy.ops.preferences.addon_disable(module=c.MODULE)
 assert c.MODULE not in bpy.context.preferences.addons
