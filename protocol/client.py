@@ -252,12 +252,17 @@ class BackendClient:
         except ClientError:
             self._close_socket()  # drop the queued hello
             raise
-        assert self._session is not None
+        assert self._session is not None and self._socket is not None
         # Accept what the server announces it sends in one message.
         self._session.max_bytes = max(self._session.max_bytes, welcome.limits.max_message_bytes)
         self._session.max_frames = max(
             self._session.max_frames, welcome.limits.max_frames_per_message + ENVELOPE_FRAMES
         )
+        if int(self._socket.getsockopt(zmq.MAXMSGSIZE)) < self._session.max_bytes:
+            # libzmq applies MAXMSGSIZE to a connection as it is made: this one would be dropped
+            # at the first frame larger than it.  Once more, with the size announced (once:
+            # the session keeps it).
+            return self.connect()
         self.welcome = welcome
         return welcome
 

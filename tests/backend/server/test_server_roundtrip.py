@@ -123,3 +123,19 @@ def test_limits_without_room_for_a_frame_per_message_are_refused() -> None:
 
     with pytest.raises(ConfigError, match="max-frames-per-message must be > 0"):
         check_limits(Limits(max_frames_per_message=0))
+
+
+def test_a_client_takes_the_larger_messages_a_server_announces(
+    make_server: Callable[..., Server], make_client: Callable[..., BackendClient]
+) -> None:
+    """libzmq applies MAXMSGSIZE to a connection when it is made: a client that learned the
+    server's larger message size only from the welcome kept a connection that the first
+    larger frame would drop.  It connects again with the announced size."""
+    import zmq
+
+    server = make_server(limits=Limits(max_message_bytes=80 * 2**20))
+    client = make_client(server)
+    welcome = client.connect()
+    assert welcome.limits.max_message_bytes == 80 * 2**20
+    assert client._socket.getsockopt(zmq.MAXMSGSIZE) == 80 * 2**20
+    assert client.ping()
