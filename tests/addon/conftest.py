@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,6 +54,22 @@ def _configured() -> list[tuple[str, Path]]:
 
 def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
+def addon_modules(*names: str) -> tuple[Any, ...]:
+    """Modules of blender_addon imported as the package `_adb_pkg` without its bpy-only
+    __init__ (the worker thread's modules, for plain-Python tests); `protocol/` is found beside
+    them, as build.py bundles it."""
+    import importlib
+    import types
+
+    package = "_adb_pkg"
+    if package not in sys.modules:
+        pkg = types.ModuleType(package)
+        pkg.__path__ = [str(ROOT / "blender_addon"), str(ROOT)]
+        sys.modules[package] = pkg
+    importlib.import_module(f"{package}.protocol.client")
+    return tuple(importlib.import_module(f"{package}.{name}") for name in names)
 
 
 def bpy_pythons() -> list[BpyPython]:

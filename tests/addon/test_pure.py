@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, addon_modules
 
 
 def _load(name: str):
@@ -86,17 +86,7 @@ def test_loopback_rule_is_the_protocols() -> None:
 
 
 def _load_package():
-    """blender_addon as a package without its bpy-only __init__ (the worker thread's modules);
-    `protocol/` is found beside it, as build.py bundles it."""
-    import types
-
-    name = "_adb_pkg"
-    if name not in sys.modules:
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [str(ROOT / "blender_addon"), str(ROOT)]
-        sys.modules[name] = pkg
-    importlib.import_module(f"{name}.protocol.client")
-    return importlib.import_module(f"{name}.worker"), importlib.import_module(f"{name}.messages")
+    return addon_modules("worker", "messages")
 
 
 class _FakeClient:

@@ -4,7 +4,6 @@ the worker thread's modules, no bpy, no backend."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import queue
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, newest, run_bpy
+from .conftest import addon_modules, newest, run_bpy
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"data"
 JOB = "0123456789abcdef0123456789abcdef"
@@ -20,18 +19,7 @@ NOT_FOUND = {"job_id": JOB, "state": "failed", "error_code": "not_found", "error
 
 
 def _load_package():
-    """blender_addon as a package without its bpy-only __init__ (the worker thread's modules);
-    `protocol/` is found beside it, as build.py bundles it.  (As in test_pure.py.)"""
-    import types
-
-    name = "_adb_pkg"
-    if name not in sys.modules:
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [str(ROOT / "blender_addon"), str(ROOT)]
-        sys.modules[name] = pkg
-    importlib.import_module(f"{name}.protocol.client")
-    return (importlib.import_module(f"{name}.worker"), importlib.import_module(f"{name}.messages"),
-            importlib.import_module(f"{name}.files"))
+    return addon_modules("worker", "messages", "files")
 
 
 class _ForgetfulClient:
