@@ -31,7 +31,7 @@ CONNECTION_CODES = {"", "timeout", "connection", "protocol", "bad_signature", "c
 # coming back: it is sent again (same submit id), not reported refused.
 RESEND_CODES = {"timeout", "connection"}
 TOLD_WHEN_BACK = "the backend could not be reached and is told when it is back"
-SUBMIT_ID = re.compile(r"^[0-9a-f]{32}$")  # a job row's local_id (uuid4 hex) is its submit id
+SUBMIT_ID = re.compile(r"^[0-9a-f]{32}\Z")  # a job row's local_id (uuid4 hex) is its submit id
 FRAME_FILE = re.compile(r"^frame_([0-9]{4,})\.png$")  # files.FRAME_NAME
 
 

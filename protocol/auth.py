@@ -25,6 +25,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from .endpoints import is_loopback
+from .messages import CLIENT_ID_PATTERN
 
 __all__ = [
     "AuthError",
@@ -44,7 +45,7 @@ KEY_FILE_NAME = "hmac.key"
 CURVE_DIR_NAME = "curve"
 ALLOWED_CLIENTS_DIR_NAME = "allowed_clients"
 MIN_KEY_BYTES = 16
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,64}\Z")
+_CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
 
 
 class AuthError(Exception):

@@ -23,10 +23,13 @@ MODEL_ID_PATTERN = r"^[a-z_]{1,16}:[A-Za-z0-9][A-Za-z0-9._+-]{0,159}\Z"
 ModelId = Annotated[str, msgspec.Meta(pattern=MODEL_ID_PATTERN, max_length=180)]
 _HEX32 = r"[0-9a-f]{32}"  # a uuid4 hex
 # Patterns end in \Z, not $: `$` also matches before a final newline ("1.1\n", "artist\n").
-JobId = Annotated[str, msgspec.Meta(pattern=rf"^{_HEX32}\Z")]
+# The id patterns are also what the server, its job store and the key files check with `re`.
+JOB_ID_PATTERN = rf"^{_HEX32}\Z"
+CLIENT_ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,64}\Z"
+JobId = Annotated[str, msgspec.Meta(pattern=JOB_ID_PATTERN)]
 # A client-made idempotency key, shaped like a job id; "" for none.
 SubmitId = Annotated[str, msgspec.Meta(pattern=rf"^(?:{_HEX32})?\Z")]
-ClientId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:@-]{1,64}\Z")]
+ClientId = Annotated[str, msgspec.Meta(pattern=CLIENT_ID_PATTERN)]
 Prompt = Annotated[str, msgspec.Meta(max_length=4000)]
 
 Preset = Literal["quality", "lightning", "lcm"]

@@ -84,7 +84,7 @@ from .worker import Worker
 log = logging.getLogger("animatediff_blender.server")
 joblog = logging.getLogger("animatediff_blender.server.jobs")
 
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,64}\Z")
+_CLIENT_ID = re.compile(messages.CLIENT_ID_PATTERN)
 MAX_RECV_PER_TURN = 200  # then look at engine events again: neither side starves
 # What a peer that stops reading can make the server hold: libzmq bounds a peer's queue in
 # messages (SNDHWM), not bytes, so frames travel in messages of at most

@@ -40,10 +40,12 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from animatediff_blender.protocol.messages import JOB_ID_PATTERN
+
 from .config import ConfigError
 
 FINAL_STATES = ("finished", "failed", "cancelled", "interrupted")
-_JOB_ID = re.compile(r"^[0-9a-f]{32}\Z")
+_JOB_ID = re.compile(JOB_ID_PATTERN)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
