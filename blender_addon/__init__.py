@@ -100,11 +100,6 @@ def _keep_owed_cancels() -> None:
             print(f"AnimateDiff: could not keep the cancels owed to the backend: {exc}")
 
 
-def _owes(w) -> bool:
-    owed_ = w.owed_now()
-    return bool(owed_.job_ids or owed_.submits)
-
-
 def register():
     for mod in _MODULES:
         mod.register()
@@ -154,7 +149,7 @@ def unregister():
         # still owed (a submit without an answer) is sent again by the next worker.
         STATE.worker.stop(timeout=UNREGISTER_JOIN_S)
         # What it owes is kept at a quit (the worker stopped earlier and owing nothing are dropped).
-        STATE.stopped_workers[:] = [w for w in STATE.stopped_workers if w.is_alive() or _owes(w)]
+        STATE.stopped_workers[:] = [w for w in STATE.stopped_workers if w.is_alive() or not w.owed_now().is_empty()]
         STATE.stopped_workers.append(STATE.worker)
         STATE.worker = None
     operators.stop_backend()

@@ -7,11 +7,13 @@ so a crash or a dead backend never leaves a half-written take where a strip poin
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 FRAME_NAME = "frame_{:04d}.png"
+FRAME_FILE = re.compile(r"^frame_([0-9]{4,})\.png$")  # a name FRAME_NAME makes, and its number
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -58,6 +58,9 @@ class CancelsOwed:
     # The stopped worker that handed these on: once they are taken over, it owes nothing at a quit.
     sender: Any = field(default=None, compare=False, repr=False)
 
+    def is_empty(self) -> bool:
+        return not self.job_ids and not self.submits
+
 
 @dataclass
 class WatchJobs:

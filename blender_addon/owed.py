@@ -29,7 +29,7 @@ def _file(folder: str, address: str) -> str:
 
 def save(folder: str, address: str, owed: m.CancelsOwed) -> str | None:
     """Write `owed` for the next session (nothing when nothing is owed).  Returns the file."""
-    if not owed.job_ids and not owed.submits:
+    if owed.is_empty():
         return None
     path = _file(folder, address)
     job_ids, submits = set(owed.job_ids), [dataclasses.asdict(sub) for sub in owed.submits]

@@ -40,7 +40,10 @@ def editor(scene: Any, create: bool = True) -> Any:
 
 def top_strips(scene: Any) -> Any:
     """The collection that `new_image` lives on (top level, not inside meta strips)."""
-    se = editor(scene)
+    return _top(editor(scene))
+
+
+def _top(se: Any) -> Any:
     return se.strips if hasattr(se, "strips") else se.sequences
 
 
@@ -91,7 +94,7 @@ def channel_is_free(scene: Any, channel: int, start: int, length: int) -> bool:
     se = editor(scene, create=False)
     if se is None:
         return True
-    for s in se.strips if hasattr(se, "strips") else se.sequences:
+    for s in _top(se):
         if s.channel != channel:
             continue
         s_start = strip_start(s)

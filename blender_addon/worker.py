@@ -32,7 +32,6 @@ CONNECTION_CODES = {"", "timeout", "connection", "protocol", "bad_signature", "c
 RESEND_CODES = {"timeout", "connection"}
 TOLD_WHEN_BACK = "the backend could not be reached and is told when it is back"
 SUBMIT_ID = re.compile(r"^[0-9a-f]{32}\Z")  # a job row's local_id (uuid4 hex) is its submit id
-FRAME_FILE = re.compile(r"^frame_([0-9]{4,})\.png$")  # files.FRAME_NAME
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
@@ -193,7 +192,7 @@ def take_on_disk(out_root: str, job_id: str, expected: int = 0) -> tuple[Path, l
         present = {entry.name for entry in os.scandir(folder) if entry.is_file()}
     except OSError:
         return folder, [], False
-    found = sorted(i for i in (int(match.group(1)) for match in map(FRAME_FILE.match, present) if match)
+    found = sorted(i for i in (int(match.group(1)) for match in map(files.FRAME_FILE.match, present) if match)
                    if files.FRAME_NAME.format(i) in present and (expected <= 0 or i < expected)
                    and _is_png(folder / files.FRAME_NAME.format(i)))
     count = expected if expected > 0 else len(found)
@@ -279,7 +278,7 @@ class Worker(threading.Thread):
             # Anything else is the next worker's: submits are sent again from the rows, jobs
             # watched again from the scenes.
         owed = self.owed_now()  # the inbox is empty now: what the lists hold
-        if owed.job_ids or owed.submits:
+        if not owed.is_empty():
             self.outbox.put(dataclasses.replace(owed, sender=self))
 
     def owed_now(self) -> m.CancelsOwed:
