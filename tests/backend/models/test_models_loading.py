@@ -10,6 +10,7 @@ import shutil
 import struct
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -212,12 +213,11 @@ def test_domain_adapter_targets_spatial_attention(
     assert lora.target_modules == expected
 
 
-def test_loras_apply_through_diffusers(tiny_zoo: Path, base_folder: loading.BaseComponents) -> None:
-    """The state dicts are what AnimateDiffPipeline.load_lora_weights applies, and they change outputs."""
+def _v2_pipeline(tiny_zoo: Path, b: loading.BaseComponents) -> Any:
+    """Stock AnimateDiffPipeline on the zoo's base and v2 motion module (diffusers applies LoRAs to it)."""
     from diffusers import AnimateDiffPipeline, DDIMScheduler
 
-    b = base_folder
-    pipe = AnimateDiffPipeline(
+    return AnimateDiffPipeline(
         vae=b.vae,
         text_encoder=b.text_encoder,
         tokenizer=b.tokenizer,
@@ -225,6 +225,11 @@ def test_loras_apply_through_diffusers(tiny_zoo: Path, base_folder: loading.Base
         motion_adapter=loading.load_motion_adapter(tiny_zoo / "motion/mm_sd_v15_v2.ckpt"),
         scheduler=DDIMScheduler.from_config(b.scheduler_config),
     )
+
+
+def test_loras_apply_through_diffusers(tiny_zoo: Path, base_folder: loading.BaseComponents) -> None:
+    """The state dicts are what AnimateDiffPipeline.load_lora_weights applies, and they change outputs."""
+    pipe = _v2_pipeline(tiny_zoo, base_folder)
     pipe.set_progress_bar_config(disable=True)
 
     def run() -> torch.Tensor:
@@ -270,7 +275,6 @@ def test_peft_lora_takes_its_alpha_from_the_safetensors_header(
 ) -> None:
     """diffusers' `save_lora_weights` keeps r and lora_alpha in the safetensors header, not in
     the keys; stock `load_lora_weights` scales by alpha / r, and so must the loaders."""
-    from diffusers import AnimateDiffPipeline, DDIMScheduler
     from safetensors import safe_open
 
     folder = tiny_zoo / "lora/zoom-in-peft"
@@ -283,15 +287,7 @@ def test_peft_lora_takes_its_alpha_from_the_safetensors_header(
     assert peft.state_dict.keys() == zoom.state_dict.keys()
     assert all(torch.equal(v, zoom.state_dict[k]) for k, v in peft.state_dict.items())
 
-    b = base_folder
-    pipe = AnimateDiffPipeline(
-        vae=b.vae,
-        text_encoder=b.text_encoder,
-        tokenizer=b.tokenizer,
-        unet=b.unet,
-        motion_adapter=loading.load_motion_adapter(tiny_zoo / "motion/mm_sd_v15_v2.ckpt"),
-        scheduler=DDIMScheduler.from_config(b.scheduler_config),
-    )
+    pipe = _v2_pipeline(tiny_zoo, base_folder)
     pipe.load_lora_weights(str(folder), adapter_name="stock")
     for module in peft.target_modules:
         assert pipe.unet.get_submodule(module).scaling["stock"] == peft.network_alpha / peft.rank == 0.5
