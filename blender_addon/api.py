@@ -166,7 +166,8 @@ def _warn_preset(job_plan: st.Plan, welcome: Any) -> None:
 
     try:
         mismatch = preset_mismatch(str(job_plan.request.get("preset")), job_plan.request.get("motion_module") or "",
-                                   [_to_builtins(x) for x in welcome.models], dict(welcome.defaults or {}))
+                                   [_to_builtins(x) for x in welcome.models], dict(welcome.defaults or {}),
+                                   job_plan.request.get("domain_adapter") or "")
     except Exception:  # noqa: BLE001 - a warning never fails a job
         return
     if mismatch:

@@ -39,7 +39,7 @@ class ADB_OT_generate(Operator):
             return {"CANCELLED"}
         job = jobs.submit(scene, plan, patient_s=maybe_autostart())
         mismatch = preset_mismatch(str(plan.request.get("preset")), plan.request.get("motion_module") or "",
-                                   STATE.models, STATE.defaults)
+                                   STATE.models, STATE.defaults, plan.request.get("domain_adapter") or "")
         if mismatch:
             self.report({"WARNING"}, f"AnimateDiff: submitted, but {mismatch[0].lower()}{mismatch[1:]}")
         else:

@@ -693,8 +693,15 @@ class AnimateDiffEngine:
         motion_entry = self._entry(motion, "motion_module")
         for i, lora in enumerate(request.motion_loras):
             self._entry(lora.id, "motion_loras", f"$.request.motion_loras[{i}].id")
-        if request.domain_adapter:
-            self._entry(request.domain_adapter, "domain_adapter")
+        domain_adapter, adapter_scale = request.domain_adapter, request.domain_adapter_scale
+        if domain_adapter:
+            self._entry(domain_adapter, "domain_adapter")
+        elif preset.companion_adapter_scale is not None and defaults.get(f"adapter_{preset.name}"):
+            # AnimateLCM without its spatial LoRA makes blurred, washed-out frames; a request
+            # that names its own domain adapter (or this one at another scale) runs as asked.
+            domain_adapter = defaults[f"adapter_{preset.name}"]
+            adapter_scale = preset.companion_adapter_scale
+            self._entry(domain_adapter, "domain_adapter")
 
         steps = request.steps if request.steps is not None else preset.steps
         if steps < preset.min_steps or (preset.max_steps is not None and steps > preset.max_steps):
@@ -733,6 +740,8 @@ class AnimateDiffEngine:
             request,
             base_model=base,
             motion_module=motion,
+            domain_adapter=domain_adapter,
+            domain_adapter_scale=adapter_scale,
             steps=steps,
             guidance=float(guidance),
             context_length=context_length,

@@ -29,6 +29,9 @@ class Preset:
     max_steps: int | None = None  # None: only the server's Limits apply
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # A spatial LoRA distilled with the preset's motion module (the registry's default
+    # "adapter_<name>"), added at this scale when a request names no domain adapter.
+    companion_adapter_scale: float | None = None
 
     def make_scheduler(self, base_config: dict[str, Any] | None = None) -> SchedulerMixin:
         """The preset's scheduler, on top of the base model's scheduler config (num_train_timesteps
@@ -60,7 +63,9 @@ PRESETS: dict[str, Preset] = {
     ),
     # AnimateLCM: LCM scheduler with linear betas, ~4-8 steps, low CFG.  Its schedule is a
     # subset of the distillation's `original_inference_steps` (50): more steps than that
-    # make diffusers' set_timesteps raise.
+    # make diffusers' set_timesteps raise.  Its motion module was distilled together with a
+    # spatial LCM LoRA (AnimateLCM_sd15_t2v_lora.safetensors), which its model card applies
+    # at 0.8.
     "lcm": Preset(
         name="lcm",
         scheduler_class=LCMScheduler,
@@ -68,6 +73,7 @@ PRESETS: dict[str, Preset] = {
         steps=6,
         guidance=1.5,
         max_steps=LCM_ORIGINAL_STEPS,
+        companion_adapter_scale=0.8,
     ),
 }
 

@@ -437,13 +437,19 @@ def motion_adapter_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, An
     }
 
 
+def names_lcm(filename: str) -> bool:
+    """Whether a file name says AnimateLCM / LCM ("AnimateLCM_sd15_t2v.ckpt", "lcm-lora-sdv1-5")."""
+    name = filename.lower()
+    return "animatelcm" in name or re.search(r"(^|[_\-.])lcm([_\-.]|$)", name) is not None
+
+
 def detect_motion_version(shapes: Mapping[str, tuple[int, ...]], filename: str = "") -> str:
     """Version: "v1" (max length 24), "v2" (mid block), "v3" (no mid block, length 32); files whose
     names say so are labelled "lightning" (AnimateDiff-Lightning) or "lcm" (AnimateLCM)."""
     name = filename.lower()
     if "lightning" in name:
         return "lightning"
-    if "animatelcm" in name or re.search(r"(^|[_\-.])lcm([_\-.]|$)", name):
+    if names_lcm(name):
         return "lcm"
     motion_layout(shapes.keys())  # raises on files that are no motion module
     if any(k.startswith("mid_block.motion_modules.") for k in shapes):
@@ -477,10 +483,60 @@ _MOTION_TARGET = re.compile(
     r"^(?:down_blocks|up_blocks)\.\d+\.motion_modules\.\d+\.transformer_blocks\.\d+\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0)$"
     r"|^mid_block\.motion_modules\.\d+\.transformer_blocks\.\d+\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0)$"
 )
+# The UNet's own layers (never its motion modules): the attention projections the v3 domain
+# adapter adapts, and the rest of the linear and conv layers that LCM-LoRA-style spatial LoRAs
+# (AnimateLCM's `AnimateLCM_sd15_t2v_lora.safetensors`) and kohya LoRAs also adapt.
 _SPATIAL_TARGET = re.compile(
-    r"^(?:(?:down_blocks|up_blocks)\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\."
-    r"(?:to_q|to_k|to_v|to_out\.0)$"
+    r"^(?:(?:down_blocks|up_blocks)\.\d+|mid_block)\.(?:"
+    r"attentions\.\d+\.(?:proj_in|proj_out|transformer_blocks\.\d+\.(?:"
+    r"attn[12]\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2))"
+    r"|resnets\.\d+\.(?:conv1|conv2|conv_shortcut|time_emb_proj)"
+    r"|(?:downsamplers|upsamplers)\.0\.conv)$"
+    r"|^(?:conv_in|conv_out|time_embedding\.linear_[12])$"
 )
+
+# kohya-ss LoRAs for SD1.x (sd-scripts trains them on the diffusers UNet, so a module keeps its
+# diffusers path with "_" for "."): `lora_unet_<module>.lora_down.weight` / `.lora_up.weight` /
+# `.alpha`.  The LCM-LoRA, AnimateLCM's spatial LoRA and most style LoRAs come this way.
+_KOHYA_KEY = re.compile(
+    r"^lora_(?P<net>unet|te\d?)_(?P<name>[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$"
+)
+_KOHYA_UNET_MODULE = re.compile(
+    r"^(?:(?P<block>(?:down|up)_blocks_\d+|mid_block)_(?:"
+    r"attentions_(?P<attn>\d+)_(?:(?P<proj>proj_in|proj_out)"
+    r"|transformer_blocks_(?P<tb>\d+)_(?:attn(?P<attn_n>[12])_(?P<qkvo>to_q|to_k|to_v|to_out_0)"
+    r"|(?P<ff>ff_net_0_proj|ff_net_2)))"
+    r"|resnets_(?P<res>\d+)_(?P<res_layer>conv1|conv2|conv_shortcut|time_emb_proj)"
+    r"|(?P<sampler>downsamplers|upsamplers)_0_conv)"
+    r"|(?P<top>conv_in|conv_out|time_embedding_linear_[12]))$"
+)
+# kohya names of the LDM UNet (`input_blocks_1_1_...`, written by some SDXL-era trainers), and
+# the LyCORIS variants (LoHa, LoKr, DoRA) that are no low-rank pair.
+_KOHYA_LDM_BLOCKS = re.compile(r"^lora_unet_(?:input_blocks|middle_block|output_blocks)_")
+_LYCORIS_PARTS = re.compile(r"\.(?:hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t2|dora_scale|diff|diff_b)$")
+
+
+def _kohya_unet_module(name: str) -> str | None:
+    """`down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0` ->
+    `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0`; None for a name that is
+    no layer of the SD1.x UNet (so the caller can say which)."""
+    m = _KOHYA_UNET_MODULE.match(name)
+    if m is None:
+        return None
+    if m["top"]:
+        return m["top"].replace("embedding_linear_", "embedding.linear_")
+    block = m["block"] if m["block"] == "mid_block" else m["block"].replace("blocks_", "blocks.")
+    if m["sampler"]:
+        return f"{block}.{m['sampler']}.0.conv"
+    if m["res"] is not None:
+        return f"{block}.resnets.{m['res']}.{m['res_layer']}"
+    attn = f"{block}.attentions.{m['attn']}"
+    if m["proj"]:
+        return f"{attn}.{m['proj']}"
+    tb = f"{attn}.transformer_blocks.{m['tb']}"
+    if m["ff"]:
+        return f"{tb}.{m['ff'].replace('_', '.')}"
+    return f"{tb}.attn{m['attn_n']}.{_LORA_PROJ[m['qkvo'].removesuffix('_0')]}"
 
 
 @dataclass
@@ -497,7 +553,7 @@ class LoraWeights:
     target_modules: set[str]
     rank: int
     network_alpha: float | None
-    source_format: str  # "original", "diffusers", "peft"
+    source_format: str  # "original", "diffusers", "peft", "kohya"
     scope: LoraScope = "motion"
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -512,6 +568,8 @@ def lora_format(keys: Iterable[str]) -> str:
         return "diffusers" if all(k.startswith("unet.") for k in keys) else "original"
     if keys and all(_PEFT_LORA.match(k) or _PEFT_ALPHA.match(k) for k in keys):
         return "peft"
+    if keys and all(k.startswith(_KOHYA_PREFIXES) for k in keys):
+        return "kohya"  # its layers are checked by `lora_to_peft`, which says what it cannot apply
     raise ConversionError(
         "LoRA layout not understood: "
         + ", ".join(
@@ -585,6 +643,8 @@ def lora_to_peft(
     UNet's own attention layers, where the v3 domain adapter lives).  `config` is the
     file's peft config (`lora_adapter_config`): its alpha sets `network_alpha`."""
     fmt = lora_format(sd.keys())
+    if fmt == "kohya":
+        return _kohya_to_peft(sd, scope)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     for key, value in sd.items():
@@ -613,21 +673,11 @@ def lora_to_peft(
             raise ConversionError(f"LoRA has two {part} weights for {module}")
         slot[part] = value
 
-    target = _MOTION_TARGET if scope == "motion" else _SPATIAL_TARGET
-    _fail_unknown(
-        f"{scope} LoRA (modules outside the {scope} attention layers)",
-        (m for m in parts if not target.match(m)),
-    )
+    _check_scope(parts, scope)
     out: dict[str, torch.Tensor] = {}
     ranks = set()
     for module, slot in sorted(parts.items()):
-        if set(slot) != {"A", "B"}:
-            raise ConversionError(f"LoRA for {module} lacks its {'up' if 'A' in slot else 'down'} weight")
-        a, b = slot["A"], slot["B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise ConversionError(
-                f"LoRA for {module}: shapes {tuple(a.shape)} / {tuple(b.shape)} do not pair"
-            )
+        a, b = _lora_pair(module, slot)
         ranks.add(int(a.shape[0]))
         out[f"unet.{module}.lora_A.weight"] = a
         out[f"unet.{module}.lora_B.weight"] = b
@@ -649,6 +699,92 @@ def lora_to_peft(
         rank=rank,
         network_alpha=alpha,
         source_format=fmt,
+        scope=scope,
+    )
+
+
+_SCOPE_LAYERS = {"motion": "the motion attention layers", "spatial": "the spatial layers (the UNet's own)"}
+
+
+def _check_scope(modules: Iterable[str], scope: LoraScope) -> None:
+    target = _MOTION_TARGET if scope == "motion" else _SPATIAL_TARGET
+    _fail_unknown(
+        f"{scope} LoRA (modules outside {_SCOPE_LAYERS[scope]})", (m for m in modules if not target.match(m))
+    )
+
+
+def _lora_pair(module: str, slot: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A module's (down, up) matrices, checked to pair: (rank, in) / (out, rank) for a linear
+    layer; (rank, in, kh, kw) / (out, rank, 1, 1) for a conv layer, as peft's conv LoRA holds them."""
+    if "A" not in slot or "B" not in slot:
+        raise ConversionError(f"LoRA for {module} lacks its {'up' if 'A' in slot else 'down'} weight")
+    a, b = slot["A"], slot["B"]
+    linear = a.ndim == b.ndim == 2
+    conv = a.ndim == b.ndim == 4 and tuple(b.shape[2:]) == (1, 1)
+    if not (linear or conv) or a.shape[0] != b.shape[1]:
+        raise ConversionError(f"LoRA for {module}: shapes {tuple(a.shape)} / {tuple(b.shape)} do not pair")
+    return a, b
+
+
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_KOHYA_PART = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}
+
+
+def _kohya_to_peft(sd: Mapping[str, torch.Tensor], scope: LoraScope) -> LoraWeights:
+    """A kohya LoRA (see `_KOHYA_KEY`) as peft keys.  Each layer's alpha / rank (kohya's
+    per-layer scale; 1 without an alpha) is multiplied into its up matrix, so layers with
+    their own ranks or alphas (a LoCon's conv layers) run exactly as kohya runs them, and
+    `network_alpha` is None.  Refused in words: text-encoder layers (a domain adapter
+    changes the UNet only), LDM block names, LyCORIS layers (LoHa, LoKr, DoRA)."""
+    lycoris = sorted(k for k in sd if _LYCORIS_PARTS.search(k))
+    if lycoris:
+        raise ConversionError(
+            f"LyCORIS layers ({lycoris[0]}) are not supported: only plain LoRA layers (lora_down / lora_up)"
+        )
+    text = sorted({k.split(".", 1)[0] for k in sd if not k.startswith("lora_unet_")})
+    if text:
+        raise ConversionError(
+            f"the LoRA also changes the text encoder ({len(text)} layers, e.g. {text[0]}), "
+            "which is not supported: only LoRAs on the UNet are"
+        )
+    ldm = sorted(k for k in sd if _KOHYA_LDM_BLOCKS.match(k))
+    if ldm:
+        raise ConversionError(
+            f"the LoRA names the LDM UNet's blocks ({ldm[0]}), which is not supported: "
+            "only kohya LoRAs on diffusers names (lora_unet_down_blocks_...) are"
+        )
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, value in sd.items():
+        m = _KOHYA_KEY.match(key)
+        module = _kohya_unet_module(m["name"]) if m else None
+        if m is None or module is None:
+            unknown.append(key)
+            continue
+        parts.setdefault(module, {})[_KOHYA_PART[m["part"]]] = value
+    _fail_unknown("kohya LoRA (no layer of an SD1.x UNet)", unknown)
+    _check_scope(parts, scope)
+    out: dict[str, torch.Tensor] = {}
+    ranks: list[int] = []
+    for module, slot in sorted(parts.items()):
+        a, b = _lora_pair(module, slot)
+        rank = int(a.shape[0])
+        ranks.append(rank)
+        if "alpha" in slot:
+            alpha = slot["alpha"]
+            if alpha.numel() != 1 or not math.isfinite(float(alpha.reshape(()).item())):
+                raise ConversionError(f"LoRA for {module}: bad alpha {alpha.tolist()!r}")
+            scale = float(alpha.reshape(()).item()) / rank
+            if scale != 1.0:
+                b = (b.float() * scale).to(b.dtype)
+        out[f"unet.{module}.lora_A.weight"] = a
+        out[f"unet.{module}.lora_B.weight"] = b
+    return LoraWeights(
+        state_dict=out,
+        target_modules=set(parts),
+        rank=max(set(ranks), key=ranks.count),  # the commonest (layers may differ: see above)
+        network_alpha=None,
+        source_format="kohya",
         scope=scope,
     )
 

@@ -12,6 +12,9 @@ What is fetched (group names for `--only`):
     adapter-v3      guoyww/animatediff: v3_sd15_adapter.ckpt -> adapter/v3_sd15_adapter.ckpt
     lightning       ByteDance/AnimateDiff-Lightning: animatediff_lightning_4step_diffusers.safetensors
                     -> motion/animatediff_lightning_4step_diffusers.safetensors
+    lcm             wangfuyun/AnimateLCM: its diffusers MotionAdapter -> motion/AnimateLCM/, and its
+                    spatial LCM LoRA (kohya layout), which the `lcm` preset adds at 0.8
+                    -> adapter/AnimateLCM_sd15_t2v_lora.safetensors
 
 Downloads go through `huggingface_hub` (`hf_hub_download` / `snapshot_download`, which resume
 interrupted files and show progress).  Where the hub publishes a file's sha256 (LFS files)
@@ -109,6 +112,16 @@ def standard_items() -> list[FetchItem]:
             "ByteDance/AnimateDiff-Lightning",
             "motion/animatediff_lightning_4step_diffusers.safetensors",
             ("animatediff_lightning_4step_diffusers.safetensors",),
+            False,
+        ),
+        FetchItem(
+            "lcm", "wangfuyun/AnimateLCM", "motion/AnimateLCM", ("config.json", "diffusion_pytorch_model.safetensors")
+        ),
+        FetchItem(
+            "lcm",
+            "wangfuyun/AnimateLCM",
+            "adapter/AnimateLCM_sd15_t2v_lora.safetensors",
+            ("AnimateLCM_sd15_t2v_lora.safetensors",),
             False,
         ),
     ]

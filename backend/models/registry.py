@@ -66,6 +66,7 @@ from .convert import (
     lora_format,
     motion_adapter_config,
     motion_layout,
+    names_lcm,
     pickles_allowed,
     read_lora,
     read_pickle_shapes,
@@ -377,7 +378,9 @@ def _inspect_lora(path: Path, kind: str) -> _Detected:
     if kind == "lora":
         has_mid = any(m.startswith("mid_block.") for m in lora.target_modules)
         return _Detected(kind, lora.source_format, "v2" if has_mid else "")
-    return _Detected(kind, lora.source_format, "v3")
+    # A spatial LoRA named for (Animate)LCM is the `lcm` preset's companion ("adapter_lcm");
+    # the others are domain adapters in AnimateDiff v3's sense.
+    return _Detected(kind, lora.source_format, "lcm" if names_lcm(path.name) else "v3")
 
 
 def _classify_top_level(path: Path) -> _Detected:
@@ -459,7 +462,7 @@ def _label(kind: str, name: str, det: _Detected, camera: str) -> str:
     if kind == "motion" and det.version:
         return f"{stem} ({det.version})"
     if kind == "adapter":
-        return f"{stem} (domain adapter)"
+        return f"{stem} (LCM LoRA)" if det.version == "lcm" else f"{stem} (domain adapter)"
     return stem
 
 
@@ -749,7 +752,8 @@ class ModelRegistry:
         unchecked ones (version "": a pickle whose shapes could not be read at scan time),
         diffusers folders over single files; the v2 motion module (what the MotionLoRAs were
         trained on) over v3, v1.  Adds "motion_lightning" / "motion_lcm" when such a motion
-        module is present."""
+        module is present, and "adapter_lcm" for a spatial LCM LoRA (which the `lcm` preset
+        adds when a request names no domain adapter)."""
         usable = [e for e in self.entries() if e.ok]
         out: dict[str, str] = {}
         bases = sorted(
@@ -769,7 +773,10 @@ class ModelRegistry:
             special = sorted(e.id for e in usable if e.kind == "motion" and e.version == version)
             if special:
                 out[f"motion_{version}"] = special[0]
-        adapters = sorted(e.id for e in usable if e.kind == "adapter")
+        adapters = sorted((e for e in usable if e.kind == "adapter"), key=lambda e: (e.version == "lcm", e.id))
         if adapters:
-            out["adapter"] = adapters[0]
+            out["adapter"] = adapters[0].id
+        lcm = [e.id for e in adapters if e.version == "lcm"]
+        if lcm:
+            out["adapter_lcm"] = lcm[0]
         return out

@@ -17,6 +17,10 @@ format real users have, so that the backend's loaders and key converters
                                          save_lora_weights with r=4, lora_alpha=2 in the header
                                          (as diffusers' training scripts write them): half as strong
     adapter/v3_sd15_adapter.ckpt         v3 domain adapter (LoRA on the spatial attention)
+    adapter/AnimateLCM_sd15_t2v_lora.safetensors
+                                         kohya LoRA on every linear and conv layer of the UNet's
+                                         blocks (AnimateLCM's spatial LoRA and LCM-LoRA are so made),
+                                         with per-layer ranks and alphas as a LoCon has them
     zoo.json                             manifest: files with size and sha256
     .zoo-marker                          version + config hash; a rebuild happens only when it differs
 
@@ -45,7 +49,7 @@ from . import tiny
 
 log = logging.getLogger(__name__)
 
-ZOO_VERSION = "2"
+ZOO_VERSION = "3"
 MARKER = ".zoo-marker"
 MANIFEST = "zoo.json"
 
@@ -61,6 +65,9 @@ CAMERA_MOVES = (
 )
 LORA_RANK = 4
 PEFT_LORA_ALPHA = 2  # of lora/zoom-in-peft: scale alpha / rank = 0.5
+KOHYA_LINEAR_ALPHA = 2  # of the kohya adapter's linear layers (rank LORA_RANK): scale 0.5
+KOHYA_CONV_RANK, KOHYA_CONV_ALPHA = 2, 1.5  # of its conv layers: scale 0.75
+KOHYA_ADAPTER = "adapter/AnimateLCM_sd15_t2v_lora.safetensors"
 DIFFUSERS_VERSION = "0.42.1"
 
 # Top-level entries this module owns inside dest (only these are removed on rebuild).
@@ -78,6 +85,7 @@ _OWNED = (
     "lora/motion-lora-zoom-in",
     "lora/zoom-in-peft",
     "adapter/v3_sd15_adapter.ckpt",
+    KOHYA_ADAPTER,
     MANIFEST,
 )
 
@@ -363,6 +371,12 @@ def motion_diffusers_to_original(sd: dict[str, Any]) -> dict[str, Any]:
 _ATTENTION_LINEARS = r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
 MOTION_LORA_TARGETS = re.compile(r"motion_modules\.\d+\." + _ATTENTION_LINEARS)  # what MotionLoRAs adapt
 SPATIAL_LORA_TARGETS = re.compile(r"attentions\.\d+\." + _ATTENTION_LINEARS)  # the v3 domain adapter
+# what kohya spatial LoRAs adapt: every linear and conv layer of the UNet's own blocks
+KOHYA_SPATIAL_TARGETS = re.compile(
+    r"^(?:down_blocks|up_blocks|mid_block)\b.*\.(?:attentions\.\d+\.(?:proj_in|proj_out|"
+    r"transformer_blocks\.\d+\.(?:attn[12]\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2))"
+    r"|resnets\.\d+\.(?:conv1|conv2|conv_shortcut|time_emb_proj)|(?:downsamplers|upsamplers)\.0\.conv)$"
+)
 
 
 def _matching_modules(model: Any, pattern: re.Pattern[str]) -> list[str]:
@@ -590,6 +604,39 @@ def _build_domain_adapter(dest: Path, unet: Any) -> None:
     _save_ckpt(_random_lora(shapes, seed=200), dest / "adapter" / "v3_sd15_adapter.ckpt")
 
 
+def kohya_spatial_lora(unet: Any, seed: int) -> dict[str, Any]:
+    """A kohya LoRA (`lora_unet_<module with _ for .>.lora_down.weight` / `.lora_up.weight` /
+    `.alpha`) on every linear and conv layer of `unet`'s own blocks, as AnimateLCM's spatial
+    LoRA and LCM-LoRA adapt them.  Like a LoCon, the conv layers get their own rank and alpha
+    (rank 2, alpha 1; the linear layers rank 4, alpha 2): the loader must scale each layer."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {}
+    for name, module in sorted(unet.named_modules()):
+        if not KOHYA_SPATIAL_TARGETS.search(name):
+            continue
+        w = module.weight
+        key = "lora_unet_" + name.replace(".", "_")
+        if w.ndim == 4:
+            rank, alpha = KOHYA_CONV_RANK, KOHYA_CONV_ALPHA
+            down = torch.randn((rank, w.shape[1], *w.shape[2:]), generator=gen) * 0.1
+            up = torch.randn((w.shape[0], rank, 1, 1), generator=gen) * 0.1
+        else:
+            rank, alpha = LORA_RANK, KOHYA_LINEAR_ALPHA
+            down = torch.randn((rank, w.shape[1]), generator=gen) * 0.1
+            up = torch.randn((w.shape[0], rank), generator=gen) * 0.1
+        out[f"{key}.lora_down.weight"] = down
+        out[f"{key}.lora_up.weight"] = up
+        out[f"{key}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def _build_kohya_adapter(dest: Path, unet: Any) -> None:
+    # Under the name AnimateLCM publishes its spatial LoRA, which the `lcm` preset adds.
+    _save_safetensors(kohya_spatial_lora(unet, seed=210), dest / KOHYA_ADAPTER)
+
+
 def _iter_files(dest: Path) -> Iterable[Path]:
     for owned in _OWNED:
         p = dest / owned
@@ -660,6 +707,7 @@ def _build(dest: Path, marker: Path, want: str) -> None:
         v2 = _build_motion(dest)
         _build_loras(dest, v2)
         _build_domain_adapter(dest, unet)
+        _build_kohya_adapter(dest, unet)
     finally:
         torch.set_num_threads(threads)
     _write_manifest(dest)

@@ -484,3 +484,17 @@ def test_a_few_step_preset_on_a_motion_module_not_made_for_it_is_told() -> None:
     assert "LCM (AnimateLCM) needs its own motion module; mm_v2" in told and "install an AnimateLCM motion module" in told
     assert check("lightning", "not-installed", models, defaults) == ""  # the backend refuses it in words
     assert check("lightning", "", [], {}) == ""  # not connected yet: nothing known
+
+
+
+def test_lcm_without_animatelcms_spatial_lora_is_told() -> None:
+    """The backend adds AnimateLCM's spatial LoRA to an LCM job by itself ("adapter_lcm" in
+    its defaults); without one, AnimateLCM's frames come out soft: the panel says how to get it."""
+    check = _load("preset_check").preset_mismatch
+    models = [{"id": "motion:AnimateLCM", "kind": "motion", "version": "lcm"},
+              {"id": "motion:mm_v2", "kind": "motion", "version": "v2"}]
+    defaults = {"motion": "motion:mm_v2", "motion_lcm": "motion:AnimateLCM"}
+    told = check("lcm", "", models, defaults)
+    assert "spatial LoRA" in told and "models fetch --only lcm" in told
+    assert check("lcm", "", models, {**defaults, "adapter_lcm": "adapter:AnimateLCM_sd15_t2v_lora.safetensors"}) == ""
+    assert check("lcm", "", models, defaults, domain_adapter="adapter:my_lcm_lora.safetensors") == ""  # the API's own

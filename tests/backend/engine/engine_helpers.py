@@ -20,6 +20,7 @@ LORA_ZOOM = "lora:v2_lora_ZoomIn.ckpt"
 LORA_ZOOM_DIFFUSERS = "lora:motion-lora-zoom-in"
 LORA_PAN = "lora:v2_lora_PanLeft.ckpt"
 ADAPTER = "adapter:v3_sd15_adapter.ckpt"
+ADAPTER_KOHYA = "adapter:AnimateLCM_sd15_t2v_lora.safetensors"  # kohya, the lcm preset's companion
 
 
 def get_dummy_components(zoo: Path, motion_folder: str = "tiny-motion-adapter-v2") -> dict[str, Any]:

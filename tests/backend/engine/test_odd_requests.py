@@ -158,6 +158,40 @@ def test_presets_default_to_the_motion_module_made_for_them(zoo: Path, tmp_path:
     )
 
 
+def test_the_lcm_preset_adds_animatelcms_spatial_lora(engine: AnimateDiffEngine, zoo: Path, tmp_path: Path) -> None:
+    """AnimateLCM's motion module was distilled with a spatial LCM LoRA; run without it, its
+    frames come out blurred and washed out.  With `lcm` and no domain adapter named, the
+    server adds its "adapter_lcm" at the model card's 0.8 (and says so in the settings it
+    ran); a named domain adapter wins, other presets never get it, and a server without
+    one runs the preset as before.  The frames do change: the LoRA is applied."""
+    from engine_helpers import ADAPTER, ADAPTER_KOHYA
+
+    defaults = engine.default_models()
+    assert defaults["adapter_lcm"] == ADAPTER_KOHYA and defaults["adapter"] == ADAPTER
+    lcm = engine.resolve(request(preset="lcm", steps=None))
+    assert (lcm.domain_adapter, lcm.domain_adapter_scale) == (ADAPTER_KOHYA, 0.8)
+    own = engine.resolve(request(preset="lcm", domain_adapter=ADAPTER, domain_adapter_scale=0.5))
+    assert (own.domain_adapter, own.domain_adapter_scale) == (ADAPTER, 0.5)
+    off = engine.resolve(request(preset="lcm", domain_adapter=ADAPTER_KOHYA, domain_adapter_scale=0.0))
+    assert (off.domain_adapter, off.domain_adapter_scale) == (ADAPTER_KOHYA, 0.0)
+    for preset in ("quality", "lightning"):
+        assert engine.resolve(request(preset=preset, steps=None)).domain_adapter is None
+
+    def run(**kw: Any) -> list[np.ndarray]:
+        return list(engine.generate(request(preset="lcm", steps=2, **kw), no_progress, never).frames)
+
+    with_lora = run()
+    assert max_abs_diff(with_lora, run(domain_adapter=ADAPTER_KOHYA, domain_adapter_scale=0.8)) == 0
+    assert max_abs_diff(with_lora, run(domain_adapter=ADAPTER_KOHYA, domain_adapter_scale=0.0)) > 0
+
+    models = tmp_path / "models"
+    shutil.copytree(zoo / "base/tiny-sd15", models / "base/tiny-sd15")
+    shutil.copytree(zoo / "motion/tiny-motion-adapter-v2", models / "motion/tiny-motion-adapter-v2")
+    bare = AnimateDiffEngine(models, device="cpu")
+    assert "adapter_lcm" not in bare.default_models()
+    assert bare.resolve(request(preset="lcm")).domain_adapter is None
+
+
 def test_a_pending_shape_whose_models_went_away_does_not_stop_compiling(
     zoo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

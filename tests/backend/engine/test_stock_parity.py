@@ -19,6 +19,7 @@ import pytest
 import torch
 from engine_helpers import (
     ADAPTER,
+    ADAPTER_KOHYA,
     BASE_SINGLE,
     LORA_PAN,
     LORA_ZOOM,
@@ -98,6 +99,27 @@ def test_domain_adapter_matches_stock(generate: Any, stock: Any, zoo: Path) -> N
         stock.unload_lora_weights()
     assert max_abs_diff(ours, ref) == 0
     assert max_abs_diff(ours, generate()) > 0
+
+
+def test_kohya_spatial_lora_matches_stock(generate: Any, stock: Any, zoo: Path) -> None:
+    """A kohya LoRA on every linear and conv layer, with its own rank and alpha on the conv
+    layers (the zoo's AnimateLCM-named file), against diffusers' own kohya conversion in
+    `load_lora_weights`, the way AnimateLCM's model card loads its LoRA.  The engine scales
+    each layer's up matrix by alpha / rank where peft scales the layer's output: float
+    rounding, so 1 level of 255 is allowed."""
+    from safetensors.torch import load_file
+
+    from animatediff_blender.backend.models.zoo import KOHYA_ADAPTER
+
+    ours = generate(domain_adapter=ADAPTER_KOHYA, domain_adapter_scale=0.8)
+    stock.load_lora_weights(load_file(zoo / KOHYA_ADAPTER), adapter_name="lcm-lora")
+    stock.set_adapters(["lcm-lora"], adapter_weights=[0.8])
+    try:
+        ref = run_stock(stock, **_stock_kwargs())
+    finally:
+        stock.unload_lora_weights()
+    assert max_abs_diff(ours, ref) <= 1
+    assert max_abs_diff(ours, generate()) > 10  # it does change the frames
 
 
 def test_long_clip_matches_stock_free_noise(

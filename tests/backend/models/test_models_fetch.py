@@ -37,6 +37,10 @@ class FakeHub:
             return z / "adapter/v3_sd15_adapter.ckpt"
         if repo_id == "ByteDance/AnimateDiff-Lightning":
             return z / "motion/tiny-motion-adapter-v2/diffusion_pytorch_model.safetensors"
+        if (repo_id, filename) == ("wangfuyun/AnimateLCM", "AnimateLCM_sd15_t2v_lora.safetensors"):
+            return z / "adapter/AnimateLCM_sd15_t2v_lora.safetensors"
+        if repo_id == "wangfuyun/AnimateLCM":
+            return z / "motion/tiny-motion-adapter-v2" / filename
         raise FileNotFoundError(f"{repo_id}/{filename}")
 
     def download(self, repo_id: str, filename: str, local_dir: Path) -> Path:
@@ -97,6 +101,11 @@ def test_fetch_verify_and_load(tiny_zoo: Path, tmp_path: Path, capsys: pytest.Ca
     defaults = reg.default_ids()
     assert defaults["base"] == "base:stable-diffusion-v1-5"
     assert defaults["motion_lightning"] == "motion:animatediff_lightning_4step_diffusers.safetensors"
+    assert by_id["motion:AnimateLCM"].version == "lcm"
+    assert (defaults["motion_lcm"], defaults["adapter_lcm"]) == (
+        "motion:AnimateLCM", "adapter:AnimateLCM_sd15_t2v_lora.safetensors"
+    )  # fmt: skip
+    assert defaults["adapter"] == "adapter:v3_sd15_adapter.ckpt"
 
     # The fetched fp16-variant SD1.5 folder loads through the same loader.
     comps = loading.load_base(reg.get("base:stable-diffusion-v1-5"))

@@ -192,7 +192,7 @@ def test_lora_converter_raises_instead_of_ignoring(tiny_zoo: Path) -> None:
     adapter = torch.load(str(tiny_zoo / "adapter/v3_sd15_adapter.ckpt"), weights_only=True)
     with pytest.raises(ConversionError, match="outside the motion attention"):
         convert.lora_to_peft(adapter, "motion")
-    with pytest.raises(ConversionError, match="outside the spatial attention"):
+    with pytest.raises(ConversionError, match="outside the spatial layers"):
         convert.lora_to_peft(sd, "spatial")
     with pytest.raises(ConversionError, match="empty"):
         convert.lora_to_peft({}, "motion")
@@ -211,6 +211,79 @@ def test_domain_adapter_targets_spatial_attention(
         n for n in names if ".attentions." in n and n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))
     }
     assert lora.target_modules == expected
+
+
+def test_kohya_lora_maps_every_layer_and_scales_each_by_its_alpha(
+    tiny_zoo: Path, base_folder: loading.BaseComponents
+) -> None:
+    """The zoo's kohya LoRA (AnimateLCM's file name): every `lora_unet_<module>` is a real
+    layer of the UNet (conv ones with 4-D pairs), and each layer's up matrix carries its own
+    alpha / rank, linear and conv layers alike, since peft then scales by 1."""
+    from safetensors.torch import load_file
+
+    from animatediff_blender.backend.models import zoo
+
+    raw = load_file(tiny_zoo / zoo.KOHYA_ADAPTER)
+    lora = loading.load_domain_adapter(tiny_zoo / zoo.KOHYA_ADAPTER)
+    assert (lora.source_format, lora.scope, lora.network_alpha, lora.rank) == ("kohya", "spatial", None, 4)
+    names = dict(base_folder.unet.named_modules())
+    expected = {n for n in names if zoo.KOHYA_SPATIAL_TARGETS.search(n)}
+    assert lora.target_modules == expected
+    assert {type(names[m]).__name__ for m in expected} == {"Linear", "Conv2d"}
+    for module in expected:
+        key = "lora_unet_" + module.replace(".", "_")
+        down, up = raw[f"{key}.lora_down.weight"], raw[f"{key}.lora_up.weight"]
+        scale = float(raw[f"{key}.alpha"]) / down.shape[0]
+        assert scale == (0.75 if down.ndim == 4 else 0.5), module
+        assert torch.equal(lora.state_dict[f"unet.{module}.lora_A.weight"], down)
+        torch.testing.assert_close(lora.state_dict[f"unet.{module}.lora_B.weight"], up * scale)
+        assert names[module].weight.shape[0] == up.shape[0] and names[module].weight.shape[1] == down.shape[1]
+
+
+@pytest.mark.parametrize(
+    ("name", "module"),
+    [
+        ("down_blocks_0_attentions_1_transformer_blocks_0_attn2_to_out_0", "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_out.0"),
+        ("mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj", "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj"),
+        ("up_blocks_3_attentions_2_transformer_blocks_0_ff_net_2", "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.2"),
+        ("up_blocks_1_attentions_0_proj_out", "up_blocks.1.attentions.0.proj_out"),
+        ("down_blocks_1_resnets_0_conv_shortcut", "down_blocks.1.resnets.0.conv_shortcut"),
+        ("mid_block_resnets_1_time_emb_proj", "mid_block.resnets.1.time_emb_proj"),
+        ("down_blocks_2_downsamplers_0_conv", "down_blocks.2.downsamplers.0.conv"),
+        ("up_blocks_0_upsamplers_0_conv", "up_blocks.0.upsamplers.0.conv"),
+        ("conv_in", "conv_in"),
+        ("time_embedding_linear_2", "time_embedding.linear_2"),
+        ("down_blocks_0_motion_modules_0_proj_in", None),  # a motion module's: no spatial layer
+        ("down_blocks_0_attentions_0_norm", None),
+    ],
+)
+def test_kohya_names_of_the_sd15_unet(name: str, module: str | None) -> None:
+    assert convert._kohya_unet_module(name) == module
+
+
+def test_kohya_loras_it_cannot_apply_are_refused_in_words(tiny_zoo: Path) -> None:
+    from safetensors.torch import load_file
+
+    from animatediff_blender.backend.models import zoo
+
+    raw = load_file(tiny_zoo / zoo.KOHYA_ADAPTER)
+    one = torch.zeros(4, 8)
+    cases = {
+        "text encoder": {**raw, "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": one},
+        "LDM UNet": {"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": one},
+        "LyCORIS": {**raw, "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": one},
+        "not understood": {**raw, "lora_unet_down_blocks_0_attentions_0_norm.lora_down.weight": one},
+        "lacks its up weight": {
+            k: v for k, v in raw.items() if k != "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"
+        },
+        "do not pair": {**raw, "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(3, 3, 3, 3)},
+        "bad alpha": {**raw, "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(float("nan"))},
+    }
+    for words, sd in cases.items():
+        with pytest.raises(ConversionError, match=words):
+            convert.lora_to_peft(sd, "spatial")
+    with pytest.raises(ConversionError, match="outside the motion attention layers"):
+        convert.lora_to_peft(raw, "motion")
 
 
 def _v2_pipeline(tiny_zoo: Path, b: loading.BaseComponents) -> Any:
@@ -424,7 +497,8 @@ def test_unreadable_files(tmp_path: Path) -> None:
 
 
 def test_every_zoo_lora_loads(tiny_zoo: Path) -> None:
-    """All 8 camera MotionLoRAs (and the hub copy, and the domain adapter) through the loaders."""
+    """All 8 camera MotionLoRAs (and the hub and peft copies, the v3 domain adapter and the
+    kohya LCM LoRA) through the loaders."""
     from animatediff_blender.backend.models.registry import ModelRegistry
 
     reg = ModelRegistry(tiny_zoo)
@@ -435,7 +509,7 @@ def test_every_zoo_lora_loads(tiny_zoo: Path) -> None:
             loaded[entry.id] = loading.load_motion_lora(entry)
         elif entry.kind == "adapter":
             loaded[entry.id] = loading.load_domain_adapter(entry)
-    assert len(loaded) == 11
+    assert len(loaded) == 12
     zoom_in = loaded["lora:v2_lora_ZoomIn.ckpt"].state_dict
     for model_id, lora in loaded.items():
         assert lora.rank == 4 and all(v.abs().sum() > 0 for v in lora.state_dict.values()), model_id

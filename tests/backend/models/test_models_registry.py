@@ -155,7 +155,11 @@ def test_defaults(zoo_registry: ModelRegistry) -> None:
     defaults = zoo_registry.default_ids()
     assert defaults["base"] == "base:tiny-sd15"
     assert defaults["motion"] == "motion:tiny-motion-adapter-v2"
+    # The domain adapter default stays AnimateDiff's own; the LCM LoRA is the lcm preset's.
     assert defaults["adapter"] == "adapter:v3_sd15_adapter.ckpt"
+    assert defaults["adapter_lcm"] == "adapter:AnimateLCM_sd15_t2v_lora.safetensors"
+    lcm = zoo_registry.get(defaults["adapter_lcm"])
+    assert (lcm.format, lcm.version, lcm.label) == ("kohya", "lcm", "AnimateLCM_sd15_t2v_lora (LCM LoRA)")
     for model_id in defaults.values():
         assert zoo_registry.get(model_id).ok
 
@@ -576,10 +580,12 @@ def test_models_in_the_wrong_kind_folder_say_where_they_go(models_copy) -> None:
         "lora/v2_lora_ZoomIn.ckpt",
         "lora/motion-lora-zoom-in",
         "adapter/v3_sd15_adapter.ckpt",
+        "adapter/AnimateLCM_sd15_t2v_lora.safetensors",
         "base/tiny-sd15-ldm.safetensors",
         "base/tiny-sd15",
     )
     wrong = {
+        "lora/AnimateLCM_sd15_t2v_lora.safetensors": "adapter/AnimateLCM_sd15_t2v_lora.safetensors",
         "adapter/v3_sd15_mm.safetensors": "motion/v3_sd15_mm.safetensors",
         "lora/mm_sd_v15_v2.safetensors": "motion/mm_sd_v15_v2.safetensors",
         "lora/tiny-motion-adapter-v2": "motion/tiny-motion-adapter-v2",
@@ -606,6 +612,9 @@ def test_models_in_the_wrong_kind_folder_say_where_they_go(models_copy) -> None:
         "motion:motion-lora-zoom-in": "not a motion module: it looks like a MotionLoRA (v2): move it to lora/",
         "motion:v3_sd15_adapter.ckpt": "not a motion module: it looks like a domain adapter (v3): move it to adapter/",
         "lora:v3_sd15_adapter.ckpt": "not a MotionLoRA: it looks like a domain adapter (v3): move it to adapter/",
+        "lora:AnimateLCM_sd15_t2v_lora.safetensors": (
+            "not a MotionLoRA: it looks like a domain adapter (lcm): move it to adapter/"
+        ),
         "base:mm_sd_v15_v2.safetensors": "not a base model: it looks like a motion module (v2): move it to motion/",
         "motion:tiny-sd15-ldm.safetensors": "not a motion module: it looks like a base model (tiny): move it to base/",
         "lora:tiny-sd15": "not a MotionLoRA: it looks like a base model (tiny): move it to base/",
