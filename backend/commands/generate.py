@@ -130,12 +130,17 @@ def _simplify(text: str) -> str:
 def resolve_alias(model_id: str, models: list[ModelInfo]) -> str:
     """Let people type what they see: `lora:ZoomIn`, `lora:zoom-in` or `lora:Zoom in` name the
     registry entry whose camera motion, label or file stem matches; exact ids pass unchanged,
-    and so does an alias that matches nothing (the backend refuses it by name).  An alias
+    and so does an alias that matches nothing (the backend refuses it by name).  A camera move
+    (`lora:ZoomIn`) names the first MotionLoRA with that move in the backend's list order, as
+    the add-on picks it (official copies in two formats are the same move).  Another alias
     matching several entries is a UsageError listing them."""
     if any(m.id == model_id for m in models):
         return model_id
     kind, _, name = model_id.partition(":")
     wanted = _simplify(name)
+    moves = [m.id for m in models if m.kind == kind and m.ok and m.camera_motion and _simplify(m.camera_motion) == wanted]
+    if moves:
+        return moves[0]
     matches = {
         m.id
         for m in models

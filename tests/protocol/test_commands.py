@@ -494,7 +494,14 @@ def test_model_aliases_resolve_to_registry_ids() -> None:
     )
     assert req.motion_module == "motion:mm_sd_v15_v2.safetensors"
     assert [(m.id, m.weight) for m in req.motion_loras] == [("lora:v2_lora_ZoomIn.ckpt", -0.5)]
-    # the same move in two formats: ambiguous, so the user is asked for the full id
-    twin = ModelInfo(id="lora:ZoomIn.safetensors", kind="lora", format="original", label="Zoom in", camera_motion="ZoomIn")
-    with pytest.raises(UsageError, match="could mean any of"):
-        resolve_alias("lora:ZoomIn", [*models, twin])
+    # the same move in two formats (the .ckpt and the fetched hub folder): the first in the
+    # backend's order, as the add-on picks it; it used to be refused as ambiguous
+    twin = ModelInfo(id="lora:animatediff-motion-lora-zoom-in", kind="lora", format="diffusers", label="Zoom in",
+                     camera_motion="ZoomIn")
+    assert resolve_alias("lora:ZoomIn", [twin, *models]) == "lora:animatediff-motion-lora-zoom-in"
+    assert resolve_alias("lora:zoom in", [*models, twin]) == "lora:v2_lora_ZoomIn.ckpt"
+    # other aliases matching several entries are refused, naming them
+    stems = [ModelInfo(id=f"motion:mm_v2.{ext}", kind="motion", format="original", label=f"mm_v2 {ext}")
+             for ext in ("ckpt", "safetensors")]
+    with pytest.raises(UsageError, match="could mean any of motion:mm_v2.ckpt, motion:mm_v2.safetensors"):
+        resolve_alias("motion:mm_v2", stems)
