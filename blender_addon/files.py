@@ -27,6 +27,11 @@ def remove_preview_folder() -> None:
     shutil.rmtree(preview_folder(), ignore_errors=True)
 
 
+# In each take folder: the full id of the job whose frames it holds.  Folders are named by
+# the first 8 characters of the id, which two jobs of one project may share (1 in 2^32 a pair).
+JOB_MARKER = ".animatediff-job"
+
+
 def short_id(job_id: str) -> str:
     return job_id[:8]
 
@@ -36,11 +41,28 @@ def frame_names(count: int) -> list[str]:
 
 
 def job_dir(out_root: str | os.PathLike[str], job_id: str) -> Path:
-    return Path(out_root) / short_id(job_id)
+    """`<out_root>/<first 8 characters of the id>`, unless that folder holds another job's take
+    (its marker says so): then the first 16 characters, then the whole id.  A folder without
+    a marker (made before markers were written) counts as this job's, as it always did."""
+    root = Path(out_root)
+    for length in (8, 16):
+        folder = root / job_id[:length]
+        if folder_owner(folder) in (None, job_id):
+            return folder
+    return root / job_id
+
+
+def folder_owner(folder: Path) -> str | None:
+    """The job id in a take folder's marker; None without one (or without the folder)."""
+    try:
+        return (folder / JOB_MARKER).read_text(encoding="ascii").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def write_frames(out_root: str | os.PathLike[str], job_id: str, frames: list[bytes]) -> tuple[Path, list[str]]:
-    """Write PNG frames to `<out_root>/<short id>/frame_0000.png...`; returns (folder, names).
+    """Write PNG frames to `<out_root>/<short id>/frame_0000.png...` (`job_dir`), with the job's
+    marker; returns (folder, names).
 
     An existing complete folder for this job (collected before) is reused as it is.
     """
@@ -57,7 +79,7 @@ def write_frames(out_root: str | os.PathLike[str], job_id: str, frames: list[byt
         return dest, names
     tmp = Path(tempfile.mkdtemp(prefix=f".{short_id(job_id)}-partial-", dir=root))
     try:
-        for name, data in zip(names, frames, strict=True):
+        for name, data in [*zip(names, frames, strict=True), (JOB_MARKER, job_id.encode("ascii"))]:
             with open(tmp / name, "wb") as fh:
                 fh.write(data)
                 fh.flush()

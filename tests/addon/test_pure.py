@@ -45,9 +45,33 @@ def test_incomplete_leftover_is_replaced(tmp_path: Path) -> None:
     (tmp_path / "01234567").mkdir()
     (tmp_path / "01234567" / "frame_0000.png").write_bytes(b"old")
     folder, _ = files.write_frames(tmp_path, JOB, [PNG, PNG])
-    assert sorted(p.name for p in folder.iterdir()) == ["frame_0000.png", "frame_0001.png"]
-    assert (folder / "frame_0000.png").read_bytes() == PNG
+    assert sorted(p.name for p in folder.iterdir()) == [files.JOB_MARKER, "frame_0000.png", "frame_0001.png"]
+    assert (folder / "frame_0000.png").read_bytes() == PNG and files.folder_owner(folder) == JOB
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_jobs_sharing_a_short_id_never_share_a_folder(tmp_path: Path) -> None:
+    """Take folders are named by 8 characters of the job id.  A second job with the same 8
+    (1 in 2^32 a pair) was given the first one's folder: "collected before", so its own
+    frames were dropped and its strip showed the other take.  Each folder now holds its job's
+    marker, and a job whose short folder holds another's take gets 16 characters."""
+    take_on_disk = addon_modules("worker")[0].take_on_disk
+    other = JOB[:8] + "f" * 24
+    first, _ = files.write_frames(tmp_path, JOB, [PNG, PNG])
+    second, names = files.write_frames(tmp_path, other, [PNG + b"b", PNG + b"b"])
+    assert (first, second) == (tmp_path / JOB[:8], tmp_path / other[:16])
+    assert (first / "frame_0000.png").read_bytes() == PNG and (second / "frame_0000.png").read_bytes() == PNG + b"b"
+    assert files.job_dir(tmp_path, other) == second and files.job_dir(tmp_path, JOB) == first
+    assert take_on_disk(str(tmp_path), other, 2) == (second, names, True)
+    assert files.write_frames(tmp_path, other, [PNG, PNG]) == (second, names)  # collected again: kept
+    third = other[:16] + "0" * 16  # shares 16 characters with the second too: the whole id
+    assert files.write_frames(tmp_path, third, [PNG])[0] == tmp_path / third
+    # A folder from before markers counts as the job's own, as it did.
+    legacy = "abcdef01" + "2" * 24
+    (tmp_path / legacy[:8]).mkdir()
+    (tmp_path / legacy[:8] / "frame_0000.png").write_bytes(PNG)
+    assert files.write_frames(tmp_path, legacy, [PNG + b"new"]) == (tmp_path / legacy[:8], ["frame_0000.png"])
+    assert (tmp_path / legacy[:8] / "frame_0000.png").read_bytes() == PNG
 
 
 def test_write_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,7 +233,7 @@ def test_move_take_to_the_saved_files_folder(tmp_path: Path) -> None:
     assert not old.exists() and not [p for p in new.iterdir() if p.name.startswith(".")]
     # Already there (same folder): kept as it is.
     assert files.move_frames(new / "01234567", names, new, JOB) == new / "01234567"
-    assert sorted(p.name for p in (new / "01234567").iterdir()) == names
+    assert sorted(p.name for p in (new / "01234567").iterdir()) == [files.JOB_MARKER, *names]
     # Cannot be moved (its frames are gone): it is reported where it was, with the reason.
     w._command(m.MoveTake(done, str(tmp_path / "elsewhere")))
     failed = outbox.get_nowait()

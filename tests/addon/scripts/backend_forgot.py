@@ -48,7 +48,8 @@ if a["phase"] == "make":
     c.drain_until(lambda: not set(job_ids) & set(state.worker.jobs) and state.outbox.empty(), 60)
     c.drain_until(lambda: True)
     out["job_ids"] = job_ids
-    out["takes"] = {j: sorted(os.listdir(os.path.join(os.path.dirname(film), "animatediff", j[:8])))
+    out["takes"] = {j: sorted(n for n in os.listdir(os.path.join(os.path.dirname(film), "animatediff", j[:8]))
+                              if not n.startswith("."))  # (the folder's job marker)
                     for j in job_ids}
     out["other_strips"] = [x.name for sc_ in bpy.data.scenes for x in sc.all_strips(sc_)]
 else:

@@ -98,6 +98,8 @@ strip1 = sc.strips_named(scene, [job1.strip_name])[0]
 out["first"] = describe(strip1)
 out["first_job_id"] = job1.job_id
 out["first_folder"] = sorted(os.listdir(os.path.join(a["workdir"], "animatediff", job1.job_id[:8])))
+with open(os.path.join(a["workdir"], "animatediff", job1.job_id[:8], ".animatediff-job")) as fh:
+    out["first_marker"] = fh.read()
 
 # Same channel and start again: the clip goes to the next free channel.
 job2 = generate_and_collect()
