@@ -476,6 +476,23 @@ def lora_key_target(key: str) -> tuple[str, str] | None:
     return None
 
 
+_SIZE_MISMATCH = re.compile(r"size mismatch for (?P<name>\S+): copying a param with shape (?P<file>.+?) from "
+                            r"checkpoint, the shape in current model is (?P<model>.+?)\.?$", re.MULTILINE)
+
+
+def _lora_failure(exc: BaseException) -> str:
+    """Why `load_lora_weights` failed, in one line: torch lists a size mismatch per tensor
+    (hundreds of lines for a LoRA made for another base model)."""
+    mismatches = list(_SIZE_MISMATCH.finditer(str(exc)))
+    if not mismatches:
+        return str(exc)
+    first = mismatches[0]
+    return (
+        f"{len(mismatches)} of its tensors do not fit the loaded model (e.g. {first['name']}: "
+        f"{first['file']} in the file, {first['model']} in the model): it was made for another base model"
+    )
+
+
 @dataclass
 class _LoraJob:
     adapter_name: str
@@ -693,15 +710,8 @@ class AnimateDiffEngine:
         motion_entry = self._entry(motion, "motion_module")
         for i, lora in enumerate(request.motion_loras):
             self._entry(lora.id, "motion_loras", f"$.request.motion_loras[{i}].id")
-        domain_adapter, adapter_scale = request.domain_adapter, request.domain_adapter_scale
-        if domain_adapter:
-            self._entry(domain_adapter, "domain_adapter")
-        elif preset.companion_adapter_scale is not None and defaults.get(f"adapter_{preset.name}"):
-            # AnimateLCM without its spatial LoRA makes blurred, washed-out frames; a request
-            # that names its own domain adapter (or this one at another scale) runs as asked.
-            domain_adapter = defaults[f"adapter_{preset.name}"]
-            adapter_scale = preset.companion_adapter_scale
-            self._entry(domain_adapter, "domain_adapter")
+        if request.domain_adapter:
+            self._entry(request.domain_adapter, "domain_adapter")
 
         steps = request.steps if request.steps is not None else preset.steps
         if steps < preset.min_steps or (preset.max_steps is not None and steps > preset.max_steps):
@@ -740,8 +750,6 @@ class AnimateDiffEngine:
             request,
             base_model=base,
             motion_module=motion,
-            domain_adapter=domain_adapter,
-            domain_adapter_scale=adapter_scale,
             steps=steps,
             guidance=float(guidance),
             context_length=context_length,
@@ -1165,7 +1173,7 @@ class AnimateDiffEngine:
             except EngineError:
                 raise
             except Exception as exc:
-                raise EngineError("model_error", f"{job.model_id}: could not apply the LoRA: {exc}") from exc
+                raise EngineError("model_error", f"{job.model_id}: could not apply the LoRA: {_lora_failure(exc)}") from exc
             self._verify_lora(pipe.unet, job)
         pipe.set_adapters(
             [j.adapter_name for j in jobs], adapter_weights=[self._effective_weight(j) for j in jobs]
@@ -1291,7 +1299,7 @@ class AnimateDiffEngine:
         should_cancel: CancelCheck,
         on_frames: FrameSink | None = None,
     ) -> GenerationResult:
-        settings = self.resolve(request)
+        settings = self._with_companion(self.resolve(request))
         key = self._shape_key(settings)
         result, deferred = self._generate_with_retry(settings, key, progress, should_cancel, on_frames)
         if deferred:
@@ -1300,6 +1308,28 @@ class AnimateDiffEngine:
         elif self.fast.compiles:
             self._warm_keys.add(key)
         return result
+
+    def _with_companion(self, s: GenerateRequest) -> GenerateRequest:
+        """`s` with its preset's companion spatial LoRA (the registry's "adapter_<preset>":
+        AnimateLCM's, for `lcm`) as the domain adapter, when it names none and one is
+        installed and loads now.  Decided when the job runs, not at submit: the file may
+        have gone or broken meanwhile, and then the job runs without it (logged) instead of
+        failing on a field its request never had.  A request naming its own domain adapter
+        (or this one at another scale, or 0 to run without) runs as asked."""
+        preset = get_preset(s.preset)
+        if s.domain_adapter or preset.companion_adapter_scale is None:
+            return s
+        companion = self.default_models().get(f"adapter_{preset.name}")
+        if not companion:
+            return s
+        try:
+            self._lora_weights(companion, "domain_adapter")  # (cached for the run)
+        except EngineError as exc:
+            log.warning("the %s preset runs without its spatial LoRA %s: %s", preset.name, companion, exc.message)
+            return s
+        return msgspec.structs.replace(
+            s, domain_adapter=companion, domain_adapter_scale=preset.companion_adapter_scale
+        )
 
     def _generate_with_retry(
         self, settings: GenerateRequest, key: tuple[Any, ...], progress: ProgressCallback,

@@ -674,10 +674,12 @@ def lora_to_peft(
         slot[part] = value
 
     _check_scope(parts, scope)
+    pairs = {module: _lora_pair(module, slot) for module, slot in sorted(parts.items())}
+    if scope == "spatial":
+        _check_sd1_spatial(pairs)
     out: dict[str, torch.Tensor] = {}
     ranks = set()
-    for module, slot in sorted(parts.items()):
-        a, b = _lora_pair(module, slot)
+    for module, (a, b) in pairs.items():
         ranks.add(int(a.shape[0]))
         out[f"unet.{module}.lora_A.weight"] = a
         out[f"unet.{module}.lora_B.weight"] = b
@@ -711,6 +713,28 @@ def _check_scope(modules: Iterable[str], scope: LoraScope) -> None:
     _fail_unknown(
         f"{scope} LoRA (modules outside {_SCOPE_LAYERS[scope]})", (m for m in modules if not target.match(m))
     )
+
+
+SD1_CROSS_ATTENTION_WIDTH = 768  # CLIP ViT-L's hidden size; SD2 has 1024, SDXL 2048
+_TRANSFORMER_BLOCK = re.compile(r"\.transformer_blocks\.(\d+)\.")
+
+
+def _check_sd1_spatial(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Refuse a spatial LoRA made for another base (SD2, SDXL) at scan time, by its shapes:
+    its names alone fit an SD1.x UNet, but loading it fails on every job with hundreds of
+    lines of size mismatches.  SD1.x: cross-attention keys/values from 768 features, one
+    transformer block per attention, 1x1 conv projections in and out (SD2 and SDXL project
+    with linear layers)."""
+    for module, (a, _b) in sorted(pairs.items()):
+        reason = ""
+        if module.endswith(("attn2.to_k", "attn2.to_v")) and a.shape[1] > SD1_CROSS_ATTENTION_WIDTH:
+            reason = f"its cross-attention takes {a.shape[1]} features, SD1.x {SD1_CROSS_ATTENTION_WIDTH}"
+        elif (m := _TRANSFORMER_BLOCK.search(module)) and int(m.group(1)) > 0:
+            reason = "it has several transformer blocks per attention, SD1.x one"
+        elif module.endswith((".proj_in", ".proj_out")) and a.ndim == 2:
+            reason = "its attention projections are linear layers, SD1.x's 1x1 convolutions"
+        if reason:
+            raise ConversionError(f"made for another base model (SD2 or SDXL?), not SD1.x: {reason} ({module})")
 
 
 def _lora_pair(module: str, slot: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -764,10 +788,13 @@ def _kohya_to_peft(sd: Mapping[str, torch.Tensor], scope: LoraScope) -> LoraWeig
         parts.setdefault(module, {})[_KOHYA_PART[m["part"]]] = value
     _fail_unknown("kohya LoRA (no layer of an SD1.x UNet)", unknown)
     _check_scope(parts, scope)
+    pairs = {module: _lora_pair(module, slot) for module, slot in sorted(parts.items())}
+    if scope == "spatial":
+        _check_sd1_spatial(pairs)
     out: dict[str, torch.Tensor] = {}
     ranks: list[int] = []
-    for module, slot in sorted(parts.items()):
-        a, b = _lora_pair(module, slot)
+    for module, (a, b) in pairs.items():
+        slot = parts[module]
         rank = int(a.shape[0])
         ranks.append(rank)
         if "alpha" in slot:

@@ -158,38 +158,70 @@ def test_presets_default_to_the_motion_module_made_for_them(zoo: Path, tmp_path:
     )
 
 
-def test_the_lcm_preset_adds_animatelcms_spatial_lora(engine: AnimateDiffEngine, zoo: Path, tmp_path: Path) -> None:
+def test_the_lcm_preset_adds_animatelcms_spatial_lora(
+    engine: AnimateDiffEngine, zoo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """AnimateLCM's motion module was distilled with a spatial LCM LoRA; run without it, its
-    frames come out blurred and washed out.  With `lcm` and no domain adapter named, the
-    server adds its "adapter_lcm" at the model card's 0.8 (and says so in the settings it
-    ran); a named domain adapter wins, other presets never get it, and a server without
-    one runs the preset as before.  The frames do change: the LoRA is applied."""
+    frames come out blurred and washed out.  An `lcm` job naming no domain adapter runs with
+    the server's "adapter_lcm" at the model card's 0.8, and its settings say so; a named
+    domain adapter wins (scale 0 runs without), other presets never get it.  It is decided
+    when the job runs: a job queued while the file went away runs without it (logged), not
+    failing on a field its request never had; a server without one runs the preset as before."""
     from engine_helpers import ADAPTER, ADAPTER_KOHYA
 
     defaults = engine.default_models()
     assert defaults["adapter_lcm"] == ADAPTER_KOHYA and defaults["adapter"] == ADAPTER
-    lcm = engine.resolve(request(preset="lcm", steps=None))
-    assert (lcm.domain_adapter, lcm.domain_adapter_scale) == (ADAPTER_KOHYA, 0.8)
-    own = engine.resolve(request(preset="lcm", domain_adapter=ADAPTER, domain_adapter_scale=0.5))
-    assert (own.domain_adapter, own.domain_adapter_scale) == (ADAPTER, 0.5)
-    off = engine.resolve(request(preset="lcm", domain_adapter=ADAPTER_KOHYA, domain_adapter_scale=0.0))
-    assert (off.domain_adapter, off.domain_adapter_scale) == (ADAPTER_KOHYA, 0.0)
-    for preset in ("quality", "lightning"):
-        assert engine.resolve(request(preset=preset, steps=None)).domain_adapter is None
 
-    def run(**kw: Any) -> list[np.ndarray]:
-        return list(engine.generate(request(preset="lcm", steps=2, **kw), no_progress, never).frames)
+    def run(eng: AnimateDiffEngine = engine, **kw: Any) -> tuple[list[np.ndarray], GenerateRequest]:
+        result = eng.generate(request(preset="lcm", steps=2, **kw), no_progress, never)
+        return list(result.frames), result.settings
 
-    with_lora = run()
-    assert max_abs_diff(with_lora, run(domain_adapter=ADAPTER_KOHYA, domain_adapter_scale=0.8)) == 0
-    assert max_abs_diff(with_lora, run(domain_adapter=ADAPTER_KOHYA, domain_adapter_scale=0.0)) > 0
+    with_lora, ran = run()
+    assert (ran.domain_adapter, ran.domain_adapter_scale) == (ADAPTER_KOHYA, 0.8)
+    named, ran = run(domain_adapter=ADAPTER_KOHYA, domain_adapter_scale=0.8)
+    assert max_abs_diff(with_lora, named) == 0
+    off, ran = run(domain_adapter=ADAPTER_KOHYA, domain_adapter_scale=0.0)
+    assert max_abs_diff(with_lora, off) > 0 and ran.domain_adapter_scale == 0.0
+    own, ran = run(domain_adapter=ADAPTER, domain_adapter_scale=0.5)
+    assert (ran.domain_adapter, ran.domain_adapter_scale) == (ADAPTER, 0.5)
+    quality = engine.generate(request(preset="quality", steps=2), no_progress, never).settings
+    assert quality.domain_adapter is None
 
     models = tmp_path / "models"
-    shutil.copytree(zoo / "base/tiny-sd15", models / "base/tiny-sd15")
-    shutil.copytree(zoo / "motion/tiny-motion-adapter-v2", models / "motion/tiny-motion-adapter-v2")
-    bare = AnimateDiffEngine(models, device="cpu")
-    assert "adapter_lcm" not in bare.default_models()
-    assert bare.resolve(request(preset="lcm")).domain_adapter is None
+    for rel in ("base/tiny-sd15", "motion/tiny-motion-adapter-v2"):
+        shutil.copytree(zoo / rel, models / rel)
+    (models / "adapter").mkdir()
+    shutil.copy2(zoo / "adapter/AnimateLCM_sd15_t2v_lora.safetensors", models / "adapter")
+    eng = AnimateDiffEngine(models, device="cpu")
+    queued = eng.resolve(request(preset="lcm", steps=2))  # what the server keeps at submit
+    assert queued.domain_adapter is None and eng.default_models()["adapter_lcm"] == ADAPTER_KOHYA
+    (models / "adapter/AnimateLCM_sd15_t2v_lora.safetensors").unlink()
+    with caplog.at_level("WARNING"):
+        frames, ran = run(eng)
+    assert ran.domain_adapter is None and "runs without its spatial LoRA" in caplog.text
+    assert max_abs_diff(frames, off) == 0  # the same as the LoRA at 0
+    assert "adapter_lcm" not in eng.default_models()
+
+
+def test_a_lora_made_for_a_wider_model_fails_in_one_line(zoo: Path, tmp_path: Path) -> None:
+    """A spatial LoRA for real-size SD1.5 (320 channels) on a narrower base: torch lists a
+    size mismatch per tensor, which reached the artist cut at 1,000 characters of raw
+    "size mismatch" lines; the error now counts them and says what it means."""
+    from animatediff_blender.backend.models.zoo import _save_safetensors
+
+    models = tmp_path / "models"
+    for rel in ("base/tiny-sd15", "motion/tiny-motion-adapter-v2"):
+        shutil.copytree(zoo / rel, models / rel)
+    layers = ("down_blocks_0_resnets_0_conv1", "down_blocks_0_resnets_0_conv2")
+    lora = {f"lora_unet_{n}.lora_down.weight": torch.zeros(4, 320, 3, 3) for n in layers}
+    lora |= {f"lora_unet_{n}.lora_up.weight": torch.zeros(320, 4, 1, 1) for n in layers}
+    _save_safetensors(lora, models / "adapter" / "style_sd15_real.safetensors")
+    eng = AnimateDiffEngine(models, device="cpu")
+    with pytest.raises(EngineError) as info:
+        eng.generate(request(domain_adapter="adapter:style_sd15_real.safetensors"), no_progress, never)
+    assert info.value.code == "model_error"
+    assert "4 of its tensors do not fit the loaded model" in info.value.message
+    assert "made for another base model" in info.value.message and len(info.value.message) < 400
 
 
 def test_a_pending_shape_whose_models_went_away_does_not_stop_compiling(

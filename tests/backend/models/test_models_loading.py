@@ -279,9 +279,28 @@ def test_kohya_loras_it_cannot_apply_are_refused_in_words(tiny_zoo: Path) -> Non
         "do not pair": {**raw, "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(3, 3, 3, 3)},
         "bad alpha": {**raw, "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(float("nan"))},
     }
+    # Names that fit SD1.x, shapes of another base: refused at the scan, not on every job.
+    to_k = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    second = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q"
+    proj = "lora_unet_down_blocks_1_attentions_0_proj_in"
+    cases |= {
+        "cross-attention takes 2048 features": {
+            f"{to_k}.lora_down.weight": torch.zeros(4, 2048), f"{to_k}.lora_up.weight": torch.zeros(640, 4)
+        },
+        "several transformer blocks": {
+            f"{second}.lora_down.weight": torch.zeros(4, 640), f"{second}.lora_up.weight": torch.zeros(640, 4)
+        },
+        "projections are linear": {
+            f"{proj}.lora_down.weight": torch.zeros(4, 640), f"{proj}.lora_up.weight": torch.zeros(640, 4)
+        },
+    }
     for words, sd in cases.items():
         with pytest.raises(ConversionError, match=words):
             convert.lora_to_peft(sd, "spatial")
+    with pytest.raises(ConversionError, match="made for another base model"):  # any layout
+        peft = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+        convert.lora_to_peft({f"{peft}.lora_A.weight": torch.zeros(4, 1024), f"{peft}.lora_B.weight": torch.zeros(640, 4)},
+                             "spatial")
     with pytest.raises(ConversionError, match="outside the motion attention layers"):
         convert.lora_to_peft(raw, "motion")
 
