@@ -136,13 +136,26 @@ def load_key(path: Path | None = None) -> bytes:
     _check_private(path, "key file")
     key = path.read_bytes().strip()
     if not key:
-        raise AuthError(f"key file {path} is empty; create one with `animatediff-blender keys --force`")
+        raise AuthError(f"key file {path} is empty; {_new_key_advice(path)}")
     if len(key) < MIN_KEY_BYTES:
         raise AuthError(
-            f"key in {path} is too short ({len(key)} bytes, at least {MIN_KEY_BYTES}); "
-            "create a new one with `animatediff-blender keys --force`"
+            f"key in {path} is too short ({len(key)} bytes, at least {MIN_KEY_BYTES}); {_new_key_advice(path)}"
         )
     return key
+
+
+def _new_key_advice(path: Path) -> str:
+    """How to replace the key file at `path`: `keys --force` alone writes the default one,
+    which every client on this machine uses; another file is made with `--dir` (named
+    hmac.key), or by the backend when it starts with `--key-file` and finds none."""
+    import shlex
+
+    if path == default_key_path():
+        return "create a new one with `animatediff-blender keys --force`"
+    if path.name == KEY_FILE_NAME:
+        return f"create a new one with `animatediff-blender keys --force --dir {shlex.quote(str(path.parent))}`"
+    return (f"delete it and start `animatediff-blender serve --key-file {shlex.quote(str(path))}`, which creates "
+            "a new one there, then give clients the same file")
 
 
 def default_client_id(directory: Path | None = None) -> str:
@@ -184,16 +197,28 @@ def _load_keypair(secret_file: Path, what: str) -> tuple[bytes, bytes]:
         raise AuthError(
             f"no {what} secret certificate at {secret_file}; create it with `animatediff-blender keys --curve`"
         )
-    _check_private(secret_file, f"{what} secret certificate")
     try:
         public, secret = zmq.auth.load_certificate(str(secret_file))
     except (OSError, ValueError) as exc:
         raise AuthError(f"cannot read {what} certificate {secret_file}: {exc}") from None
-    if not secret:
+    if not secret:  # (before the permissions: a public .key is meant to be readable)
         raise AuthError(
             f"{secret_file} holds no secret key: pass the `.key_secret` file, not the `.key` file"
         )
+    _check_private(secret_file, f"{what} secret certificate")
     return public, secret
+
+
+def check_server_curve(secret_file: Path, allowed_dir: Path) -> tuple[bytes, bytes]:
+    """The server's CurveZMQ key pair, once `allowed_dir` is known to hold client keys:
+    what `configure_server_curve` needs, checked before a server loads its engine."""
+    allowed_dir = Path(allowed_dir)
+    if not allowed_dir.is_dir() or not any(allowed_dir.glob("*.key")):
+        raise AuthError(
+            f"no client public keys in {allowed_dir}: copy each client's `.key` file there "
+            "(created by `animatediff-blender keys --curve`)"
+        )
+    return _load_keypair(secret_file, "server")
 
 
 def _load_public(public_file: Path, what: str) -> bytes:
@@ -216,16 +241,10 @@ def configure_server_curve(
     """Make `socket` a CurveZMQ server that admits only the client public keys found in
     `allowed_dir` (`*.key` files).  Call before `bind`; stop the returned authenticator
     when the socket closes."""
-    allowed_dir = Path(allowed_dir)
-    if not allowed_dir.is_dir() or not any(allowed_dir.glob("*.key")):
-        raise AuthError(
-            f"no client public keys in {allowed_dir}: copy each client's `.key` file there "
-            "(created by `animatediff-blender keys --curve`)"
-        )
-    public, secret = _load_keypair(secret_file, "server")
+    public, secret = check_server_curve(secret_file, allowed_dir)
     auth = ThreadAuthenticator(context)
     auth.start()
-    auth.configure_curve(domain="*", location=str(allowed_dir))
+    auth.configure_curve(domain="*", location=str(Path(allowed_dir)))
     socket.curve_secretkey = secret
     socket.curve_publickey = public
     socket.curve_server = True

@@ -346,7 +346,9 @@ class BackendClient:
                     f"No answer from backend at {self.config.address} within {timeout_s:g} s: is it running "
                     "(`animatediff-blender serve`) and is the address right? If it is, check that both "
                     "sides use the same key file"
-                    + (" and CurveZMQ certificates" if self._curve else "")
+                    + (" and CurveZMQ certificates" if self._curve
+                       else ", and whether the backend needs CurveZMQ (then give this client its server.key "
+                       "and a client .key_secret)")
                     + ".",
                 )
             if msg.parent is not None and msg.parent.msg_id == request.msg_id:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from animatediff_blender.backend.commands import nonempty_path
 
 if TYPE_CHECKING:
     from animatediff_blender.protocol.client import ClientConfig, JobResult
@@ -74,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context-stride", type=int, help="stride between context windows")
     p.add_argument("--preview-every", type=int, default=0, help="preview image every N steps (0: none)")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate of the GIF/MP4 (default: %(default)s)")
-    p.add_argument("--out", type=Path, help="output folder (required unless --list-models)")
+    p.add_argument("--out", type=nonempty_path, help="output folder (required unless --list-models)")
     p.add_argument("--list-models", action="store_true", help="print the backend's model registry and exit")
     p.add_argument(
         "--resume",
@@ -98,7 +101,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="stop waiting for a backend that stopped answering mid-job after this long (the job may still "
         "finish there: the message says how to collect it) (default: %(default)s)",
     )  # fmt: skip
-    p.set_defaults(func=run)
+    # What --resume cannot change (the job was submitted with its own): their defaults, to
+    # tell a flag given from one left out.
+    p.set_defaults(func=run, job_flag_defaults={dest: p.get_default(dest) for dest in _JOB_FLAGS})
+
+
+# argparse dest -> flag, of the settings a submitted job has already (--lora -> "lora").
+_JOB_FLAGS = {flag[2:].replace("-", "_"): flag for flag in FLAGS.values()}
 
 
 class UsageError(Exception):
@@ -112,6 +121,9 @@ def _model_id(value: str | None, kind: str) -> str | None:
     return value if ":" in value else f"{kind}:{value}"
 
 
+_KINDS = ("base", "motion", "lora", "adapter")
+
+
 def _lora(value: str) -> tuple[str, float]:
     """`lora:name:0.8`, `name:0.8`, `lora:name` or `name` -> (id, weight)."""
     head, sep, tail = value.rpartition(":")
@@ -119,7 +131,8 @@ def _lora(value: str) -> tuple[str, float]:
         try:
             return str(_model_id(head, "lora")), float(tail)
         except ValueError:
-            pass
+            if head not in _KINDS:  # `ZoomIn:abc`, `lora:x:abc`: the part after ':' is a weight
+                raise UsageError(f"--lora {value!r}: the weight {tail!r} is not a number") from None
     return str(_model_id(value, "lora")), 1.0
 
 
@@ -285,6 +298,7 @@ def run(args: argparse.Namespace) -> int:
     from animatediff_blender.protocol.client import ClientError
 
     received: dict[int, bytes] = {}  # the job's frames as they arrive: what a second Ctrl-C keeps
+    cancel = threading.Event()  # set by Ctrl-C: the cancel that follows is the user's own
     try:
         check_numbers(args)
         if args.list_models:
@@ -294,8 +308,13 @@ def run(args: argparse.Namespace) -> int:
         if args.resume:
             if not is_job_id(args.resume):
                 raise UsageError(f"--resume: {args.resume!r} is not a job id")
+            given = [flag for dest, flag in _JOB_FLAGS.items()
+                     if getattr(args, dest, None) != getattr(args, "job_flag_defaults", {}).get(dest)]
+            if given:
+                raise UsageError(f"--resume collects a job submitted earlier, with its own settings: "
+                                 f"drop {', '.join(given)}")
             prepare_out(args.out)
-            result = _generate(args, None, received)
+            result = _generate(args, None, received, cancel)
         else:
             if not args.prompt:
                 raise UsageError("--prompt is required")
@@ -303,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
             validate_locally(request)
             # Before any GPU time is spent: a clip that cannot be saved is a clip lost.
             prepare_out(args.out)
-            result = _generate(args, request, received)
+            result = _generate(args, request, received, cancel)
         written = save(result, args.out, fps=args.fps)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -317,9 +336,9 @@ def run(args: argparse.Namespace) -> int:
             text += f"; {save_partial(exc.frames, args.out)}"
         if exc.job_id and exc.code == "connection" and "may still" in exc.message:
             # Lost, not cancelled: the backend may go on making it, so say how to collect it.
-            text += f"; to collect it: animatediff-blender generate --resume {exc.job_id} --out {args.out}"
+            text += f"; to collect it: {resume_command(args, exc.job_id)}"
         print(f"error: {text}", file=sys.stderr)
-        return 130 if exc.code == "cancelled" else 1
+        return 130 if exc.code == "cancelled" and cancel.is_set() else 1
     except OSError as exc:
         print(f"error: cannot write output: {exc}", file=sys.stderr)
         return 1
@@ -337,6 +356,21 @@ def run(args: argparse.Namespace) -> int:
     for label, path in written:
         print(f"  {label:<7} {path}")
     return 0
+
+
+def resume_command(args: argparse.Namespace, job_id: str) -> str:
+    """The command that collects `job_id` later, as typed into a shell: with this run's
+    connection flags (every one that differs from its default) and each value quoted."""
+    import shlex
+
+    words = ["animatediff-blender", "generate", "--resume", job_id, "--out", str(args.out)]
+    if args.address != "tcp://127.0.0.1:5557":
+        words += ["--address", args.address]
+    for flag, value in (("--key-file", args.key_file), ("--server-key", args.server_key),
+                        ("--client-secret", args.client_secret)):  # fmt: skip
+        if value is not None:
+            words += [flag, str(value)]
+    return shlex.join(words)
 
 
 def _list_models(args: argparse.Namespace) -> int:
@@ -359,19 +393,18 @@ def _list_models(args: argparse.Namespace) -> int:
 
 
 def _generate(
-    args: argparse.Namespace, request: GenerateRequest | None, received: dict[int, bytes]
+    args: argparse.Namespace, request: GenerateRequest | None, received: dict[int, bytes], cancel: threading.Event
 ) -> JobResult:
     """Run `request`, or with None wait for the job `--resume` names.  The client fills
-    `received` with the checked frames as they arrive: a KeyboardInterrupt carries none."""
+    `received` with the checked frames as they arrive: a KeyboardInterrupt carries none.
+    Ctrl-C sets `cancel` (the job is then cancelled on the backend)."""
     import signal
-    import threading
 
     from tqdm import tqdm
 
     from animatediff_blender.protocol.client import BackendClient, Event
     from animatediff_blender.protocol.messages import Frames, JobStatus, Progress
 
-    cancel = threading.Event()
     bar: Any = None
 
     def on_event(event: Event) -> None:

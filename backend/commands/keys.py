@@ -8,6 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from animatediff_blender.backend.commands import nonempty_path
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -21,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument(
-        "--dir", type=Path, help="where to write (default: the config dir, $ANIMATEDIFF_BLENDER_CONFIG)"
+        "--dir", type=nonempty_path, help="where to write (default: the config dir, $ANIMATEDIFF_BLENDER_CONFIG)"
     )
     p.add_argument(
         "--curve", action="store_true", help="also create CurveZMQ certificates (needed off loopback)"
@@ -46,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     directory: Path = args.dir if args.dir is not None else auth.config_dir()
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", args.client) or args.client.startswith("."):
         print(f"error: --client {args.client!r}: use letters, digits, '.', '_' or '-'", file=sys.stderr)
+        return 2
+    if args.client == "server":  # the server's own certificate: client and server would share it
+        print("error: --client 'server' names the server's certificate: choose another name", file=sys.stderr)
         return 2
     blocker = _file_in_the_way(directory)
     if blocker is not None:
@@ -101,6 +106,13 @@ def _make(directory: Path, *, curve: bool, client: str, force: bool) -> dict[str
     return made
 
 
+def q(path: object) -> str:
+    """A path as a shell word: the commands printed here are meant to be pasted."""
+    import shlex
+
+    return shlex.quote(str(path))
+
+
 def _explain(directory: Path, made: dict[str, tuple[Path, bool]], *, curve: bool, client: str) -> None:
     def line(label: str, name: str, note: str) -> str:
         path, created = made[name]
@@ -118,21 +130,21 @@ def _explain(directory: Path, made: dict[str, tuple[Path, bool]], *, curve: bool
     print()
     if not curve:
         print("Backend on this machine, clients on this machine: nothing to copy. Start with")
-        print(f"  animatediff-blender serve --key-file {key_path}")
+        print(f"  animatediff-blender serve --key-file {q(key_path)}")
         print("Clients elsewhere need CurveZMQ: run again with --curve.")
         return
     curve_dir = made["server"][0].parent
     print("On the backend machine:")
     print(
-        f"  animatediff-blender serve --bind tcp://0.0.0.0:5557 --key-file {key_path} \\\n"
-        f"      --curve-secret {curve_dir / 'server.key_secret'} "
-        f"--curve-allowed-dir {made['allowed'][0]}"
+        f"  animatediff-blender serve --bind tcp://0.0.0.0:5557 --key-file {q(key_path)} \\\n"
+        f"      --curve-secret {q(curve_dir / 'server.key_secret')} "
+        f"--curve-allowed-dir {q(made['allowed'][0])}"
     )
     print("Copy to the artist's machine (keep the secret files mode 0600):")
     print(f"  {key_path.name}, server.key, {client}.key_secret")
     print("then point the add-on preferences at them, or from a shell:")
     print(
-        f"  animatediff-blender generate --address tcp://<backend-host>:5557 --key-file {key_path.name} \\\n"
-        f"      --server-key server.key --client-secret {client}.key_secret --prompt '...' --out clip/"
+        f"  animatediff-blender generate --address tcp://<backend-host>:5557 --key-file {q(key_path.name)} \\\n"
+        f"      --server-key server.key --client-secret {q(client + '.key_secret')} --prompt '...' --out clip/"
     )
-    print(f"More artists: animatediff-blender keys --curve --client <name> --dir {directory}")
+    print(f"More artists: animatediff-blender keys --curve --client <name> --dir {q(directory)}")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
+import logging
+import shlex
 from pathlib import Path
 
 from animatediff_blender.protocol.messages import Limits
@@ -29,15 +30,22 @@ jobs and storage:
 
 
 def _data_dir() -> Path:
-    override = os.environ.get("ANIMATEDIFF_BLENDER_DATA")
-    if override:
-        return Path(override).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME")
-    if os.name == "nt":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    else:
-        base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
-    return base / "animatediff-blender"
+    from animatediff_blender.backend.models.fetch import default_data_dir
+
+    return default_data_dir()
+
+
+def _check_models_dir(models_dir: Path) -> None:
+    """Refuse a models folder that is a file; warn once, in words, when it holds no model
+    (the engine would otherwise log a warm-up traceback and refuse every job)."""
+    from animatediff_blender.backend.server.config import ConfigError
+
+    if models_dir.exists() and not models_dir.is_dir():
+        raise ConfigError(f"--models-dir {models_dir} is not a folder")
+    if not models_dir.is_dir() or not any(models_dir.iterdir()):
+        logging.getLogger("animatediff_blender.server").warning(
+            "no models in %s: jobs will fail until some are there (animatediff-blender models fetch "
+            "--models-dir %s)", models_dir, shlex.quote(str(models_dir)))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -164,7 +172,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
     import math
     import os
     import signal
@@ -184,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         lock_data_dir,
     )
     from animatediff_blender.backend.server.server import Server
+    from animatediff_blender.protocol import auth
 
     log = logging.getLogger("animatediff_blender.server")
     # argparse takes "inf" and "nan" for a float: inf overflows int() below, nan disables a limit.
@@ -229,7 +237,12 @@ def run(args: argparse.Namespace) -> int:
         # an address that cannot work, or a data folder another backend uses (the server
         # takes the lock for good).
         check_bind_policy(config, warn=False)  # (the server warns, once)
+        if config.curve:
+            assert config.curve_secret is not None and config.curve_allowed_dir is not None
+            auth.check_server_curve(config.curve_secret, config.curve_allowed_dir)
         lock_data_dir(data_dir).close()
+        if args.engine != "fake":
+            _check_models_dir(models_dir)
         engine: Engine
         if args.engine == "fake":
             from animatediff_blender.backend.engine.fake import FakeEngine
@@ -245,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
             )
             log.info("fast path (--fast %s): %s", args.fast, engine.fast.describe())
         server = Server(config, engine)
-    except (ConfigError, EngineError) as exc:
+    except (ConfigError, EngineError, auth.AuthError) as exc:
         print(f"animatediff-blender serve: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a --data-dir or --key-file path that cannot be created

@@ -185,7 +185,19 @@ def check_zip_checksums(path: Path) -> None:
 
 
 def _refused_pickle(path: Path, exc: pickle.UnpicklingError) -> ConversionError:
-    """A short reason instead of torch's advice to retry with weights_only=False."""
+    """A short reason instead of torch's advice to retry with weights_only=False; a file
+    that is no checkpoint at all (an HTML error page saved as .ckpt, random bytes) is
+    called what it is, not a pickle of code."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        head = b""
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch's zip, a legacy pickle
+        return ConversionError(
+            f"{path.name}: not a PyTorch checkpoint (corrupt, or another kind of file such as a saved "
+            "web page); download it again"
+        )
     m = re.search(r"GLOBAL ([\w.]+)", str(exc))
     what = f"Python objects that are not tensors ({m.group(1)})" if m else "pickle code that is not plain tensors"
     return ConversionError(

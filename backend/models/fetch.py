@@ -313,14 +313,21 @@ def verify(models_dir: Path) -> VerifyResult:
     return result
 
 
-def default_models_dir() -> Path:
-    """`<data>/models`: $ANIMATEDIFF_BLENDER_DATA, else %APPDATA% / $XDG_DATA_HOME (or
-    ~/.local/share), + `animatediff-blender`."""
-    env = os.environ.get("ANIMATEDIFF_BLENDER_DATA")
-    if env:
-        return Path(env) / "models"
-    if sys.platform == "win32" and os.environ.get("APPDATA"):
-        base = Path(os.environ["APPDATA"])
+def default_data_dir() -> Path:
+    """The backend's data folder (jobs, frames, models): $ANIMATEDIFF_BLENDER_DATA, else
+    %LOCALAPPDATA% (Windows) or $XDG_DATA_HOME (~/.local/share) + `animatediff-blender`.
+    One function for `serve` and `models`, so that both look in the same folder."""
+    override = os.environ.get("ANIMATEDIFF_BLENDER_DATA")
+    if override:
+        return Path(override).expanduser()
+    if os.name == "nt":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
     else:
-        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return base / "animatediff-blender" / "models"
+        xdg = os.environ.get("XDG_DATA_HOME")
+        base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "animatediff-blender"
+
+
+def default_models_dir() -> Path:
+    """`<data>/models` (see `default_data_dir`): where `serve` looks by default."""
+    return default_data_dir() / "models"

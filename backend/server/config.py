@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import IO
 
 from animatediff_blender.protocol import auth
 from animatediff_blender.protocol.endpoints import bind_problem
-from animatediff_blender.protocol.messages import Limits
+from animatediff_blender.protocol.messages import GenerateRequest, Limits, MotionLora
 
 log = logging.getLogger("animatediff_blender.server")
 
@@ -104,6 +105,35 @@ POSITIVE_LIMITS = (
 )  # fmt: skip
 
 
+# Limits field -> (request struct, field, the msgspec.Meta bound that caps it).
+_SCHEMA_BOUNDS: dict[str, tuple[type, str, str]] = {
+    "max_width": (GenerateRequest, "width", "le"),
+    "max_height": (GenerateRequest, "height", "le"),
+    "max_frames": (GenerateRequest, "frames", "le"),
+    "max_steps": (GenerateRequest, "steps", "le"),
+    "min_guidance": (GenerateRequest, "guidance", "ge"),
+    "max_guidance": (GenerateRequest, "guidance", "le"),
+    "max_prompt_chars": (GenerateRequest, "prompt", "max_length"),
+    "min_lora_weight": (MotionLora, "weight", "ge"),
+    "max_lora_weight": (MotionLora, "weight", "le"),
+}
+
+
+def _schema_bound(struct: type, field_name: str, bound_name: str) -> float | None:
+    """A bound of a request field's schema (`le`, `ge`, `max_length`), read from its type."""
+    import msgspec
+
+    info = msgspec.inspect.type_info(struct)
+    assert isinstance(info, msgspec.inspect.StructType)
+    kind = next(f.type for f in info.fields if f.name == field_name)
+    options = kind.types if isinstance(kind, msgspec.inspect.UnionType) else (kind,)
+    for option in options:
+        bound = getattr(option, bound_name, None)
+        if bound is not None:
+            return float(bound)
+    return None
+
+
 def check_limits(limits: Limits) -> None:
     """Refuse limits no job could pass, and a message limit too small for one frame: every
     frames message of a large clip would be dropped, and clients would wait for frames
@@ -115,6 +145,16 @@ def check_limits(limits: Limits) -> None:
             raise ConfigError(f"{flag} must be > 0, not {value:g}")
     if limits.max_motion_loras < 0:
         raise ConfigError(f"--max-motion-loras must be >= 0, not {limits.max_motion_loras}")
+    for name, (struct, field_name, bound_name) in _SCHEMA_BOUNDS.items():
+        # The request schema refuses more whatever the server allows: a limit beyond it would
+        # be announced to clients, and then refused by the schema in other words.
+        bound = _schema_bound(struct, field_name, bound_name)
+        value = getattr(limits, name)
+        if bound is not None and (value < bound if bound_name == "ge" else value > bound):
+            side = "below" if bound_name == "ge" else "above"
+            raise ConfigError(
+                f"--{name.replace('_', '-')} {value:g} is {side} what the protocol carries ({bound:g})"
+            )
     needed = largest_frame_message(limits)
     if limits.max_message_bytes < needed:
         raise ConfigError(
@@ -166,9 +206,12 @@ def load_or_create_key(path: Path | None, bind: str) -> bytes:
     key_path = Path(path) if path is not None else auth.default_key_path()
     if not key_path.exists() and auth.is_loopback(bind):
         key = auth.create_key(key_path)
-        log.info(
-            "created a new HMAC key at %s (mode 0600); clients on this machine use it automatically", key_path
-        )
+        if key_path == auth.default_key_path():
+            log.info("created a new HMAC key at %s (mode 0600); clients on this machine use it automatically",
+                     key_path)
+        else:  # clients look in the default place: this file must be named to them
+            log.info("created a new HMAC key at %s (mode 0600); give clients the same file (--key-file %s, or "
+                     "the add-on's key file preference)", key_path, shlex.quote(str(key_path)))
         return key
     try:
         return auth.load_key(key_path)

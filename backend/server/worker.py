@@ -123,6 +123,8 @@ class Worker:
                     ready = warm_up(should_yield=job_waiting) is not False
                 else:
                     warm_up()
+            except EngineError as exc:  # no models yet, a broken default: said in words, no traceback
+                log.warning("engine warm-up skipped (%s): %s; jobs will load models on demand", exc.code, exc.message)
             except Exception:
                 log.exception("engine warm-up failed; jobs will load models on demand")
         if ready:

@@ -89,8 +89,43 @@ def test_missing_empty_or_short_key_is_refused(tmp_path: Path) -> None:
         path = tmp_path / "k.key"
         path.write_bytes(content)
         path.chmod(0o600)
-        with pytest.raises(auth.AuthError, match="animatediff-blender keys"):
+        with pytest.raises(auth.AuthError, match="animatediff-blender serve --key-file"):
             auth.load_key(path)
+
+
+def test_the_advice_for_a_bad_key_file_replaces_that_file(tmp_path: Path) -> None:
+    """`keys --force` alone rewrites the default key, which every client here uses: for
+    another file it locked them all out and left the bad one as it was."""
+    import shlex
+
+    folder = tmp_path / "k sp"
+    folder.mkdir()
+    for name, advice in (("hmac.key", f"keys --force --dir {shlex.quote(str(folder))}"),
+                         ("studio.key", "delete it and start `animatediff-blender serve --key-file")):
+        path = folder / name
+        path.write_bytes(b"short")
+        path.chmod(0o600)
+        with pytest.raises(auth.AuthError) as info:
+            auth.load_key(path)
+        assert advice in str(info.value) and "keys --force`" not in str(info.value)
+    default = auth.default_key_path()
+    default.parent.mkdir(parents=True, exist_ok=True)
+    default.write_bytes(b"")
+    default.chmod(0o600)
+    with pytest.raises(auth.AuthError, match="create a new one with `animatediff-blender keys --force`$"):
+        auth.load_key(default)
+
+
+@posix_only
+def test_a_public_certificate_given_as_the_secret_says_so_first(tmp_path: Path) -> None:
+    """A public .key (mode 0644, as it should be) passed as the secret was answered with
+    "chmod 600 it", and only after that with "holds no secret key"."""
+    public, _secret = auth.create_curve_certificates(tmp_path, "server")
+    public.chmod(0o644)
+    (tmp_path / "allowed").mkdir()
+    (tmp_path / "allowed" / "client.key").write_bytes(public.read_bytes())
+    with pytest.raises(auth.AuthError, match="holds no secret key"):
+        auth.check_server_curve(public, tmp_path / "allowed")
 
 
 def test_client_id_is_stable(tmp_path: Path) -> None:

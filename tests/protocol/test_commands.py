@@ -13,7 +13,7 @@ from typing import Any
 import imageio.v3 as iio
 import pytest
 
-from animatediff_blender.backend.cli import main
+from animatediff_blender.backend.cli import build_parser, main
 from animatediff_blender.backend.commands import generate
 from animatediff_blender.protocol import auth
 from animatediff_blender.protocol.messages import FieldError
@@ -72,6 +72,58 @@ def test_keys_curve_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert (allowed / "alice.key").is_file() and (allowed / "client.key").is_file()
     assert (curve / "server.key_secret").read_bytes() == server_secret  # kept
     assert main(["keys", "--dir", str(tmp_path), "--curve", "--client", "../evil"]) == 2
+
+
+def test_keys_prints_commands_that_paste_and_refuses_a_client_named_server(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shlex
+
+    folder = tmp_path / "k sp ü"
+    assert main(["keys", "--dir", str(folder), "--curve"]) == 0
+    serve = next(line for line in capsys.readouterr().out.splitlines() if "--curve-allowed-dir" in line)
+    words = shlex.split(serve)
+    assert words[words.index("--curve-allowed-dir") + 1] == str(folder / "curve" / "allowed_clients")
+    # "server" is the server's own certificate: the artist would have been given its secret.
+    assert main(["keys", "--dir", str(folder), "--curve", "--client", "server"]) == 2
+    assert "server's certificate" in capsys.readouterr().err
+    assert not (folder / "curve" / "allowed_clients" / "server.key").exists()
+    with pytest.raises(SystemExit) as info:
+        main(["keys", "--dir", ""])
+    assert info.value.code == 2 and "must not be empty" in capsys.readouterr().err
+
+
+def test_serve_checks_curve_files_and_the_models_folder_before_the_engine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A typo in a CurveZMQ path surfaced as "server failed" (exit 1) after the engine had
+    loaded and hashed the models (minutes); a --models-dir that is a file started a server
+    that failed every job."""
+    from animatediff_blender.backend.engine import animatediff
+
+    built: list[object] = []
+    monkeypatch.setattr(animatediff, "AnimateDiffEngine", lambda *a, **kw: built.append(a))
+    key = tmp_path / "hmac.key"
+    auth.create_key(key)
+    base = ["serve", "--key-file", str(key), "--data-dir", str(tmp_path / "data"), "--bind", "tcp://127.0.0.1:*"]
+    assert main([*base, "--curve-secret", str(tmp_path / "none.key_secret"),
+                 "--curve-allowed-dir", str(tmp_path / "nodir")]) == 2  # fmt: skip
+    assert "no client public keys in" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main([*base, "--models-dir", str(tmp_path / "afile")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert built == []
+
+
+def test_serve_and_models_use_one_data_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`models list` took ANIMATEDIFF_BLENDER_DATA='~/adb' literally while `serve` expanded
+    it, and on Windows they used different AppData folders."""
+    from animatediff_blender.backend.commands import serve
+    from animatediff_blender.backend.models import fetch
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("ANIMATEDIFF_BLENDER_DATA", "~/adb")
+    assert fetch.default_models_dir() == serve._data_dir() / "models" == tmp_path / "adb" / "models"
 
 
 @pytest.mark.parametrize("below", ["", "sub"])
@@ -296,6 +348,50 @@ def test_generate_resume_collects_a_job_submitted_earlier(
     assert main(["generate", "--address", backend, "--resume", "../etc", "--out", str(out)]) == 2
     assert main(["generate", "--address", backend, "--resume", "0" * 32, "--out", str(out)]) == 1
     assert "no such job" in capsys.readouterr().err
+    # --resume cannot change the job's settings: flags that would be ignored are refused.
+    code = main(["generate", "--address", backend, "--resume", job_id, "--prompt", "other", "--frames", "9",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 2 and "drop --prompt, --frames" in capsys.readouterr().err
+    # A job cancelled earlier (not by this run's Ctrl-C) is a failure, exit 1, not 130.
+    with BackendClient(ClientConfig(address=backend)) as client:
+        client.connect()
+        gone = client.submit(GenerateRequest(prompt="x", frames=3, width=64, height=64, steps=100)).job_id
+        client.cancel(gone)
+    assert main(["generate", "--address", backend, "--resume", gone, "--out", str(tmp_path / "c")]) == 1
+    assert "cancelled" in capsys.readouterr().err
+
+
+def test_the_resume_hint_pastes_into_a_shell(tmp_path: Path) -> None:
+    """After a lost backend the CLI prints how to collect the job; a folder with a space, or
+    a backend elsewhere, made that command unusable as printed."""
+    import shlex
+
+    from animatediff_blender.backend.commands.generate import resume_command
+
+    parser = build_parser()
+    args = parser.parse_args(["generate", "--address", "tcp://gpu box:5557", "--key-file", str(tmp_path / "my key"),
+                              "--prompt", "x", "--out", "my out ü"])  # fmt: skip
+    words = shlex.split(resume_command(args, "a" * 32))
+    again = parser.parse_args(words[1:])
+    assert (again.resume, str(again.out), again.address, again.key_file) == (
+        "a" * 32, "my out ü", "tcp://gpu box:5557", tmp_path / "my key")
+    plain = parser.parse_args(["generate", "--prompt", "x", "--out", "clip"])
+    assert resume_command(plain, "b" * 32) == f"animatediff-blender generate --resume {'b' * 32} --out clip"
+
+
+def test_generate_refuses_an_empty_out_and_a_weight_that_is_no_number(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--out "$OUT"` with OUT unset wrote the clip into the current folder and deleted its
+    frame files; `--lora ZoomIn:abc` was called a path."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "frame_0005.png").write_bytes(b"mine")
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--prompt", "x", "--out", ""])
+    assert info.value.code == 2 and "must not be empty" in capsys.readouterr().err
+    assert (tmp_path / "frame_0005.png").read_bytes() == b"mine"
+    assert main(["generate", "--prompt", "x", "--lora", "ZoomIn:abc", "--out", "clip"]) == 2
+    assert "the weight 'abc' is not a number" in capsys.readouterr().err
 
 
 def test_generate_says_where_a_queued_job_waits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

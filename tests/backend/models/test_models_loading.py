@@ -213,6 +213,20 @@ def test_domain_adapter_targets_spatial_attention(
     assert lora.target_modules == expected
 
 
+def test_a_ckpt_that_is_no_checkpoint_is_not_called_pickled_code(tmp_path: Path) -> None:
+    """An HTML error page saved as .ckpt (a failed download) was refused as "pickle code that
+    is not plain tensors ... convert it to .safetensors", which no converter can do."""
+    page = tmp_path / "mm_sd_v15_v2.ckpt"
+    page.write_bytes(b"<!DOCTYPE html><html>404</html>\n")
+    with pytest.raises(ConversionError, match="not a PyTorch checkpoint .*download it again"):
+        convert.read_state_dict(page)
+    import pathlib
+
+    torch.save({"w": torch.zeros(1), "odd": pathlib.PurePosixPath("x")}, tmp_path / "code.ckpt")
+    with pytest.raises(ConversionError, match="pickled code is never run"):
+        convert.read_state_dict(tmp_path / "code.ckpt")
+
+
 def test_kohya_lora_maps_every_layer_and_scales_each_by_its_alpha(
     tiny_zoo: Path, base_folder: loading.BaseComponents
 ) -> None:

@@ -302,3 +302,26 @@ def test_a_job_during_warm_up_does_not_wait_for_the_compile(
     assert not server.warming_up
     fresh = make_client(server, client_id="artist-b")
     assert not fresh.connect().warming_up
+
+
+class ModellessEngine(FakeEngine):
+    """A real engine's warm-up on an empty models folder: an EngineError, not a crash."""
+
+    def warm_up(self, should_yield: Callable[[], bool] | None = None) -> bool:
+        from animatediff_blender.backend.engine.interface import EngineError
+
+        raise EngineError("unknown_model", "base_model: none given and the server has no base model installed")
+
+
+def test_a_warm_up_without_models_is_one_line_not_a_traceback(
+    make_server: Callable[..., Server], make_client: Callable[..., BackendClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING"):
+        server = make_server(engine=ModellessEngine())
+        make_client(server).connect()
+        deadline = time.monotonic() + 10
+        while "warm-up" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    records = [r for r in caplog.records if "warm-up" in r.getMessage()]
+    assert records and "no base model installed" in records[0].getMessage()
+    assert all(r.exc_info is None and r.levelname == "WARNING" for r in records)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,6 +125,36 @@ def test_limits_without_room_for_a_frame_per_message_are_refused() -> None:
 
     with pytest.raises(ConfigError, match="max-frames-per-message must be > 0"):
         check_limits(Limits(max_frames_per_message=0))
+
+
+@pytest.mark.parametrize(
+    ("limits", "words"),
+    [
+        (Limits(max_prompt_chars=8000), "--max-prompt-chars 8000 is above what the protocol carries (4000)"),
+        (Limits(max_frames=10_000), "--max-frames 10000 is above what the protocol carries (4096)"),
+        (Limits(max_guidance=150.0), "--max-guidance 150 is above what the protocol carries (100)"),
+        (Limits(min_lora_weight=-20.0), "--min-lora-weight -20 is below what the protocol carries (-10)"),
+    ],
+)
+def test_limits_beyond_the_schema_are_refused(limits: Limits, words: str) -> None:
+    """`serve --max-prompt-chars 8000` was accepted and announced, and a 5000-character
+    prompt was then refused by the request schema all the same."""
+    from animatediff_blender.backend.server.config import ConfigError, check_limits
+
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        check_limits(limits)
+    check_limits(Limits(max_prompt_chars=4000, max_frames=4096, max_width=8192, max_height=8192,
+                        max_message_bytes=256 * 2**20))  # fmt: skip
+
+
+def test_a_created_key_elsewhere_is_not_said_to_reach_clients_by_itself(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from animatediff_blender.backend.server.config import load_or_create_key
+
+    with caplog.at_level("INFO"):
+        load_or_create_key(tmp_path / "studio key.key", "tcp://127.0.0.1:5557")
+    assert "give clients the same file (--key-file '" in caplog.text and "automatically" not in caplog.text
 
 
 def test_a_client_takes_the_larger_messages_a_server_announces(
