@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shlex
+import socket
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,12 +63,41 @@ class ServerConfig:
         return self.curve_secret is not None and self.curve_allowed_dir is not None
 
 
+def ipc_in_use(bind: str) -> bool:
+    """Whether an `ipc://` address's socket file has a live listener (a stale file left by a
+    killed server has none)."""
+    if not bind.startswith("ipc://") or not hasattr(socket, "AF_UNIX"):
+        return False
+    path = bind.removeprefix("ipc://")
+    if not path or path.startswith("@") or not stat.S_ISSOCK(_mode(path)):  # (@: Linux's abstract names)
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _mode(path: str) -> int:
+    try:
+        return os.stat(path).st_mode
+    except OSError:
+        return 0
+
+
 def check_bind_policy(config: ServerConfig, warn: bool = True) -> None:
     """Refuse a malformed address, and a network-reachable one without CurveZMQ unless
     `insecure`."""
     problem = bind_problem(config.bind)
     if problem is not None:
         raise ConfigError(f"cannot listen on {config.bind}: {problem}")
+    if ipc_in_use(config.bind):
+        # libzmq replaces the socket file: the running backend would go on, unreachable.
+        raise ConfigError(f"another backend already listens on {config.bind}: stop it first, or bind elsewhere")
     if (config.curve_secret is None) != (config.curve_allowed_dir is None):
         raise ConfigError("CurveZMQ needs both --curve-secret and --curve-allowed-dir")
     if auth.is_loopback(config.bind) or config.curve:

@@ -171,3 +171,26 @@ def test_a_client_takes_the_larger_messages_a_server_announces(
     assert welcome.limits.max_message_bytes == 80 * 2**20
     assert client._socket.getsockopt(zmq.MAXMSGSIZE) == 80 * 2**20
     assert client.ping()
+
+
+@pytest.mark.skipif(not hasattr(__import__("socket"), "AF_UNIX"), reason="ipc:// needs Unix sockets")
+def test_a_second_backend_on_a_live_ipc_address_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """libzmq replaces an ipc:// socket file when it binds: a second `serve` on the same
+    address took it over, and the first one ran on, unreachable.  A stale file (its server
+    killed) is no obstacle."""
+    import zmq
+
+    from animatediff_blender.backend.server.config import ConfigError, ServerConfig, check_bind_policy
+
+    monkeypatch.chdir(tmp_path)  # (ipc paths are short: a relative one, as the reviewer used)
+    config = ServerConfig(key=b"k" * 32, data_dir=tmp_path / "data", bind="ipc://backend.sock")
+    ctx = zmq.Context()
+    first = ctx.socket(zmq.ROUTER)
+    try:
+        first.bind("ipc://backend.sock")
+        with pytest.raises(ConfigError, match="another backend already listens on ipc://backend.sock"):
+            check_bind_policy(config, warn=False)
+    finally:
+        first.close(0)
+        ctx.term()
+    check_bind_policy(config, warn=False)  # nobody listens now
