@@ -18,21 +18,30 @@ the add-on preferences).
 `api.check(scene, **settings)` validates the same keywords without a backend (the batch
 checks every shot with it before rendering any).
 
+`wait` rides out a backend that goes quiet for a while (it reconnects), cancels the job on
+Ctrl+C (then re-raises KeyboardInterrupt), and stores the take beside the .blend as it is
+saved then; `wait(job)` again after an error that left the job running collects it.
+
 These calls block the calling thread on the socket (with timeouts): in the UI use the
 panel's Generate operator instead, which never blocks Blender.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import files
 from . import settings as st
 
 CONNECTION_KEYS = ("address", "key_file", "server_public_key_file", "client_secret_key_file", "timeout_s")
+MAX_REQUEST_TIMEOUT_S = 600.0  # `timeout_s`: the add-on preferences' range
+CANCEL_TIMEOUT_S = 3.0  # a best-effort cancel on the way out (Ctrl+C, a timeout) waits this long at most
 
 
 class AnimateDiffError(RuntimeError):
@@ -44,9 +53,10 @@ class Job:
     job_id: str
     client: Any
     plan: st.Plan
-    out_root: str
+    out_root: str  # the output root when submitted; `wait` stores under the root of the file as saved then
     scene_name: str
     request: Any = None
+    connection: dict[str, Any] = field(default_factory=dict)  # the overrides: a second `wait` reconnects with them
 
 
 @dataclass
@@ -69,9 +79,8 @@ def _split(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 def check_connection(connection: dict[str, Any]) -> None:
     """Connection overrides of the right types, or AnimateDiffError: a number as the address
     (`address = 5557` in a shot list) used to hang the client for ever, a number as a key
-    file raised a TypeError."""
-    import os
-
+    file raised a TypeError, an endless `timeout_s` failed every shot at connect.  An address
+    is used stripped of surrounding spaces (`_normal_connection`)."""
     for key, value in connection.items():
         if value is None:
             continue
@@ -79,8 +88,10 @@ def check_connection(connection: dict[str, Any]) -> None:
             ok = isinstance(value, str) and bool(value.strip())
             want = "a ZeroMQ address such as tcp://gpu-box:5557"
         elif key == "timeout_s":
-            ok = _positive_number(value)
-            want = "a number of seconds above 0"
+            # Per request: the socket's poll takes whole milliseconds, so inf or 1e300 would
+            # pass here and then fail every shot at connect.
+            ok = _positive_number(value) and value <= MAX_REQUEST_TIMEOUT_S
+            want = f"a number of seconds above 0 and at most {MAX_REQUEST_TIMEOUT_S:g} (one request to the backend)"
         else:
             ok = isinstance(value, str | os.PathLike)
             want = "a file path"
@@ -90,6 +101,16 @@ def check_connection(connection: dict[str, Any]) -> None:
 
 def _positive_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def _normal_connection(connection: dict[str, Any]) -> dict[str, Any]:
+    """The overrides as used: checked, None dropped, the address without surrounding spaces
+    (" tcp://gpu:5557" passes the check and would fail every shot with "Protocol not supported")."""
+    check_connection(connection)
+    conn = {k: v for k, v in connection.items() if v is not None}
+    if isinstance(conn.get("address"), str):
+        conn["address"] = conn["address"].strip()
+    return conn
 
 
 def _check_timeout(timeout: Any) -> None:
@@ -118,7 +139,7 @@ def connect(**connection: Any) -> tuple[Any, Any]:
     from .worker import error_text, make_client
 
     cfg = client_config()
-    cfg.update({k: v for k, v in connection.items() if v is not None})
+    cfg.update(_normal_connection(connection))
     client = make_client(cfg)
     try:
         welcome = client.connect()
@@ -141,6 +162,7 @@ def submit(scene: Any, **settings: Any) -> Job:
     """Send one job; returns a handle for `wait`.  Placement is fixed now."""
     job_plan = check(scene, **settings)  # a bad setting is told before any connection
     conn, _rest = _split(dict(settings))
+    conn = _normal_connection(conn)
     client, welcome = connect(**conn)
     try:
         request = _request(job_plan, welcome)
@@ -157,7 +179,7 @@ def submit(scene: Any, **settings: Any) -> Job:
         what = "no answer from the backend" if code in ("timeout", "connection") else "the backend refused the job"
         raise AnimateDiffError(f"{what}: {exc}") from exc
     _warn_preset(job_plan, welcome)
-    return Job(accepted.job_id, client, job_plan, st.output_root(scene), scene.name, request)
+    return Job(accepted.job_id, client, job_plan, st.output_root(scene), scene.name, request, conn)
 
 
 def _warn_preset(job_plan: st.Plan, welcome: Any) -> None:
@@ -192,77 +214,143 @@ def _progress_printer(prefix: str) -> Callable[[Any], None]:
 
 
 def wait(job: Job, timeout: float | None = None, on_event: Callable[[Any], None] | None = None) -> Result:
-    """Block until the job's frames are on disk (written atomically).  Closes the connection."""
+    """Block until the job's frames are on disk (written atomically, beside the .blend as it
+    is saved now).  A backend that goes quiet (paused, a network outage) is waited out: the
+    client reconnects and asks for the job again, for up to the client's `reconnect_give_up_s`
+    (120 s).  With `timeout`, a job still running after that long is cancelled.  Ctrl+C cancels
+    the job on the backend (best effort) and raises KeyboardInterrupt.  Closes the connection;
+    `wait(job)` again (after an error that left the job running) reconnects and collects it."""
     from .protocol.client import ClientError
 
-    _check_timeout(timeout)  # before the try: the job's connection stays open for another wait
+    _check_timeout(timeout)  # before anything: the job's connection stays open for another wait
     on_event = on_event or _progress_printer(f"[{files.short_id(job.job_id)}] ")
-    deadline = None if timeout is None else time.monotonic() + timeout
+    if job.client is None:  # closed by an earlier wait
+        job.client, _welcome = connect(**job.connection)
     client = job.client
-    frames: dict[int, bytes] = {}
-    last_heard = time.monotonic()
     try:
-        while True:
-            if deadline is not None and time.monotonic() > deadline:
-                try:
-                    client.cancel(job.job_id)
-                except Exception:  # noqa: BLE001
-                    pass
-                raise AnimateDiffError(f"job {job.job_id} did not finish within {timeout:g} s (cancelled)")
-            try:
-                event = client.poll(0.2)
-                if event is None:
-                    if time.monotonic() - last_heard > 5.0:
-                        last_heard = time.monotonic()
-                        (status,) = client.watch([job.job_id])
-                        if status.state == "finished":
-                            return _store(job, client.fetch(job.job_id))
-                        if status.state in ("failed", "interrupted", "cancelled"):
-                            raise AnimateDiffError(f"job {job.job_id} {status.state}: {status.error or ''}".strip())
-                    continue
-            except ClientError as exc:
-                raise AnimateDiffError(f"job {job.job_id}: {exc}") from exc
-            if event.job_id != job.job_id:
-                continue
-            last_heard = time.monotonic()
-            on_event(event)
-            c = event.content
-            if event.msg_type == "frames":
-                for i, data in enumerate(event.buffers):
-                    frames[c.start + i] = bytes(data)
-            elif event.msg_type == "finished":
-                if all(i in frames for i in range(c.frames)):
-                    from .protocol.client import JobResult
-
-                    return _store(job, JobResult(job.job_id, c, [frames[i] for i in range(c.frames)]))
-                try:
-                    fetched = client.fetch(job.job_id)
-                except ClientError as exc:
-                    raise AnimateDiffError(f"job {job.job_id}: could not fetch its frames: {exc}") from exc
-                return _store(job, fetched)
-            elif event.msg_type == "failed":
-                raise AnimateDiffError(f"job {job.job_id} failed ({c.code}): {c.message}")
-            elif event.msg_type == "cancelled":
-                raise AnimateDiffError(f"job {job.job_id} was cancelled")
+        try:
+            # Reconnects and re-watches through a quiet backend; checks each frame's sha256.
+            result = client.wait_job(job.job_id, on_event=on_event, timeout_s=timeout)
+        except ClientError as exc:
+            raise _wait_error(job, client, exc, timeout) from exc
+        except KeyboardInterrupt:
+            # The job must not go on using a shared GPU for nobody: cancel it, then stop.
+            cancelled, why = _cancel_quietly(client, job.job_id)
+            where = client.config.address
+            print(f"AnimateDiff: interrupted; job {job.job_id} "
+                  + ("cancelled on the backend" if cancelled else
+                     f"may still be running on the backend at {where} (the cancel failed: {why})"),
+                  file=sys.stderr, flush=True)
+            raise
+        return _store(job, result)
     finally:
+        job.client = None
         client.close()
+
+
+def _wait_error(job: Job, client: Any, exc: Any, timeout: float | None) -> AnimateDiffError:
+    """A ClientError of `wait_job` in words; a job that may still run says so (or is cancelled)."""
+    where = client.config.address
+    again = "api.wait(job) again collects it"
+    if exc.code == "timeout" and timeout is not None:
+        # wait_job cancels a job past its time; the backend may not have answered that cancel
+        # (it was away): once more, briefly, so that its outcome can be told for sure.
+        cancelled, _why = _cancel_quietly(client, job.job_id)
+        if cancelled:
+            return AnimateDiffError(f"job {job.job_id} did not finish within {timeout:g} s (cancelled)")
+        return AnimateDiffError(
+            f"job {job.job_id} did not finish within {timeout:g} s and the backend at {where} did not answer "
+            f"its cancel: the job may still be running there ({again})")
+    if exc.code == "connection":  # reconnected with back-off until reconnect_give_up_s passed
+        return AnimateDiffError(
+            f"job {job.job_id}: lost the backend at {where} for over {client.config.reconnect_give_up_s:g} s; "
+            f"the job may still be running there: {again} once the backend is back")
+    if exc.code == "timeout":
+        return AnimateDiffError(f"job {job.job_id}: {exc}; the job may still be running there: {again}")
+    text = str(exc)
+    failed = f"job {job.job_id} failed: "
+    if text.startswith(failed):  # the job's own error, with its code
+        return AnimateDiffError(f"job {job.job_id} failed ({exc.code}): {text[len(failed):]}")
+    return AnimateDiffError(text if text.startswith(f"job {job.job_id}") else f"job {job.job_id}: {text}")
+
+
+def _cancel_quietly(client: Any, job_id: str) -> tuple[bool, str]:
+    """Cancel with a short timeout, never raising (but a second Ctrl+C); (taken, why not)."""
+    saved = client.config.timeout_s
+    client.config.timeout_s = min(float(saved), CANCEL_TIMEOUT_S)
+    try:
+        client.cancel(job_id)
+    except Exception as exc:  # noqa: BLE001 - best effort: the caller says what it means
+        return False, str(exc).strip() or type(exc).__name__
+    finally:
+        client.config.timeout_s = saved
+    return True, ""
+
+
+def _current_root(job: Job) -> str:
+    """The output root of the .blend as it is saved now (a Save As since submit moves it)."""
+    import bpy
+
+    try:
+        return st.output_root(bpy.data.scenes.get(job.scene_name))
+    except Exception:  # noqa: BLE001 - e.g. called where bpy.data is not available
+        return job.out_root
 
 
 def _store(job: Job, result: Any) -> Result:
     import msgspec
 
+    root = _current_root(job)
     try:
-        directory, names = files.write_frames(job.out_root, job.job_id, list(result.frames))
+        directory, names = files.write_frames(root, job.job_id, list(result.frames))
     except (OSError, ValueError) as exc:  # a batch goes on with its next shot
-        raise AnimateDiffError(f"job {job.job_id}: could not store the frames in {job.out_root}: {exc}") from exc
+        raise AnimateDiffError(f"job {job.job_id}: could not store the frames in {root}: {exc}") from exc
     fin = result.finished
     return Result(job.job_id, str(directory), names, int(fin.seed), msgspec.to_builtins(fin.settings), job.plan,
                   float(fin.elapsed_s))
 
 
+def _settle_take(scene: Any, result: Result) -> None:
+    """A take written before the .blend was saved elsewhere moves beside it (as the panel's
+    jobs do); if it cannot, it is placed from where it is, with a warning."""
+    root = st.output_root(scene)
+    src = os.path.realpath(result.directory)
+    if os.path.realpath(os.path.dirname(src)) == os.path.realpath(root):
+        return
+    if files.folder_owner(Path(src)) != result.job_id:
+        return  # not a take folder this add-on wrote for the job: placed where it is
+    try:
+        if _referenced(src):  # a strip uses it already (inserted before): copy, keep the old one
+            moved, _names = files.write_frames(root, result.job_id,
+                                               [(Path(src) / n).read_bytes() for n in result.files])
+        else:
+            moved = files.move_frames(src, result.files, root, result.job_id)
+    except (OSError, ValueError) as exc:
+        print(f"AnimateDiff: warning: job {result.job_id}: could not move its frames to {root} ({exc}); "
+              f"placed from {result.directory}", flush=True)
+        return
+    result.directory = str(moved)
+
+
+def _referenced(folder: str) -> bool:
+    import bpy
+
+    from .sequencer_compat import all_strips
+
+    for scene in bpy.data.scenes:
+        for strip in all_strips(scene):
+            directory = getattr(strip, "directory", None)
+            if directory and os.path.realpath(bpy.path.abspath(directory)) == folder:
+                return True
+    return False
+
+
 def insert(scene: Any, result: Result) -> Any:
-    """Put a finished job's frames on the sequencer at the place fixed at submit time."""
+    """Put a finished job's frames on the sequencer at the place fixed at submit time.  Frames
+    written beside a .blend that was since saved elsewhere move beside it first."""
     from .strips import insert_strip
+
+    _settle_take(scene, result)
 
     info = {"seed": result.seed, "request": result.settings, "camera_motions": result.plan.camera_motions,
             "frames": len(result.files), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 from .properties import CAMERA_MOTIONS
@@ -33,7 +35,17 @@ class Plan:
 
 
 def round8(value: float) -> int:
-    return max(8, int(round(value / 8.0)) * 8)
+    """The nearest multiple of 8 (at least 8); ValueError for a value that is not a finite
+    number (inf, nan: an OverflowError used to end a batch with a traceback).  Exact for any
+    int (10**400 is not converted to a float), the same as round(value / 8) otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not is_finite(value):
+        raise ValueError(f"a size must be a finite number of pixels, not {shown(value)}")
+    return max(8, round(Fraction(value) / 8) * 8)
+
+
+def is_finite(value: int | float) -> bool:
+    """math.isfinite, also for an int too large for a float (it raises OverflowError there)."""
+    return isinstance(value, int) or math.isfinite(value)
 
 
 def render_size(scene: Any) -> tuple[int, int]:
@@ -55,7 +67,7 @@ def plan_from_scene(scene: Any, **overrides: Any) -> Plan:
     s = scene.animatediff
     unknown = set(overrides) - set(REQUEST_KEYS) - set(PLACEMENT_KEYS) - {"motion_loras"}
     if unknown:
-        raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        raise ValueError(f"unknown setting(s): {', '.join(short_name(k) for k in sorted(unknown, key=str))}")
     width, height = render_size(scene) if s.use_render_size else (s.width, s.height)
     req: dict[str, Any] = {
         "prompt": s.prompt,
@@ -81,31 +93,70 @@ def plan_from_scene(scene: Any, **overrides: Any) -> Plan:
             channel = whole_number(key, value)
         elif key == "start_frame":
             start = whole_number(key, value)
+        elif key == "frames":  # 2.7 frames is refused, not cut to 2 (the protocol checks the range)
+            req[key] = whole_number(key, value)
         else:
             req[key] = value
     if req.get("preset") in PRESET_ALIASES:
         req["preset"] = PRESET_ALIASES[req["preset"]]
     for key in ("width", "height"):
-        if isinstance(req.get(key), int | float):
-            req[key] = round8(req[key])
+        value = req.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):  # else the protocol refuses its type
+            # Refused, not clamped to 8: -512 is a mistake, not a wish for the smallest size.
+            if not is_finite(value):
+                raise ValueError(f"{key} must be a finite number of pixels, not {shown(value)}")
+            if value < 8:
+                raise ValueError(f"{key} {shown(value)} is below the smallest size (8 pixels)")
+            req[key] = round8(value)  # the protocol refuses one above its limit, in words
     req["motion_loras"] = loras
     if not str(req.get("prompt") or "").strip() and not req.get("prompt_travel"):
         raise ValueError("the prompt is empty")
+    if channel < 1:  # refused, not moved to channel 1
+        raise ValueError(f"channel {shown(channel)} is below the sequencer's first channel (1)")
     if channel > MAX_CHANNEL:  # else refused only after the render, when the strip is added
-        raise ValueError(f"channel {channel} is above the sequencer's last channel ({MAX_CHANNEL})")
+        raise ValueError(f"channel {shown(channel)} is above the sequencer's last channel ({MAX_CHANNEL})")
     if not -MAX_FRAME <= start <= MAX_FRAME:  # Blender would put the strip at the limit instead
-        raise ValueError(f"start frame {start} is outside Blender's frame range ({-MAX_FRAME} to {MAX_FRAME})")
-    return Plan(req, camera, max(1, channel), start)
+        raise ValueError(f"start frame {shown(start)} is outside Blender's frame range "
+                         f"({-MAX_FRAME} to {MAX_FRAME})")
+    return Plan(req, camera, channel, start)
 
 
 def whole_number(key: str, value: Any) -> int:
-    """An int setting given by a script or a shot list; ValueError (not TypeError) in words."""
+    """An int setting given by a script or a shot list; ValueError (not TypeError) in words.
+    A float must be a whole number (4.0, not 12.9: it used to be cut to 12 silently)."""
+    problem = ValueError(f"{key} must be a whole number, not {shown(value)}")
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"{key} must be a whole number, not {value!r}")
-    try:
+        raise problem
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not value.is_integer():  # also inf and nan
+            raise problem
         return int(value)
-    except (ValueError, OverflowError):
-        raise ValueError(f"{key} must be a whole number, not {value!r}") from None
+    try:
+        return int(value.strip())
+    except ValueError:  # "12.9", "twelve", more digits than Python converts
+        raise problem from None
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """`value` for a message, cut short: a 400-digit number is not printed in full."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            text = str(value)
+        except ValueError:  # more digits than Python converts to text
+            return f"a number of about {value.bit_length() * 30103 // 100000} digits"
+        if len(text) > limit:
+            return f"{text[:12]}...({len(text.lstrip('-'))} digits)"
+        return text
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short_name(name: Any, limit: int = 40) -> str:
+    """A key for a message, as written (no quotes), cut short."""
+    text = str(name)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def split_loras(spec: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -123,16 +174,17 @@ def split_loras(spec: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
     for name, weight in items:
         try:
             weight = float(weight)
-        except (TypeError, ValueError):
-            raise ValueError(f"the weight of MotionLoRA {name!r} must be a number, not {weight!r}") from None
+        except (TypeError, ValueError, OverflowError):  # OverflowError: 10**400
+            raise ValueError(f"the weight of MotionLoRA {shown(name)} must be a number, "
+                             f"not {shown(weight)}") from None
         if not isinstance(name, str):
-            raise ValueError(f"a MotionLoRA is named by a string, not {name!r}")
+            raise ValueError(f"a MotionLoRA is named by a string, not {shown(name)}")
         if name in CAMERA_NAMES:
             camera[name] = weight
         elif ":" in name:
             loras.append({"id": name, "weight": weight})
         else:
-            raise ValueError(f"unknown MotionLoRA {name!r}: use a camera motion "
+            raise ValueError(f"unknown MotionLoRA {shown(name)}: use a camera motion "
                              f"({', '.join(sorted(CAMERA_NAMES))}) or a model id like lora:name.safetensors")
     return camera, loras
 

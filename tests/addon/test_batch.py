@@ -280,3 +280,151 @@ def test_batch_refuses_a_missing_or_unreadable_blend(addon_zips, tmp_path: Path)
                          timeout=120)
         assert proc.returncode == 2 and words in proc.stderr, (args, proc.stdout + proc.stderr)
         assert "Traceback" not in proc.stderr and not out.exists(), proc.stderr
+
+
+def test_batch_renders_into_the_sequencers_scene(addon_zips, backend_factory, tmp_path: Path) -> None:
+    """Blender 5's Video Sequencer edits a scene of its own (the workspace's sequencer scene),
+    often not the window's: the batch renders with that scene's settings (frame count, render
+    size, current frame) and puts the strips there, as the panel does -- it used the window's
+    scene, a 3D shot the edit never shows.  An --address pasted with spaces is stripped."""
+    bpy_python = newest()
+    blend = tmp_path / "film.blend"
+    made = run_bpy(bpy_python, "batch_sequencer_scene.py", {"mode": "make", "blend": str(blend)}, tmp_path)
+    assert (made["window"], made["sequencer"]) == ("Shot3D", "Edit"), made  # the case under test
+    backend = backend_factory()
+    shots = tmp_path / "shots.toml"
+    shots.write_text('[[shot]]\nname = "edit"\nprompt = "a fox"\nsteps = 2\n')
+    proc = run_batch(bpy_python, tmp_path, str(shots), "--blend", str(blend), "--addon-zip",
+                     str(addon_zips[bpy_python.py_tag]), "--address", f"  {backend.address} ",
+                     "--key-file", str(backend.key_file))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "on channel 2 at frame 30, 6 frames" in proc.stdout, proc.stdout  # the Edit scene's frame and length
+    r = run_bpy(bpy_python, "batch_sequencer_scene.py", {"mode": "look", "blend": str(blend)}, tmp_path)
+    assert r["strips"]["Shot3D"] == [], r["strips"]
+    assert r["strips"]["Edit"] == [{"channel": 2, "start": 30, "duration": 6, "size": [64, 48], "prompt": "a fox"}], r
+
+
+@pytest.mark.parametrize("which", ["oldest", "newest"])
+def test_batch_refuses_bad_shots_in_words(which, addon_zips, tmp_path: Path) -> None:
+    """Shot values no size or channel can be, and keys that are arguments of the API's calls,
+    are errors of the shot list (exit 2, `batch: error: <shot>: ...`, nothing saved): they
+    ended in tracebacks (OverflowError for `width = inf`, TypeError for `scene = ...`), or
+    were clamped without a word (channel 0 became 1, start frame 12.9 became 12).  A
+    400-digit number is not printed in full.  All in one Blender: batch.run() per case."""
+    bpy_python = oldest() if which == "oldest" else newest()
+    (tmp_path / "server.key").write_text("not needed: refused before it is read\n")
+    huge = "1" + "0" * 400
+    cases = {
+        "inf": ("width = inf", "width must be a finite number of pixels, not inf"),
+        "neg_inf": ("height = -inf", "height must be a finite number of pixels, not -inf"),
+        "nan": ("width = nan", "width must be a finite number of pixels, not nan"),
+        "huge_width": (f"width = {huge}", "<= 8192 - at `$.width`"),
+        "negative_width": ("width = -512", "width -512 is below the smallest size (8 pixels)"),
+        "huge_channel": (f"channel = {huge}", "channel 100000000000...(401 digits) is above"),
+        "huge_address": (f"address = {huge}", "address must be a ZeroMQ address"),
+        "channel_0": ("channel = 0", "channel 0 is below the sequencer's first channel (1)"),
+        "channel_frac": ("channel = 2.7", "channel must be a whole number, not 2.7"),
+        "start_frac": ("start_frame = 12.9", "start_frame must be a whole number, not 12.9"),
+        "frames_frac": ("frames = 2.5", "frames must be a whole number, not 2.5"),
+        "scene": ('scene = "Scene"', "unknown setting(s): scene"),
+        "timeout": ("timeout = 30\non_event = 1", "unknown setting(s): on_event, timeout (the time limit"),
+        "shot_key_file": ('key_file = "nope.key"', "key_file nope.key: no such file"),
+        "lone_curve_key": ('server_public_key_file = "server.key"', "CurveZMQ needs both"),
+    }
+    out_blend = tmp_path / "o.blend"
+    r = run_bpy(bpy_python, "batch_refusals.py", {
+        "zip": str(addon_zips[bpy_python.py_tag]), "batch": str(ROOT / "blender_addon" / "batch.py"),
+        "workdir": str(tmp_path), "args": ["--address", f"tcp://127.0.0.1:{free_port()}", "--out-blend", str(out_blend)],
+        "cases": {name: f'[[shot]]\nprompt = "a"\n\n[[shot]]\nname = "bad"\nprompt = "b"\n{line}\n'
+                  for name, (line, _words) in cases.items()},
+    }, tmp_path)
+    for name, (_line, words) in cases.items():
+        got = r["cases"][name]
+        assert got["code"] == 2, (name, got)
+        assert got["stderr"].startswith("batch: error: bad: ") and words in got["stderr"], (name, got)
+        assert len(got["stderr"]) < 400, (name, got)  # no 400-digit number in full
+    assert not out_blend.exists()
+
+
+def test_batch_refuses_missing_key_files_before_saving(tmp_path: Path) -> None:
+    """A --key-file that is not there, or one CurveZMQ certificate without the other, is a
+    bad argument: exit 2 before anything is saved.  It used to fail every shot at connect,
+    after a <shots>.blend was saved that then refused the corrected run."""
+    bpy_python = newest()
+    shots = _one_shot(tmp_path)
+    cert = tmp_path / "server.key"
+    cert.write_text("x")
+    for args, words in ((["--key-file", "nope.key"], "batch: error: --key-file nope.key: no such file"),
+                        (["--key-file", str(tmp_path)], f"batch: error: --key-file {tmp_path}: not a file"),
+                        (["--server-public-key", str(cert)], "batch: error: CurveZMQ needs both"),
+                        (["--client-secret-key", "nope.key_secret"], "--client-secret-key nope.key_secret: no such")):
+        proc = run_batch(bpy_python, tmp_path, str(shots), *args, timeout=60)
+        assert proc.returncode == 2 and words in proc.stderr, (args, proc.stdout + proc.stderr)
+        assert not (tmp_path / "shots.blend").exists()
+
+
+def test_batch_says_why_an_addon_zip_does_not_install(addon_zips, tmp_path: Path) -> None:
+    """An --addon-zip Blender does not install (made for another Blender and Python, or not a
+    zip at all) is reported with Blender's reason -- it used to say the extension was not
+    installed and to pass --addon-zip, the option that had just been passed."""
+    bpy_python = newest()
+    shots = _one_shot(tmp_path)
+    other = addon_zips["py311" if bpy_python.py_tag == "py313" else "py313"]
+    garbage = tmp_path / "garbage.zip"
+    garbage.write_bytes(b"not a zip")
+    for zip_path, words in ((other, "Blender version"), (garbage, "not a zip file")):
+        proc = run_batch(bpy_python, tmp_path, str(shots), "--addon-zip", str(zip_path),
+                         "--address", f"tcp://127.0.0.1:{free_port()}", timeout=120)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert f"batch: error: installing {zip_path} failed: " in proc.stderr and words in proc.stderr, proc.stderr
+        assert "not installed in this Blender profile" not in proc.stderr and "Traceback" not in proc.stderr
+        assert not (tmp_path / "shots.blend").exists()
+
+
+def test_ctrl_c_in_a_batch_cancels_the_shot_and_keeps_what_is_done(addon_zips, backend_factory, tmp_path: Path) -> None:
+    """Ctrl+C used to end a batch with a KeyboardInterrupt traceback while the shot's job ran
+    on for nobody on the shared GPU.  Now: the job is cancelled, the .blend keeps the shots
+    done, one line says where it stopped, exit 130."""
+    import signal
+    import time
+
+    bpy_python = newest()
+    require(bpy_python)
+    backend = backend_factory("--fake-step-delay", "0.2")
+    shots = tmp_path / "shots.toml"
+    shots.write_text('[defaults]\nwidth = 64\nheight = 64\nframes = 2\n\n'
+                     '[[shot]]\nname = "quick"\nprompt = "a"\nsteps = 1\n\n'
+                     '[[shot]]\nname = "long"\nprompt = "b"\nsteps = 100\n')
+    out_blend = tmp_path / "film.blend"
+    env = dict(os.environ)
+    env["BLENDER_USER_RESOURCES"] = str(tmp_path / "batch-profile")
+    env["ANIMATEDIFF_BLENDER_CONFIG"] = str(tmp_path / "config")
+    cmd = [str(bpy_python.python), str(ROOT / "blender_addon" / "batch.py"), str(shots),
+           "--addon-zip", str(addon_zips[bpy_python.py_tag]), "--address", backend.address,
+           "--key-file", str(backend.key_file), "--out-blend", str(out_blend)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    seen: list[str] = []
+    deadline = time.monotonic() + 120
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        seen.append(line)
+        if any("[2/2] long" in x for x in seen) and "step " in line:  # the long shot is running
+            break
+        if not line and proc.poll() is not None:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    out = "".join(seen) + rest
+    assert proc.returncode == 130, out
+    assert "batch: interrupted at shot 2 of 2 (long); 1 ok before it; saved" in out, out
+    assert "Traceback" not in out, out
+    assert "cancelled on the backend" in out, out
+    assert "event=cancel_requested" in backend.log.read_text()
+    deadline = time.monotonic() + 10  # the engine stops at its next step
+    while "event=cancelled" not in backend.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "event=cancelled" in backend.log.read_text(), backend.log.read_text()[-2000:]
+    r = run_bpy(bpy_python, "check_blend.py", {"zip": str(addon_zips[bpy_python.py_tag]), "blend": str(out_blend)},
+                tmp_path)
+    assert len(r["strips"]) == 1  # the quick shot, kept

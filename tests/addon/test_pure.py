@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -522,3 +524,174 @@ def test_lcm_without_animatelcms_spatial_lora_is_told() -> None:
     assert "spatial LoRA" in told and "models fetch --only lcm" in told
     assert check("lcm", "", models, {**defaults, "adapter_lcm": "adapter:AnimateLCM_sd15_t2v_lora.safetensors"}) == ""
     assert check("lcm", "", models, defaults, domain_adapter="adapter:my_lcm_lora.safetensors") == ""  # the API's own
+
+
+def _settings():
+    """blender_addon/settings.py without bpy: its `properties` import (bpy's) is stood in for
+    by a module holding only CAMERA_MOTIONS, read from properties.py."""
+    import ast
+    import importlib
+    import types
+
+    package = "_adb_settings_pkg"
+    if f"{package}.settings" in sys.modules:
+        return sys.modules[f"{package}.settings"]
+    pkg = types.ModuleType(package)
+    pkg.__path__ = [str(ROOT / "blender_addon")]
+    sys.modules[package] = pkg
+    props = types.ModuleType(f"{package}.properties")
+    for node in ast.parse((ROOT / "blender_addon" / "properties.py").read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "CAMERA_MOTIONS" for t in node.targets):
+            props.CAMERA_MOTIONS = ast.literal_eval(node.value)
+    sys.modules[props.__name__] = props
+    return importlib.import_module(f"{package}.settings")
+
+
+def _scene():
+    """A scene as plan_from_scene reads it: the panel's settings at their defaults."""
+    from types import SimpleNamespace
+
+    panel = SimpleNamespace(prompt="a fox", negative_prompt="", base_model="", motion_module="", camera_loras=[],
+                            extra_loras=[], use_scene_length=True, frames=16, use_render_size=True, width=512,
+                            height=512, steps=0, guidance=0.0, seed=42, preset="quality", channel=2,
+                            use_current_frame=True, start_frame=1)
+    render = SimpleNamespace(resolution_x=1920, resolution_y=1080, resolution_percentage=25)
+    return SimpleNamespace(animatediff=panel, render=render, frame_start=1, frame_end=24, frame_current=5)
+
+
+def test_shot_values_out_of_range_are_refused_not_clamped() -> None:
+    """A size below 8, a channel below 1, a fractional channel, start frame or frame count
+    were changed without a word (width -512 -> 8, channel 0 -> 1, 2.7 -> 2, start 12.9 -> 12):
+    each is refused, naming the setting.  Whole floats (4.0) and sizes to round still pass."""
+    st = _settings()
+    plan = st.plan_from_scene(_scene())
+    assert (plan.request["width"], plan.request["height"], plan.request["frames"]) == (480, 272, 24)
+    assert (plan.channel, plan.start_frame) == (2, 5)
+    for overrides, words in (({"width": -512}, "width -512 is below the smallest size (8 pixels)"),
+                             ({"height": 0}, "height 0 is below"), ({"width": 7.9}, "width 7.9 is below"),
+                             ({"channel": 0}, "channel 0 is below the sequencer's first channel (1)"),
+                             ({"channel": -3}, "channel -3 is below"), ({"channel": 129}, "channel 129 is above"),
+                             ({"channel": 2.7}, "channel must be a whole number, not 2.7"),
+                             ({"channel": "2.7"}, "channel must be a whole number, not '2.7'"),
+                             ({"start_frame": 12.9}, "start_frame must be a whole number, not 12.9"),
+                             ({"frames": 2.7}, "frames must be a whole number, not 2.7"),
+                             ({"frames": True}, "frames must be a whole number, not True")):
+        with pytest.raises(ValueError) as err:
+            st.plan_from_scene(_scene(), **overrides)
+        assert words in str(err.value), (overrides, str(err.value))
+    plan = st.plan_from_scene(_scene(), channel=4.0, start_frame="-12", frames=4.0, width=100, height=8)
+    assert (plan.channel, plan.start_frame, plan.request["frames"]) == (4, -12, 4)
+    assert type(plan.channel) is int and type(plan.request["frames"]) is int
+    assert (plan.request["width"], plan.request["height"]) == (96, 8)  # rounded as before: round(12.5) == 12
+    assert st.plan_from_scene(_scene(), width=612.0, height=1000).request["width"] == 608
+
+
+def test_sizes_no_number_can_be_are_refused_in_words() -> None:
+    """`width = inf` (or -inf, nan, 10**400) ended a batch with an OverflowError traceback
+    from round8; it is a ValueError naming the setting, and a 400-digit number is never
+    printed in full."""
+    st = _settings()
+    (worker,) = addon_modules("worker")
+    for value, words in ((float("inf"), "width must be a finite number of pixels, not inf"),
+                         (float("-inf"), "width must be a finite number of pixels, not -inf"),
+                         (float("nan"), "width must be a finite number of pixels, not nan")):
+        with pytest.raises(ValueError, match=words):
+            st.plan_from_scene(_scene(), width=value)
+    with pytest.raises(ValueError, match="height must be a finite"):
+        st.plan_from_scene(_scene(), height=float("-inf"))
+    with pytest.raises(ValueError, match="a size must be a finite number"):
+        st.round8(float("inf"))
+    assert st.round8(10**400) == 10**400 and st.round8(100) == 96 and st.round8(3) == 8  # exact, no float
+    plan = st.plan_from_scene(_scene(), width=10**400)  # the protocol's range check refuses it, in words
+    with pytest.raises(ValueError, match=r"<= 8192 - at `\$\.width`"):
+        worker.check_request(plan.request, plan.camera_motions)
+    for overrides in ({"channel": 10**400}, {"start_frame": -(10**400)}, {"motion_loras": {"ZoomIn": 10**400}}):
+        with pytest.raises(ValueError) as err:
+            st.plan_from_scene(_scene(), **overrides)
+        assert "(401 digits)" in str(err.value) and len(str(err.value)) < 200, str(err.value)
+    with pytest.raises(ValueError, match=r"unknown setting\(s\): x{37}\.\.\.$"):
+        st.plan_from_scene(_scene(), **{"x" * 500: 1})
+
+
+batch = _load("batch")
+
+
+def test_shot_list_top_level_keys_are_checked(tmp_path: Path) -> None:
+    """A misspelt [default] table, a setting at the top (meant for every shot) or both `shot`
+    and `shots` were ignored without a word: the shots rendered with the scene's settings, or
+    half the shots were dropped.  Each is an error naming the key; JSON's forms still load."""
+    cases = (("steps = 2\n[default]\nframes = 4\n[[shot]]\nprompt = 'x'\n", "unknown top-level key(s) steps, default"),
+             ("[[shot]]\nprompt = 'x'\n[[shots]]\nprompt = 'y'\n", "both `shot` and `shots`"))
+    for text, words in cases:
+        path = tmp_path / "shots.toml"
+        path.write_text(text)
+        with pytest.raises(batch.BatchError, match=re.escape(words)):
+            batch.load_shots(str(path))
+    path = tmp_path / "shots.json"
+    path.write_text(json.dumps({"shots": [{"prompt": "x"}], "default": {"frames": 4}}))
+    with pytest.raises(batch.BatchError, match=r'unknown top-level key\(s\) default: a shot list holds "shots"'):
+        batch.load_shots(str(path))
+    path.write_text(json.dumps({"shot": [{"prompt": "x"}], "shots": [{"prompt": "y"}]}))
+    with pytest.raises(batch.BatchError, match="both `shot` and `shots`"):
+        batch.load_shots(str(path))
+    path.write_text(json.dumps([{"prompt": "x"}, {"prompt": "y", "frames": 2}]))
+    assert batch.load_shots(str(path)) == [{"prompt": "x"}, {"prompt": "y", "frames": 2}]
+    path.write_text(json.dumps({"defaults": {"frames": 4}, "shots": [{"prompt": "x"}, {"prompt": "y", "frames": 2}]}))
+    assert batch.load_shots(str(path)) == [{"frames": 4, "prompt": "x"}, {"frames": 2, "prompt": "y"}]
+    path = tmp_path / "shots.toml"
+    path.write_text("[defaults]\nframes = 4\n[[shot]]\nprompt = 'x'\n")
+    assert batch.load_shots(str(path)) == [{"frames": 4, "prompt": "x"}]
+
+
+def test_shot_list_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    """Notepad and other Windows editors save UTF-8 with a byte-order mark: such a list was
+    refused ("not valid TOML", "Unexpected UTF-8 BOM")."""
+    toml = tmp_path / "bom.toml"
+    toml.write_bytes(b"\xef\xbb\xbf" + "[[shot]]\nname = 'café'\nprompt = 'x'\n".encode())
+    assert batch.load_shots(str(toml)) == [{"name": "café", "prompt": "x"}]
+    js = tmp_path / "bom.json"
+    js.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"name": "café", "prompt": "x"}]).encode())
+    assert batch.load_shots(str(js)) == [{"name": "café", "prompt": "x"}]
+
+
+def test_batch_arguments_checked_before_anything_is_saved(tmp_path: Path) -> None:
+    """Key files that are not there and a CurveZMQ certificate without the other fail every
+    shot only at connect, after the .blend is saved: check_args refuses them up front.
+    An --address with spaces around it is stripped, a blank one refused."""
+    cert = tmp_path / "server.key"
+    cert.write_text("x")
+
+    def check(*argv: str):
+        args = batch.parse_args(["shots.toml", *argv])
+        batch.check_args(args, inside_blender=False)
+        return args
+
+    for argv, words in ((["--key-file", "nope.key"], "--key-file nope.key: no such file"),
+                        (["--key-file", str(tmp_path)], f"--key-file {tmp_path}: not a file"),
+                        (["--server-public-key", "nope.key", "--client-secret-key", str(cert)],
+                         "--server-public-key nope.key: no such file"),
+                        (["--server-public-key", str(cert)], "CurveZMQ needs both --server-public-key"),
+                        (["--client-secret-key", str(cert)], "CurveZMQ needs both --server-public-key"),
+                        (["--address", "   "], "--address is empty")):
+        with pytest.raises(batch.BatchError, match=re.escape(words)):
+            check(*argv)
+    args = check("--address", "  tcp://gpu:5557 \n", "--key-file", str(cert), "--server-public-key", str(cert),
+                 "--client-secret-key", str(cert))
+    assert args.address == "tcp://gpu:5557"
+    # A shot's own key files, and its certificates completed from the command line's.
+    with pytest.raises(batch.BatchError, match="s1: key_file nope.key: no such file"):
+        batch.check_shot_files("s1", {"key_file": "nope.key"}, {})
+    with pytest.raises(batch.BatchError, match="s1: CurveZMQ needs both"):
+        batch.check_shot_files("s1", {"client_secret_key_file": str(cert)}, {})
+    batch.check_shot_files("s1", {"client_secret_key_file": str(cert)}, {"server_public_key_file": str(cert),
+                                                                        "client_secret_key_file": str(cert)})
+    batch.check_shot_files("s1", {"server_public_key_file": "", "client_secret_key_file": ""},
+                           {"server_public_key_file": str(cert), "client_secret_key_file": str(cert)})
+
+
+def test_batch_messages_do_not_print_huge_numbers() -> None:
+    assert batch._clip_numbers(f"address must be text, not {10**400}") == \
+        "address must be text, not 100000000000...(401 digits)"
+    assert batch._clip_numbers("job 0123456789abcdef0123456789abcdef failed") == \
+        "job 0123456789abcdef0123456789abcdef failed"  # a job id is kept
+    assert batch._short(10**400, 80) == "100000000000...(401 digits)" and batch._short("shot 1", 80) == "shot 1"
