@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,18 +56,40 @@ class Verdict:
     detail: str = ""
 
 
-def load_rows(paths: Iterable[Path]) -> list[Row]:
+EXPECTED = "a result file of `animatediff-blender bench --json` (an object with `results` or `partial` rows)"
+
+
+def load_rows(paths: Iterable[Path], warn: Callable[[str], None] | None = None) -> list[Row]:
     """Every result row of the files (final `results`, else the `partial` ones a stopped
-    phase left)."""
+    phase left).  ValueError, naming the file, for one that is not JSON or not a benchmark
+    result, and when no file has a row; a result file without rows (a phase stopped before
+    its first) goes to `warn`."""
     rows: list[Row] = []
+    empty: list[Path] = []
+    paths = list(paths)
     for path in paths:
-        report = json.loads(Path(path).read_text())
+        try:
+            report = json.loads(Path(path).read_text(encoding="utf-8"))
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: neither names the file
+            raise ValueError(f"{path}: not JSON ({exc}): expected {EXPECTED}") from exc
         if not isinstance(report, dict):
-            raise ValueError(f"{path}: not a benchmark result (no object at the top)")
+            raise ValueError(f"{path}: not a benchmark result (no object at the top): expected {EXPECTED}")
+        if "results" not in report and "partial" not in report:
+            raise ValueError(f"{path}: not a benchmark result (no `results` or `partial`): expected {EXPECTED}")
         results = report.get("results") or report.get("partial") or []
+        if not isinstance(results, list):
+            raise ValueError(f"{path}: `results` is not a list of rows: expected {EXPECTED}")
         device = str(report.get("device", "?"))
         size = str(report.get("size", "real"))
-        rows.extend(Row(Path(path).stem, device, r, size) for r in results if isinstance(r, dict))
+        found = [Row(Path(path).stem, device, r, size) for r in results if isinstance(r, dict)]
+        if not found:
+            empty.append(path)
+        rows.extend(found)
+    if not rows:
+        raise ValueError(f"no result rows in {', '.join(str(p) for p in paths)}: expected {EXPECTED}")
+    for path in empty:
+        if warn is not None:
+            warn(f"{path}: no result rows (a run stopped before its first?)")
     return rows
 
 

@@ -705,6 +705,8 @@ def run_benchmark(
     lever, or every lever with `profile_every_lever`).  `engine_only`: no stock runs (no ratios, PSNR or counted FLOPs): for cases
     whose targets compare the engine with itself (128 vs 64 frames, restart warm-up).
     `anchors`: run stock only for these cases (the others as with `engine_only`)."""
+    if out_json is not None and out_json.is_dir():  # found now, not when the first rows are saved
+        raise ValueError(f"the result file {out_json} is a directory")
     import torch
 
     cuda = device.startswith("cuda")

@@ -7,6 +7,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from animatediff_blender.backend.commands import nonempty_path
+
 CASES = ("quality", "lightning", "long64", "long128", "server")
 
 EPILOG = """\
@@ -116,14 +118,48 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--workdir",
-        type=Path,
+        type=nonempty_path,
         default=None,
         help="where random-weight models and the compile cache live (reused)",
     )
     p.add_argument(
-        "--json", type=Path, default=Path("bench-result.json"), help="result file (default: %(default)s)"
+        "--json", type=nonempty_path, default=Path("bench-result.json"),
+        help="result file; missing folders are created (default: %(default)s)",
     )
     p.set_defaults(func=run)  # fmt: skip
+
+
+def json_problem(path: Path, *, create_parents: bool = False) -> str | None:
+    """Why a result file cannot be written at `path` (checked before measuring, which takes
+    a while): a folder there, or no folder to hold it (`create_parents`: none that can be
+    created); None if it can."""
+    from animatediff_blender.backend.commands.models import file_in_the_way
+
+    if path.is_dir():
+        return f"--json {path} is a directory: name a file, e.g. {path / 'result.json'}"
+    blocker = file_in_the_way(path.parent)
+    if blocker is not None:
+        return f"--json {path}: {blocker} is not a directory"
+    if not create_parents and not path.parent.is_dir():
+        return f"--json {path}: no folder {path.parent}"
+    return None
+
+
+def device_problem(device: str) -> str | None:
+    """Why `device` cannot run a benchmark here (not a torch device, no CUDA, no such
+    card), checked before any work; None if it can.  Imports torch."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):  # "Expected one of cpu, cuda, ipu, xpu, ... device type"
+        return f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {device}: CUDA is not available here; use --device cpu"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,10 +170,15 @@ def run(args: argparse.Namespace) -> int:
 
     from animatediff_blender.backend.bench.models import Size
     from animatediff_blender.backend.bench.run import run_benchmark
+    from animatediff_blender.backend.commands.models import file_in_the_way
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("animatediff-blender bench: CUDA is not available here; use --device cpu", file=sys.stderr)
+    problem = device_problem(device) or json_problem(args.json, create_parents=True)
+    if problem is None and args.workdir is not None:
+        blocker = file_in_the_way(args.workdir)
+        problem = f"--workdir {args.workdir}: {blocker} is not a directory" if blocker is not None else None
+    if problem:
+        print(f"animatediff-blender bench: {problem}", file=sys.stderr)
         return 2
     size: Size = args.size or ("real" if device.startswith("cuda") else "tiny")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
@@ -152,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"animatediff-blender bench: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the result file or the work folder cannot be written
+        print(f"animatediff-blender bench: error: {exc}", file=sys.stderr)
+        return 1
     failed = [r for r in report["results"] if r.get("error")]
     print(
         f"bench: {report['device']}, torch {report['torch']}, diffusers {report['diffusers']}; "

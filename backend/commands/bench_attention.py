@@ -9,7 +9,8 @@ import argparse
 import importlib.util
 import json
 import sys
-from pathlib import Path
+
+from animatediff_blender.backend.commands import nonempty_path
 
 CASES = ("quality", "lightning", "long64", "long128")
 
@@ -40,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also time the attention written out as multiply-sums and compiled by inductor "
                         "('reduced'), for the temporal calls")  # fmt: skip
     p.add_argument("--iters", type=int, default=20, help="timed calls per shape and backend (default: %(default)s)")
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--json", type=nonempty_path, default=None, help="also write the results here")
     p.set_defaults(func=run)
 
 
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     from animatediff_blender.backend.bench import attention
     from animatediff_blender.backend.bench.run import cases_for
+    from animatediff_blender.backend.commands.bench import device_problem, json_problem
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
@@ -60,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
         problem = f"unknown backend(s) {', '.join(unknown)}: choose from {', '.join(known)}"
     elif args.iters < 1:
         problem = "--iters must be at least 1"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        problem = "--device cuda: no CUDA device here"
+    else:
+        problem = device_problem(device) or (json_problem(args.json) if args.json is not None else None)
     if problem:
         print(f"animatediff-blender bench-attention: {problem}", file=sys.stderr)
         return 2
@@ -87,5 +89,9 @@ def run(args: argparse.Namespace) -> int:
         results.append(result.to_json())
         if args.json:  # after each case: a run stopped by a time limit keeps what it measured
             meta = {"device": gpu, "torch": torch.__version__, "dtype": dtype, "size": args.size, "iters": args.iters}
-            args.json.write_text(json.dumps({"meta": meta, "cases": results}, indent=2))
+            try:
+                args.json.write_text(json.dumps({"meta": meta, "cases": results}, indent=2))
+            except OSError as exc:  # e.g. the disk filled up while measuring
+                print(f"animatediff-blender bench-attention: cannot write {args.json}: {exc}", file=sys.stderr)
+                return 1
     return 0

@@ -8,6 +8,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from animatediff_blender.backend.commands.bench import CASES
+
+# The cases whose engine rows --fastest compares (the server case's rows are the server's).
+ENGINE_CASES = tuple(c for c in CASES if c != "server")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -22,9 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("results", type=Path, nargs="+", metavar="RESULT.json")
     p.add_argument(
-        "--fastest", metavar="CASE",
+        "--fastest", metavar="CASE", choices=ENGINE_CASES,
         help="print only the `default+...` lever that denoised CASE fastest, more than 3%% faster than the "
-        "default with frames within 40 dB of stock (nothing if none did): a later phase measures it",
+        "default with frames within 40 dB of stock (nothing if none did): a later phase measures it; CASE is "
+        f"one of {', '.join(ENGINE_CASES)}",
     )  # fmt: skip
     p.add_argument(
         "--lever", default="default", metavar="LEVER",
@@ -39,8 +45,11 @@ def run(args: argparse.Namespace) -> int:
 
     from animatediff_blender.backend.bench import report
 
+    def warn(text: str) -> None:
+        print(f"animatediff-blender bench-report: {text}", file=sys.stderr)
+
     try:
-        rows = report.load_rows(args.results)
+        rows = report.load_rows(args.results, warn=warn)
         if args.fastest:
             print(report.fastest_lever(rows, args.fastest) or "")
             return 0

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from pathlib import Path
+
+from animatediff_blender.backend.commands import nonempty_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--repeats", type=int, default=5, help="timed jobs after one untimed (default: %(default)s)"
     )
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--json", type=nonempty_path, default=None, help="also write the results here")
     p.set_defaults(func=run)
 
 
@@ -45,12 +47,18 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from animatediff_blender.backend.bench import overhead
+    from animatediff_blender.backend.commands.bench import json_problem
 
     denoise_s = overhead.H200_LIGHTNING_DENOISE_S if args.denoise_s is None else args.denoise_s
     decode_s = overhead.H200_LIGHTNING_DECODE_S if args.decode_s is None else args.decode_s
-    if args.frames < 1 or args.size < 8 or args.size % 8 or args.repeats < 1 or min(denoise_s, decode_s) < 0:
-        print("animatediff-blender bench-server: need --frames >= 1, --size a multiple of 8, --repeats >= 1, times >= 0",
-              file=sys.stderr)  # fmt: skip
+    times_ok = all(math.isfinite(t) and t >= 0 for t in (denoise_s, decode_s))  # NaN compares False
+    if args.frames < 1 or args.size < 8 or args.size % 8 or args.repeats < 1 or not times_ok:
+        print("animatediff-blender bench-server: need --frames >= 1, --size a multiple of 8, --repeats >= 1, "
+              "times finite and >= 0", file=sys.stderr)  # fmt: skip
+        return 2
+    problem = json_problem(args.json) if args.json is not None else None
+    if problem:
+        print(f"animatediff-blender bench-server: {problem}", file=sys.stderr)
         return 2
     results = []
     from animatediff_blender.backend.png import deflate_backend
@@ -76,5 +84,9 @@ def run(args: argparse.Namespace) -> int:
             }
         )  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        try:
+            args.json.write_text(json.dumps(results, indent=2))
+        except OSError as exc:  # e.g. the disk filled up while measuring
+            print(f"animatediff-blender bench-server: cannot write {args.json}: {exc}", file=sys.stderr)
+            return 1
     return 0

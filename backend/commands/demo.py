@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from animatediff_blender.backend.commands import nonempty_path
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -18,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Video Sequencer, saves the .blend, and writes an animated preview and a contact sheet."
         ),
     )
-    p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default: %(default)s)")
+    p.add_argument("--out", type=nonempty_path, default=Path("demo-output"), help="output folder (default: %(default)s)")
     p.add_argument(
         "--blender-python",
         type=Path,
@@ -31,9 +33,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, checked before the demo builds anything (the zoo,
+    the extension and a backend take a while): the clip within what the demo's backend (the
+    server's default limits) accepts, the output folder a folder."""
+    from animatediff_blender.backend.commands.models import file_in_the_way
+    from animatediff_blender.protocol.messages import Limits
+
+    limits = Limits()
+    if not 1 <= args.frames <= limits.max_frames:
+        return f"--frames {args.frames}: must be between 1 and {limits.max_frames}"
+    if not 1 <= args.steps <= limits.max_steps:
+        return f"--steps {args.steps}: must be between 1 and {limits.max_steps}"
+    top = min(limits.max_width, limits.max_height)
+    if not 8 <= args.size <= top or args.size % 8:
+        return f"--size {args.size}: must be a multiple of 8 between 8 and {top}"
+    if args.size * args.size * args.frames > limits.max_pixel_frames:
+        return (
+            f"--size {args.size} with --frames {args.frames}: {args.size}x{args.size}x{args.frames} pixels "
+            f"exceeds the backend's {limits.max_pixel_frames}: fewer frames or a smaller size"
+        )
+    blocker = file_in_the_way(args.out)
+    if blocker is not None:
+        inside = "" if blocker == args.out else f" ({blocker} is a file)"
+        return f"--out {args.out} is not a directory{inside}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from animatediff_blender.backend.demo import DemoError, default_blender_python, run_demo
 
+    problem = _problem(args)
+    if problem:
+        print(f"animatediff-blender demo: error: {problem}", file=sys.stderr)
+        return 2
     try:
         result = run_demo(
             args.out,
@@ -42,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             size=args.size,
             steps=args.steps,
         )
-    except DemoError as exc:
+    except (DemoError, OSError) as exc:  # OSError: the output folder cannot be written
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1
     s = result.strip

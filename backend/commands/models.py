@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from animatediff_blender.backend.commands import nonempty_path
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list, fetch or verify models; build the tiny offline zoo")
@@ -20,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     def models_dir_arg(q: argparse.ArgumentParser) -> None:
         q.add_argument(
-            "--models-dir", type=Path, default=None, help="models directory (default: <data>/models)"
+            "--models-dir", type=nonempty_path, default=None, help="models directory (default: <data>/models)"
         )
 
     q = msub.add_parser("list", help="list the models directory as the registry sees it")
@@ -43,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=run_verify)
 
     q = msub.add_parser("zoo", help="build the tiny offline model zoo (tests, demo)")
-    q.add_argument("dest", type=Path)
+    q.add_argument("dest", type=nonempty_path)
     q.add_argument("--force", action="store_true", help="rebuild even if up to date")
     q.set_defaults(func=run_zoo)
 
@@ -52,6 +54,28 @@ def _models_dir(args: argparse.Namespace) -> Path:
     from animatediff_blender.backend.models.fetch import default_models_dir
 
     return Path(args.models_dir) if args.models_dir else default_models_dir()
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing part of `path` (itself or a parent) when that is not a folder,
+    else None: where creating `path` as a folder, or a file in it, must fail."""
+    for part in (path, *path.parents):
+        if part.exists():
+            return None if part.is_dir() else part
+    return None
+
+
+def _dir_problem(args: argparse.Namespace, models_dir: Path, *, may_be_missing: bool = False) -> str | None:
+    """Why `models_dir` cannot be listed, verified (an existing folder) or fetched into
+    (`may_be_missing`: a folder, or one that can be created); None if it can."""
+    where = f"--models-dir {models_dir}" if args.models_dir is not None else f"the models directory {models_dir}"
+    blocker = file_in_the_way(models_dir)
+    if blocker is not None:
+        inside = "" if blocker == models_dir else f" ({blocker} is a file)"
+        return f"{where} is not a directory{inside}"
+    if not may_be_missing and not models_dir.is_dir():
+        return f"{where} does not exist"
+    return None
 
 
 def _size(n: int) -> str:
@@ -68,6 +92,11 @@ def run_list(args: argparse.Namespace) -> int:
     from animatediff_blender.backend.models.registry import ModelRegistry
 
     models_dir = _models_dir(args)
+    # The default folder missing is a fresh install (said below); a given one, a typo.
+    problem = _dir_problem(args, models_dir, may_be_missing=args.models_dir is None)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     registry = ModelRegistry(models_dir)
     infos = registry.scan()
     if args.json:
@@ -98,6 +127,10 @@ def run_fetch(args: argparse.Namespace) -> int:
     from animatediff_blender.backend.models.fetch import FetchError, fetch, plan
 
     models_dir = _models_dir(args)
+    problem = _dir_problem(args, models_dir, may_be_missing=True)  # fetch creates it
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         items = plan(args.only)
     except FetchError as exc:
@@ -108,7 +141,11 @@ def run_fetch(args: argparse.Namespace) -> int:
             for f in item.files:
                 print(f"{item.repo_id}/{f} -> {item.dest}{'/' + f if item.is_folder else ''}")
         return 0
-    report = fetch(models_dir, args.only)
+    try:
+        report = fetch(models_dir, args.only)
+    except OSError as exc:  # the folder or its manifest cannot be created or written
+        print(f"error: cannot fetch into {models_dir}: {exc}", file=sys.stderr)
+        return 1
     print(f"fetched {len(report.fetched)} item(s) into {models_dir}")
     for failure in report.failed:
         print(f"failed: {failure}", file=sys.stderr)
@@ -119,7 +156,15 @@ def run_verify(args: argparse.Namespace) -> int:
     from animatediff_blender.backend.models.fetch import verify
 
     models_dir = _models_dir(args)
-    result = verify(models_dir)
+    problem = _dir_problem(args, models_dir)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        result = verify(models_dir)
+    except OSError as exc:  # a listed file that cannot be read
+        print(f"error: cannot verify {models_dir}: {exc}", file=sys.stderr)
+        return 1
     for problem in result.problems:
         print(f"MISMATCH {problem}")
     print(f"checked {result.checked} file(s) in {models_dir}: {len(result.problems)} problem(s)")
