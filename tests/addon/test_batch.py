@@ -46,12 +46,17 @@ start_frame = 1
 """
 
 
-def run_batch(bpy_python, tmp: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def batch_command(bpy_python, tmp: Path, *args: str) -> tuple[list[str], dict[str, str]]:
+    """`python batch.py ARGS` in a Blender of its own (a fresh profile each run)."""
     require(bpy_python)
     env = dict(os.environ)
     env["BLENDER_USER_RESOURCES"] = str(tmp / f"batch-profile-{len(list(tmp.glob('batch-profile-*')))}")
     env["ANIMATEDIFF_BLENDER_CONFIG"] = str(tmp / "config")
-    cmd = [str(bpy_python.python), str(ROOT / "blender_addon" / "batch.py"), *args]
+    return [str(bpy_python.python), str(ROOT / "blender_addon" / "batch.py"), *args], env
+
+
+def run_batch(bpy_python, tmp: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    cmd, env = batch_command(bpy_python, tmp, *args)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp)
 
 
@@ -389,19 +394,15 @@ def test_ctrl_c_in_a_batch_cancels_the_shot_and_keeps_what_is_done(addon_zips, b
     import time
 
     bpy_python = newest()
-    require(bpy_python)
     backend = backend_factory("--fake-step-delay", "0.2")
     shots = tmp_path / "shots.toml"
     shots.write_text('[defaults]\nwidth = 64\nheight = 64\nframes = 2\n\n'
                      '[[shot]]\nname = "quick"\nprompt = "a"\nsteps = 1\n\n'
                      '[[shot]]\nname = "long"\nprompt = "b"\nsteps = 100\n')
     out_blend = tmp_path / "film.blend"
-    env = dict(os.environ)
-    env["BLENDER_USER_RESOURCES"] = str(tmp_path / "batch-profile")
-    env["ANIMATEDIFF_BLENDER_CONFIG"] = str(tmp_path / "config")
-    cmd = [str(bpy_python.python), str(ROOT / "blender_addon" / "batch.py"), str(shots),
-           "--addon-zip", str(addon_zips[bpy_python.py_tag]), "--address", backend.address,
-           "--key-file", str(backend.key_file), "--out-blend", str(out_blend)]
+    cmd, env = batch_command(bpy_python, tmp_path, str(shots), "--addon-zip", str(addon_zips[bpy_python.py_tag]),
+                             "--address", backend.address, "--key-file", str(backend.key_file),
+                             "--out-blend", str(out_blend))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     seen: list[str] = []
     deadline = time.monotonic() + 120
