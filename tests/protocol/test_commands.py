@@ -352,13 +352,30 @@ def test_generate_resume_collects_a_job_submitted_earlier(
     code = main(["generate", "--address", backend, "--resume", job_id, "--prompt", "other", "--frames", "9",
                  "--out", str(out)])  # fmt: skip
     assert code == 2 and "drop --prompt, --frames" in capsys.readouterr().err
-    # A job cancelled earlier (not by this run's Ctrl-C) is a failure, exit 1, not 130.
-    with BackendClient(ClientConfig(address=backend)) as client:
-        client.connect()
-        gone = client.submit(GenerateRequest(prompt="x", frames=3, width=64, height=64, steps=100)).job_id
-        client.cancel(gone)
-    assert main(["generate", "--address", backend, "--resume", gone, "--out", str(tmp_path / "c")]) == 1
-    assert "cancelled" in capsys.readouterr().err
+
+
+def test_resume_of_a_job_cancelled_earlier_exits_1_not_130(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """130 is the exit code of this run's own Ctrl-C; a job someone cancelled before is a failure."""
+    from animatediff_blender.backend.engine.fake import FakeEngine
+    from animatediff_blender.backend.server.config import ServerConfig
+    from animatediff_blender.backend.server.server import Server
+    from animatediff_blender.protocol.client import BackendClient, ClientConfig
+    from animatediff_blender.protocol.messages import GenerateRequest
+
+    server = Server(ServerConfig(key=auth.create_key(), data_dir=tmp_path / "data", bind="tcp://127.0.0.1:*",
+                                 linger_ms=0, shutdown_timeout_s=5), FakeEngine(step_delay_s=0.05))  # fmt: skip
+    backend = server.start()
+    try:
+        with BackendClient(ClientConfig(address=backend)) as client:
+            client.connect()
+            gone = client.submit(GenerateRequest(prompt="x", frames=3, width=64, height=64, steps=100)).job_id
+            assert client.cancel(gone).state in ("cancelled", "running")
+        assert main(["generate", "--address", backend, "--resume", gone, "--out", str(tmp_path / "c")]) == 1
+        assert "cancelled" in capsys.readouterr().err
+    finally:
+        server.stop()
 
 
 def test_the_resume_hint_pastes_into_a_shell(tmp_path: Path) -> None:
