@@ -175,7 +175,7 @@ def run_demo(
             [
                 str(blender_python), str(REPO_ROOT / "blender_addon" / "batch.py"), str(shots),
                 "--addon-zip", str(zip_for_python), "--address", address, "--key-file", str(key_file),
-                "--out-blend", str(blend),
+                "--out-blend", str(blend), "--overwrite",  # (a rerun replaces the last demo's .blend)
             ],
             env=benv, timeout=timeout, what="rendering in headless Blender (batch entry point)",
         )  # fmt: skip

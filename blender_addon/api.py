@@ -177,7 +177,9 @@ def submit(scene: Any, **settings: Any) -> Job:
         client.close()
         code = getattr(exc, "code", "")
         what = "no answer from the backend" if code in ("timeout", "connection") else "the backend refused the job"
-        raise AnimateDiffError(f"{what}: {exc}") from exc
+        from .worker import size_hint
+
+        raise AnimateDiffError(f"{what}: {exc}{size_hint(getattr(exc, 'fields', ()), settings, api=True)}") from exc
     _warn_preset(job_plan, welcome)
     return Job(accepted.job_id, client, job_plan, st.output_root(scene), scene.name, request, conn)
 

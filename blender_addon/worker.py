@@ -78,6 +78,31 @@ def describe_welcome(welcome: Any) -> str:
     return text
 
 
+# Request fields that a default panel takes from the scene (a new scene renders 1920x1080
+# for 250 frames, far beyond a backend's default limits): what to change when they are refused.
+_SCENE_DERIVED = {
+    "width": "Render size: turn it off and set Width and Height, or lower the render percentage",
+    "height": "Render size: turn it off and set Width and Height, or lower the render percentage",
+    "frames": "Scene length: turn it off and set Frames (or a smaller size)",
+}
+
+
+RESCAN_WAIT_S = 60.0  # ⟳'s wait for the backend to read its models folder again
+
+
+def size_hint(fields: Any, given: Any = (), api: bool = False) -> str:
+    """Words to add to a refusal of the size or length: which panel setting (or, for a
+    script, which keyword) sets it; "" when no such field was refused or `given` names it."""
+    refused = {str(getattr(f, "field", "")).rsplit(".", 1)[-1] for f in fields or ()}
+    names = [n for n in ("width", "height", "frames") if n in refused and n not in given]
+    if not names:
+        return ""
+    if api:
+        return (f" (without {', '.join(f'{n}=' for n in names)} the scene's render size and length are used; "
+                "pass smaller ones)")
+    return " -- in the AnimateDiff panel: " + "; ".join(dict.fromkeys(_SCENE_DERIVED[n] for n in names))
+
+
 def error_text(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text if len(text) < 400 else text[:400] + "..."
@@ -505,10 +530,22 @@ class Worker(threading.Thread):
         return None
 
     def _refresh_models(self) -> None:
+        from .protocol.client import ClientError
+
         try:
             welcome = self.client.connect() if not hasattr(self.client, "list_models") else None
             if welcome is None:
-                models = self.client.list_models()
+                # ⟳: files dropped into the backend's models folder appear (it reads the folder
+                # again; a new checkpoint is hashed first, which may take a while).
+                try:
+                    models = self.client.list_models(rescan=True, timeout_s=RESCAN_WAIT_S)
+                except ClientError as exc:
+                    if getattr(exc, "code", "") != "timeout":
+                        raise
+                    self.outbox.put(m.ConnectionState(
+                        True, "the backend is still reading its models folder (new checkpoints are hashed "
+                        "first): ⟳ again in a minute"))
+                    return
                 self.outbox.put(m.ConnectionState(
                     True, describe_welcome({"models": models, "server_version": _get(self.welcome, "server_version"),
                                             "device": _get(self.welcome, "device")}),
@@ -546,7 +583,8 @@ class Worker(threading.Thread):
                     sub.local_id, f"no answer from the backend ({error_text(exc)}); asking again"))
                 self._lost(exc)
                 return
-            self._tell_row(sub, m.JobRejected(sub.local_id, f"refused by the backend: {error_text(exc)}"))
+            hint = size_hint(getattr(exc, "fields", ()))
+            self._tell_row(sub, m.JobRejected(sub.local_id, f"refused by the backend: {error_text(exc)}{hint}"))
             if code in CONNECTION_CODES:
                 self._lost(exc)
             return

@@ -96,8 +96,10 @@ class ClientError(Exception):
     def __str__(self) -> str:
         if not self.fields:
             return self.message
+        if all(f.field in self.message and f.message in self.message for f in self.fields):
+            return self.message  # (the server's "request exceeds limits: $.request.width must be...")
         details = "; ".join(f"{f.field}: {f.message}" for f in self.fields)
-        return f"{self.message} ({details})" if details not in self.message else self.message
+        return f"{self.message} ({details})"
 
 
 @dataclass
@@ -372,9 +374,11 @@ class BackendClient:
 
     # ------------------------------------------------------------------ requests
 
-    def list_models(self, rescan: bool = False) -> list[ModelInfo]:
+    def list_models(self, rescan: bool = False, timeout_s: float | None = None) -> list[ModelInfo]:
+        """The server's models; `rescan` reads its models folder again first (files added or
+        replaced: a new checkpoint is hashed, so give a longer `timeout_s`)."""
         self._ensure_connected()
-        return self._call(ListModels(rescan=rescan), Models).models
+        return self._call(ListModels(rescan=rescan), Models, timeout_s).models
 
     def submit(
         self,

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Runs a real server and client on this machine around an engine stand-in that holds the "
             "device for the given denoise and decode times and hands over real-size frames in decode "
             "chunks.  Prints the end-to-end time, the stand-in's own time and what the server and "
-            "client added (issue #6's target: at most 5%% of end to end).  Defaults: the engine's "
+            "client added (issue #6's target: at most 5% of end to end).  Defaults: the engine's "
             "lightning clip on an H200 (16 frames 512x512, denoise 0.303 s, decode 0.265 s)."
         ),
     )

@@ -80,6 +80,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=nonempty_path, help="output folder (required unless --list-models)")
     p.add_argument("--list-models", action="store_true", help="print the backend's model registry and exit")
     p.add_argument(
+        "--rescan", action="store_true",
+        help="with --list-models: the backend reads its models folder again first (files added since it started)",
+    )  # fmt: skip
+    p.add_argument(
         "--resume",
         metavar="JOB_ID",
         help="instead of submitting: wait for a job submitted earlier from this machine (e.g. "
@@ -378,7 +382,8 @@ def _list_models(args: argparse.Namespace) -> int:
 
     with BackendClient(client_config(args)) as client:
         welcome = client.connect()
-        models = client.list_models()
+        # A rescan hashes new checkpoints first: minutes for a large one.
+        models = client.list_models(rescan=args.rescan, timeout_s=max(args.timeout, 600.0) if args.rescan else None)
     defaults = set(welcome.defaults.values())
     if not models:
         print("the backend has no models; see `animatediff-blender models --help`")

@@ -41,3 +41,13 @@ def test_the_demo_command_places_a_clip_and_writes_its_previews(tmp_path: Path) 
         assert gif.n_frames == 8 and gif.size == (64, 64)
     with Image.open(out / "contact_sheet.png") as sheet:
         assert sheet.format == "PNG" and sheet.width >= 64 and sheet.height >= 64
+
+    # Run again into the same folder (the README calls `make demo` idempotent): it refused,
+    # "demo.blend exists and is not the .blend being worked on", naming batch.py's flags.
+    again = subprocess.run(
+        [SERVE[0], "demo", "--out", str(out), "--blender-python", str(bpy_python.python),
+         "--frames", "8", "--size", "64", "--steps", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=420,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "on channel 2, frames 1-8 (8 frames)" in again.stdout, again.stdout[-2000:]

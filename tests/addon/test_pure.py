@@ -695,3 +695,56 @@ def test_batch_messages_do_not_print_huge_numbers() -> None:
     assert batch._clip_numbers("job 0123456789abcdef0123456789abcdef failed") == \
         "job 0123456789abcdef0123456789abcdef failed"  # a job id is kept
     assert batch._short(10**400, 80) == "100000000000...(401 digits)" and batch._short("shot 1", 80) == "shot 1"
+
+
+def test_a_refused_size_or_length_says_which_panel_setting_sets_it() -> None:
+    """A new scene renders 1920x1080 for 250 frames, and the panel takes both from it by
+    default: the first Generate was refused with "$.request.width must be <= 1024" and
+    nothing said how to change that in the panel (or, for a script, which keyword)."""
+    from animatediff_blender.protocol.client import ClientError
+    from animatediff_blender.protocol.messages import FieldError
+
+    size_hint = addon_modules("worker")[0].size_hint
+    refused = [FieldError(field="$.request.width", message="must be <= 1024"),
+               FieldError(field="$.request.height", message="must be <= 1024"),
+               FieldError(field="$.request.frames", message="width x height x frames = 518400000 exceeds ...")]
+    hint = size_hint(refused)
+    assert hint.count("Render size: turn it off") == 1 and "Scene length: turn it off and set Frames" in hint
+    assert size_hint(refused[2:], {"frames": 300}, api=True) == ""  # the script gave it: nothing to add
+    assert "without width=, height= the scene's render size" in size_hint(refused, {"frames": 9}, api=True)
+    assert size_hint([FieldError(field="$.request.steps", message="must be <= 100")]) == ""
+    # And the refusal itself says each field once (it was said twice, in two spellings).
+    exc = ClientError("limit", "request exceeds limits: $.request.width must be <= 1024", refused[:1])
+    assert str(exc) == "request exceeds limits: $.request.width must be <= 1024"
+    assert str(ClientError("limit", "bad", refused[:1])) == "bad ($.request.width: must be <= 1024)"
+
+
+def test_refresh_asks_the_backend_to_read_its_models_folder_again() -> None:
+    """⟳ only asked for the list the backend had read at its start: checkpoints dropped into
+    its models folder never appeared.  It rescans now; a rescan still hashing a new
+    checkpoint after a minute is said, and is no lost connection."""
+    import importlib
+    import queue
+
+    worker, m = _load_package()
+    client_error = importlib.import_module("_adb_pkg.protocol.client").ClientError
+
+    class Client:
+        def __init__(self, fail: bool) -> None:
+            self.fail, self.asked = fail, []
+
+        def list_models(self, rescan: bool = False, timeout_s: float | None = None):
+            self.asked.append((rescan, timeout_s))
+            if self.fail:
+                raise client_error("timeout", "No answer from backend within 60 s")
+            return []
+
+    for fail in (False, True):
+        outbox: queue.Queue = queue.Queue()
+        w = worker.Worker(outbox, {"address": "tcp://gpu:5557"})
+        w.client = Client(fail)
+        w._refresh_models()
+        assert w.client is not None and w.client.asked == [(True, worker.RESCAN_WAIT_S)]
+        state = outbox.get_nowait()
+        assert isinstance(state, m.ConnectionState) and state.connected
+        assert ("still reading its models folder" in state.message) == fail

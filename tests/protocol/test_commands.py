@@ -618,3 +618,31 @@ def test_model_aliases_resolve_to_registry_ids() -> None:
              for ext in ("ckpt", "safetensors")]
     with pytest.raises(UsageError, match="could mean any of motion:mm_v2.ckpt, motion:mm_v2.safetensors"):
         resolve_alias("motion:mm_v2", stems)
+
+
+def test_list_models_rescan_shows_a_checkpoint_dropped_in_later(
+    tiny_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README says dropped-in checkpoints "appear after a rescan", and no command asked
+    for one: only a restart showed them."""
+    import shutil
+
+    from animatediff_blender.backend.engine.animatediff import AnimateDiffEngine
+    from animatediff_blender.backend.server.config import ServerConfig
+    from animatediff_blender.backend.server.server import Server
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_zoo / "motion" / "tiny-motion-adapter-v2", models / "motion" / "tiny-motion-adapter-v2")
+    engine = AnimateDiffEngine(models, device="cpu")
+    server = Server(ServerConfig(key=auth.create_key(), data_dir=tmp_path / "data", bind="tcp://127.0.0.1:*",
+                                 linger_ms=0, shutdown_timeout_s=5), engine)  # fmt: skip
+    endpoint = server.start()
+    try:
+        (models / "lora").mkdir()
+        shutil.copy2(tiny_zoo / "lora" / "v2_lora_ZoomIn.ckpt", models / "lora")
+        assert main(["generate", "--address", endpoint, "--list-models"]) == 0
+        assert "lora:v2_lora_ZoomIn.ckpt" not in capsys.readouterr().out  # the list read at the start
+        assert main(["generate", "--address", endpoint, "--list-models", "--rescan"]) == 0
+        assert "lora:v2_lora_ZoomIn.ckpt" in capsys.readouterr().out
+    finally:
+        server.stop()
