@@ -98,6 +98,12 @@ def run_demo(
     from animatediff_blender.backend.models.zoo import build_zoo
     from animatediff_blender.protocol import auth
 
+    if not (REPO_ROOT / "build.py").is_file() or not (REPO_ROOT / "blender_addon").is_dir():
+        # An installed package (pip install ...[backend]) has neither: the demo builds the extension.
+        raise DemoError(
+            "the demo builds the Blender extension from a source checkout, and this is an installed "
+            "package: in a clone of the repository run `make demo`"
+        )
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not blender_python.exists():

@@ -37,10 +37,13 @@ class ADB_OT_generate(Operator):
         if refusal:
             self.report({"ERROR"}, refusal)
             return {"CANCELLED"}
-        job = jobs.submit(scene, plan, patient_s=maybe_autostart())
+        patience, not_started = maybe_autostart()
+        job = jobs.submit(scene, plan, patient_s=patience)
         mismatch = preset_mismatch(str(plan.request.get("preset")), plan.request.get("motion_module") or "",
                                    STATE.models, STATE.defaults, plan.request.get("domain_adapter") or "")
-        if mismatch:
+        if not_started:
+            self.report({"WARNING"}, f"AnimateDiff: submitted, but {not_started}")
+        elif mismatch:
             self.report({"WARNING"}, f"AnimateDiff: submitted, but {mismatch[0].lower()}{mismatch[1:]}")
         else:
             self.report({"INFO"}, f"AnimateDiff: submitted ({job.frames} frames -> channel {job.channel})")
@@ -126,7 +129,9 @@ class ADB_OT_refresh_models(Operator):
         if refusal:
             self.report({"ERROR"}, refusal)
             return {"CANCELLED"}
-        maybe_autostart()
+        _patience, not_started = maybe_autostart()
+        if not_started:
+            self.report({"WARNING"}, f"AnimateDiff: {not_started}")
         jobs.worker().send(m.RefreshModels())
         return {"FINISHED"}
 
@@ -204,7 +209,10 @@ class ADB_OT_regenerate(Operator):
         if refusal:
             self.report({"ERROR"}, refusal)
             return {"CANCELLED"}
-        jobs.submit(scene, plan, patient_s=maybe_autostart())
+        patience, not_started = maybe_autostart()
+        jobs.submit(scene, plan, patient_s=patience)
+        if not_started:
+            self.report({"WARNING"}, f"AnimateDiff: submitted, but {not_started}")
         return {"FINISHED"}
 
 
@@ -271,17 +279,22 @@ def stop_backend() -> None:
 BACKEND_START_PATIENCE_S = 600.0
 
 
-def maybe_autostart() -> float:
+def maybe_autostart() -> tuple[float, str]:
     """Start the local backend if the preferences say so.  Returns how long a submit should
-    wait for it to listen: 0 unless a backend this Blender started is running."""
+    wait for it to listen (0 unless a backend this Blender started is running), and why it
+    could not be started ("" if it was, or need not be): the caller tells the artist, or the
+    job would fail later with a bare "cannot connect"."""
     prefs = jobs.preferences()
+    problem = ""
     if prefs is not None and prefs.auto_start and prefs.backend_command.strip():
         try:
             start_backend()
         except (ValueError, OSError) as exc:
-            print(f"AnimateDiff: local backend not started: {exc}")
+            problem = (f"the local backend could not be started ({exc}): check the extension preferences' "
+                       "local backend command (a full path to animatediff-blender)")
+            print(f"AnimateDiff: {problem}")
     proc = STATE.backend_process
-    return BACKEND_START_PATIENCE_S if proc is not None and proc.poll() is None else 0.0
+    return (BACKEND_START_PATIENCE_S if proc is not None and proc.poll() is None else 0.0), problem
 
 
 def job_request_summary(job) -> str:

@@ -159,6 +159,9 @@ def test_takes_line_up_and_unplaced_frames_are_found(bpy_python, addon_zips, bac
     # The take undone: its row says the job ended, not "queued" for ever.
     assert r["undone_take"] == {"strip_left": False, "state": "finished",
                                 "message": "finished; its strip was undone"}, r["undone_take"]
+    # An auto-start that fails says why, for the operator to report (it went to the console only).
+    assert r["autostart"]["patience"] == 0 and "could not be started" in r["autostart"]["problem"], r
+    assert "/nonexistent/animatediff-blender" in r["autostart"]["problem"], r
 
 
 @pytest.mark.parametrize("bpy_python", bpy_pythons(), ids=lambda b: f"blender-{b.label}")

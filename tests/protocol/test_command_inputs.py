@@ -401,3 +401,16 @@ def test_bench_report_fastest_refuses_an_unknown_case(tmp_path: Path, capsys: py
     real = _rows_file(tmp_path / "real.json", [{"case": "quality", "runner": "stock", "denoise_s": 1.0, "error": ""}])
     _usage_error(["bench-report", "--fastest", "nocase", str(real)], capsys, "--fastest", "quality")
     assert capsys.readouterr().out == ""
+
+
+def test_demo_from_an_installed_package_says_it_needs_a_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Installed with pip, the package has no build.py: the demo said "run ./scripts/setup.sh"
+    and then "can't open file .../site-packages/animatediff_blender/build.py"."""
+    from animatediff_blender.backend import demo
+
+    monkeypatch.setattr(demo, "REPO_ROOT", tmp_path / "site-packages" / "animatediff_blender")
+    with pytest.raises(demo.DemoError, match="source checkout.*make demo"):
+        demo.run_demo(tmp_path / "out", blender_python=tmp_path / "python")
+    assert not (tmp_path / "out").exists()

@@ -84,5 +84,12 @@ scene = bpy.context.scene  # reloaded by the undo
 job = jobs.find_job(local, "local_id")[1]
 out["undone_take"] = {"strip_left": bool(sc.strips_named(scene, [undone])),
                       "state": job.state, "message": job.message}
+# "Start the local backend automatically" with a command that cannot run (Blender started
+# from a desktop launcher, without the venv on PATH): the artist is told, not only the console.
+prefs = jobs.preferences()
+prefs.auto_start, prefs.backend_command = True, "/nonexistent/animatediff-blender serve"
+patience, problem = c.sub("operators").maybe_autostart()
+out["autostart"] = {"patience": patience, "problem": problem}
+prefs.auto_start, prefs.backend_command = False, ""
 state.worker.stop()
 c.result(**out)
