@@ -455,6 +455,15 @@ def _wrong_folder(path: Path, kind: str, exc: ConversionError) -> ConversionErro
     )
 
 
+def _only_hidden(folder: Path) -> bool:
+    """A folder holding nothing but hidden entries (huggingface_hub's `.cache/` of a download
+    that failed before its first file): no model yet, not a broken one."""
+    try:
+        return all(entry.name.startswith(".") for entry in folder.iterdir())
+    except OSError:
+        return False  # unreadable: inspected, and listed with its reason
+
+
 def _label(kind: str, name: str, det: _Detected, camera: str) -> str:
     stem = _stem(name)
     if camera:
@@ -586,6 +595,8 @@ class ModelRegistry:
                     if child.name.endswith(".config") and any(
                         (folder / (child.name[: -len(".config")] + s)).exists() for s in WEIGHT_SUFFIXES
                     ):
+                        continue
+                    if _only_hidden(child):  # a download that never got a file (its .cache only)
                         continue
                     out.append((kind, child))
                 elif child.suffix.lower() in WEIGHT_SUFFIXES:

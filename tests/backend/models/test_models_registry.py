@@ -758,3 +758,16 @@ def test_lora_header_alpha_is_checked_at_scan(tiny_zoo: Path, models_copy) -> No
     assert infos["lora:zoom-in-peft"].ok and infos["lora:zoom-in-peft"].format == "peft"
     assert not infos["lora:per-module.safetensors"].ok
     assert "per-module" in infos["lora:per-module.safetensors"].error
+
+
+def test_a_download_that_never_got_a_file_is_no_broken_model(tmp_path: Path) -> None:
+    """`models fetch` without network leaves `motion/AnimateLCM/.cache/...lock`: it was listed
+    as a broken model ("motion adapter folder lacks config.json").  An empty folder too."""
+    lock = tmp_path / "motion" / "AnimateLCM" / ".cache" / "huggingface" / "download" / "x.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    (tmp_path / "lora" / "empty").mkdir(parents=True)
+    (tmp_path / "lora" / "half" / ".cache").mkdir(parents=True)
+    (tmp_path / "lora" / "half" / "notes.txt").write_text("x")  # something there: inspected, broken
+    ids = {i.id: i for i in ModelRegistry(tmp_path).scan()}
+    assert set(ids) == {"lora:half"} and not ids["lora:half"].ok
