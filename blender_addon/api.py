@@ -316,9 +316,9 @@ def _settle_take(scene: Any, result: Result) -> None:
     """A take written before the .blend was saved elsewhere moves beside it (as the panel's
     jobs do); if it cannot, it is placed from where it is, with a warning."""
     root = st.output_root(scene)
-    src = os.path.realpath(result.directory)
-    if os.path.realpath(os.path.dirname(src)) == os.path.realpath(root):
+    if files.in_place(result.directory, root, result.job_id):
         return
+    src = os.path.realpath(result.directory)
     if files.folder_owner(Path(src)) != result.job_id:
         return  # not a take folder this add-on wrote for the job: placed where it is
     try:

@@ -52,6 +52,11 @@ def job_dir(out_root: str | os.PathLike[str], job_id: str) -> Path:
     return root / job_id
 
 
+def in_place(directory: str | os.PathLike[str], out_root: str | os.PathLike[str], job_id: str) -> bool:
+    """Whether a take written at `directory` is where `out_root` keeps the job's take."""
+    return os.path.realpath(directory) == os.path.realpath(job_dir(out_root, job_id))
+
+
 def folder_owner(folder: Path) -> str | None:
     """The job id in a take folder's marker; None without one (or without the folder)."""
     try:

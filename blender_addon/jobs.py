@@ -322,10 +322,8 @@ def _move_take(scene: Any, job: Any, msg: m.JobDone) -> bool:
     writes a take in one step when it ends, so the whole take is always there to move; that is
     simpler and surer than redirecting the worker on save, which would still miss a result
     already written and waiting on the queue."""
-    import os
-
     root = take_root(scene, job)
-    if os.path.realpath(msg.directory) == os.path.realpath(files.job_dir(root, msg.job_id)):
+    if files.in_place(msg.directory, root, msg.job_id):
         return False
     job.message = "moving the take beside the saved file"
     worker().send(m.MoveTake(msg, root))

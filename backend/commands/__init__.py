@@ -12,3 +12,12 @@ def nonempty_path(value: str) -> Path:
     if not value.strip():
         raise argparse.ArgumentTypeError("must not be empty")
     return Path(value)
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing part of `path` (itself or a parent) when that is not a folder,
+    else None: where creating `path` as a folder, or a file in it, must fail."""
+    for part in (path, *path.parents):
+        if part.exists():
+            return None if part.is_dir() else part
+    return None

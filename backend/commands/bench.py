@@ -133,7 +133,7 @@ def json_problem(path: Path, *, create_parents: bool = False) -> str | None:
     """Why a result file cannot be written at `path` (checked before measuring, which takes
     a while): a folder there, or no folder to hold it (`create_parents`: none that can be
     created); None if it can."""
-    from animatediff_blender.backend.commands.models import file_in_the_way
+    from animatediff_blender.backend.commands import file_in_the_way
 
     if path.is_dir():
         return f"--json {path} is a directory: name a file, e.g. {path / 'result.json'}"
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
 
     from animatediff_blender.backend.bench.models import Size
     from animatediff_blender.backend.bench.run import run_benchmark
-    from animatediff_blender.backend.commands.models import file_in_the_way
+    from animatediff_blender.backend.commands import file_in_the_way
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     problem = device_problem(device) or json_problem(args.json, create_parents=True)

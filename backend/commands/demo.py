@@ -37,7 +37,7 @@ def _problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the arguments, checked before the demo builds anything (the zoo,
     the extension and a backend take a while): the clip within what the demo's backend (the
     server's default limits) accepts, the output folder a folder."""
-    from animatediff_blender.backend.commands.models import file_in_the_way
+    from animatediff_blender.backend.commands import file_in_the_way
     from animatediff_blender.protocol.messages import Limits
 
     limits = Limits()

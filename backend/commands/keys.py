@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from animatediff_blender.backend.commands import nonempty_path
+from animatediff_blender.backend.commands import file_in_the_way, nonempty_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.client == "server":  # the server's own certificate: client and server would share it
         print("error: --client 'server' names the server's certificate: choose another name", file=sys.stderr)
         return 2
-    blocker = _file_in_the_way(directory)
+    blocker = file_in_the_way(directory)
     if blocker is not None:
         # Checked here: otherwise the OSError names the key's temporary file inside it.
         where = f"--dir {directory}" if args.dir is not None else f"the config dir {directory}"
@@ -66,14 +66,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     _explain(directory, made, curve=args.curve, client=args.client)
     return 0
-
-
-def _file_in_the_way(directory: Path) -> Path | None:
-    """The nearest existing part of `directory` when that is not a folder, else None."""
-    for part in (directory, *directory.parents):
-        if part.exists():
-            return None if part.is_dir() else part
-    return None
 
 
 def _make(directory: Path, *, curve: bool, client: str, force: bool) -> dict[str, tuple[Path, bool]]:

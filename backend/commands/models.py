@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from animatediff_blender.backend.commands import nonempty_path
+from animatediff_blender.backend.commands import file_in_the_way, nonempty_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,15 +54,6 @@ def _models_dir(args: argparse.Namespace) -> Path:
     from animatediff_blender.backend.models.fetch import default_models_dir
 
     return Path(args.models_dir) if args.models_dir else default_models_dir()
-
-
-def file_in_the_way(path: Path) -> Path | None:
-    """The nearest existing part of `path` (itself or a parent) when that is not a folder,
-    else None: where creating `path` as a folder, or a file in it, must fail."""
-    for part in (path, *path.parents):
-        if part.exists():
-            return None if part.is_dir() else part
-    return None
 
 
 def _dir_problem(args: argparse.Namespace, models_dir: Path, *, may_be_missing: bool = False) -> str | None:
