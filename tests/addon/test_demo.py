@@ -16,11 +16,15 @@ from .conftest import ROOT, SERVE, oldest, require
 def test_the_demo_command_places_a_clip_and_writes_its_previews(tmp_path: Path) -> None:
     bpy_python = require(oldest())  # the demo's default: Blender 4.2 LTS (.venv-bpy42)
     out = tmp_path / "demo out"  # a space: every path the demo hands on must be quoted
-    proc = subprocess.run(
-        [SERVE[0], "demo", "--out", str(out), "--blender-python", str(bpy_python.python),
-         "--frames", "8", "--size", "64", "--steps", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=420,
-    )  # fmt: skip
+
+    def demo() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [SERVE[0], "demo", "--out", str(out), "--blender-python", str(bpy_python.python),
+             "--frames", "8", "--size", "64", "--steps", "2"],
+            cwd=ROOT, capture_output=True, text=True, timeout=420,
+        )  # fmt: skip
+
+    proc = demo()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "demo: done" in proc.stdout
 
@@ -44,10 +48,6 @@ def test_the_demo_command_places_a_clip_and_writes_its_previews(tmp_path: Path) 
 
     # Run again into the same folder (the README calls `make demo` idempotent): it refused,
     # "demo.blend exists and is not the .blend being worked on", naming batch.py's flags.
-    again = subprocess.run(
-        [SERVE[0], "demo", "--out", str(out), "--blender-python", str(bpy_python.python),
-         "--frames", "8", "--size", "64", "--steps", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=420,
-    )  # fmt: skip
+    again = demo()
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "on channel 2, frames 1-8 (8 frames)" in again.stdout, again.stdout[-2000:]
