@@ -21,7 +21,7 @@ name, prompt, negative_prompt, prompt_travel, base_model, motion_module, motion_
 preset (quality | fast | lightning | lcm), context_length, context_stride, channel,
 start_frame, and the API's connection keys.  Keys left out come from the AnimateDiff
 settings of the scene the Sequencer edits (Blender 5's sequencer scene, else the window's;
-frames: its length; size: its render size).  The strips land in that scene too.
+frames: its Frames or length; size: its render aspect).  The strips land in that scene too.
 
 Every shot is rendered even if one fails; the .blend is saved with the strips that
 succeeded (a save that fails after a shot is reported and tried again after the next); the

@@ -101,7 +101,8 @@ def submit(scene: Any, plan: st.Plan, patient_s: float = 0.0) -> Any:
     job.request_json = request_json
     s.active_job = len(s.jobs) - 1
     sub = m.SubmitJob(job.local_id, plan.request, plan.camera_motions, root, client_tag=f"{scene.name}"[:200],
-                      patient_until=time.monotonic() + patient_s if patient_s > 0 else 0.0)
+                      patient_until=time.monotonic() + patient_s if patient_s > 0 else 0.0,
+                      panel_hints=plan.panel_hints)
     STATE.job_shadow[job.local_id] = {"scene": scene.name, "blend": bpy.data.filepath, "submit": sub,
                                       **{k: getattr(job, k) for k in SHADOW_FIELDS}}
     w.send(sub)

@@ -32,6 +32,8 @@ class SubmitJob:
     # the submit refused: the add-on has just started the local backend, which loads its
     # models before it listens (minutes, the first time, for new checkpoints).
     patient_until: float = 0.0
+    # Request field -> the panel setting to change when the backend refuses it (its limits).
+    panel_hints: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -88,12 +88,19 @@ class ADB_Settings(PropertyGroup):
         name="Motion module", description="Model id; empty: the backend's default")  # type: ignore[valid-type]
     camera_loras: CollectionProperty(type=ADB_CameraLora)  # type: ignore[valid-type]
     extra_loras: CollectionProperty(type=ADB_ExtraLora)  # type: ignore[valid-type]
+    # Off by default: AnimateDiff's motion modules are trained on 16 frames, and a new scene's
+    # 250 are beyond a default backend's limits (and minutes of work for a first try).
     use_scene_length: BoolProperty(
-        name="Scene length", default=True, description="Generate as many frames as the scene frame range")  # type: ignore[valid-type]
-    frames: IntProperty(name="Frames", default=16, min=1, max=4096)  # type: ignore[valid-type]
+        name="Scene length", default=False,
+        description="Generate as many frames as the scene frame range")  # type: ignore[valid-type]
+    frames: IntProperty(name="Frames", default=16, min=1, max=4096,
+                        description="Frames to generate (AnimateDiff's own length is 16; longer clips "
+                                    "use context windows)")  # type: ignore[valid-type]
     use_render_size: BoolProperty(
-        name="Render size", default=True,
-        description="Use the render resolution x percentage, rounded to multiples of 8")  # type: ignore[valid-type]
+        name="Render aspect", default=True,
+        description="The render resolution's aspect ratio at Stable Diffusion 1.5's scale: the resolution x "
+                    "percentage, scaled down to about 512x512 pixels when larger, in multiples of 8 "
+                    "(the strip is scaled to fit the frame)")  # type: ignore[valid-type]
     width: IntProperty(name="Width", default=512, min=8, max=8192, step=8)  # type: ignore[valid-type]
     height: IntProperty(name="Height", default=512, min=8, max=8192, step=8)  # type: ignore[valid-type]
     steps: IntProperty(name="Steps", default=0, min=0, max=1000,

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
@@ -32,6 +32,9 @@ class Plan:
     # Recorded on the take instead of camera_motions when the moves are already in
     # request["motion_loras"] as ids (Regenerate renders with the source take's own files).
     noted_camera_motions: dict[str, float] | None = None
+    # Request field -> what to change in the panel when the backend refuses its value
+    # (beyond its limits); only for the fields the panel set (not a script's keywords).
+    panel_hints: dict[str, str] = field(default_factory=dict)
 
 
 def round8(value: float) -> int:
@@ -48,10 +51,20 @@ def is_finite(value: int | float) -> bool:
     return isinstance(value, int) or math.isfinite(value)
 
 
+# Stable Diffusion 1.5 (and so AnimateDiff) is trained at 512x512: a larger frame costs more
+# and repeats the subject, and a new scene's 1920x1080 is beyond a default backend's limits.
+SD_PIXELS = 512 * 512
+
+
 def render_size(scene: Any) -> tuple[int, int]:
+    """The render resolution x percentage at Stable Diffusion 1.5's scale: scaled down, keeping
+    its aspect ratio, to about 512x512 pixels when it is larger; multiples of 8 (1920x1080 ->
+    680x384; 512x288 stays)."""
     r = scene.render
     pct = r.resolution_percentage / 100.0
-    return round8(r.resolution_x * pct), round8(r.resolution_y * pct)
+    width, height = r.resolution_x * pct, r.resolution_y * pct
+    scale = min(1.0, math.sqrt(SD_PIXELS / (width * height)))
+    return round8(width * scale), round8(height * scale)
 
 
 def scene_length(scene: Any) -> int:
@@ -118,7 +131,16 @@ def plan_from_scene(scene: Any, **overrides: Any) -> Plan:
     if not -MAX_FRAME <= start <= MAX_FRAME:  # Blender would put the strip at the limit instead
         raise ValueError(f"start frame {shown(start)} is outside Blender's frame range "
                          f"({-MAX_FRAME} to {MAX_FRAME})")
-    return Plan(req, camera, channel, start)
+    return Plan(req, camera, channel, start, panel_hints={k: v for k, v in panel_hints(s).items() if k not in overrides})
+
+
+def panel_hints(settings: Any) -> dict[str, str]:
+    """What to change in the panel when the backend refuses the size or the length."""
+    size = ("Render aspect: turn it off and set Width and Height" if settings.use_render_size
+            else "set a smaller Width or Height")
+    length = ("Scene length: turn it off and set Frames (or a smaller size)" if settings.use_scene_length
+              else "set fewer Frames (or a smaller size)")
+    return {"width": size, "height": size, "frames": length}
 
 
 def whole_number(key: str, value: Any) -> int:

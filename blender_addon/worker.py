@@ -78,29 +78,23 @@ def describe_welcome(welcome: Any) -> str:
     return text
 
 
-# Request fields that a default panel takes from the scene (a new scene renders 1920x1080
-# for 250 frames, far beyond a backend's default limits): what to change when they are refused.
-_SCENE_DERIVED = {
-    "width": "Render size: turn it off and set Width and Height, or lower the render percentage",
-    "height": "Render size: turn it off and set Width and Height, or lower the render percentage",
-    "frames": "Scene length: turn it off and set Frames (or a smaller size)",
-}
-
-
 RESCAN_WAIT_S = 60.0  # ⟳'s wait for the backend to read its models folder again
 
 
-def size_hint(fields: Any, given: Any = (), api: bool = False) -> str:
-    """Words to add to a refusal of the size or length: which panel setting (or, for a
-    script, which keyword) sets it; "" when no such field was refused or `given` names it."""
+def size_hint(fields: Any, given: Any = (), api: bool = False, panel: dict[str, str] | None = None) -> str:
+    """Words to add to a refusal of the size or length: for the panel, the setting that sets
+    it (`panel`: field -> words, from `settings.Plan.panel_hints`); for a script, the keyword
+    it left out (not in `given`).  "" when no such field was refused."""
     refused = {str(getattr(f, "field", "")).rsplit(".", 1)[-1] for f in fields or ()}
-    names = [n for n in ("width", "height", "frames") if n in refused and n not in given]
-    if not names:
-        return ""
+    names = [n for n in ("width", "height", "frames") if n in refused]
     if api:
-        return (f" (without {', '.join(f'{n}=' for n in names)} the scene's render size and length are used; "
-                "pass smaller ones)")
-    return " -- in the AnimateDiff panel: " + "; ".join(dict.fromkeys(_SCENE_DERIVED[n] for n in names))
+        names = [n for n in names if n not in given]
+        if not names:
+            return ""
+        return (f" (without {', '.join(f'{n}=' for n in names)} the AnimateDiff panel's size and length are "
+                "used; pass smaller ones)")
+    words = [panel[n] for n in names if panel and n in panel]
+    return " -- in the AnimateDiff panel: " + "; ".join(dict.fromkeys(words)) if words else ""
 
 
 def error_text(exc: BaseException) -> str:
@@ -583,7 +577,7 @@ class Worker(threading.Thread):
                     sub.local_id, f"no answer from the backend ({error_text(exc)}); asking again"))
                 self._lost(exc)
                 return
-            hint = size_hint(getattr(exc, "fields", ()))
+            hint = size_hint(getattr(exc, "fields", ()), panel=sub.panel_hints)
             self._tell_row(sub, m.JobRejected(sub.local_id, f"refused by the backend: {error_text(exc)}{hint}"))
             if code in CONNECTION_CODES:
                 self._lost(exc)

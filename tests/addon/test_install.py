@@ -32,10 +32,12 @@ def test_install_register_camera_unregister(bpy_python, addon_zips, tmp_path: Pa
     # The wheels came from the extension's own site-packages, not from anywhere else.
     assert "extensions" in r["zmq_file"] and str(tmp_path) in r["zmq_file"]
     assert r["zmq"] == "27.3.0" and r["msgspec"] == "0.22.0" and r["zmq_has_curve"]
-    # Defaults: scene length, render size x percentage rounded to 8, current frame.
+    # Defaults: 16 frames, the render size x percentage rounded to 8 (scaled down to SD1.5's
+    # 512x512 pixels when larger, keeping the aspect), the current frame.
     plan = r["plan"]
-    assert plan["request"]["frames"] == 24
+    assert plan["request"]["frames"] == 16
     assert (plan["request"]["width"], plan["request"]["height"]) == (480, 272)
+    assert r["full_hd_scene_length"] == [680, 384, 24]
     assert plan["start_frame"] == 7 and plan["channel"] == 2
     assert plan["request"]["base_model"] is None and plan["request"]["motion_module"] is None
     assert "empty" in r["empty_prompt_error"]

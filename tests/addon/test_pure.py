@@ -552,11 +552,32 @@ def _scene():
     from types import SimpleNamespace
 
     panel = SimpleNamespace(prompt="a fox", negative_prompt="", base_model="", motion_module="", camera_loras=[],
-                            extra_loras=[], use_scene_length=True, frames=16, use_render_size=True, width=512,
+                            extra_loras=[], use_scene_length=False, frames=16, use_render_size=True, width=512,
                             height=512, steps=0, guidance=0.0, seed=42, preset="quality", channel=2,
                             use_current_frame=True, start_frame=1)
     render = SimpleNamespace(resolution_x=1920, resolution_y=1080, resolution_percentage=25)
     return SimpleNamespace(animatediff=panel, render=render, frame_start=1, frame_end=24, frame_current=5)
+
+
+def test_render_aspect_is_the_render_size_at_sd15_scale() -> None:
+    """A new scene renders 1920x1080: taken as it is, the first Generate was refused (beyond
+    1024) and would have cost 8x a 512x512 clip with SD1.5 repeating its subject.  The panel
+    keeps the render's aspect at about 512x512 pixels; a render at or below that is kept."""
+    st = _settings()
+    scene = _scene()
+
+    def size(x: int, y: int, pct: int = 100) -> tuple[int, int]:
+        scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = x, y, pct
+        plan = st.plan_from_scene(scene)
+        return plan.request["width"], plan.request["height"]
+
+    assert size(1920, 1080) == (680, 384) == size(3840, 2160) == size(1280, 720)
+    assert size(1080, 1920) == (384, 680)  # portrait
+    assert size(2048, 2048) == (512, 512) and size(4096, 1024) == (1024, 256)
+    assert size(512, 288) == (512, 288) and size(64, 64) == (64, 64) and size(1920, 1080, 25) == (480, 272)
+    assert size(768, 512) == (624, 416)  # above 512x512 pixels: scaled down too
+    scene.animatediff.use_render_size = False
+    assert size(1920, 1080) == (512, 512)  # Width and Height
 
 
 def test_shot_values_out_of_range_are_refused_not_clamped() -> None:
@@ -565,7 +586,7 @@ def test_shot_values_out_of_range_are_refused_not_clamped() -> None:
     each is refused, naming the setting.  Whole floats (4.0) and sizes to round still pass."""
     st = _settings()
     plan = st.plan_from_scene(_scene())
-    assert (plan.request["width"], plan.request["height"], plan.request["frames"]) == (480, 272, 24)
+    assert (plan.request["width"], plan.request["height"], plan.request["frames"]) == (480, 272, 16)
     assert (plan.channel, plan.start_frame) == (2, 5)
     for overrides, words in (({"width": -512}, "width -512 is below the smallest size (8 pixels)"),
                              ({"height": 0}, "height 0 is below"), ({"width": 7.9}, "width 7.9 is below"),
@@ -698,21 +719,30 @@ def test_batch_messages_do_not_print_huge_numbers() -> None:
 
 
 def test_a_refused_size_or_length_says_which_panel_setting_sets_it() -> None:
-    """A new scene renders 1920x1080 for 250 frames, and the panel takes both from it by
-    default: the first Generate was refused with "$.request.width must be <= 1024" and
-    nothing said how to change that in the panel (or, for a script, which keyword)."""
+    """The first Generate was refused with "$.request.width must be <= 1024" and nothing
+    said how to change that in the panel (or, for a script, which keyword): the refusal
+    names the setting the panel took it from, and says nothing of a script's own keyword."""
     from animatediff_blender.protocol.client import ClientError
     from animatediff_blender.protocol.messages import FieldError
 
     size_hint = addon_modules("worker")[0].size_hint
+    st = _settings()
     refused = [FieldError(field="$.request.width", message="must be <= 1024"),
                FieldError(field="$.request.height", message="must be <= 1024"),
                FieldError(field="$.request.frames", message="width x height x frames = 518400000 exceeds ...")]
-    hint = size_hint(refused)
-    assert hint.count("Render size: turn it off") == 1 and "Scene length: turn it off and set Frames" in hint
+    scene = _scene()
+    scene.animatediff.use_scene_length = True
+    hint = size_hint(refused, panel=st.plan_from_scene(scene).panel_hints)
+    assert hint.count("Render aspect: turn it off") == 1 and "Scene length: turn it off and set Frames" in hint
+    scene.animatediff.use_scene_length = scene.animatediff.use_render_size = False
+    hint = size_hint(refused, panel=st.plan_from_scene(scene).panel_hints)
+    assert "set a smaller Width or Height; set fewer Frames" in hint and "Render aspect" not in hint
+    # A script's own keywords are not the panel's to change.
+    assert set(st.plan_from_scene(scene, width=64, frames=4).panel_hints) == {"height"}
+    assert size_hint(refused, panel={}) == ""  # Regenerate: the take's own settings
     assert size_hint(refused[2:], {"frames": 300}, api=True) == ""  # the script gave it: nothing to add
-    assert "without width=, height= the scene's render size" in size_hint(refused, {"frames": 9}, api=True)
-    assert size_hint([FieldError(field="$.request.steps", message="must be <= 100")]) == ""
+    assert "without width=, height= the AnimateDiff panel's size" in size_hint(refused, {"frames": 9}, api=True)
+    assert size_hint([FieldError(field="$.request.steps", message="must be <= 100")], panel={"steps": "x"}) == ""
     # And the refusal itself says each field once (it was said twice, in two spellings).
     exc = ClientError("limit", "request exceeds limits: $.request.width must be <= 1024", refused[:1])
     assert str(exc) == "request exceeds limits: $.request.width must be <= 1024"

@@ -19,6 +19,12 @@ if a["mode"] == "make":
     edit = bpy.data.scenes.new("Edit")  # the Sequencer's: 6 frames at 64 x 48, at frame 30
     edit.frame_start, edit.frame_end, edit.frame_current = 1, 6, 30
     edit.render.resolution_x, edit.render.resolution_y, edit.render.resolution_percentage = 64, 48, 100
+    # Each scene's AnimateDiff Frames, stored where the add-on's registered settings will
+    # read them (Blender 5 keeps them apart from the custom properties): the batch must take
+    # the Edit scene's.
+    for scn, frames in ((shot, 12), (edit, 6)):
+        store = scn.bl_system_properties_get(do_create=True) if hasattr(scn, "bl_system_properties_get") else scn
+        store["animatediff"] = {"frames": frames}
     edit.sequence_editor_create()
     bpy.context.workspace.sequencer_scene = edit
     bpy.ops.wm.save_as_mainfile(filepath=a["blend"])

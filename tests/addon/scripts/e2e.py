@@ -24,6 +24,7 @@ blend = os.path.join(a["workdir"], "shot.blend")
 bpy.ops.wm.save_as_mainfile(filepath=blend)
 scene = bpy.context.scene
 scene.frame_start, scene.frame_end = 1, a["frames"]
+scene.animatediff.frames = a["frames"]  # Frames, not Scene length (off by default)
 scene.render.resolution_x = scene.render.resolution_y = 64
 scene.render.resolution_percentage = 100
 s = scene.animatediff

@@ -51,6 +51,12 @@ s.prompt = "a fox"
 st = c.sub("settings")
 plan = st.plan_from_scene(scene)
 out["plan"] = {"request": plan.request, "channel": plan.channel, "start_frame": plan.start_frame}
+# A new scene's own 1920x1080 at 100%, and the scene's length instead of Frames.
+scene.render.resolution_percentage = 100
+s.use_scene_length = True
+plan = st.plan_from_scene(scene)
+out["full_hd_scene_length"] = [plan.request["width"], plan.request["height"], plan.request["frames"]]
+s.use_scene_length = False
 try:
     s.prompt = ""
     st.plan_from_scene(scene)

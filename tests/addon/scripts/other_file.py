@@ -26,6 +26,7 @@ bpy.ops.wm.save_as_mainfile(filepath=other)  # an unrelated shot file, scene "Sc
 bpy.ops.wm.save_as_mainfile(filepath=film)
 scene = bpy.context.scene
 scene.frame_start, scene.frame_end = 1, 4
+scene.animatediff.frames = 4  # Frames, not Scene length (off by default)
 scene.render.resolution_x = scene.render.resolution_y = 64
 scene.render.resolution_percentage = 100
 s = scene.animatediff

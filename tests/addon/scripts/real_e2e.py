@@ -20,6 +20,7 @@ state = c.sub("state").STATE
 blend = os.path.join(a["workdir"], "real.blend")
 scene = bpy.context.scene
 scene.frame_start, scene.frame_end = 1, 4
+scene.animatediff.frames = 4  # Frames, not Scene length (off by default)
 scene.frame_current = 10
 scene.render.resolution_x = scene.render.resolution_y = 64
 scene.render.resolution_percentage = 100

@@ -27,6 +27,7 @@ bpy.context.preferences.edit.use_global_undo = True
 
 def setup(scene, prompt, steps):
     scene.frame_start, scene.frame_end = 1, 4
+    scene.animatediff.frames = 4  # Frames, not Scene length (off by default)
     scene.render.resolution_x = scene.render.resolution_y = 64
     scene.render.resolution_percentage = 100
     s = scene.animatediff

@@ -25,6 +25,7 @@ if hasattr(bpy.context.workspace, "sequencer_scene"):  # 5.0+
 out["edit_scene"] = (getattr(bpy.context, "sequencer_scene", None) or bpy.context.scene).name
 for scn in {shot, edit}:
     scn.frame_start, scn.frame_end = 1, 4
+    scn.animatediff.frames = 4  # Frames, not Scene length (off by default)
     scn.render.resolution_x = scn.render.resolution_y = 64
 shot.frame_current, edit.frame_current = 1, 30
 

@@ -16,6 +16,7 @@ sc = c.sub("sequencer_compat")
 strips = c.sub("strips")
 scene = bpy.context.scene
 scene.frame_start, scene.frame_end = 1, 4
+scene.animatediff.frames = 4  # Frames, not Scene length (off by default)
 scene.render.resolution_x = scene.render.resolution_y = 64
 s = scene.animatediff
 s.prompt = "a fox"

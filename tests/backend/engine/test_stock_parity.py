@@ -59,6 +59,14 @@ def test_plain_job_is_bit_identical_to_stock(generate: Any, stock: Any) -> None:
     assert np.ptp(np.stack(ours)) > 20
 
 
+def test_a_size_that_is_no_multiple_of_64_is_bit_identical_to_stock(generate: Any, stock: Any) -> None:
+    """The panel's default size keeps the render's aspect (1920x1080 -> 680x384): latents
+    whose sides the UNet's down-sampling does not halve evenly (9x5 here) must run as stock."""
+    ours = generate(width=72, height=40)
+    assert len(ours) == 8 and ours[0].shape == (40, 72, 3)
+    assert max_abs_diff(ours, run_stock(stock, **_stock_kwargs(width=72, height=40))) == 0
+
+
 def test_other_seed_other_frames(generate: Any) -> None:
     # (Same seed -> same frames: the leak and cancel tests repeat jobs bit for bit.)
     assert max_abs_diff(generate(seed=3), generate(seed=4)) > 0
