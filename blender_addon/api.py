@@ -45,7 +45,14 @@ CANCEL_TIMEOUT_S = 3.0  # a best-effort cancel on the way out (Ctrl+C, a timeout
 
 
 class AnimateDiffError(RuntimeError):
-    """A job that did not produce a strip; the message says why in words."""
+    """A job that did not produce a strip; the message says why in words.  `job` is set when
+    the job may still be running on a backend that could not be reached: `wait(error.job)`
+    again collects it (`reason` is the message without that advice)."""
+
+    def __init__(self, message: str, job: Job | None = None, hint: str = "") -> None:
+        super().__init__(f"{message} ({hint})" if hint else message)
+        self.reason = message
+        self.job = job
 
 
 @dataclass
@@ -253,22 +260,23 @@ def wait(job: Job, timeout: float | None = None, on_event: Callable[[Any], None]
 def _wait_error(job: Job, client: Any, exc: Any, timeout: float | None) -> AnimateDiffError:
     """A ClientError of `wait_job` in words; a job that may still run says so (or is cancelled)."""
     where = client.config.address
-    again = "api.wait(job) again collects it"
+    again = "api.wait(job) again collects it once the backend is back"
     if exc.code == "timeout" and timeout is not None:
         # wait_job cancels a job past its time; the backend may not have answered that cancel
         # (it was away): once more, briefly, so that its outcome can be told for sure.
         cancelled, _why = _cancel_quietly(client, job.job_id)
         if cancelled:
             return AnimateDiffError(f"job {job.job_id} did not finish within {timeout:g} s (cancelled)")
+        # (Not to be collected: it ran past the caller's own time limit.)
         return AnimateDiffError(
             f"job {job.job_id} did not finish within {timeout:g} s and the backend at {where} did not answer "
-            f"its cancel: the job may still be running there ({again})")
+            "its cancel: the job may still be running there")
     if exc.code == "connection":  # reconnected with back-off until reconnect_give_up_s passed
         return AnimateDiffError(
             f"job {job.job_id}: lost the backend at {where} for over {client.config.reconnect_give_up_s:g} s; "
-            f"the job may still be running there: {again} once the backend is back")
+            "the job may still be running there", job, again)
     if exc.code == "timeout":
-        return AnimateDiffError(f"job {job.job_id}: {exc}; the job may still be running there: {again}")
+        return AnimateDiffError(f"job {job.job_id}: {exc}; the job may still be running there", job, again)
     text = str(exc)
     failed = f"job {job.job_id} failed: "
     if text.startswith(failed):  # the job's own error, with its code

@@ -23,7 +23,8 @@ start_frame, and the API's connection keys.  Keys left out come from the Animate
 settings of the scene the Sequencer edits (Blender 5's sequencer scene, else the window's;
 frames: its Frames or length; size: its render aspect).  The strips land in that scene too.
 
-Every shot is rendered even if one fails; the .blend is saved with the strips that
+Every shot is rendered even if one fails (one whose backend stopped answering, its job
+maybe still running there, is asked for again after the others); the .blend is saved with the strips that
 succeeded (a save that fails after a shot is reported and tried again after the next); the
 exit code is 0 only when every shot succeeded and the .blend was saved (1: a shot failed or
 the last save did, 2: bad arguments, shot list or installation -- a --timeout not above 0,
@@ -260,7 +261,15 @@ def main(argv, inside_blender):
     except RuntimeError as exc:  # e.g. its folder does not exist
         raise BatchError(f"cannot save {out_blend}: {_blender_error(exc)}") from exc
 
+    def placed(i, name, strip, t0):
+        print(f"[{i + 1}/{len(shots)}] {name}: strip {strip.name!r} on channel {strip.channel} at frame "
+              f"{sc.strip_start(strip)}, {len(strip.elements)} frames ({time.monotonic() - t0:.1f} s)", flush=True)
+        problem = save(bpy)  # keep what is done even if a later shot hangs
+        if problem:  # the shots still to render are not lost for it: tried again after each
+            print(f"[{i + 1}/{len(shots)}] {name}: could not save {out_blend} ({problem}); going on", flush=True)
+
     failures = 0
+    left_running = []  # (index, name, job): jobs a lost backend may still be rendering
     for i, (name, shot) in enumerate(zip(names, shots, strict=True)):
         shot = {k: v for k, v in shot.items() if k != "name"}
         print(f"[{i + 1}/{len(shots)}] {name}: {str(shot.get('prompt', ''))[:60]!r}", flush=True)
@@ -276,13 +285,31 @@ def main(argv, inside_blender):
             return 130
         except api.AnimateDiffError as exc:
             failures += 1
-            print(f"[{i + 1}/{len(shots)}] {name}: FAILED: {exc}", flush=True)
+            if exc.job is not None:  # its frames are not lost yet: asked for again at the end
+                left_running.append((i, name, exc.job))
+                print(f"[{i + 1}/{len(shots)}] {name}: FAILED for now: {exc.reason}; asked for again after the "
+                      "other shots", flush=True)
+            else:
+                print(f"[{i + 1}/{len(shots)}] {name}: FAILED: {exc}", flush=True)
             continue
-        print(f"[{i + 1}/{len(shots)}] {name}: strip {strip.name!r} on channel {strip.channel} at frame "
-              f"{sc.strip_start(strip)}, {len(strip.elements)} frames ({time.monotonic() - t0:.1f} s)", flush=True)
-        problem = save(bpy)  # keep what is done even if a later shot hangs
-        if problem:  # the shots still to render are not lost for it: tried again after each
-            print(f"[{i + 1}/{len(shots)}] {name}: could not save {out_blend} ({problem}); going on", flush=True)
+        placed(i, name, strip, t0)
+    for i, name, job in left_running:
+        print(f"[{i + 1}/{len(shots)}] {name}: asking the backend again for job {job.job_id}", flush=True)
+        t0 = time.monotonic()
+        try:
+            strip = api.insert(scene, api.wait(job, timeout=args.timeout))
+        except KeyboardInterrupt:  # api.wait has cancelled the job
+            problem = save(bpy)
+            print(f"batch: interrupted collecting shot {i + 1} ({name}); "
+                  f"{f'NOT saved: {problem}' if problem else f'saved {out_blend}'}", flush=True)
+            return 130
+        except api.AnimateDiffError as exc:
+            later = (f" (once it is back, `animatediff-blender generate --resume {job.job_id} --out DIR` "
+                     "fetches the frames)") if exc.job is not None else ""
+            print(f"[{i + 1}/{len(shots)}] {name}: FAILED: {exc.reason}{later}", flush=True)
+            continue
+        failures -= 1
+        placed(i, name, strip, t0)
     problem = save(bpy)
     if problem:
         saved = (f"NOT saved: could not save {out_blend} ({problem}); the frames of the shots are in "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import newest, oldest, run_bpy
+from .conftest import ROOT, newest, oldest, run_bpy
 
 pytestmark = pytest.mark.blender
 
@@ -46,9 +46,34 @@ def test_wait_rides_out_a_quiet_backend_and_can_wait_again(addon_zips, backend_f
     gave_up = r["give_up"]
     assert not gave_up["ok"] and gave_up["paused_still"], gave_up
     assert "may still be running" in gave_up["error"] and "api.wait(job) again" in gave_up["error"], gave_up
+    assert gave_up["error_job_is_the_job"] and "api.wait" not in gave_up["reason"], gave_up
     second = r["second_wait"]
     assert second["ok"] and second["frames_exist"] and second["count"] == 4, second
     assert second["state"] == "finished", second
+
+
+def test_batch_collects_a_shot_whose_backend_went_quiet_after_the_others(
+        addon_zips, backend_factory, tmp_path: Path) -> None:
+    """A shot whose backend stopped answering for longer than the client keeps trying was
+    counted failed and its job, still running, was never collected (the error said
+    `api.wait(job)`, which a batch user cannot call): the batch asks for it again after
+    the other shots, places it, and exits 0."""
+    bpy_python = newest()
+    backend = backend_factory("--fake-step-delay", "0.05")
+    args = {**_args(addon_zips[bpy_python.py_tag], backend, tmp_path),
+            "batch": str(ROOT / "blender_addon" / "batch.py")}
+    try:
+        r = run_bpy(bpy_python, "batch_lost_backend.py", args, tmp_path, timeout=160)
+    finally:
+        if backend.proc.poll() is None:
+            os.kill(backend.proc.pid, signal.SIGCONT)  # never leave it stopped
+    out = r["stdout"]
+    assert "[1/2] lost: FAILED for now: job " in out and "asked for again after the other shots" in out, out
+    assert "api.wait" not in out, out
+    assert out.index("[2/2] next: strip") < out.index("[1/2] lost: asking the backend again"), out
+    assert "[1/2] lost: strip" in out and "batch: 2 shots, 2 ok, 0 failed" in out, out
+    assert r["code"] == 0, out
+    assert r["strips"] == [[2, 4], [4, 4]], r
 
 
 def test_ctrl_c_in_wait_cancels_the_job(addon_zips, backend_factory, tmp_path: Path) -> None:

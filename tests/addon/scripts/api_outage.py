@@ -48,7 +48,7 @@ def attempt(job, **kw):
                "frames_exist": all(os.path.isfile(os.path.join(r.directory, n)) for n in r.files),
                "count": len(r.files)}
     except api.AnimateDiffError as exc:
-        got = {"ok": False, "error": str(exc)}
+        got = {"ok": False, "error": str(exc), "reason": exc.reason, "error_job_is_the_job": exc.job is job}
     got["seconds"] = round(time.monotonic() - t0, 1)
     return got
 
