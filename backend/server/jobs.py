@@ -35,6 +35,12 @@ class Job:
     deadline: float = math.inf  # time.monotonic() after which the job fails with "timeout"
     timed_out: bool = False
     streamed: set[int] = field(default_factory=set)  # loop-owned: frames already broadcast
+    # The job's final state is stored (and its event posted) once, by whoever takes this lock
+    # first with `ended` still False: the worker (finished, failed...) or, at a shutdown that
+    # could not wait for the worker, the loop (interrupted).  The other one then leaves the
+    # job alone, so a client is never told "interrupted" about a job stored as finished.
+    end_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    ended: bool = False
 
 
 # --------------------------------------------------------------------------- worker -> loop

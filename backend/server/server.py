@@ -714,6 +714,7 @@ class Server:
         except EngineError as exc:
             fields = [messages.FieldError(field=exc.field, message=exc.message)] if exc.field else []
             self._reply(identity, msg, messages.Error(code=exc.code, message=exc.message, fields=fields))
+            joblog.info("client=%s event=refused code=%s reason=%s", client_id, exc.code, _logval(exc.message[:300]))
             return
         errors = check_request(settings, self.limits)  # preset defaults must obey the limits too
         if errors:
@@ -727,12 +728,14 @@ class Server:
             created_at=time.time(),
             total_steps=settings.steps or 0,
         )
-        running_own = 1 if self.running is not None and self.running.client_id == client_id else 0
+        # Its running jobs: the one on the device and one whose frames are still being
+        # stored (live and "running" for its client, though the device runs the next job).
+        running_own = sum(1 for j in self.live.values() if j.client_id == client_id and j.state == "running")
         try:
             self.queue.push(client_id, job.job_id, job, already_running=running_own)
         except (QueueFull, ClientOverLimit) as exc:
             self._reply(identity, msg, messages.Error(code="busy", message=str(exc)))
-            joblog.info("client=%s event=refused code=busy reason=%r", client_id, str(exc))
+            joblog.info("client=%s event=refused code=busy reason=%s", client_id, _logval(str(exc)))
             return
         try:
             self.store.create(
@@ -787,6 +790,8 @@ class Server:
 
     def _reply_limit(self, identity: bytes, msg: Message, errors: list[messages.FieldError]) -> None:
         text = "; ".join(f"{e.field} {e.message}" for e in errors)
+        # Like a busy refusal: the operator sees why an artist's submit made no job.
+        joblog.info("client=%s event=refused code=limit reason=%s", msg.header.client_id, _logval(text[:300]))
         self._reply(
             identity,
             msg,
@@ -997,21 +1002,29 @@ class Server:
         now = time.time()
         for job in list(self.live.values()):
             if job.state == "queued" or not stopped:
-                try:
-                    self.store.update(
-                        job.job_id,
-                        state="interrupted",
-                        error_code="interrupted",
-                        error="the backend shut down before this job finished; submit it again",
-                        finished_at=now,
-                    )
-                except Exception:
-                    log.exception("job=%s event=store_error", job.job_id)
+                # A job the worker still holds (a stuck engine, frames still being stored) is
+                # claimed here: once this is stored the worker leaves the job alone, and one the
+                # worker ended first is reported as it ended (its event is drained below).
+                with job.end_lock:
+                    if job.ended:
+                        continue
+                    try:
+                        self.store.update(
+                            job.job_id,
+                            state="interrupted",
+                            error_code="interrupted",
+                            error="the backend shut down before this job finished; submit it again",
+                            finished_at=now,
+                        )
+                    except Exception as exc:
+                        log.error("job=%s event=store_error error=%r", job.job_id, exc)
+                    job.ended = True
                 self._broadcast(
                     job,
                     messages.Failed(job_id=job.job_id, code="interrupted", message="the backend shut down"),
                 )
                 self._log(job, "interrupted", reason="shutdown")
+        self._drain_events()  # ends the worker stored while the jobs above were marked
         self.live.clear()
 
 

@@ -114,7 +114,14 @@ class JobStore:
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         path = self.data_dir / "jobs.sqlite"
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        try:
+            # (a folder in its place, or a file it may not open: "unable to open database file")
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        except sqlite3.Error as exc:
+            raise ConfigError(
+                f"cannot open the job database {path} ({exc}): it must be a file this user can read and "
+                "write, or absent (a new one is made)"
+            ) from None
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit survives power loss too; there are only a few commits per job.

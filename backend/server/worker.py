@@ -153,7 +153,12 @@ class Worker:
         job.started_at = time.time()
         start = time.monotonic()
         job.deadline = start + self.job_timeout_s
-        self.store.update(job.job_id, state="running", started_at=job.started_at)
+        try:
+            self.store.update(job.job_id, state="running", started_at=job.started_at)
+        except (sqlite3.Error, OSError) as exc:  # disk full: an expected trouble, said in words
+            log.error("job=%s event=store_error at=start error=%s", job.job_id, exc)
+            self._end(job, "failed", "storage", f"could not record the job's start (is the disk full?): {exc}")
+            return
         self.post(JobStarted(job.job_id))
 
         def should_cancel() -> bool:
@@ -215,12 +220,18 @@ class Worker:
             self._end(job, "failed", exc.code, exc.message)
             return
         except Exception as exc:
+            if job.ended:  # reported interrupted by a shutdown that could not wait for the engine
+                log.info("job=%s event=ended_after_shutdown error=%r", job.job_id, exc)
+                return
             log.exception("job=%s client=%s event=engine_exception", job.job_id, job.client_id)
             self._end(job, "failed", "internal", f"the engine failed: {type(exc).__name__}: {exc}")
             return
         if job.timed_out or time.monotonic() > job.deadline:
             writer.abort()
             self._timeout(job)
+            return
+        if job.ended:  # reported interrupted by a shutdown that could not wait for the engine
+            writer.abort()
             return
         # The device is free: the rest of encoding and storing happens on the finisher
         # thread while the loop hands this worker the next job.
@@ -229,9 +240,20 @@ class Worker:
 
     def _finish_safely(self, job: Job, result: GenerationResult, start: float, writer: FrameWriter) -> None:
         try:
-            self._finish(job, result, start, writer)
+            try:
+                self._finish(job, result, start, writer)
+            except Exception:
+                if not job.ended:
+                    raise
+                # Reported interrupted by a shutdown that gave up waiting for it, and that may
+                # have closed the store meanwhile: expected, no traceback.
+                writer.abort()
+                log.info("job=%s event=frames_discarded reason=reported_interrupted_at_shutdown", job.job_id)
         except (sqlite3.Error, OSError) as exc:  # the job store: its frames are stored, its end is not
-            log.exception("job=%s event=finish_error", job.job_id)
+            # Disk full, say: one line, no traceback.  The committed frames belong to a job no
+            # one can fetch (its row never says finished): freed now, on a disk that is full.
+            log.error("job=%s event=store_error at=finish error=%s", job.job_id, exc)
+            self.store.delete_frames(job.job_id)
             self._end(job, "failed", "storage", f"could not record the finished job (is the disk full?): {exc}")
         except Exception as exc:
             log.exception("job=%s event=finish_error", job.job_id)
@@ -239,6 +261,9 @@ class Worker:
 
     def _finish(self, job: Job, result: GenerationResult, start: float, writer: FrameWriter) -> None:
         settings = result.settings
+        if job.ended:  # the shutdown reported it interrupted meanwhile: nothing left to store
+            writer.abort()
+            return
         try:
             stored = writer.finish(result.frames)
         except OSError as exc:
@@ -255,20 +280,28 @@ class Worker:
             elapsed_s=elapsed,
             settings=settings,
         )
-        self.store.update(
-            job.job_id,
-            state="finished",
-            settings=msgspec.json.encode(settings).decode(),
-            finished_at=time.time(),
-            frames=len(pngs),
-            width=settings.width,
-            height=settings.height,
-            seed=settings.seed,
-            elapsed_s=elapsed,
-            total_steps=job.total_steps,
-            bytes=size,
-        )
-        self.post(JobDone(job.job_id, pngs, stored.sha256, finished))
+        with job.end_lock:
+            if job.ended:
+                # The shutdown gave up waiting and reported the job interrupted (stored so): the
+                # frames committed since then belong to no job a client will fetch.
+                self.store.delete_frames(job.job_id)
+                log.info("job=%s event=frames_discarded reason=reported_interrupted_at_shutdown", job.job_id)
+                return
+            self.store.update(
+                job.job_id,
+                state="finished",
+                settings=msgspec.json.encode(settings).decode(),
+                finished_at=time.time(),
+                frames=len(pngs),
+                width=settings.width,
+                height=settings.height,
+                seed=settings.seed,
+                elapsed_s=elapsed,
+                total_steps=job.total_steps,
+                bytes=size,
+            )
+            job.ended = True
+            self.post(JobDone(job.job_id, pngs, stored.sha256, finished))
 
     def _timeout(self, job: Job) -> None:
         self._end(
@@ -285,10 +318,18 @@ class Worker:
             log.warning("job=%s event=failed code=%s message=%s", job.job_id, code, message)
             cut = len(message) - MAX_ERROR_CHARS
             message = f"{message[:MAX_ERROR_CHARS]}... ({cut} more characters in the server log)"
-        try:
-            self.store.update(
-                job.job_id, state=state, error_code=code, error=message, finished_at=time.time()
-            )
-        except Exception:
-            log.exception("job=%s event=store_error", job.job_id)
-        self.post(JobEnded(job.job_id, state, code, message))
+        with job.end_lock:
+            if job.ended:  # reported (and stored) interrupted by a shutdown that could not wait
+                log.info("job=%s event=ended_after_shutdown state=%s code=%s (reported interrupted)",
+                         job.job_id, state, code)
+                return
+            try:
+                self.store.update(
+                    job.job_id, state=state, error_code=code, error=message, finished_at=time.time()
+                )
+            except (sqlite3.Error, OSError) as exc:  # disk full: said in words, no traceback
+                log.error("job=%s event=store_error at=end state=%s error=%s", job.job_id, state, exc)
+            except Exception:
+                log.exception("job=%s event=store_error", job.job_id)
+            job.ended = True
+            self.post(JobEnded(job.job_id, state, code, message))

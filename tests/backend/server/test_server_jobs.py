@@ -3,6 +3,7 @@ shutdown, responsiveness while a job runs."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -246,6 +247,114 @@ def test_shutdown_marks_running_and_queued_jobs_interrupted(
         assert record.error_code == "interrupted"
 
 
+def test_a_refused_submit_is_one_log_line_with_its_reason(
+    make_server: Callable[..., Server], make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An artist asks why nothing ran: the operator's log says who was refused and why, for
+    # the limits and the engine's refusals as for a full queue.
+    server = make_server(limits=Limits(max_frames=8))
+    client = make_client(server, client_id="artist-b")
+    caplog.set_level(logging.INFO, logger="animatediff_blender.server.jobs")
+    for request, code in ((small_request(frames=9), "limit"), (small_request(base_model="base:nope"), "unknown_model")):
+        with pytest.raises(ClientError) as info:
+            client.submit(request)
+        assert info.value.code == code
+        lines = [r.getMessage() for r in caplog.records if f"event=refused code={code}" in r.getMessage()]
+        assert len(lines) == 1 and "client=artist-b" in lines[0], lines
+    assert "frames" in next(r.getMessage() for r in caplog.records if "code=limit" in r.getMessage())
+    assert "base:nope" in next(r.getMessage() for r in caplog.records if "code=unknown_model" in r.getMessage())
+
+
+def test_a_job_still_storing_its_frames_counts_towards_the_clients_share(
+    make_server: Callable[..., Server], make_client: ClientFactory
+) -> None:
+    """--max-jobs-per-client counts queued + running jobs; a job whose frames are still
+    being stored while the device runs the next one is running for its client too."""
+    from animatediff_blender.backend.server.images import encode_png
+
+    server = make_server(engine=FakeEngine(step_delay_s=0.1), limits=Limits(max_jobs_per_client=2))
+    gate = threading.Event()
+    server.worker.encode = lambda frame, level: (gate.wait(10), encode_png(frame, level))[1]
+    client = make_client(server)
+    try:
+        storing = client.submit(small_request("storing", steps=1)).job_id
+        deadline = time.monotonic() + 10
+        while not (server.running is None and storing in server.live) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert server.live[storing].state == "running"  # the device is free, the job is not over
+        client.submit(small_request("second", steps=20))
+        with pytest.raises(ClientError) as info:
+            client.submit(small_request("third"))
+        assert info.value.code == "busy"
+        assert sum(j.client_id == "artist-a" for j in server.live.values()) == 2
+    finally:
+        gate.set()
+    wait_for(client, storing, (messages.Finished,))
+
+
+def test_a_job_reported_interrupted_at_shutdown_is_not_stored_as_finished_later(
+    make_server: Callable[..., Server], make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A shutdown that cannot wait (a stuck engine, shutdown timeout over) reports the job
+    whose frames the finisher still stores as interrupted; when that storing ends after all
+    (before the process lets go of the store), the job stays interrupted, as told, with no
+    frames left behind, and the stuck job's late end changes nothing either."""
+    from animatediff_blender.backend.server.images import encode_png
+
+    release, stuck_started = threading.Event(), threading.Event()
+
+    class Stuck(FakeEngine):
+        def generate(self, request, progress, should_cancel, on_frames=None):  # type: ignore[no-untyped-def]
+            if request.prompt == "stuck":
+                stuck_started.set()
+                release.wait(30)  # deaf to cancel, like a hung device
+            return super().generate(request, progress, should_cancel, on_frames)
+
+    server = make_server(engine=Stuck())
+    server.config.shutdown_timeout_s = 0.5
+    gate, finisher_done = threading.Event(), threading.Event()
+    server.worker.encode = lambda frame, level: (gate.wait(10), encode_png(frame, level))[1]
+    finish = server.worker._finish_safely
+
+    def finish_and_tell(*args: object) -> None:
+        try:
+            finish(*args)  # type: ignore[arg-type]
+        finally:
+            finisher_done.set()
+
+    server.worker._finish_safely = finish_and_tell  # type: ignore[method-assign]
+    close = server.store.close
+
+    def close_late() -> None:  # the finisher's storing ends after the shutdown gave up on it
+        gate.set()
+        finisher_done.wait(10)
+        close()
+
+    server.store.close = close_late  # type: ignore[method-assign]
+    client = make_client(server)
+    storing = client.submit(small_request("stored-late", frames=4, steps=1)).job_id
+    stuck = client.submit(small_request("stuck", frames=4, steps=1)).job_id
+    try:
+        assert stuck_started.wait(10)
+        server.stop()
+        told = wait_for(client, storing, (messages.Failed, messages.Finished))
+        assert isinstance(told.content, messages.Failed) and told.content.code == "interrupted"
+        assert finisher_done.is_set()
+    finally:
+        release.set()
+    server.worker._thread.join(10)
+    store = JobStore(server.config.data_dir)
+    try:
+        for job_id in (storing, stuck):
+            record = store.get(job_id)
+            assert record is not None
+            assert (record.state, record.error_code) == ("interrupted", "interrupted")
+    finally:
+        store.close()
+    assert not (server.config.data_dir / "jobs" / storing).exists()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 def test_a_second_server_on_the_same_data_dir_is_refused(
     make_server: Callable[..., Server], make_client: ClientFactory
 ) -> None:
@@ -273,6 +382,19 @@ def test_an_unreadable_job_database_is_refused_in_words(
     with pytest.raises(ConfigError, match="jobs.sqlite"):
         make_server(data_dir=data)
     (data / "jobs.sqlite").unlink()
+    make_server(data_dir=data)  # the data folder's lock was let go
+
+
+def test_a_job_database_that_cannot_be_opened_is_refused_in_words(
+    make_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    # Something else in its place (here a folder): a ConfigError naming the file (`serve`
+    # prints it and exits 2), not sqlite's bare "unable to open database file" traceback.
+    data = tmp_path / "data"
+    (data / "jobs.sqlite").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="jobs.sqlite"):
+        make_server(data_dir=data)
+    (data / "jobs.sqlite").rmdir()
     make_server(data_dir=data)  # the data folder's lock was let go
 
 
@@ -330,6 +452,33 @@ def test_a_finished_job_whose_end_could_not_be_stored_fails_as_storage(
     failed = wait_for(client, job.job_id, (messages.Failed,)).content
     assert failed.code == "storage" and "disk is full" in failed.message
     assert client.status(job.job_id).error_code == "storage"
+    # The frames no one can fetch do not stay on the full disk (until retention, days later).
+    assert not (server.config.data_dir / "jobs" / job.job_id).exists()
+
+
+@pytest.mark.parametrize("when", ["running", "finished"])
+def test_a_full_disk_is_logged_in_one_line_without_a_traceback(
+    server: Server, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture, when: str,
+) -> None:  # fmt: skip
+    # The operator reads "disk is full" once per job, as an error, not a traceback per job;
+    # the artist reads "storage" (a job that could not even be recorded as started too, not
+    # "the backend hit an unexpected error").
+    update = server.store.update
+
+    def disk_full(job_id: str, **changes: object) -> None:
+        if changes.get("state") in (when, "failed"):
+            raise sqlite3.OperationalError("database or disk is full")
+        update(job_id, **changes)
+
+    monkeypatch.setattr(server.store, "update", disk_full)
+    client = make_client(server)
+    job = client.submit(small_request(steps=1))
+    failed = wait_for(client, job.job_id, (messages.Failed,)).content
+    assert failed.code == "storage" and "disk is full" in failed.message
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors and all("disk is full" in r.getMessage() for r in errors)
+    assert not [r for r in caplog.records if r.exc_info]
 
 
 def test_a_job_whose_end_could_not_be_stored_is_not_reported_running_forever(
