@@ -46,6 +46,9 @@ MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 SD15_DOWN_BLOCKS = 4
 
 
+EMBEDDINGS_UNSUPPORTED = "textual-inversion embeddings are not supported"
+
+
 class ConversionError(ValueError):
     """A checkpoint whose layout is not understood (unknown keys, missing parts, bad file)."""
 
@@ -173,10 +176,23 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
     return dict(obj)
 
 
+def check_zip_complete(path: Path) -> None:
+    """Raise for a torch zip checkpoint cut short (a download stopped, a full disk), which is
+    no zip archive any more: torch's own message for it is an internal zip-reader error."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        raise ConversionError(
+            f"{path.name}: truncated checkpoint (the end of its zip archive is missing: a download "
+            "that stopped?); download it again"
+        )
+
+
 def check_zip_checksums(path: Path) -> None:
     """torch's zip reader does not verify CRCs: a corrupted byte inside a tensor of a
     `.ckpt` would load as a silently different weight."""
     if not zipfile.is_zipfile(path):
+        check_zip_complete(path)
         return  # legacy (pre-1.6) torch pickles carry no checksums
     with zipfile.ZipFile(path) as zf:
         bad = zf.testzip()
@@ -233,6 +249,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # corrupt or refused files: say which and why
         raise ConversionError(f"{path.name}: cannot read weights ({type(exc).__name__}: {exc})") from exc
     tensors = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors and "string_to_param" in raw:  # A1111's .pt embeddings
+        raise ConversionError(f"{path.name}: a textual-inversion embedding, not a model: {EMBEDDINGS_UNSUPPORTED}")
     if not tensors:  # e.g. tensors nested one level deeper ({"model": {...}}): say so, not "empty"
         keys = ", ".join(sorted(str(k) for k in raw)[:5]) or "none"
         raise ConversionError(f"{path.name}: holds no tensors at the top level (keys: {keys})")

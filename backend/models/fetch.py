@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 MANIFEST = "manifest.json"
@@ -147,15 +148,33 @@ class Downloader(Protocol):
         ...
 
 
+def _hub_logs_once() -> None:
+    """huggingface_hub gives its logger a handler of its own (added when it is imported) and
+    lets its records propagate as well: where the root logger has a handler too (the CLI's
+    `logging.basicConfig`), each of its warnings (every retry of a failing download) was
+    printed twice.  Then its own handler goes, and the root handler prints them once, in the
+    CLI's format.  Without a root handler (a library caller) huggingface_hub's stays."""
+    import huggingface_hub.utils.logging  # noqa: F401  (where the handler is added)
+
+    hub = logging.getLogger("huggingface_hub")
+    if not (hub.propagate and logging.getLogger().handlers):
+        return
+    for handler in list(hub.handlers):
+        if type(handler) is logging.StreamHandler:  # huggingface_hub's, not one a user added
+            hub.removeHandler(handler)
+
+
 class HubDownloader:
     def download(self, repo_id: str, filename: str, local_dir: Path) -> Path:
         from huggingface_hub import hf_hub_download
 
+        _hub_logs_once()
         return Path(hf_hub_download(repo_id=repo_id, filename=filename, local_dir=str(local_dir)))
 
     def expected_sha256(self, repo_id: str, filenames: Iterable[str]) -> dict[str, str]:
         from huggingface_hub import HfApi
 
+        _hub_logs_once()
         wanted = set(filenames)
         info = HfApi().model_info(repo_id, files_metadata=True)
         out = {}
@@ -296,13 +315,18 @@ def verify(models_dir: Path) -> VerifyResult:
                 result.problems.append(f"{name}: unreadable ({exc})")
     if not listed and not result.problems:
         result.problems.append(f"no {MANIFEST} or {ZOO_MANIFEST} in {models_dir}: nothing to verify")
-    root = models_dir.resolve()
     for rec in listed:
+        if not isinstance(rec, dict):
+            result.problems.append(f"{rec!r}: not a file record of the manifest")
+            continue
         rel = str(rec.get("path", ""))
-        path = (models_dir / rel).resolve()
-        if not path.is_relative_to(root):
+        # Checked as written, not resolved: a link in the models directory (large models kept on
+        # shared storage) is followed, as the registry follows it; `..` or an absolute path is not.
+        parts = PurePosixPath(rel.replace("\\", "/")).parts
+        if not parts or PurePosixPath(rel).is_absolute() or Path(rel).is_absolute() or ".." in parts:
             result.problems.append(f"{rel}: outside the models directory")
             continue
+        path = models_dir / rel
         result.checked += 1
         if not path.is_file():
             result.problems.append(f"{rel}: missing")

@@ -14,7 +14,8 @@ Every entry's version and layout are detected from its keys (safetensors headers
 without loading tensors; pickles through `torch.load(weights_only=True)`, those over
 PICKLE_SCAN_LIMIT without their tensors), and files that cannot be used are listed with
 `ok=False` and the reason instead of stopping the scan (for a model in the wrong kind folder:
-which folder it belongs in).
+which folder it belongs in; for a file of no kind used here, such as a VAE on its own or an
+embedding: what it is).
 
 Camera motions: only v2 MotionLoRAs under an official name (`v2_lora_ZoomIn.ckpt`, optionally
 `mm_sd15_`-prefixed or converted to `.safetensors`; the hub folders `animatediff-motion-lora-
@@ -28,8 +29,8 @@ ones, then every other entry by id.  Clients that need one LoRA for a camera mov
 take the first entry with that `camera_motion` in this order.  Entries of one kind never share
 a label: colliding labels get the file suffix, format or name added.
 
-Content hashes (sha256 of the file, or of a folder's files in sorted order) and detection
-results are cached in `<models>/.registry-cache.json` by (path, size, mtime, inode, ctime),
+Content hashes (sha256 of the file, or of a folder's files in sorted order, hidden ones aside;
+"" for entries that cannot be used, which are not read whole) and detection results are cached in `<models>/.registry-cache.json` by (path, size, mtime, inode, ctime),
 so rescans only re-read what changed.  `is_current(entry)` compares an entry's files with that
 signature again (a stat each, nothing read): how a user of the entry learns that a file
 was replaced under its name since the scan.
@@ -43,7 +44,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from typing import Any
 from animatediff_blender.protocol.messages import MODEL_ID_PATTERN, ModelInfo
 
 from .convert import (
+    EMBEDDINGS_UNSUPPORTED,
     LORA_WEIGHT_NAMES,
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
@@ -59,6 +61,7 @@ from .convert import (
     check_folder_pickles_allowed,
     check_pickle_allowed,
     check_sd15_motion_blocks,
+    check_zip_complete,
     component_pickles,
     detect_motion_version,
     diffusers_variant,
@@ -186,9 +189,13 @@ def is_valid_id(model_id: object) -> bool:
 
 
 def _files_of(path: Path) -> list[Path]:
+    """A file itself; a folder's files, but not hidden ones or those in hidden folders: no loader
+    reads them, and huggingface_hub rewrites its `.cache/huggingface/download/*.metadata` in
+    every folder that `models fetch` fills at each rerun (Finder adds `.DS_Store`)."""
     if path.is_file():
         return [path]
-    return sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
+    files = (p for p in path.rglob("*") if not any(part.startswith(".") for part in p.relative_to(path).parts))
+    return sorted((p for p in files if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
 
 
 def _signature(path: Path) -> list[list[Any]]:
@@ -233,6 +240,7 @@ def _check_pickle(path: Path) -> None:
     import zipfile
 
     check_pickle_allowed(f"{path.name} (a pickle checkpoint)")
+    check_zip_complete(path)
     if not zipfile.is_zipfile(path):
         raise ConversionError(f"{path.name}: not a torch checkpoint (no zip archive)")
     with zipfile.ZipFile(path) as zf:
@@ -241,6 +249,17 @@ def _check_pickle(path: Path) -> None:
 
 
 def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """key -> shape: a safetensors file's header; a pickle through `torch.load(weights_only=True)`,
+    above PICKLE_SCAN_LIMIT its pickle alone, the tensors mapped onto the meta device (a 1.8 GB
+    mm_sd_v15_v2.ckpt or AnimateLCM_sd15_t2v.ckpt is not loaded whole to read its keys)."""
+    if path.suffix.lower() in PICKLE_SUFFIXES and path.stat().st_size > PICKLE_SCAN_LIMIT:
+        _check_pickle(path)
+        try:
+            return read_pickle_shapes(path)
+        except ConversionError:
+            raise  # refused pickle code: the loader refuses it too
+        except Exception as exc:  # torch cannot map it (a legacy pickle): loaded, as below the limit
+            log.info("cannot read the shapes of %s without loading it: %s", path, exc)
     return read_tensor_shapes(path)
 
 
@@ -322,19 +341,61 @@ def _inspect_base(path: Path) -> _Detected:
 
 def _base_version(shapes: dict[str, tuple[int, ...]]) -> str:
     """"sd15" or "tiny" (the zoo) for an SD1.x single-file checkpoint's key -> shape; raises for
-    other models (SDXL, SD2, inpainting, no UNet)."""
-    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    if not any(k.startswith("model.diffusion_model.") for k in shapes):
+    other models (SDXL, SD2, inpainting, no UNet) and for checkpoints the single-file loader
+    cannot build a pipeline from (no VAE or no text encoder in them)."""
+    unet = {k: s for k, s in shapes.items() if k.startswith("model.diffusion_model.")}
+    if not unet:
         raise ConversionError("not an SD1.x single-file checkpoint (no model.diffusion_model.* keys)")
-    if any(k.startswith("conditioner.") for k in shapes):
+    # SDXL (base and refiner) keeps its text encoders under conditioner.* and has a class
+    # embedding for its size conditioning, also in UNet-only exports without conditioner.*;
+    # its first level has no attention, so it has no cross-attention width where SD1.x has one.
+    if any(k.startswith("conditioner.") for k in shapes) or any(".label_emb." in k for k in unet):
         raise ConversionError("SDXL checkpoints are not supported (AnimateDiff here is SD1.5)")
     conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
     if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
         raise ConversionError(_not_text_to_image(conv_in[1]))
-    cad = shapes[key][1] if key in shapes and len(shapes[key]) == 2 else None
+    widths = {s[1] for k, s in unet.items() if k.endswith(".attn2.to_k.weight") and len(s) == 2}
+    cad = max(widths) if widths else None
     if cad is not None and cad > 768:
-        raise ConversionError(f"not an SD1.x checkpoint (cross-attention width {cad})")
+        raise ConversionError(f"not an SD1.x checkpoint (cross-attention width {cad}: an SD2.x model?)")
+    # The loader builds the VAE and the CLIP text encoder from the checkpoint too.
+    if not any(k.startswith(("first_stage_model.", "vae.")) for k in shapes):
+        raise ConversionError(
+            "the checkpoint has no VAE (no first_stage_model.* keys: a UNet-only or no-VAE file), and a "
+            "single-file base model must have its VAE baked in: use a version of it with its VAE"
+        )
+    if not any(k.startswith("cond_stage_model.transformer.") for k in shapes):
+        raise ConversionError(
+            "the checkpoint has no text encoder (no cond_stage_model.transformer.* keys: a UNet-only "
+            "file?), and a single-file base model must hold its CLIP text encoder"
+        )
     return "sd15" if cad in (None, 768) else "tiny"
+
+
+def _foreign_file(keys: Iterable[str]) -> str:
+    """What a weights file that is no model of a kind used here is, from its keys ("a VAE on
+    its own: ..."), or "" when it is none of these."""
+    keys = set(keys)
+    if keys and keys <= {"emb_params", "clip_l", "clip_g"}:  # A1111 / SDXL embeddings
+        return f"a textual-inversion embedding ({EMBEDDINGS_UNSUPPORTED})"
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return ""
+    if any(k.startswith(("control_model.", "controlnet_cond_embedding.")) for k in keys):
+        return "a ControlNet: ControlNets are not supported"
+    vae_parts = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model.", "vae.")
+    if any(k.endswith("decoder.conv_in.weight") for k in keys) and all(
+        k.startswith((*vae_parts, "loss.", "model_ema.")) for k in keys
+    ):
+        return (
+            "a VAE on its own: separate VAE files are not supported (a single-file checkpoint with "
+            "its VAE baked in is, or a diffusers folder)"
+        )
+    if {"conv_in.weight", "time_embedding.linear_1.weight"} <= keys:
+        return (
+            "the UNet of a diffusers folder on its own: put the whole diffusers folder (model_index.json, "
+            "unet/, vae/, text_encoder/, tokenizer/, scheduler/) into base/"
+        )
+    return ""
 
 
 def _inspect_motion(path: Path) -> _Detected:
@@ -374,7 +435,12 @@ def _lora_file(path: Path) -> Path:
 
 
 def _inspect_lora(path: Path, kind: str) -> _Detected:
-    lora = read_lora(_lora_file(path), "motion" if kind == "lora" else "spatial")
+    file = _lora_file(path)
+    if file.suffix.lower() in SAFETENSORS_SUFFIXES or file.stat().st_size > PICKLE_SCAN_LIMIT:
+        # From the keys first (a header, or a large pickle's keys alone): a multi-GB checkpoint
+        # in the wrong folder is not loaded to find that it is no LoRA.
+        lora_format(_shapes(file))
+    lora = read_lora(file, "motion" if kind == "lora" else "spatial")
     if kind == "lora":
         has_mid = any(m.startswith("mid_block.") for m in lora.target_modules)
         return _Detected(kind, lora.source_format, "v2" if has_mid else "")
@@ -394,6 +460,9 @@ def _classify_top_level(path: Path) -> _Detected:
         return _inspect_motion(path)
     except ConversionError:
         pass
+    what = _foreign_file(keys)
+    if what:
+        raise ConversionError(f"not a base model, motion module or LoRA: it is {what}")
     lora_format(keys)  # raises if no LoRA either
     for kind in ("lora", "adapter"):
         try:
@@ -446,13 +515,24 @@ def _wrong_folder(path: Path, kind: str, exc: ConversionError) -> ConversionErro
     except OSError:  # (gone or unreadable since: the original reason stands)
         det = None
     if det is None:
-        return exc
+        what = _foreign_kind_of(path)
+        return ConversionError(f"not a {_KIND_WORDS[kind]}: it is {what}") if what else exc
     detail = det.version or det.format
     return ConversionError(
         f"not a {_KIND_WORDS[kind]}: it looks like a {_KIND_WORDS[det.kind]}"
         + (f" ({detail})" if detail else "")
         + f": move it to {det.kind}/"
     )
+
+
+def _foreign_kind_of(path: Path) -> str:
+    """`_foreign_file` of a file's keys ("" for folders and files whose keys cannot be read)."""
+    if not path.is_file():
+        return ""
+    try:
+        return _foreign_file(_shapes(path))
+    except Exception:  # unreadable: the original reason stands
+        return ""
 
 
 def _only_hidden(folder: Path) -> bool:
@@ -665,10 +745,14 @@ class ModelRegistry:
             except Exception as exc:  # one odd file must not stop the scan of all the others
                 log.warning("cannot inspect %s", path, exc_info=True)
                 det = _Detected(kind or "base", "", "", False, f"cannot inspect: {type(exc).__name__}: {exc}")
-            try:
-                sha = content_sha256(path)
-            except OSError as exc:
-                det, sha = _Detected(det.kind, det.format, det.version, False, str(exc)), ""
+            # Hashing reads the whole file (a multi-GB checkpoint: seconds to minutes); one that
+            # cannot be used (an SDXL checkpoint by mistake, an unusable name) needs no hash.
+            sha = ""
+            if det.ok and is_valid_id(f"{det.kind}:{path.name}"):
+                try:
+                    sha = content_sha256(path)
+                except OSError as exc:
+                    det = _Detected(det.kind, det.format, det.version, False, str(exc))
         new_cache[rel] = {"signature": sig, "detected": asdict(det), "sha256": sha}
         # Official names of v2 MotionLoRAs only: the add-on picks a camera move's LoRA by this tag.
         camera = camera_motion_of(path.name) if det.kind == "lora" and det.ok and det.version == "v2" else ""

@@ -172,3 +172,66 @@ def test_fetch_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 def test_default_models_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ANIMATEDIFF_BLENDER_DATA", str(tmp_path / "data"))
     assert fetch.default_models_dir() == tmp_path / "data" / "models"
+
+
+def test_hub_retry_warnings_are_printed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """huggingface_hub logs through a handler of its own and also propagates to the root
+    logger, which the CLI gives a handler (`logging.basicConfig`): each retry warning of a
+    failing download was printed twice."""
+    import logging
+
+    import huggingface_hub
+    import huggingface_hub.utils.logging  # noqa: F401  (adds huggingface_hub's own handler)
+
+    def failing_download(repo_id: str, filename: str, local_dir: str) -> str:
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise OSError("no connection")
+
+    class NoApi:
+        def model_info(self, *args: object, **kwargs: object) -> object:
+            raise OSError("no connection")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing_download)
+    monkeypatch.setattr(huggingface_hub, "HfApi", NoApi)
+    hub_logger, root = logging.getLogger("huggingface_hub"), logging.getLogger()
+    saved_hub, saved_root = hub_logger.handlers[:], root.handlers[:]
+    # As huggingface_hub configures its logger at import; and no handler on the root logger
+    # (pytest's own), so that the CLI's basicConfig adds its handler as outside the tests.
+    hub_logger.handlers[:] = [logging.StreamHandler()]
+    root.handlers[:] = []
+    try:
+        code = main(["models", "fetch", "--models-dir", str(tmp_path / "models"), "--only", "adapter-v3"])
+    finally:
+        hub_logger.handlers[:], root.handlers[:] = saved_hub, saved_root
+    err = capsys.readouterr().err
+    assert code == 1 and "failed: guoyww/animatediff: no connection" in err
+    assert err.count("Retrying in 1s [Retry 1/5].") == 1, err
+    assert "WARNING huggingface_hub.utils._http: Retrying in 1s" in err  # in the CLI's log format
+
+
+def test_verify_follows_links_as_the_registry_does(tiny_zoo: Path, tmp_path: Path) -> None:
+    """Studios keep the large models on shared storage, linked into the models directory:
+    the registry uses them, but `verify` called each fetched file under a link "outside the
+    models directory" and failed.  A manifest path that climbs out (`..`) still is refused."""
+    models = tmp_path / "models"
+    fetch.fetch(models, ["motion-v2", "adapter-v3"], downloader=FakeHub(tiny_zoo))
+    shutil.move(models / "motion", tmp_path / "shared")
+    (models / "motion").symlink_to(tmp_path / "shared", target_is_directory=True)
+    result = fetch.verify(models)
+    assert result.problems == [] and result.checked == 3
+    assert all(i.ok for i in ModelRegistry(models).scan())
+
+    manifest = json.loads((models / fetch.MANIFEST).read_text())
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes(b"x")
+    manifest["files"].append({"path": "../secret.bin", "size": 1, "sha256": fetch.sha256_file(outside)})
+    manifest["files"].append({"path": str(outside), "size": 1, "sha256": fetch.sha256_file(outside)})
+    manifest["files"].append("junk")  # a hand-edited manifest: a problem, not a traceback
+    (models / fetch.MANIFEST).write_text(json.dumps(manifest))
+    assert fetch.verify(models).problems == [
+        "../secret.bin: outside the models directory",
+        f"{outside}: outside the models directory",
+        "'junk': not a file record of the manifest",
+    ]

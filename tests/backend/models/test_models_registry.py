@@ -771,3 +771,198 @@ def test_a_download_that_never_got_a_file_is_no_broken_model(tmp_path: Path) -> 
     (tmp_path / "lora" / "half" / "notes.txt").write_text("x")  # something there: inspected, broken
     ids = {i.id: i for i in ModelRegistry(tmp_path).scan()}
     assert set(ids) == {"lora:half"} and not ids["lora:half"].ok
+
+
+def test_large_pickles_of_every_kind_are_identified_without_loading(  # type: ignore[no-untyped-def]
+    models_copy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mm_sd_v15_v2.ckpt and AnimateLCM_sd15_t2v.ckpt are 1.8 GB pickles: the scan unpickled
+    them whole (1.9 GB of memory for one new file), as it did a 2-7 GB SD1.5 .ckpt dropped
+    into lora/ or adapter/ before finding it is no LoRA.  Over PICKLE_SCAN_LIMIT (lowered here
+    to stand for them) their keys and shapes are read without their tensors, as a base's."""
+    from safetensors.torch import load_file
+
+    from animatediff_blender.backend.models import convert
+
+    models = models_copy(
+        "motion/mm_sd_v15_v2.ckpt",
+        "motion/mm_sd_v15.ckpt",
+        "motion/v3_sd15_mm.ckpt",
+        "lora/v2_lora_ZoomIn.ckpt",
+        "adapter/v3_sd15_adapter.ckpt",
+        "base/tiny-sd15-ldm.safetensors",
+    )
+    shutil.copy(models / "motion/mm_sd_v15_v2.ckpt", models / "motion/AnimateLCM_sd15_t2v.ckpt")
+    shutil.copy(models / "motion/mm_sd_v15_v2.ckpt", models / "adapter/mm_sd_v15_v2.ckpt")
+    ldm = models / "base/tiny-sd15-ldm.safetensors"
+    torch.save(load_file(ldm), models / "lora/v1-5-pruned-emaonly.ckpt")
+    ldm.unlink()
+    data = (models / "motion/mm_sd_v15_v2.ckpt").read_bytes()
+    (models / "motion/half-downloaded.ckpt").write_bytes(data[: len(data) // 2])
+    limit = 1_000_000  # the zoo's motion modules and base are over it, its LoRAs under it
+    monkeypatch.setattr(registry_mod, "PICKLE_SCAN_LIMIT", limit)
+    real = convert.read_state_dict
+
+    def small_ones_only(path: Path) -> dict[str, torch.Tensor]:
+        assert Path(path).stat().st_size <= limit, f"loaded {path}"
+        return real(path)
+
+    monkeypatch.setattr(registry_mod, "read_state_dict", small_ones_only)
+    monkeypatch.setattr(convert, "read_state_dict", small_ones_only)
+    infos = {i.id: i for i in ModelRegistry(models).scan()}
+    versions = {i.id: (i.ok, i.version) for i in infos.values() if i.kind == "motion" and i.ok}
+    assert versions == {
+        "motion:mm_sd_v15_v2.ckpt": (True, "v2"),
+        "motion:mm_sd_v15.ckpt": (True, "v1"),
+        "motion:v3_sd15_mm.ckpt": (True, "v3"),
+        "motion:AnimateLCM_sd15_t2v.ckpt": (True, "lcm"),
+    }, {i.id: i.error for i in infos.values()}
+    assert "truncated checkpoint" in infos["motion:half-downloaded.ckpt"].error
+    assert infos["lora:v1-5-pruned-emaonly.ckpt"].error == (
+        "not a MotionLoRA: it looks like a base model (tiny): move it to base/"
+    )
+    assert infos["adapter:mm_sd_v15_v2.ckpt"].error == (
+        "not a domain adapter: it looks like a motion module (v2): move it to motion/"
+    )
+    assert infos["lora:v2_lora_ZoomIn.ckpt"].ok and infos["adapter:v3_sd15_adapter.ckpt"].ok
+
+
+def test_single_files_that_are_no_usable_sd15_checkpoint_say_what_they_are(  # type: ignore[no-untyped-def]
+    models_copy,
+) -> None:
+    """What artists drop into base/ (or the top level) by mistake, in the real key layouts:
+    SD2.x and SDXL checkpoints, one without a VAE or text encoder (a UNet-only or "no-VAE"
+    file), a VAE on its own, textual-inversion embeddings.  Each was either listed as a usable
+    SD1.5 base (which then failed every job) or as a broken one ("no model.diffusion_model.*
+    keys", "LoRA layout not understood: emb_params"); each now says what it is."""
+    from safetensors.torch import load_file
+
+    models = models_copy("base/tiny-sd15-ldm.safetensors", "base/tiny-sd15-ldm.config", "base/tiny-sd15")
+    base = models / "base"
+    sd = load_file(base / "tiny-sd15-ldm.safetensors")
+
+    def drop(*prefixes: str) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in sd.items() if not k.startswith(prefixes)}
+
+    to_k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    save_file({**drop("cond_stage_model."), to_k: torch.zeros(32, 1024),
+               "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(96, 32)},
+              str(base / "v2-1_768-ema-pruned.safetensors"))  # fmt: skip
+    # SDXL: no attention in its first level, its class embedding (label_emb), its two text
+    # encoders under conditioner.*; some UNet-only exports keep only model.diffusion_model.*.
+    xl = {k: v for k, v in drop("cond_stage_model.").items() if ".input_blocks.1.1." not in k}
+    xl["model.diffusion_model.label_emb.0.0.weight"] = torch.zeros(32, 2816)
+    save_file({**xl, "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(32)},
+              str(base / "sd_xl_base_1.0.safetensors"))  # fmt: skip
+    save_file(drop("first_stage_model.", "cond_stage_model."), str(base / "unet-only.safetensors"))
+    save_file({k: v for k, v in xl.items() if k.startswith("model.")}, str(base / "sdxl-unet.safetensors"))
+    save_file(drop("first_stage_model."), str(base / "model-novae.safetensors"))
+    save_file(drop("cond_stage_model."), str(base / "model-no-text-encoder.safetensors"))
+    vae = {k.removeprefix("first_stage_model."): v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    save_file(vae, str(base / "vae-ft-mse-840000-ema-pruned.safetensors"))
+    torch.save({"state_dict": vae}, str(base / "vae-ft-mse-840000-ema-pruned.ckpt"))
+    shutil.copy(base / "tiny-sd15/vae/diffusion_pytorch_model.safetensors", base / "diffusers-vae.safetensors")
+    shutil.copy(base / "tiny-sd15/unet/diffusion_pytorch_model.safetensors", base / "diffusers-unet.safetensors")
+    shutil.copy(base / "vae-ft-mse-840000-ema-pruned.safetensors", models / "dropped-vae.safetensors")
+    save_file({"emb_params": torch.zeros(8, 32)}, str(base / "easynegative.safetensors"))
+    (models / "lora").mkdir()
+    save_file({"emb_params": torch.zeros(8, 32)}, str(models / "lora/badhandv4.safetensors"))
+    save_file({"emb_params": torch.zeros(8, 32)}, str(models / "dropped-embedding.safetensors"))
+    torch.save(
+        {"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": torch.zeros(4, 32)},
+         "name": "ng_deepnegative", "step": 1000},
+        str(base / "ng_deepnegative_v1_75t.pt"),
+    )  # fmt: skip
+    shutil.copy(base / "ng_deepnegative_v1_75t.pt", models / "lora/ng_deepnegative_v1_75t.pt")
+
+    infos = {i.id: i for i in ModelRegistry(models).scan()}
+    expected = {
+        "base:v2-1_768-ema-pruned.safetensors": "cross-attention width 1024",
+        "base:sd_xl_base_1.0.safetensors": "SDXL",
+        "base:sdxl-unet.safetensors": "SDXL",
+        "base:unet-only.safetensors": "no VAE",
+        "base:model-novae.safetensors": "no VAE",
+        "base:model-no-text-encoder.safetensors": "no text encoder",
+        "base:vae-ft-mse-840000-ema-pruned.safetensors": "not a base model: it is a VAE on its own",
+        "base:vae-ft-mse-840000-ema-pruned.ckpt": "not a base model: it is a VAE on its own",
+        "base:diffusers-vae.safetensors": "not a base model: it is a VAE on its own",
+        "base:diffusers-unet.safetensors": "the UNet of a diffusers folder on its own",
+        "base:dropped-vae.safetensors": "it is a VAE on its own",
+        "base:easynegative.safetensors": "not a base model: it is a textual-inversion embedding",
+        "lora:badhandv4.safetensors": "not a MotionLoRA: it is a textual-inversion embedding",
+        "base:dropped-embedding.safetensors": "it is a textual-inversion embedding",
+        "base:ng_deepnegative_v1_75t.pt": "textual-inversion embedding",
+        "lora:ng_deepnegative_v1_75t.pt": "textual-inversion embedding",
+    }
+    for model_id, reason in expected.items():
+        assert not infos[model_id].ok and reason in infos[model_id].error, (model_id, infos[model_id].error)
+    assert infos["base:tiny-sd15-ldm.safetensors"].ok and infos["base:tiny-sd15"].ok
+    assert {i.id for i in infos.values() if i.ok} == {"base:tiny-sd15-ldm.safetensors", "base:tiny-sd15"}
+
+
+def test_hidden_files_in_a_model_folder_are_not_part_of_it(tiny_zoo: Path, models_copy) -> None:  # type: ignore[no-untyped-def]
+    """huggingface_hub keeps `.cache/huggingface/download/<file>.metadata` in every folder that
+    `models fetch` fills, and rewrites it (with the time) at every rerun of `models fetch`,
+    which the README advises after a failed one; Finder adds `.DS_Store`.  They counted as
+    the model's files: each rerun changed every fetched model's hash, so its entry was no
+    longer current, the folder was hashed again and a loaded model was loaded again."""
+    from huggingface_hub._local_folder import write_download_metadata
+
+    models = models_copy("lora/motion-lora-zoom-in", "motion/tiny-motion-adapter-v2")
+    folder = models / "lora/motion-lora-zoom-in"
+    write_download_metadata(folder, "diffusion_pytorch_model.safetensors", "c0ffee", "etag")
+    reg = ModelRegistry(models)
+    before = {i.id: i for i in reg.scan()}
+    entry = reg.get("lora:motion-lora-zoom-in")
+    assert entry.ok and entry.size == (folder / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert entry.sha256 == registry_mod.content_sha256(folder)
+    assert entry.sha256 == registry_mod.content_sha256(tiny_zoo / "lora/motion-lora-zoom-in")
+
+    write_download_metadata(folder, "diffusion_pytorch_model.safetensors", "c0ffee", "etag")  # a rerun
+    (models / "motion/tiny-motion-adapter-v2/.DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    assert reg.is_current(entry)
+    assert reg.is_current(reg.get("motion:tiny-motion-adapter-v2"))
+    assert {i.id: i.sha256 for i in reg.scan()} == {i.id: i.sha256 for i in before.values()}
+
+
+def test_files_that_cannot_be_used_are_not_hashed(models_copy, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Hashing reads the whole file: a 6.9 GB SDXL checkpoint dropped into base/ by mistake
+    held up the scan (and the panel's rescan) for seconds to minutes for a hash nobody uses.
+    Files listed as broken, or under a name that is no model id, are not hashed."""
+    from safetensors.torch import load_file
+
+    models = models_copy("base/tiny-sd15-ldm.safetensors", "base/tiny-sd15-ldm.config")
+    sd = load_file(models / "base/tiny-sd15-ldm.safetensors")
+    save_file({**sd, "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(32)},
+              str(models / "base/sd_xl_base_1.0.safetensors"))  # fmt: skip
+    shutil.copy(models / "base/tiny-sd15-ldm.safetensors", models / "base/my model (copy).safetensors")
+    hashed: list[str] = []
+    real = registry_mod.content_sha256
+
+    def recording(path: Path) -> str:
+        hashed.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(registry_mod, "content_sha256", recording)
+    infos = {i.id: i for i in ModelRegistry(models).scan()}
+    assert hashed == ["tiny-sd15-ldm.safetensors"]
+    assert infos["base:tiny-sd15-ldm.safetensors"].ok and len(infos["base:tiny-sd15-ldm.safetensors"].sha256) == 64
+    for model_id in ("base:sd_xl_base_1.0.safetensors", "base:my model (copy).safetensors"):
+        assert not infos[model_id].ok and infos[model_id].sha256 == "" and infos[model_id].size_bytes > 0
+
+
+def test_half_downloaded_pickles_say_so(models_copy, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A .ckpt cut short (a browser download stopped, a full disk) was reported with torch's
+    internal zip-reader error ("PytorchStreamReader failed reading zip archive: failed finding
+    central directory. This is an internal miniz error..."), or above PICKLE_SCAN_LIMIT as
+    "not a torch checkpoint"; both now say that it is truncated."""
+    models = models_copy("lora/v2_lora_ZoomIn.ckpt", "motion/mm_sd_v15_v2.ckpt")
+    for rel in ("lora/v2_lora_ZoomIn.ckpt", "motion/mm_sd_v15_v2.ckpt"):
+        data = (models / rel).read_bytes()
+        (models / rel).write_bytes(data[: len(data) // 2])
+    monkeypatch.setattr(registry_mod, "PICKLE_SCAN_LIMIT", 1_000_000)  # the motion module is over it
+    infos = {i.id: i for i in ModelRegistry(models).scan()}
+    for model_id, name in (("lora:v2_lora_ZoomIn.ckpt", "v2_lora_ZoomIn.ckpt"), ("motion:mm_sd_v15_v2.ckpt", "mm_sd_v15_v2.ckpt")):
+        assert not infos[model_id].ok
+        assert infos[model_id].error.startswith(f"{name}: truncated checkpoint"), infos[model_id].error
+        assert "download it again" in infos[model_id].error and "miniz" not in infos[model_id].error
