@@ -449,6 +449,51 @@ def _inspect_lora(path: Path, kind: str) -> _Detected:
     return _Detected(kind, lora.source_format, "lcm" if names_lcm(path.name) else "v3")
 
 
+# Folders other tools keep models in (AUTOMATIC1111, ComfyUI, AnimateDiff's own repository),
+# lowercased -> the folder here their files belong in.
+_OTHER_LAYOUTS = {
+    "stable-diffusion": "base", "stable_diffusion": "base", "checkpoints": "base", "checkpoint": "base",
+    "sd": "base", "models": "base", "diffusers": "base",
+    "motion_module": "motion", "motion_modules": "motion", "motion-module": "motion", "motion-modules": "motion",
+    "animatediff_models": "motion", "animatediff": "motion", "motionmodule": "motion",
+    "motion_lora": "lora", "motion_loras": "lora", "motion-lora": "lora", "motionlora": "lora",
+    "animatediff_motion_lora": "lora",
+}
+
+
+def _holds_models(folder: Path, depth: int = 2) -> bool:
+    """A weights file or a diffusers model folder within `depth` levels (hidden ones aside)."""
+    try:
+        for child in folder.iterdir():
+            if child.name.startswith("."):
+                continue
+            if child.is_file() and (child.suffix.lower() in WEIGHT_SUFFIXES or child.name == "model_index.json"):
+                return True
+            if depth > 1 and child.is_dir() and _holds_models(child, depth - 1):
+                return True
+    except OSError:  # unreadable: nothing to say about it
+        return False
+    return False
+
+
+def _stray_folder_reason(name: str) -> str:
+    """Why a folder at the top of the models directory that holds models is not scanned, and
+    where its files go."""
+    lower = name.lower()
+    where = (
+        "the models directory scans only base/ (SD1.5 checkpoints and diffusers folders), motion/ (motion "
+        "modules), lora/ (MotionLoRAs) and adapter/ (spatial LoRAs: the domain adapter, AnimateLCM's LoRA)"
+    )
+    if lower in ("lora", "loras"):  # A1111's Lora/ holds spatial (style) LoRAs
+        return (f"folder {name}/ is not scanned (folder names are lowercase): {where}; MotionLoRAs go "
+                "into lora/, a spatial LoRA (AnimateLCM's, a domain adapter) into adapter/")
+    if lower in KINDS:
+        return f"folder {name}/ is not scanned: folder names are lowercase, rename it to {lower}/"
+    if lower in _OTHER_LAYOUTS:
+        return f"folder {name}/ is not scanned: {where}; move its files into {_OTHER_LAYOUTS[lower]}/"
+    return f"folder {name}/ is not scanned: {where}"
+
+
 def _classify_top_level(path: Path) -> _Detected:
     """Kind of a safetensors file dropped at the top of the models dir, from its keys."""
     shapes = _shapes(path)
@@ -687,11 +732,19 @@ class ModelRegistry:
             log.warning("cannot list the models directory: %s", exc)
             top = []
         for child in top:
-            if child.is_file() and not child.name.startswith(".") and child.suffix.lower() in WEIGHT_SUFFIXES:
+            if child.name.startswith("."):
+                continue
+            if child.is_file() and child.suffix.lower() in WEIGHT_SUFFIXES:
+                out.append((None, child))
+            elif child.name not in KINDS and child.is_dir() and _holds_models(child):
+                # An A1111 layout (Stable-diffusion/, Lora/), a capitalised Base/: listed with
+                # where its files go, not skipped without a word.
                 out.append((None, child))
         return out
 
     def _inspect(self, kind: str | None, path: Path) -> _Detected:
+        if kind is None and path.is_dir():
+            return _Detected("base", "", "", False, _stray_folder_reason(path.name))
         if kind is None:
             if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
                 return _Detected(

@@ -966,3 +966,26 @@ def test_half_downloaded_pickles_say_so(models_copy, monkeypatch: pytest.MonkeyP
         assert not infos[model_id].ok
         assert infos[model_id].error.startswith(f"{name}: truncated checkpoint"), infos[model_id].error
         assert "download it again" in infos[model_id].error and "miniz" not in infos[model_id].error
+
+
+def test_folders_of_other_layouts_are_listed_with_where_their_files_go(tmp_path: Path) -> None:
+    """A models directory laid out for another tool (AUTOMATIC1111's Stable-diffusion/ and
+    Lora/, AnimateDiff's motion_module/) or with a capitalised Base/ was scanned as empty,
+    without a word: each such folder is a broken entry saying where its files go.  Folders
+    holding no models (notes, a tokenizer) stay unlisted."""
+    for rel in ("Stable-diffusion/dreamshaper_8.safetensors", "Lora/styles/ink.safetensors",
+                "motion_module/mm_sd_v15_v2.ckpt", "Base/mine/model_index.json", "Elsewhere/x.ckpt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("x")
+    (tmp_path / "Deep" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "Deep" / "a" / "b" / "x.safetensors").write_bytes(b"")  # three levels down: not looked for
+    infos = {i.id: i for i in ModelRegistry(tmp_path).scan()}
+    assert set(infos) == {"base:Stable-diffusion", "base:Lora", "base:motion_module", "base:Base", "base:Elsewhere"}
+    assert not any(i.ok for i in infos.values())
+    assert "move its files into base/" in infos["base:Stable-diffusion"].error
+    assert "move its files into motion/" in infos["base:motion_module"].error
+    assert "rename it to base/" in infos["base:Base"].error
+    assert "a spatial LoRA (AnimateLCM's, a domain adapter) into adapter/" in infos["base:Lora"].error
+    assert "scans only base/" in infos["base:Elsewhere"].error and infos["base:Elsewhere"].sha256 == ""
