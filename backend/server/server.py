@@ -713,8 +713,8 @@ class Server:
             settings = self.engine.resolve(submit.request)
         except EngineError as exc:
             fields = [messages.FieldError(field=exc.field, message=exc.message)] if exc.field else []
-            self._reply(identity, msg, messages.Error(code=exc.code, message=exc.message, fields=fields))
             joblog.info("client=%s event=refused code=%s reason=%s", client_id, exc.code, _logval(exc.message[:300]))
+            self._reply(identity, msg, messages.Error(code=exc.code, message=exc.message, fields=fields))
             return
         errors = check_request(settings, self.limits)  # preset defaults must obey the limits too
         if errors:

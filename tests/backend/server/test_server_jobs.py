@@ -248,21 +248,32 @@ def test_shutdown_marks_running_and_queued_jobs_interrupted(
 
 
 def test_a_refused_submit_is_one_log_line_with_its_reason(
-    make_server: Callable[..., Server], make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+    make_server: Callable[..., Server], make_client: ClientFactory
 ) -> None:
     # An artist asks why nothing ran: the operator's log says who was refused and why, for
-    # the limits and the engine's refusals as for a full queue.
-    server = make_server(limits=Limits(max_frames=8))
-    client = make_client(server, client_id="artist-b")
-    caplog.set_level(logging.INFO, logger="animatediff_blender.server.jobs")
-    for request, code in ((small_request(frames=9), "limit"), (small_request(base_model="base:nope"), "unknown_model")):
-        with pytest.raises(ClientError) as info:
-            client.submit(request)
-        assert info.value.code == code
-        lines = [r.getMessage() for r in caplog.records if f"event=refused code={code}" in r.getMessage()]
-        assert len(lines) == 1 and "client=artist-b" in lines[0], lines
-    assert "frames" in next(r.getMessage() for r in caplog.records if "code=limit" in r.getMessage())
-    assert "base:nope" in next(r.getMessage() for r in caplog.records if "code=unknown_model" in r.getMessage())
+    # the limits and the engine's refusals as for a full queue.  (A handler on the job log
+    # itself: the lines are written by the server's thread, whatever the root logger holds.)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    joblog = logging.getLogger("animatediff_blender.server.jobs")
+    level = joblog.level
+    joblog.addHandler(handler)
+    joblog.setLevel(logging.INFO)
+    try:
+        server = make_server(limits=Limits(max_frames=8))
+        client = make_client(server, client_id="artist-b")
+        for request, code in ((small_request(frames=9), "limit"), (small_request(base_model="base:nope"), "unknown_model")):
+            with pytest.raises(ClientError) as info:
+                client.submit(request)
+            assert info.value.code == code
+            lines = [r.getMessage() for r in records if f"event=refused code={code}" in r.getMessage()]
+            assert len(lines) == 1 and "client=artist-b" in lines[0], lines
+    finally:
+        joblog.removeHandler(handler)
+        joblog.setLevel(level)
+    assert "frames" in next(r.getMessage() for r in records if "code=limit" in r.getMessage())
+    assert "base:nope" in next(r.getMessage() for r in records if "code=unknown_model" in r.getMessage())
 
 
 def test_a_job_still_storing_its_frames_counts_towards_the_clients_share(
