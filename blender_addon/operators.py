@@ -23,7 +23,9 @@ class ADB_OT_generate(Operator):
 
     bl_idname = "animatediff.generate"
     bl_label = "Generate"
-    bl_options = {"REGISTER"}
+    # An undo step of its own (with the job row): without one, Ctrl+Z of the take went back to
+    # before the row existed, and Ctrl+Z after Generate undid the artist's previous edit too.
+    bl_options = {"REGISTER", "UNDO"}
 
     def execute(self, context):
         scene = sc.edit_scene(context)
@@ -75,6 +77,7 @@ class ADB_OT_clear_jobs(Operator):
 
     bl_idname = "animatediff.clear_jobs"
     bl_label = "Clear finished"
+    bl_options = {"REGISTER", "UNDO"}  # Ctrl+Z brings the rows back, and only them
 
     def execute(self, context):
         s = sc.edit_scene(context).animatediff
@@ -107,6 +110,9 @@ class ADB_OT_match_camera(Operator):
     def execute(self, context):
         from . import camera_match
 
+        # The rows are listed even when there is no camera to read (a new scene has none of
+        # them, and the panel says to press this): the artist can then pick moves by hand.
+        ensure_camera_loras(sc.edit_scene(context).animatediff)
         try:
             motion = camera_match.analyse(context.scene)  # the camera of the 3D scene being worked on
         except ValueError as exc:
@@ -172,6 +178,9 @@ class ADB_OT_regenerate(Operator):
 
     bl_idname = "animatediff.regenerate"
     bl_label = "Regenerate"
+    # An undo step as Generate, without REGISTER: its redo panel would re-run it on a toggle of
+    # New seed, submitting a second job while the first still renders.
+    bl_options = {"UNDO"}
 
     new_seed: BoolProperty(name="New seed", default=True)  # type: ignore[valid-type]
 

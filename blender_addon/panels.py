@@ -40,7 +40,7 @@ def draw_jobs(layout, scene, compact=False):
     header = box.row()
     header.label(text="Jobs")
     header.operator("animatediff.clear_jobs", text="", icon="TRASH")
-    for job in list(s.jobs)[-(3 if compact else 8):]:
+    for job in shown_jobs(s.jobs, 3 if compact else 8):
         col = box.column(align=True)
         row = col.row(align=True)
         text = job.prompt[:40] or "(prompt travel)"
@@ -64,6 +64,14 @@ def draw_jobs(layout, scene, compact=False):
         icon = preview_icon(job.job_id) if job.state == "running" and not compact else 0
         if icon:
             col.template_icon(icon_value=icon, scale=6.0)
+
+
+def shown_jobs(rows, limit):
+    """The newest `limit` rows, and every older job still pending: a running job behind
+    `limit` newer ones (takes queued one after another) kept its progress and its cancel
+    button out of sight."""
+    rows = list(rows)
+    return [job for i, job in enumerate(rows) if job.state in PENDING_STATES or i >= len(rows) - limit]
 
 
 def draw_preset_mismatch(layout, s):

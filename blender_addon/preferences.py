@@ -7,15 +7,36 @@ from bpy.types import AddonPreferences
 from .state import STATE
 
 
+def _reconnect(_self=None, _context=None) -> None:
+    """An update callback of the connection settings: a running worker takes them now (it
+    connects again, and the panel's first line says what the new address answers).  It used to
+    keep the old ones until the next Generate or refresh: the panel still said "connected" to
+    the old backend, and jobs owed by a backend that could not be reached were retried there."""
+    from . import jobs
+    from . import messages as m
+    from .settings import network_refusal
+
+    w = STATE.worker
+    if w is None or not w.is_alive():
+        return  # the first worker reads the preferences when it starts
+    cfg = jobs.client_config()
+    if cfg == w.config or network_refusal(cfg["address"]):
+        return
+    w.send(m.Configure(cfg))
+    w.send(m.RefreshModels())  # connect now (the client was dropped): the model list and the status
+
+
 def _absolute(attr: str):
     """An update callback: a `//` path (the file browser makes one relative to the .blend open
     at that moment) becomes absolute at once; kept relative, it would resolve against whichever
     .blend is open later, and the key would be "missing" in every other project."""
 
-    def update(self, _context) -> None:
+    def update(self, context) -> None:
         value = getattr(self, attr)
         if value.startswith("//") and bpy.data.filepath:
-            setattr(self, attr, bpy.path.abspath(value))
+            setattr(self, attr, bpy.path.abspath(value))  # calls this again, with the absolute path
+            return
+        _reconnect(self, context)
 
     return update
 
@@ -24,7 +45,7 @@ class ADB_Preferences(AddonPreferences):
     bl_idname = __package__
 
     address: StringProperty(  # type: ignore[valid-type]
-        name="Backend address", default="tcp://127.0.0.1:5557",
+        update=_reconnect, name="Backend address", default="tcp://127.0.0.1:5557",
         description="ZeroMQ address of the AnimateDiff backend (tcp://host:port)")
     key_file: StringProperty(  # type: ignore[valid-type]
         update=_absolute("key_file"), name="Shared key file", subtype="FILE_PATH", default="",
@@ -36,7 +57,7 @@ class ADB_Preferences(AddonPreferences):
         update=_absolute("client_secret_key_file"), name="Client secret key", subtype="FILE_PATH", default="",
         description="CurveZMQ: this client's secret certificate")
     timeout_s: FloatProperty(  # type: ignore[valid-type]
-        name="Timeout (s)", default=10.0, min=0.5, max=600.0,
+        update=_reconnect, name="Timeout (s)", default=10.0, min=0.5, max=600.0,
         description="How long a request to the backend may take before it counts as unreachable")
     backend_command: StringProperty(  # type: ignore[valid-type]
         name="Local backend command", default="",
