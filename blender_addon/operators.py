@@ -4,6 +4,7 @@ import json
 import os
 import shlex
 import subprocess
+from typing import Any
 
 import bpy
 from bpy.props import BoolProperty, StringProperty
@@ -101,7 +102,7 @@ class ADB_OT_randomize_seed(Operator):
 
 
 class ADB_OT_match_camera(Operator):
-    """Read the active camera's animation over the frame range and set the camera MotionLoRAs"""
+    """Read the active camera's animation over the frames the clip will cover and set the camera MotionLoRAs"""
 
     bl_idname = "animatediff.match_camera"
     bl_label = "Match scene camera"
@@ -112,16 +113,31 @@ class ADB_OT_match_camera(Operator):
 
         # The rows are listed even when there is no camera to read (a new scene has none of
         # them, and the panel says to press this): the artist can then pick moves by hand.
-        ensure_camera_loras(sc.edit_scene(context).animatediff)
+        edit = sc.edit_scene(context)
+        ensure_camera_loras(edit.animatediff)
+        first, last = clip_frames(context.scene, edit)
         try:
-            motion = camera_match.analyse(context.scene)  # the camera of the 3D scene being worked on
+            # The camera of the 3D scene being worked on
+            motion = camera_match.analyse(context.scene, frame_start=first, frame_end=last)
         except ValueError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
-        camera_match.apply_to_settings(sc.edit_scene(context).animatediff, motion.weights)
+        camera_match.apply_to_settings(edit.animatediff, motion.weights)
         used = ", ".join(f"{k} {v:.2f}" for k, v in motion.weights.items() if v > 0) or "no camera move found"
-        self.report({"INFO"}, f"Camera: {used}")
+        self.report({"INFO"}, f"Camera over frames {first}-{last}: {used}")
         return {"FINISHED"}
+
+
+def clip_frames(shot: Any, edit: Any) -> tuple[int, int]:
+    """The frames whose camera move the clip shows: those it will cover on the timeline (its
+    start and its Frames, or the scene's length), when the 3D scene is the one the Sequencer
+    edits; else (Blender 5's own sequencer scene) the 3D scene's frame range, its shot."""
+    if shot != edit:
+        return shot.frame_start, shot.frame_end
+    s = edit.animatediff
+    start = edit.frame_current if s.use_current_frame else s.start_frame
+    frames = st.scene_length(edit) if s.use_scene_length else s.frames
+    return start, start + max(1, frames) - 1
 
 
 class ADB_OT_refresh_models(Operator):

@@ -56,6 +56,12 @@ def test_install_register_camera_unregister(bpy_python, addon_zips, tmp_path: Pa
     # Turning right 12 deg (0.4) while the straight path drifts left in camera space.
     assert 0.25 < combined["PanRight"] < 0.42
     assert r["applied"]["ZoomIn"][0] and r["applied"]["PanRight"][0] and not r["applied"]["PanLeft"][0]
+    # Match scene camera reads the frames the clip covers: with Scene length, the whole
+    # move (frames 1-17); with 9 Frames from frame 1, about half of it.
+    whole, over_range = r["match_scene_length"]
+    assert whole == over_range and whole["ZoomIn"] == pytest.approx(0.8, abs=0.03), whole
+    part, over_nine = r["match_frames"]
+    assert part == over_nine and part["ZoomIn"] == pytest.approx(0.4, abs=0.05), part
     for prop in ("prompt", "negative_prompt", "base_model", "motion_module", "preset", "seed", "channel",
                  "address", "key_file", "timeout_s"):
         assert prop in r["drawn_props"], prop

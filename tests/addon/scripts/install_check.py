@@ -116,7 +116,19 @@ out["applied"] = {r.motion: [r.enabled, round(r.weight, 3)] for r in s.camera_lo
 # The operator runs too (the last case's camera is active).
 scene.camera = bpy.data.objects["combo"]
 scene.frame_start, scene.frame_end = 1, 17
-assert bpy.ops.animatediff.match_camera() == {"FINISHED"}
+scene.frame_current = 1
+
+
+def matched():
+    assert bpy.ops.animatediff.match_camera() == {"FINISHED"}
+    return {r.motion: round(r.weight, 3) for r in s.camera_loras if r.enabled}
+
+
+# Over the frames the clip covers: its Frames from the current frame, or the scene's length.
+s.use_scene_length, s.frames = True, 16
+out["match_scene_length"] = [matched(), {k: round(v, 3) for k, v in cm.analyse(scene, None, 1, 17).weights.items() if v > 0}]
+s.use_scene_length, s.frames = False, 9
+out["match_frames"] = [matched(), {k: round(v, 3) for k, v in cm.analyse(scene, None, 1, 9).weights.items() if v > 0}]
 
 # The panels and the preferences draw without error (a recording stand-in for the layout:
 # the bpy module has no window), with jobs in every state and a model list.
