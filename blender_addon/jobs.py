@@ -294,6 +294,10 @@ def apply(msg: Any) -> None:
         # The artist cancelled it: nothing a worker still says of the job (one that started
         # watching it before the cancel reached it) brings the row back or lands its take.
         return
+    if job.state == "finished":
+        # Its take is placed (or placed and undone): a worker that watched the job again (a
+        # reconnect, the file reopened) lands no second take, nor makes the row "running".
+        return
     if isinstance(msg, m.JobDone) and not msg.settled and _move_take(scene, job, msg):
         return  # the worker moves the frames, then reports the job done again
     if isinstance(msg, (m.JobFailed, m.JobDone)):

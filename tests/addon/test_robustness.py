@@ -56,8 +56,9 @@ def test_bad_days_end_in_words_or_finished_rows(addon_zips, backend_factory, tmp
     assert r["disable_ms"] < 500, r["disable_ms"]
     assert r["reenabled"] == {"state": "finished", "message": "on channel 12", "rows": 1, "strips": 1}, r["reenabled"]
     # 8. Late messages for ended rows: a cancelled row stays so, its late job is cancelled;
-    #    a failed one takes its late job.
+    #    a failed one takes its late job; a finished one takes no second take.
     assert r["late_messages"] == {"cancelled": ["cancelled", "d" * 32], "failed": ["running", "f" * 32],
+                                  "finished": ["finished", "on channel 3"],
                                   "sent": [["CancelJob", "c" * 32]], "new_strips": 0}, r["late_messages"]
     # Blender 5.x warned about the job rows' "//animatediff" in a DIR_PATH property.
     assert 'does not support blend relative "//" prefix' not in r["_output"]

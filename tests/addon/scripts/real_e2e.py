@@ -38,8 +38,10 @@ s.prompt = "a paper boat on a pond"
 s.steps = 2
 s.seed = 11
 s.channel = 1
+scene.frame_current = 1  # Match reads the frames the clip would cover from here: the dolly's
 assert bpy.ops.animatediff.match_camera() == {"FINISHED"}
 enabled = {r.motion: round(r.weight, 3) for r in s.camera_loras if r.enabled}
+scene.frame_current = 10  # the take goes here
 assert bpy.ops.animatediff.generate() == {"FINISHED"}
 local = s.jobs[0].local_id
 progress_seen = set()

@@ -273,12 +273,19 @@ try:
     jobs.apply(msgs.JobAccepted(ended["cancelled"], "c" * 32, 0))
     jobs.apply(msgs.JobAccepted(ended["failed"], "f" * 32, 0))
     row(ended["cancelled"]).job_id = "d" * 32  # as if accepted before the cancel
+    # A finished row (its take placed, or placed and undone) takes no second take, and late
+    # progress does not make it "running" again.
+    j = scene.animatediff.jobs.add()
+    j.local_id, j.job_id, j.state, j.message = "e" * 32, "9" * 32, "finished", "on channel 3"
+    ended["finished"] = j.local_id
     strips_before = len(sc.all_strips(scene))
-    jobs.apply(msgs.JobProgress("d" * 32, "running", 1, 2))
-    jobs.apply(msgs.JobDone("d" * 32, str(Path(a["workdir"])), ["frame_0001.png"], 1, {}))
+    for job_id in ("d" * 32, "9" * 32):
+        jobs.apply(msgs.JobProgress(job_id, "running", 1, 2))
+        jobs.apply(msgs.JobDone(job_id, str(Path(a["workdir"])), ["frame_0001.png"], 1, {}))
     out["late_messages"] = {
         "cancelled": [row(ended["cancelled"]).state, row(ended["cancelled"]).job_id],
         "failed": [row(ended["failed"]).state, row(ended["failed"]).job_id],
+        "finished": [row(ended["finished"]).state, row(ended["finished"]).message],
         "sent": [[type(x).__name__, x.job_id] for x in sent],
         "new_strips": len(sc.all_strips(scene)) - strips_before,
     }
