@@ -444,8 +444,11 @@ def test_a_fetch_larger_than_the_peers_queue_arrives_whole(
     server = make_server()
     client = make_client(server, timeout_s=5)
     result = client.run_job(small_request(frames=48, width=128, height=128, steps=1))
+    # (Frames streamed while the job ran are best effort, as progress is: on a loaded machine
+    # some of them may be dropped with this tiny queue, and the client fetches what it missed.)
+    dropped = server.dropped
     fetched = client.fetch(result.job_id)
-    assert fetched.frames == result.frames and server.dropped == 0
+    assert fetched.frames == result.frames and server.dropped == dropped
 
 
 def test_a_reply_its_peer_never_reads_is_given_up(
