@@ -261,6 +261,13 @@ def main(argv, inside_blender):
     except RuntimeError as exc:  # e.g. its folder does not exist
         raise BatchError(f"cannot save {out_blend}: {_blender_error(exc)}") from exc
 
+    def interrupted(where):
+        """Ctrl+C (api.wait has cancelled the job on the backend): keep what is done, and stop."""
+        problem = save(bpy)
+        print(f"batch: interrupted {where}; {f'NOT saved: {problem}' if problem else f'saved {out_blend}'}",
+              flush=True)
+        return 130
+
     def placed(i, name, strip, t0):
         print(f"[{i + 1}/{len(shots)}] {name}: strip {strip.name!r} on channel {strip.channel} at frame "
               f"{sc.strip_start(strip)}, {len(strip.elements)} frames ({time.monotonic() - t0:.1f} s)", flush=True)
@@ -277,12 +284,7 @@ def main(argv, inside_blender):
         try:
             strip = api.generate(scene, timeout=args.timeout, **{**connection, **shot})  # the shot's own win
         except KeyboardInterrupt:
-            # api.wait has cancelled the shot's job on the backend; keep what is done, and stop.
-            problem = save(bpy)
-            saved = f"NOT saved: {problem}" if problem else f"saved {out_blend}"
-            print(f"batch: interrupted at shot {i + 1} of {len(shots)} ({name}); {i - failures} ok before it; "
-                  f"{saved}", flush=True)
-            return 130
+            return interrupted(f"at shot {i + 1} of {len(shots)} ({name}); {i - failures} ok before it")
         except api.AnimateDiffError as exc:
             failures += 1
             if exc.job is not None:  # its frames are not lost yet: asked for again at the end
@@ -298,11 +300,8 @@ def main(argv, inside_blender):
         t0 = time.monotonic()
         try:
             strip = api.insert(scene, api.wait(job, timeout=args.timeout))
-        except KeyboardInterrupt:  # api.wait has cancelled the job
-            problem = save(bpy)
-            print(f"batch: interrupted collecting shot {i + 1} ({name}); "
-                  f"{f'NOT saved: {problem}' if problem else f'saved {out_blend}'}", flush=True)
-            return 130
+        except KeyboardInterrupt:
+            return interrupted(f"collecting shot {i + 1} ({name})")
         except api.AnimateDiffError as exc:
             later = (f" (once it is back, `animatediff-blender generate --resume {job.job_id} --out DIR` "
                      "fetches the frames)") if exc.job is not None else ""

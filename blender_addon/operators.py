@@ -134,9 +134,7 @@ def clip_frames(shot: Any, edit: Any) -> tuple[int, int]:
     edits; else (Blender 5's own sequencer scene) the 3D scene's frame range, its shot."""
     if shot != edit:
         return shot.frame_start, shot.frame_end
-    s = edit.animatediff
-    start = edit.frame_current if s.use_current_frame else s.start_frame
-    frames = st.scene_length(edit) if s.use_scene_length else s.frames
+    start, frames = st.panel_span(edit)
     return start, start + max(1, frames) - 1
 
 

@@ -71,6 +71,14 @@ def scene_length(scene: Any) -> int:
     return max(1, scene.frame_end - scene.frame_start + 1)
 
 
+def panel_span(scene: Any) -> tuple[int, int]:
+    """The clip's start frame and frame count as the panel sets them (At current frame or its
+    start frame; Scene length or Frames)."""
+    s = scene.animatediff
+    start = scene.frame_current if s.use_current_frame else s.start_frame
+    return start, scene_length(scene) if s.use_scene_length else s.frames
+
+
 def random_seed() -> int:
     return random.randint(0, 2**31 - 1)
 
@@ -82,12 +90,13 @@ def plan_from_scene(scene: Any, **overrides: Any) -> Plan:
     if unknown:
         raise ValueError(f"unknown setting(s): {', '.join(short_name(k) for k in sorted(unknown, key=str))}")
     width, height = render_size(scene) if s.use_render_size else (s.width, s.height)
+    start, frames = panel_span(scene)
     req: dict[str, Any] = {
         "prompt": s.prompt,
         "negative_prompt": s.negative_prompt,
         "base_model": s.base_model.strip() or None,
         "motion_module": s.motion_module.strip() or None,
-        "frames": scene_length(scene) if s.use_scene_length else s.frames,
+        "frames": frames,
         "width": width,
         "height": height,
         "steps": s.steps or None,
@@ -98,7 +107,6 @@ def plan_from_scene(scene: Any, **overrides: Any) -> Plan:
     camera = {x.motion: round(float(x.weight), 4) for x in s.camera_loras if x.enabled and x.weight > 0}
     loras = [{"id": x.model_id, "weight": float(x.weight)} for x in s.extra_loras if x.enabled]
     channel = s.channel
-    start = scene.frame_current if s.use_current_frame else s.start_frame
     if "motion_loras" in overrides:
         camera, loras = split_loras(overrides.pop("motion_loras"))
     for key, value in overrides.items():

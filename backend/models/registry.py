@@ -252,15 +252,31 @@ def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """key -> shape: a safetensors file's header; a pickle through `torch.load(weights_only=True)`,
     above PICKLE_SCAN_LIMIT its pickle alone, the tensors mapped onto the meta device (a 1.8 GB
     mm_sd_v15_v2.ckpt or AnimateLCM_sd15_t2v.ckpt is not loaded whole to read its keys)."""
-    if path.suffix.lower() in PICKLE_SUFFIXES and path.stat().st_size > PICKLE_SCAN_LIMIT:
-        _check_pickle(path)
-        try:
-            return read_pickle_shapes(path)
-        except ConversionError:
-            raise  # refused pickle code: the loader refuses it too
-        except Exception as exc:  # torch cannot map it (a legacy pickle): loaded, as below the limit
-            log.info("cannot read the shapes of %s without loading it: %s", path, exc)
+    if _is_large_pickle(path):
+        shapes = _large_pickle_shapes(path)
+        if shapes is not None:
+            return shapes
+        # (torch cannot map it, a legacy pickle: loaded, as below the limit)
     return read_tensor_shapes(path)
+
+
+def _is_large_pickle(path: Path) -> bool:
+    """A pickle file too large to unpickle whole at scan time."""
+    return path.suffix.lower() in PICKLE_SUFFIXES and path.stat().st_size > PICKLE_SCAN_LIMIT
+
+
+def _large_pickle_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """A large pickle's key -> shape from its pickle alone (the tensors mapped onto the meta
+    device), after the checks of `_check_pickle`; None when torch cannot map it (a legacy
+    pickle).  ConversionError for refused pickle code: the loader refuses it too."""
+    _check_pickle(path)
+    try:
+        return read_pickle_shapes(path)
+    except ConversionError:
+        raise
+    except Exception as exc:
+        log.info("cannot read the shapes of %s without loading it: %s", path, exc)
+        return None
 
 
 def _check_folder_pickles(folder: Path, pickles: list[Path]) -> None:
@@ -325,15 +341,11 @@ def _inspect_base(path: Path) -> _Detected:
                 pickles += component_pickles(path / sub, variant)
         _check_folder_pickles(path, pickles)
         return _Detected("base", "diffusers", "sd15" if cad in (None, 768) else "tiny")
-    if path.suffix.lower() in PICKLE_SUFFIXES and path.stat().st_size > PICKLE_SCAN_LIMIT:
-        _check_pickle(path)
-        try:
-            shapes = read_pickle_shapes(path)
-        except ConversionError:
-            raise  # refused pickle code: the loader refuses it too
-        except Exception as exc:  # torch cannot map it: listed, but unchecked
-            log.info("cannot read the shapes of %s without loading it: %s", path, exc)
+    if _is_large_pickle(path):
+        large = _large_pickle_shapes(path)
+        if large is None:  # torch cannot map it: listed, but unchecked (not loaded whole either)
             return _Detected("base", "single_file", "")  # "" (unchecked): default_ids prefers checked bases
+        shapes = large
     else:
         shapes = _shapes(path)
     return _Detected("base", "single_file", _base_version(shapes))
@@ -436,7 +448,7 @@ def _lora_file(path: Path) -> Path:
 
 def _inspect_lora(path: Path, kind: str) -> _Detected:
     file = _lora_file(path)
-    if file.suffix.lower() in SAFETENSORS_SUFFIXES or file.stat().st_size > PICKLE_SCAN_LIMIT:
+    if file.suffix.lower() in SAFETENSORS_SUFFIXES or _is_large_pickle(file):
         # From the keys first (a header, or a large pickle's keys alone): a multi-GB checkpoint
         # in the wrong folder is not loaded to find that it is no LoRA.
         lora_format(_shapes(file))
@@ -530,7 +542,7 @@ def _other_kind(path: Path, kind: str) -> _Detected | None:
             tries = [lambda: _inspect_motion(path)]
         else:
             tries = [lambda: _inspect_lora(path, "lora"), lambda: _inspect_lora(path, "adapter")]
-    elif path.suffix.lower() in PICKLE_SUFFIXES and path.stat().st_size > PICKLE_SCAN_LIMIT:
+    elif _is_large_pickle(path):
         tries = [lambda: _classify_large_pickle(path)]  # (not unpickled whole at scan time)
     else:
         tries = [lambda: _classify_top_level(path)]
