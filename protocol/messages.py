@@ -13,6 +13,8 @@ newer minor version of the protocol can add fields without breaking older peers.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from typing import Annotated, Literal
 
 import msgspec
@@ -21,6 +23,28 @@ import msgspec
 # folder name inside the server's models directory (no separators, no leading dot).
 MODEL_ID_PATTERN = r"^[a-z_]{1,16}:[A-Za-z0-9][A-Za-z0-9._+-]{0,159}\Z"
 ModelId = Annotated[str, msgspec.Meta(pattern=MODEL_ID_PATTERN, max_length=180)]
+_ID_NAME_RX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,159}\Z")
+_ID_NAME_OTHER = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+def model_id_name(file_name: str) -> str | None:
+    """The name part of the model id of a file or folder named `file_name`: the name itself
+    where it fits `MODEL_ID_PATTERN`, else the name with its accents dropped and each run of
+    other characters (spaces, brackets, other scripts) as one "_": artists' files are named
+    "Realistic Vision V5.1.safetensors" and "Modèle (final).ckpt".  None where nothing
+    usable is left (no letter or digit before the suffix, over 160 characters)."""
+    if _ID_NAME_RX.match(file_name) and ".." not in file_name:
+        return file_name
+    folded = "".join(c for c in unicodedata.normalize("NFKD", file_name) if not unicodedata.combining(c))
+    dot = folded.rfind(".")
+    stem, suffix = (folded[:dot], folded[dot:]) if dot > 0 else (folded, "")
+    stem = re.sub(r"\.{2,}", ".", _ID_NAME_OTHER.sub("_", stem)).strip("._+-")
+    name = stem + _ID_NAME_OTHER.sub("_", suffix)
+    if not stem or not _ID_NAME_RX.match(name):
+        return None
+    return name
+
+
 _HEX32 = r"[0-9a-f]{32}"  # a uuid4 hex
 # Patterns end in \Z, not $: `$` also matches before a final newline ("1.1\n", "artist\n").
 # The id patterns are also what the server, its job store and the key files check with `re`.

@@ -44,12 +44,12 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from animatediff_blender.protocol.messages import MODEL_ID_PATTERN, ModelInfo
+from animatediff_blender.protocol.messages import MODEL_ID_PATTERN, ModelInfo, model_id_name
 
 from .convert import (
     EMBEDDINGS_UNSUPPORTED,
@@ -636,6 +636,22 @@ def _list_order(entry: RegistryEntry) -> tuple[Any, ...]:
     return (kind, 1, 0, False, entry.id)
 
 
+def _id_is_own_name(entry: RegistryEntry) -> bool:
+    return entry.id.partition(":")[2] == entry.path.name
+
+
+def _duplicate(entry: RegistryEntry, holder: RegistryEntry, entries: Mapping[str, RegistryEntry]) -> None:
+    """List `entry` as broken: `holder` has its id.  It is keyed by its own file name (or
+    "#top") so that both stay in the list."""
+    entry.ok, entry.error = False, f"duplicate id {entry.id} (also {holder.path}): rename one of them"
+    kind = entry.id.partition(":")[0]
+    key = f"{kind}:{entry.path.name}" if not _id_is_own_name(entry) else f"{entry.id}#top"
+    n = 2
+    while key in entries:
+        key, n = f"{key.rsplit('#', 1)[0]}#{n}", n + 1
+    entry.id = key
+
+
 def _distinct_labels(entries: list[RegistryEntry]) -> None:
     """Entries of one kind with the same label ("Zoom in" of the .ckpt and of the hub folder,
     "mm_sd_v15_v2 (v2)" of the .ckpt and the .safetensors) get what tells them apart: the file
@@ -813,7 +829,7 @@ class ModelRegistry:
             # Hashing reads the whole file (a multi-GB checkpoint: seconds to minutes); one that
             # cannot be used (an SDXL checkpoint by mistake, an unusable name) needs no hash.
             sha = ""
-            if det.ok and is_valid_id(f"{det.kind}:{path.name}"):
+            if det.ok and model_id_name(path.name) is not None:
                 try:
                     sha = content_sha256(path)
                 except OSError as exc:
@@ -821,13 +837,14 @@ class ModelRegistry:
         new_cache[rel] = {"signature": sig, "detected": asdict(det), "sha256": sha}
         # Official names of v2 MotionLoRAs only: the add-on picks a camera move's LoRA by this tag.
         camera = camera_motion_of(path.name) if det.kind == "lora" and det.ok and det.version == "v2" else ""
-        model_id = f"{det.kind}:{path.name}"
+        id_name = model_id_name(path.name)
+        model_id = f"{det.kind}:{id_name or path.name}"
         ok, error = det.ok, det.error
-        if not is_valid_id(model_id):
+        if id_name is None or not is_valid_id(model_id):
             ok = False
             error = (
-                f"name {path.name!r} cannot be used as a model id (letters, digits and . _ + - only, "
-                "starting with a letter or digit, at most 160 characters): rename it"
+                f"name {path.name!r} cannot be used as a model id (it needs a letter or digit before "
+                "its suffix, and at most 160 characters): rename it"
             )
         return RegistryEntry(
             id=model_id,
@@ -851,12 +868,13 @@ class ModelRegistry:
         with self._scan_lock:
             cache = self._load_cache()
             new_cache: dict[str, Any] = {}
+            made = [self._entry(kind, path, cache, new_cache) for kind, path in self._candidates()]
             entries: dict[str, RegistryEntry] = {}
-            for kind, path in self._candidates():
-                entry = self._entry(kind, path, cache, new_cache)
-                if entry.id in entries:  # same name at top level and in a kind folder
-                    entry.ok, entry.error = False, f"duplicate id {entry.id} (also {entries[entry.id].path})"
-                    entry.id = f"{entry.id}#top"
+            # One id, two files ("a b.ckpt" beside "a_b.ckpt", a name at top level and in its
+            # kind folder): the file named as its id keeps it, else the first met.
+            for entry in sorted(made, key=lambda e: not _id_is_own_name(e)):
+                if entry.id in entries:
+                    _duplicate(entry, entries[entry.id], entries)
                 entries[entry.id] = entry
             if new_cache != cache and self.models_dir.is_dir():
                 self._save_cache(new_cache)

@@ -151,6 +151,10 @@ def test_lora_and_model_id_parsing() -> None:
     assert generate._lora("ZoomIn") == ("lora:ZoomIn", 1.0)
     assert generate._model_id("tiny-sd15", "base") == "base:tiny-sd15"
     assert generate._model_id("base:tiny-sd15", "base") == "base:tiny-sd15"
+    # a file name as the artist wrote it: the id the registry lists it under
+    assert generate._model_id("Realistic Vision V5.1.safetensors", "base") == "base:Realistic_Vision_V5.1.safetensors"
+    assert generate._model_id("lora:My Zoom (v2).ckpt", "lora") == "lora:My_Zoom_v2.ckpt"
+    assert generate._lora("My Zoom.ckpt:0.5") == ("lora:My_Zoom.ckpt", 0.5)
 
 
 def test_field_errors_are_named_by_flag() -> None:

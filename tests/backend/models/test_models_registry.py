@@ -208,7 +208,7 @@ def test_broken_files_are_listed_with_reasons(models_copy, tmp_path: Path) -> No
     (models / "motion/truncated.safetensors").write_bytes(data[: len(data) // 3])
     (models / "lora/garbage.ckpt").write_bytes(os.urandom(1000))
     save_file({"foo.weight": torch.zeros(2)}, str(models / "motion/not_a_motion_module.safetensors"))
-    shutil.copy(models / "lora/v2_lora_PanLeft.ckpt", models / "lora/bad name (copy).ckpt")
+    shutil.copy(models / "lora/v2_lora_PanLeft.ckpt", models / "lora/(copy).ckpt")
     (models / "adapter").mkdir()
     shutil.copy(models / "lora/v2_lora_PanLeft.ckpt", models / "adapter/wrong_kind.ckpt")
     (models / "motion/notes.txt").write_text("ignored: not a weights file")
@@ -221,7 +221,7 @@ def test_broken_files_are_listed_with_reasons(models_copy, tmp_path: Path) -> No
     assert "truncated" in broken["motion:truncated.safetensors"]
     assert "garbage.ckpt" in broken["lora:garbage.ckpt"] or "cannot read" in broken["lora:garbage.ckpt"]
     assert "not understood" in broken["motion:not_a_motion_module.safetensors"]
-    assert "rename" in broken["lora:bad name (copy).ckpt"]
+    assert infos["lora:copy.ckpt"].ok  # "(copy).ckpt": a name that is no id gets one
     assert broken["adapter:wrong_kind.ckpt"] == (
         "not a domain adapter: it looks like a MotionLoRA (v2): move it to lora/"
     )
@@ -935,7 +935,7 @@ def test_files_that_cannot_be_used_are_not_hashed(models_copy, monkeypatch: pyte
     sd = load_file(models / "base/tiny-sd15-ldm.safetensors")
     save_file({**sd, "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(32)},
               str(models / "base/sd_xl_base_1.0.safetensors"))  # fmt: skip
-    shutil.copy(models / "base/tiny-sd15-ldm.safetensors", models / "base/my model (copy).safetensors")
+    shutil.copy(models / "base/tiny-sd15-ldm.safetensors", models / "base/模型.safetensors")
     hashed: list[str] = []
     real = registry_mod.content_sha256
 
@@ -947,7 +947,7 @@ def test_files_that_cannot_be_used_are_not_hashed(models_copy, monkeypatch: pyte
     infos = {i.id: i for i in ModelRegistry(models).scan()}
     assert hashed == ["tiny-sd15-ldm.safetensors"]
     assert infos["base:tiny-sd15-ldm.safetensors"].ok and len(infos["base:tiny-sd15-ldm.safetensors"].sha256) == 64
-    for model_id in ("base:sd_xl_base_1.0.safetensors", "base:my model (copy).safetensors"):
+    for model_id in ("base:sd_xl_base_1.0.safetensors", "base:模型.safetensors"):
         assert not infos[model_id].ok and infos[model_id].sha256 == "" and infos[model_id].size_bytes > 0
 
 
@@ -989,3 +989,57 @@ def test_folders_of_other_layouts_are_listed_with_where_their_files_go(tmp_path:
     assert "rename it to base/" in infos["base:Base"].error
     assert "a spatial LoRA (AnimateLCM's, a domain adapter) into adapter/" in infos["base:Lora"].error
     assert "scans only base/" in infos["base:Elsewhere"].error and infos["base:Elsewhere"].sha256 == ""
+
+
+def test_files_named_as_artists_name_them_get_ids(models_copy) -> None:  # type: ignore[no-untyped-def]
+    """Spaces, brackets and accents are common in the names artists give their files
+    ("Realistic Vision V5.1.safetensors", "Modèle (final).ckpt"); such files were listed as
+    broken ("rename it").  They get an id with "_" for what an id cannot hold, their own
+    name as the label, and load from their own path."""
+    from animatediff_blender.backend.models import loading
+
+    models = models_copy("lora/v2_lora_ZoomIn.ckpt", "base/tiny-sd15")
+    (models / "lora/v2_lora_ZoomIn.ckpt").rename(models / "lora/My Zoom (v2).ckpt")
+    (models / "base/tiny-sd15").rename(models / "base/Modèle Réaliste V5.1")
+    reg = ModelRegistry(models)
+    infos = {i.id: i for i in reg.scan()}
+    assert set(infos) == {"lora:My_Zoom_v2.ckpt", "base:Modele_Realiste_V5.1"}
+    for info in infos.values():
+        assert re.fullmatch(MODEL_ID_PATTERN, info.id) and info.ok, info.error
+        assert len(info.sha256) == 64
+    assert "My Zoom (v2)" in infos["lora:My_Zoom_v2.ckpt"].label
+    assert "Modèle Réaliste V5.1" in infos["base:Modele_Realiste_V5.1"].label
+    entry = reg.get("lora:My_Zoom_v2.ckpt", kind="lora", require_ok=True)
+    assert entry.path == models / "lora/My Zoom (v2).ckpt"
+    assert loading.load_motion_lora(entry).target_modules
+    assert reg.get("base:Modele_Realiste_V5.1").path == models / "base/Modèle Réaliste V5.1"
+
+
+def test_two_files_with_one_id_keep_both_listed(models_copy) -> None:  # type: ignore[no-untyped-def]
+    """"my zoom.ckpt" beside "my_zoom.ckpt" would share an id: the file named as the id keeps
+    it (whichever the scan meets first), the others are listed as broken under their own
+    names.  A name at top level that its kind folder also has is listed as "#top"."""
+    models = models_copy("lora/v2_lora_ZoomIn.ckpt", "motion/v3_sd15_mm.safetensors")
+    for name in ("my zoom.ckpt", "my_zoom.ckpt", "my  zoom.ckpt"):
+        shutil.copy(models / "lora/v2_lora_ZoomIn.ckpt", models / "lora" / name)
+    shutil.copy(models / "motion/v3_sd15_mm.safetensors", models / "v3_sd15_mm.safetensors")
+    infos = {i.id: i for i in ModelRegistry(models).scan()}
+    assert len(infos) == 6
+    assert infos["lora:my_zoom.ckpt"].ok and infos["lora:v2_lora_ZoomIn.ckpt"].ok
+    assert ModelRegistry(models).get("lora:my_zoom.ckpt").path.name == "my_zoom.ckpt"
+    for model_id in ("lora:my zoom.ckpt", "lora:my  zoom.ckpt"):
+        assert not infos[model_id].ok
+        assert infos[model_id].error.startswith("duplicate id lora:my_zoom.ckpt (also "), infos[model_id].error
+        assert infos[model_id].error.endswith("lora/my_zoom.ckpt): rename one of them")
+    assert infos["motion:v3_sd15_mm.safetensors"].ok
+    assert str(ModelRegistry(models).get("motion:v3_sd15_mm.safetensors").path).endswith("motion/v3_sd15_mm.safetensors")
+    assert not infos["motion:v3_sd15_mm.safetensors#top"].ok
+
+
+def test_names_with_nothing_an_id_can_hold_say_rename_it(models_copy) -> None:  # type: ignore[no-untyped-def]
+    models = models_copy("lora/v2_lora_ZoomIn.ckpt")
+    for name in ("模型.ckpt", "(~).ckpt", "x" * 170 + ".ckpt"):
+        shutil.copy(models / "lora/v2_lora_ZoomIn.ckpt", models / "lora" / name)
+    broken = [i for i in ModelRegistry(models).scan() if not i.ok]
+    assert len(broken) == 3
+    assert all("rename it" in i.error and i.sha256 == "" for i in broken)
