@@ -113,6 +113,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "uncompressed (~30%% more bytes); with ISA-L (the isal package) levels above 1 take up to 1.7x "
         "the time for frames no smaller",
     )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on Ctrl+C or SIGTERM, how long to wait for the running job to stop and its frames to be "
+        "stored; what is still stuck then (a hung GPU call, a disk that does not answer) is left behind, "
+        "named in the log, and the process exits; the next start reports its job interrupted "
+        "(default: %(default)s)",
+    )
     p.add_argument("--fake-step-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests and demos
 
     lim = p.add_argument_group("limits (checked before any GPU work)")
@@ -195,7 +205,9 @@ def run(args: argparse.Namespace) -> int:
 
     log = logging.getLogger("animatediff_blender.server")
     # argparse takes "inf" and "nan" for a float: inf overflows int() below, nan disables a limit.
-    for dest in ("max_guidance", "job_timeout", "max_message_mb", "retention_hours", "retention_max_gb"):
+    for dest in (
+        "max_guidance", "job_timeout", "max_message_mb", "retention_hours", "retention_max_gb", "shutdown_timeout"
+    ):  # fmt: skip
         value = getattr(args, dest)
         if not (math.isfinite(value) and value >= 0):
             flag = "--" + dest.replace("_", "-")
@@ -230,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
             insecure=args.insecure,
             retention_hours=args.retention_hours,
             retention_max_bytes=int(args.retention_max_gb * 1024**3),
+            shutdown_timeout_s=args.shutdown_timeout,
         )
         if args.png_compress_level is not None:
             config.png_compress_level = args.png_compress_level

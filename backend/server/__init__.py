@@ -9,7 +9,8 @@ One concern per module:
 * `limits`   — request checks against the configured `Limits`, with field paths;
 * `config`   — `ServerConfig`, the bind-address policy, the HMAC key bootstrap;
 * `images`   — PNG encoding of frames and previews;
-* `jobs`     — the live `Job` and the worker -> loop events.
+* `jobs`     — the live `Job` and the worker -> loop events;
+* `pool`     — a thread pool of daemon threads, which a shutdown can leave behind.
 
 Embedding (tests, demos)::
 

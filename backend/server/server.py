@@ -78,6 +78,7 @@ from .jobs import (
     new_job_id,
 )
 from .limits import check_request
+from .pool import DaemonPool
 from .store import JobRecord, JobStore
 from .worker import Worker
 
@@ -97,6 +98,15 @@ SEND_QUEUE_MESSAGES = 128
 # sent as the peer reads it, not cut off at the full queue; a peer that takes none of it for
 # this long is given up on, as one that does not read.
 REPLY_STALL_S = 30.0
+# Jobs a restart found interrupted get a log line each up to this many; the rest one line
+# together, with their clients (at most RESTART_LOG_CLIENTS of them by name).
+RESTART_LOG_JOBS = 20
+RESTART_LOG_CLIENTS = 10
+# A shutdown waits `shutdown_timeout_s` for the engine and the job finisher; its own store
+# writes (jobs marked interrupted, the store closed) then get at most this much more, for a
+# disk that hangs.  What is still stuck after that is left behind on daemon threads.
+SHUTDOWN_GRACE_S = 2.0
+STUCK_LOG_JOBS = 20  # jobs named in the line that says what a shutdown left behind
 
 
 @dataclasses.dataclass
@@ -158,7 +168,8 @@ class Server:
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="server-io")
+        # Daemon threads: a read or a prune stuck on a hung disk must not hold the exit.
+        self._pool = DaemonPool(2, thread_name_prefix="server-io")
         # Rescans apart: one hashing a new multi-GB checkpoint takes minutes, and the rescans
         # asked meanwhile wait for it (one at a time); fetches and pruning must not wait too.
         self._scan_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="server-scan")
@@ -166,6 +177,11 @@ class Server:
         self._wake_tx: zmq.Socket[bytes] | None = None
         self._refused = _RateLimitedLog()
         self._last_prune = 0.0
+        # What a shutdown gave up waiting for, and the jobs that may be left incomplete
+        # (job id -> "client=... (what became of it)"), said in one line at the end.
+        self._stuck: list[str] = []
+        self._incomplete: dict[str, str] = {}
+        self._grace_deadline = 0.0
         self.rx = Session(
             config.key,
             max_frames=ENVELOPE_FRAMES + MAX_REQUEST_BUFFERS,
@@ -268,11 +284,16 @@ class Server:
             if authenticator is not None:
                 authenticator.stop()
             ctx.term()
-            self._pool.shutdown(wait=True, cancel_futures=True)  # its tasks use the store
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            # (the floor: idle threads take a moment to see the end, even after a long wait)
+            if not self._pool.join(self._grace_left(floor=0.25)):  # its tasks use the store
+                self._stuck.append("the I/O pool (a fetch or a retention pass)")
             # Queued rescans are dropped; one hashing now still finishes before the process exits.
             self._scan_pool.shutdown(wait=False, cancel_futures=True)
-            self.store.close()
+            if not self.store.close(timeout=self._grace_left(floor=0.25)):
+                self._stuck.append("the job store (a write holds it; left open)")
             self._data_lock.close()  # releases the lock
+            self._report_stuck()
             log.info("stopped")
 
     def _configure(self, sock: zmq.Socket[bytes]) -> None:
@@ -289,8 +310,16 @@ class Server:
 
     def _recover_and_prune(self) -> None:
         interrupted = self.store.recover()
-        for job_id in interrupted:
-            joblog.info("job=%s event=interrupted reason=restart", job_id)
+        for job_id, client_id in interrupted[:RESTART_LOG_JOBS]:
+            joblog.info("job=%s client=%s event=interrupted reason=restart", job_id, client_id)
+        rest = collections.Counter(client_id for _job_id, client_id in interrupted[RESTART_LOG_JOBS:])
+        if rest:  # thousands after a long queue: one line, not one each
+            clients = ",".join(f"{c}({n})" for c, n in rest.most_common(RESTART_LOG_CLIENTS))
+            more = len(rest) - RESTART_LOG_CLIENTS
+            joblog.info(
+                "event=interrupted reason=restart jobs=%d clients=%s%s (jobs beyond the first %d, per client)",
+                rest.total(), clients, f" more_clients={more}" if more > 0 else "", RESTART_LOG_JOBS,
+            )  # fmt: skip
         # Off the loop: after a long downtime it may delete thousands of frame folders, and
         # clients would wait for answers meanwhile (and blame their key).
         self._last_prune = time.monotonic()
@@ -301,6 +330,11 @@ class Server:
         removed = self.store.prune(self.config.retention_hours * 3600.0, self.config.retention_max_bytes)
         if removed:
             log.info("retention: deleted %d old jobs", len(removed))
+        # Folders whose delete failed (now or on an earlier pass) go once they can.  Nothing
+        # goes once the server stops: the shutdown winds the live jobs up, and empties `live`.
+        swept = self.store.sweep(lambda job_id: self._stop.is_set() or job_id in self.live)
+        if swept:
+            log.info("retention: deleted %d frames folders left behind", swept)
 
     # ------------------------------------------------------------------ loop
 
@@ -990,42 +1024,89 @@ class Server:
     # ------------------------------------------------------------------ shutdown
 
     def _shutdown(self, sock: zmq.Socket[bytes]) -> None:
-        """Cancel the running job (reported as interrupted), mark queued jobs interrupted."""
+        """Cancel the running job (reported as interrupted), mark queued jobs interrupted.
+        Waits `shutdown_timeout_s` for the worker, then SHUTDOWN_GRACE_S at most for its own
+        store writes; what is stuck then (an engine, an encoder, a disk that hangs) is left
+        to itself on daemon threads and named in one line (`_report_stuck`)."""
         running = self.running
         if running is not None:
             running.interrupt = True
             running.cancel.set()
-        stopped = self.worker.stop(self.config.shutdown_timeout_s) if self.worker._thread.is_alive() else True
-        if not stopped:
-            log.warning("the engine did not stop within %.0f s; leaving it", self.config.shutdown_timeout_s)
+        busy = self.worker.stop(self.config.shutdown_timeout_s) if self.worker._thread.is_alive() else ""
+        if busy:
+            self._stuck.append(busy)
+        self._grace_deadline = time.monotonic() + SHUTDOWN_GRACE_S
         self._drain_events()  # the worker's last words (finished or interrupted)
-        now = time.time()
+        claimed: list[Job] = []
         for job in list(self.live.values()):
-            if job.state == "queued" or not stopped:
-                # A job the worker still holds (a stuck engine, frames still being stored) is
-                # claimed here: once this is stored the worker leaves the job alone, and one the
-                # worker ended first is reported as it ended (its event is drained below).
-                with job.end_lock:
-                    if job.ended:
-                        continue
-                    try:
-                        self.store.update(
-                            job.job_id,
-                            state="interrupted",
-                            error_code="interrupted",
-                            error="the backend shut down before this job finished; submit it again",
-                            finished_at=now,
-                        )
-                    except Exception as exc:
-                        log.error("job=%s event=store_error error=%r", job.job_id, exc)
-                    job.ended = True
-                self._broadcast(
-                    job,
-                    messages.Failed(job_id=job.job_id, code="interrupted", message="the backend shut down"),
-                )
-                self._log(job, "interrupted", reason="shutdown")
+            if job.state != "queued" and not busy:
+                continue
+            # A job the worker still holds (a stuck engine, frames still being stored) is
+            # claimed here: once claimed the worker leaves the job alone, and one the worker
+            # ended first is reported as it ended (its event is drained below).
+            if not job.end_lock.acquire(timeout=self._grace_left()):
+                # The worker holds it while it stores the job's end, on a disk that hangs.
+                self._stuck.append(f"the job store (writing job={job.job_id}'s end)")
+                self._incomplete[job.job_id] = f"client={job.client_id} (its end was being stored)"
+                continue
+            try:
+                if job.ended:
+                    continue
+                job.ended = True
+            finally:
+                job.end_lock.release()
+            claimed.append(job)
+            if busy and job.state != "queued":  # what the stuck work holds
+                self._incomplete[job.job_id] = f"client={job.client_id} (interrupted, left to the stuck work)"
+        stored: set[str] = set()
+
+        def mark_interrupted() -> None:
+            now = time.time()
+            for job in claimed:
+                try:
+                    self.store.update(
+                        job.job_id,
+                        state="interrupted",
+                        error_code="interrupted",
+                        error="the backend shut down before this job finished; submit it again",
+                        finished_at=now,
+                    )
+                    stored.add(job.job_id)
+                except Exception as exc:
+                    log.error("job=%s event=store_error error=%r", job.job_id, exc)
+
+        if claimed:  # on a thread of its own: a disk that hangs must not hold the shutdown
+            marker = threading.Thread(target=mark_interrupted, name="shutdown-store", daemon=True)
+            marker.start()
+            marker.join(self._grace_left())
+            if marker.is_alive():
+                self._stuck.append("the job store (marking jobs interrupted)")
+        for job in claimed:
+            if job.job_id not in stored:  # (recovery marks it interrupted at the next start)
+                self._incomplete[job.job_id] = f"client={job.client_id} (its interruption not stored)"
+            self._broadcast(
+                job,
+                messages.Failed(job_id=job.job_id, code="interrupted", message="the backend shut down"),
+            )
+            self._log(job, "interrupted", reason="shutdown")
         self._drain_events()  # ends the worker stored while the jobs above were marked
         self.live.clear()
+
+    def _grace_left(self, floor: float = 0.0) -> float:
+        return max(floor, self._grace_deadline - time.monotonic())
+
+    def _report_stuck(self) -> None:
+        """One line for what the shutdown left running, and the jobs that may be incomplete."""
+        if not self._stuck:
+            return
+        jobs = [f"job={job_id} {what}" for job_id, what in self._incomplete.items()]
+        if len(jobs) > STUCK_LOG_JOBS:
+            jobs[STUCK_LOG_JOBS:] = [f"and {len(jobs) - STUCK_LOG_JOBS} more"]
+        log.warning(
+            "shutdown: gave up after the %g s shutdown timeout on: %s; exiting without waiting for it. Jobs "
+            "that may be left incomplete (the next start marks any whose end is not stored as interrupted): %s",
+            self.config.shutdown_timeout_s, "; ".join(dict.fromkeys(self._stuck)), ", ".join(jobs) or "none",
+        )  # fmt: skip
 
 
 def _logval(value: object) -> str:

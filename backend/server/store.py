@@ -15,7 +15,10 @@ Nothing is lost:
 Retention (`prune`): jobs in a final state (finished, failed, cancelled,
 interrupted) older than `max_age_s` are deleted, rows and frames; then, while the
 frame files together exceed `max_bytes`, the oldest finished jobs are deleted.
-The server runs it at start and periodically.
+The server runs it at start and periodically, then `sweep`: a frames folder whose delete
+failed (a permission error, a busy file on a network share) stays on disk, its row gone or
+final; every pass tries it again, until it goes.  Only folders no one needs: never a live
+job's, never a finished job's.
 
 Idempotent submits: a job keeps the `submit_id` its client gave it (NULL for none), unique
 per client id; `find_submit` maps (client id, submit id) back to the job.  The key lives
@@ -31,18 +34,22 @@ serialises the (short) SQLite calls.  File writes happen outside the lock.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from animatediff_blender.protocol.messages import JOB_ID_PATTERN
 
 from .config import ConfigError
+
+log = logging.getLogger("animatediff_blender.server.store")
 
 FINAL_STATES = ("finished", "failed", "cancelled", "interrupted")
 _JOB_ID = re.compile(JOB_ID_PATTERN)
@@ -113,6 +120,8 @@ class JobStore:
         self.jobs_dir = self.data_dir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        # Frames folders whose delete failed, by name: logged once each, tried again by `sweep`.
+        self._undeletable: set[str] = set()
         path = self.data_dir / "jobs.sqlite"
         try:
             # (a folder in its place, or a file it may not open: "unable to open database file")
@@ -143,9 +152,16 @@ class JobStore:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
         self._db.executescript(_ADDED_INDEXES)
 
-    def close(self) -> None:
-        with self._lock:
+    def close(self, timeout: float | None = None) -> bool:
+        """Close the database; False (left open) if a write holds it past `timeout` s (a
+        disk that hangs: a shutdown does not wait for it for ever)."""
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        try:
             self._db.close()
+        finally:
+            self._lock.release()
+        return True
 
     # ------------------------------------------------------------------ rows
 
@@ -222,27 +238,67 @@ class JobStore:
         os.replace(partial, final)
         _fsync_dir(self.jobs_dir)
 
-    @staticmethod
-    def discard_frames(partial: Path) -> None:
-        shutil.rmtree(partial, ignore_errors=True)
+    def discard_frames(self, partial: Path) -> None:
+        self._remove(partial)
 
     def load_frames(self, job_id: str, count: int) -> list[bytes]:
         folder = self.job_dir(job_id)
         return [(folder / frame_name(i)).read_bytes() for i in range(count)]
 
-    def delete_frames(self, job_id: str) -> None:
-        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+    def delete_frames(self, job_id: str) -> bool:
+        """True once the job's frames are gone; a folder that cannot be deleted now is left
+        to `sweep`."""
+        return self._remove(self.job_dir(job_id))
+
+    def _remove(self, folder: Path) -> bool:
+        """Delete a frames folder; True once it is gone.  A failure is logged once per folder
+        (every retention pass tries it again: a line per pass would flood the log)."""
+        try:
+            shutil.rmtree(folder)
+        except OSError as exc:
+            if os.path.lexists(folder):  # (not a file someone else deleted meanwhile)
+                if folder.name not in self._undeletable:
+                    self._undeletable.add(folder.name)
+                    log.warning("cannot delete %s (%s); trying again at every retention pass", folder, exc)
+                return False
+        if folder.name in self._undeletable:
+            self._undeletable.discard(folder.name)
+            log.info("deleted %s at last", folder)
+        return True
+
+    def sweep(self, is_live: Callable[[str], bool]) -> int:
+        """Delete the frames folders no job needs (a delete that failed before, a job whose row
+        is gone): `<job_id>.partial` unless the job is live, `<job_id>` unless it is live or
+        finished.  Returns how many went.  `is_live` is asked before the rows are read: a job
+        that is no longer live has its final state stored already, so a job that finishes
+        meanwhile is seen finished."""
+        candidates: list[tuple[str, Path]] = []
+        for path in self.jobs_dir.iterdir():
+            job_id = path.name.removesuffix(".partial")
+            if _JOB_ID.match(job_id) and not is_live(job_id):
+                candidates.append((job_id, path))
+        if not candidates:
+            return 0
+        with self._lock:
+            finished = {r[0] for r in self._db.execute("SELECT job_id FROM jobs WHERE state = 'finished'")}
+        return sum(
+            self._remove(path) for job_id, path in candidates if path.name != job_id or job_id not in finished
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
-    def recover(self, now: float | None = None) -> list[str]:
-        """Mark jobs left queued/running by a previous run as interrupted; returns their ids."""
+    def recover(self, now: float | None = None) -> list[tuple[str, str]]:
+        """Mark jobs left queued/running by a previous run as interrupted; returns their
+        (job id, client id), oldest first."""
         now = time.time() if now is None else now
         for leftover in self.jobs_dir.glob("*.partial"):
-            shutil.rmtree(leftover, ignore_errors=True)
+            self._remove(leftover)
         with self._lock:
             ids = [
-                r[0] for r in self._db.execute("SELECT job_id FROM jobs WHERE state IN ('queued', 'running')")
+                (str(r[0]), str(r[1]))
+                for r in self._db.execute(
+                    "SELECT job_id, client_id FROM jobs WHERE state IN ('queued', 'running') ORDER BY created_at"
+                )
             ]
             self._db.execute(
                 "UPDATE jobs SET state = 'interrupted', error_code = 'interrupted', "
@@ -277,7 +333,7 @@ class JobStore:
             total -= size
         removed = old + over
         for job_id in removed:
-            self.delete_frames(job_id)
+            self.delete_frames(job_id)  # (one that fails: its folder is left to `sweep`)
         if removed:
             with self._lock:
                 self._db.executemany("DELETE FROM jobs WHERE job_id = ?", [(j,) for j in removed])

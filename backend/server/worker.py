@@ -12,7 +12,6 @@ client is never told "finished" about frames that a crash could still lose.
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
 import queue
@@ -47,6 +46,7 @@ from .jobs import (
     JobProgress,
     JobStarted,
 )
+from .pool import DaemonPool
 from .store import JobStore
 
 log = logging.getLogger("animatediff_blender.server.worker")
@@ -77,10 +77,12 @@ class Worker:
         # parallel (Pillow's zlib releases the GIL).  Frames arrive while the device decodes,
         # when the engine's thread mostly waits on it: a core is left to it only where there
         # are cores to spare (on 2 cores, 2 encoders cut a 16-frame clip's tail by half).
-        self._finisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="job-finisher")
-        self._encoders = concurrent.futures.ThreadPoolExecutor(
-            max(2, min(8, (os.cpu_count() or 2) - 1)), thread_name_prefix="png-encoder"
-        )
+        # Daemon threads: one stuck for good (an encoder, a disk that hangs) must not keep the
+        # process from exiting once the shutdown gave up on it.
+        self._finisher = DaemonPool(1, thread_name_prefix="job-finisher")
+        self._encoders = DaemonPool(max(2, min(8, (os.cpu_count() or 2) - 1)), thread_name_prefix="png-encoder")
+        # What the finisher waits on now, for a shutdown that gives up on it to name.
+        self.finishing = ""
 
     def start(self) -> None:
         self._thread.start()
@@ -88,21 +90,22 @@ class Worker:
     def submit(self, job: Job) -> None:
         self._inbox.put(job)
 
-    def stop(self, timeout: float) -> bool:
+    def stop(self, timeout: float) -> str:
         """Ask the thread to exit after the current job and the finisher to store what it
-        holds; True if both did within `timeout`."""
+        holds; "" if both did within `timeout`, else what is still busy (left to itself, on
+        daemon threads)."""
         deadline = time.monotonic() + timeout
         self._inbox.put(None)
         if self._thread.is_alive() or self._thread.ident is not None:
             self._thread.join(timeout)
         if self._thread.is_alive():
-            return False
+            return "the engine"
         done = threading.Event()
         self._finisher.submit(done.set)  # runs after every job queued before it
         ok = done.wait(max(0.0, deadline - time.monotonic()))
         self._finisher.shutdown(wait=ok)
         self._encoders.shutdown(wait=ok)
-        return ok
+        return "" if ok else self.finishing or "the job finisher"
 
     # ------------------------------------------------------------------ thread
 
@@ -240,6 +243,12 @@ class Worker:
 
     def _finish_safely(self, job: Job, result: GenerationResult, start: float, writer: FrameWriter) -> None:
         try:
+            self._finish_or_fail(job, result, start, writer)
+        finally:
+            self.finishing = ""
+
+    def _finish_or_fail(self, job: Job, result: GenerationResult, start: float, writer: FrameWriter) -> None:
+        try:
             try:
                 self._finish(job, result, start, writer)
             except Exception:
@@ -264,6 +273,7 @@ class Worker:
         if job.ended:  # the shutdown reported it interrupted meanwhile: nothing left to store
             writer.abort()
             return
+        self.finishing = f"the frame encoders (encoding and writing job={job.job_id}'s frames)"
         try:
             stored = writer.finish(result.frames)
         except OSError as exc:
@@ -287,6 +297,7 @@ class Worker:
                 self.store.delete_frames(job.job_id)
                 log.info("job=%s event=frames_discarded reason=reported_interrupted_at_shutdown", job.job_id)
                 return
+            self.finishing = f"the job store (writing job={job.job_id}'s end)"
             self.store.update(
                 job.job_id,
                 state="finished",

@@ -247,6 +247,8 @@ def test_models_zoo_into_a_file_is_one_line(tmp_path: Path, capsys: pytest.Captu
         ["--key-file", "{file}/hmac.key"],
         ["--max-message-mb", "inf"],  # used to end in an OverflowError traceback
         ["--retention-max-gb", "inf"],
+        ["--shutdown-timeout", "nan"],
+        ["--shutdown-timeout", "-1"],
         ["--max-frames", "0"],  # these used to start a server that refused every job
         ["--max-width", "-8"],
         ["--max-queue", "0"],

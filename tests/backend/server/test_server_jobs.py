@@ -336,10 +336,10 @@ def test_a_job_reported_interrupted_at_shutdown_is_not_stored_as_finished_later(
     server.worker._finish_safely = finish_and_tell  # type: ignore[method-assign]
     close = server.store.close
 
-    def close_late() -> None:  # the finisher's storing ends after the shutdown gave up on it
+    def close_late(timeout: float | None = None) -> bool:  # the finisher's storing ends after the shutdown gave up on it
         gate.set()
         finisher_done.wait(10)
-        close()
+        return close()
 
     server.store.close = close_late  # type: ignore[method-assign]
     client = make_client(server)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +90,7 @@ def test_store_round_trip_and_recover(tmp_path: Path) -> None:
     store.close()
 
     store = JobStore(tmp_path)  # a restart
-    assert sorted(store.recover()) == ["a" * 32, "b" * 32]
+    assert sorted(store.recover()) == [("a" * 32, "c"), ("b" * 32, "c")]  # (job id, client id)
     for job_id in ("a" * 32, "b" * 32):
         record = store.get(job_id)
         assert record is not None
@@ -201,3 +204,182 @@ def test_server_prunes_periodically(make_server) -> None:  # type: ignore[no-unt
         time.sleep(0.05)
     assert server.store.get("7" * 32) is None
     assert not server.store.job_dir("7" * 32).exists()
+
+
+# --------------------------------------------------------------------------- frames folders left behind
+
+
+def test_a_frames_folder_whose_delete_failed_is_swept_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A delete that fails (a permission error, a busy file on a network share) is tried
+    again by `sweep`, until it works; a live job's folders and a finished job's frames are
+    never touched, and the failure is logged once per folder, not once per sweep."""
+    import shutil
+
+    store = JobStore(tmp_path)
+    now = time.time()
+    expired, live, kept, failed, orphan = ("1" * 32, "2" * 32, "3" * 32, "4" * 32, "5" * 32)
+    store.create(_record(expired, "finished", now - 100 * 3600, 3))
+    store.save_frames(expired, [b"old"])
+    store.create(_record(live, "running"))
+    store.save_frames(live, [b"committed, its end not stored yet"])
+    store.begin_frames(live)  # and a partial folder it still writes
+    store.create(_record(kept, "finished", now, 3))
+    store.save_frames(kept, [b"new"])
+    store.create(_record(failed, "failed", now))  # its end stored, its frames' delete failed
+    store.save_frames(failed, [b"nobody's"])
+    (tmp_path / "jobs" / orphan).mkdir()  # no row: deleted with a delete that failed
+    (tmp_path / "jobs" / (orphan + ".partial")).mkdir()
+    (tmp_path / "jobs" / "notes").mkdir()  # not a job's: left alone
+    rmtree = shutil.rmtree
+    busy = [True]
+
+    def flaky(path: object, *args: object, **kwargs: object) -> None:
+        if busy[0] and kwargs.get("ignore_errors") is not True:
+            raise PermissionError(13, "Permission denied", str(path))
+        if busy[0]:
+            return
+        rmtree(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(shutil, "rmtree", flaky)
+    assert store.prune(72 * 3600, 10**9, now=now) == [expired]
+    assert store.get(expired) is None and store.job_dir(expired).exists()  # row gone, folder left
+    for _ in range(3):
+        store.sweep(lambda job_id: job_id == live)
+    stuck = [expired, failed, orphan, orphan + ".partial"]
+    for name in stuck:
+        assert (tmp_path / "jobs" / name).exists()
+        lines = [r for r in caplog.records if f"{name} (" in r.getMessage() and r.levelno >= logging.WARNING]
+        assert len(lines) == 1, (name, [r.getMessage() for r in caplog.records])
+    busy[0] = False
+    store.sweep(lambda job_id: job_id == live)
+    left = sorted(p.name for p in (tmp_path / "jobs").iterdir())
+    assert left == sorted([live, live + ".partial", kept, "notes"])
+    store.sweep(lambda job_id: False)  # the live job ended: its row is final, not finished
+    assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == sorted([kept, "notes"])
+    store.close()
+
+
+def test_the_server_sweeps_frames_folders_left_behind(make_server, make_client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """At start and at every retention pass: a folder whose job is gone or over (and not
+    finished) goes; the frames of a running job and of a finished one stay."""
+    import threading
+
+    from server_helpers import wait_for
+
+    from animatediff_blender.backend.server.images import encode_png
+    from animatediff_blender.protocol import messages
+
+    data = tmp_path / "sweep"
+    store = JobStore(data)
+    store.create(_record("8" * 32, "finished", time.time(), 3))
+    store.save_frames("8" * 32, [b"new"])
+    store.close()
+    (data / "jobs" / ("9" * 32)).mkdir()  # a job pruned while its folder could not be deleted
+    server = make_server(data_dir=data, retention_interval_s=0.05)
+
+    def wait_gone(path: Path) -> None:
+        deadline = time.monotonic() + 10
+        while path.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not path.exists()
+
+    wait_gone(data / "jobs" / ("9" * 32))
+    gate = threading.Event()
+    server.worker.encode = lambda frame, level: (gate.wait(10), encode_png(frame, level))[1]
+    client = make_client(server)
+    job = client.submit(small_request()).job_id
+    try:
+        deadline = time.monotonic() + 10
+        while not (data / "jobs" / (job + ".partial")).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (data / "jobs" / ("a" * 32)).mkdir()  # left behind meanwhile
+        wait_gone(data / "jobs" / ("a" * 32))  # a sweep ran...
+        assert (data / "jobs" / (job + ".partial")).exists()  # ...and left the live job alone
+    finally:
+        gate.set()
+    wait_for(client, job, (messages.Finished,))
+    time.sleep(0.2)  # a few more sweeps
+    assert len(client.fetch(job).frames) == 4  # type: ignore[attr-defined]
+    assert (data / "jobs" / ("8" * 32)).exists()
+
+
+# --------------------------------------------------------------------------- restart log
+
+
+def _job_log_records() -> tuple[list[logging.LogRecord], Callable[[], None]]:
+    """Records of the job log (a handler on it: the server's thread writes them)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    joblog = logging.getLogger("animatediff_blender.server.jobs")
+    level = joblog.level
+    joblog.addHandler(handler)
+    joblog.setLevel(logging.INFO)
+
+    def undo() -> None:
+        joblog.removeHandler(handler)
+        joblog.setLevel(level)
+
+    return records, undo
+
+
+@pytest.mark.parametrize("count", [3, 60])
+def test_jobs_interrupted_by_a_restart_are_logged_with_their_client(make_server, tmp_path: Path, count: int) -> None:  # type: ignore[no-untyped-def]
+    data = tmp_path / "restart"
+    store = JobStore(data)
+    ids = [f"{i:032x}" for i in range(count)]
+    for i, job_id in enumerate(ids):
+        store.create(dataclasses.replace(_record(job_id, "running" if i % 2 else "queued"), client_id=f"artist-{i % 3}"))
+    store.close()
+    records, undo = _job_log_records()
+    try:
+        make_server(data_dir=data)
+    finally:
+        undo()
+    lines = [r.getMessage() for r in records if "event=interrupted" in r.getMessage()]
+    if count == 3:
+        assert len(lines) == count
+        for i, job_id in enumerate(ids):
+            assert f"job={job_id} client=artist-{i % 3} event=interrupted reason=restart" in lines
+    else:  # bounded: a line per job up to RESTART_LOG_JOBS, then one line for the rest
+        from animatediff_blender.backend.server.server import RESTART_LOG_JOBS
+
+        assert count > RESTART_LOG_JOBS
+        assert len(lines) == RESTART_LOG_JOBS + 1
+        assert all("client=artist-" in line for line in lines[:-1])
+        rest = count - RESTART_LOG_JOBS
+        assert f"jobs={rest}" in lines[-1], lines[-1]
+        for n in range(3):  # the rest's clients, with how many each
+            assert f"artist-{n}(" in lines[-1], lines[-1]
+
+
+# --------------------------------------------------------------------------- daemon pool
+
+
+def test_daemon_pool_runs_like_an_executor_and_can_be_left_behind() -> None:
+    import concurrent.futures
+    import threading
+
+    from animatediff_blender.backend.server.pool import DaemonPool
+
+    pool = DaemonPool(2, thread_name_prefix="test-pool")
+    assert pool.submit(pow, 2, 10).result(5) == 1024
+    with pytest.raises(ZeroDivisionError):
+        pool.submit(lambda: 1 / 0).result(5)
+    never, started = threading.Event(), threading.Event()
+    stuck = [pool.submit(lambda: (started.set(), never.wait())) for _ in range(2)]
+    assert started.wait(5)
+    queued = pool.submit(time.sleep, 0)  # both threads are stuck: it waits
+    assert len(pool._threads) == 2 and all(t.daemon for t in pool._threads)
+    pool.shutdown(wait=False, cancel_futures=True)
+    assert queued.cancelled()
+    with pytest.raises(RuntimeError):
+        pool.submit(time.sleep, 0)
+    t = time.monotonic()
+    assert pool.join(0.2) is False  # left behind, not waited for
+    assert time.monotonic() - t < 2
+    never.set()
+    concurrent.futures.wait(stuck, 5)
+    assert pool.join(5) is True
