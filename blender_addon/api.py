@@ -311,13 +311,14 @@ def _store(job: Job, result: Any) -> Result:
     import msgspec
 
     root = _current_root(job)
-    try:
-        directory, names = files.write_frames(root, job.job_id, list(result.frames))
+    fin = result.finished
+    settings = msgspec.to_builtins(fin.settings)
+    try:  # with its settings beside the frames, as the panel's takes (`files.TAKE_SETTINGS`)
+        directory, names = files.write_frames(root, job.job_id, list(result.frames),
+                                              {"seed": int(fin.seed), "settings": settings})
     except (OSError, ValueError) as exc:  # a batch goes on with its next shot
         raise AnimateDiffError(f"job {job.job_id}: could not store the frames in {root}: {exc}") from exc
-    fin = result.finished
-    return Result(job.job_id, str(directory), names, int(fin.seed), msgspec.to_builtins(fin.settings), job.plan,
-                  float(fin.elapsed_s))
+    return Result(job.job_id, str(directory), names, int(fin.seed), settings, job.plan, float(fin.elapsed_s))
 
 
 def _settle_take(scene: Any, result: Result) -> None:
@@ -332,7 +333,8 @@ def _settle_take(scene: Any, result: Result) -> None:
     try:
         if _referenced(src):  # a strip uses it already (inserted before): copy, keep the old one
             moved, _names = files.write_frames(root, result.job_id,
-                                               [(Path(src) / n).read_bytes() for n in result.files])
+                                               [(Path(src) / n).read_bytes() for n in result.files],
+                                               files.take_settings(src))
         else:
             moved = files.move_frames(src, result.files, root, result.job_id)
     except (OSError, ValueError) as exc:

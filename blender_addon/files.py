@@ -6,11 +6,13 @@ so a crash or a dead backend never leaves a half-written take where a strip poin
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 FRAME_NAME = "frame_{:04d}.png"
 FRAME_FILE = re.compile(r"^frame_([0-9]{4,})\.png$")  # a name FRAME_NAME makes, and its number
@@ -30,6 +32,10 @@ def remove_preview_folder() -> None:
 # In each take folder: the full id of the job whose frames it holds.  Folders are named by
 # the first 8 characters of the id, which two jobs of one project may share (1 in 2^32 a pair).
 JOB_MARKER = ".animatediff-job"
+# Beside it: the seed and settings the backend reports it rendered the take with (camera
+# MotionLoRAs as ids and weights).  A take placed from disk once the backend has forgotten the
+# job gets them from here: the job's row knows its camera moves by name only.
+TAKE_SETTINGS = ".animatediff-settings.json"
 
 
 def short_id(job_id: str) -> str:
@@ -65,9 +71,19 @@ def folder_owner(folder: Path) -> str | None:
         return None
 
 
-def write_frames(out_root: str | os.PathLike[str], job_id: str, frames: list[bytes]) -> tuple[Path, list[str]]:
+def take_settings(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The take's `TAKE_SETTINGS` ({"seed", "settings"}); None without a readable one."""
+    try:
+        data = json.loads((Path(folder) / TAKE_SETTINGS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("settings"), dict) else None
+
+
+def write_frames(out_root: str | os.PathLike[str], job_id: str, frames: list[bytes],
+                 settings: dict[str, Any] | None = None) -> tuple[Path, list[str]]:
     """Write PNG frames to `<out_root>/<short id>/frame_0000.png...` (`job_dir`), with the job's
-    marker; returns (folder, names).
+    marker and, when given, its `TAKE_SETTINGS`; returns (folder, names).
 
     An existing complete folder for this job (collected before) is reused as it is.
     """
@@ -83,8 +99,11 @@ def write_frames(out_root: str | os.PathLike[str], job_id: str, frames: list[byt
     if dest.is_dir() and all((dest / n).is_file() for n in names):
         return dest, names
     tmp = Path(tempfile.mkdtemp(prefix=f".{short_id(job_id)}-partial-", dir=root))
+    extra = [(JOB_MARKER, job_id.encode("ascii"))]
+    if settings is not None:
+        extra.append((TAKE_SETTINGS, json.dumps(settings, sort_keys=True, default=str).encode("utf-8")))
     try:
-        for name, data in [*zip(names, frames, strict=True), (JOB_MARKER, job_id.encode("ascii"))]:
+        for name, data in [*zip(names, frames, strict=True), *extra]:
             with open(tmp / name, "wb") as fh:
                 fh.write(data)
                 fh.flush()
@@ -106,7 +125,8 @@ def move_frames(directory: str | os.PathLike[str], names: list[str], out_root: s
     dest = job_dir(out_root, job_id)
     if dest.is_dir() and os.path.samefile(src, dest):
         return dest
-    moved, _names = write_frames(out_root, job_id, [(src / name).read_bytes() for name in names])
+    moved, _names = write_frames(out_root, job_id, [(src / name).read_bytes() for name in names],
+                                 take_settings(src))
     shutil.rmtree(src, ignore_errors=True)
     try:
         src.parent.rmdir()  # the old output folder, when this take was all it held

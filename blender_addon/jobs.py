@@ -278,7 +278,7 @@ def apply(msg: Any) -> None:
         job.state = "queued" if msg.queue_position > 0 else "running"
         if msg.local_id in STATE.job_shadow:
             STATE.job_shadow[msg.local_id].update(job_id=msg.job_id, state=job.state)
-        job.message = f"queued at position {msg.queue_position}" if msg.queue_position > 0 else ""
+        job.message = ""  # a queued job's position is on its state line (panels.draw_jobs)
         if job.get("cancel_when_accepted"):
             worker().send(m.CancelJob(msg.job_id))
         return
@@ -306,8 +306,8 @@ def apply(msg: Any) -> None:
         job.state = msg.state
         job.step, job.total_steps, job.remaining_s = msg.step, msg.total_steps, msg.remaining_s
         job.queue_position = msg.queue_position
-        job.message = (f"queued at position {msg.queue_position}" if msg.state == "queued" and msg.queue_position > 0
-                       else msg.phase if msg.phase not in ("", "denoise") else "")
+        # Not the queue position: the panel's state line shows it ("queued (position 2)").
+        job.message = msg.phase if msg.phase not in ("", "denoise") else ""
         if msg.preview_path:
             job.preview_path = msg.preview_path
     elif isinstance(msg, m.JobNote):

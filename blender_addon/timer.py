@@ -13,6 +13,7 @@ import time
 import bpy
 
 from . import jobs
+from .properties import PENDING_STATES
 from .state import STATE
 
 INTERVAL_S = 0.1
@@ -40,14 +41,30 @@ def drain() -> float:
         if path:
             previews[msg.job_id] = path
         changed = True
-    for job_id, path in previews.items():  # only the newest preview per job
-        load_preview(job_id, path)
+    if STATE.previews is not None and (previews or STATE.preview_keys):
+        try:
+            update_previews(previews)
+        except Exception as exc:  # noqa: BLE001 - nor must a preview
+            print(f"AnimateDiff: could not update the step previews: {exc}")
     if changed:
         tag_redraw()
     elapsed = time.perf_counter() - t0
     STATE.drain_calls += 1
     STATE.drain_max_s = max(STATE.drain_max_s, elapsed)
     return INTERVAL_S
+
+
+def update_previews(previews: dict[str, str]) -> None:
+    """Load the newest preview of each job (`previews`: job id -> file) that the panel may
+    show, and release those of jobs it no longer can.  Checked on every call while previews
+    are loaded, not only after a message: a row also goes with Clear finished, an undo or
+    another file opened."""
+    showable = previewed_jobs()
+    for job_id, path in previews.items():
+        if job_id in showable:  # not one of a job that ended in this same call
+            load_preview(job_id, path)
+    for job_id in [x for x in STATE.preview_keys if x not in showable]:
+        release_preview(job_id)
 
 
 def load_preview(job_id: str, path: str) -> None:
@@ -68,6 +85,34 @@ def load_preview(job_id: str, path: str) -> None:
         except (KeyError, TypeError):
             pass
     STATE.preview_keys[job_id] = key
+
+
+def previewed_jobs() -> set[str]:
+    """The jobs whose step preview the panel may show: those of pending rows (`draw_jobs`
+    shows a running row's, and lists every pending row), and those whose row an undo removed
+    (it comes back with the job's next message).  A job that ended shows none."""
+    keep: set[str] = set()
+    rows: set[str] = set()
+    for scene in bpy.data.scenes:
+        for job in scene.animatediff.jobs:
+            rows.add(job.local_id)
+            if job.job_id and job.state in PENDING_STATES:
+                keep.add(job.job_id)
+    keep.update(str(v["job_id"]) for k, v in STATE.job_shadow.items() if v.get("job_id") and k not in rows)
+    return keep
+
+
+def release_preview(job_id: str) -> None:
+    """Free a job's preview, so that previews do not pile up over a long session.  Again, or
+    once the collection is gone (the add-on disabled), it does nothing."""
+    key = STATE.preview_keys.pop(job_id, None)
+    pcoll = STATE.previews
+    if key is None or pcoll is None or key not in pcoll:
+        return
+    try:
+        del pcoll[key]
+    except (KeyError, TypeError):
+        pass
 
 
 def preview_icon(job_id: str) -> int:

@@ -645,9 +645,13 @@ class Worker(threading.Thread):
             return
         folder, names, complete = take_on_disk(track.out_root, job_id, track.expected)
         if complete:
-            seed = track.request.get("seed", 0)
+            # The backend's own settings, written with the frames, name the camera MotionLoRAs
+            # it used by id; the row's request (a take written before they were) by name only.
+            stored = files.take_settings(folder) or {"seed": track.request.get("seed", 0),
+                                                     "settings": track.request}
+            seed = stored.get("seed", 0)
             seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
-            self._end(job_id, m.JobDone(job_id, str(folder), names, seed, dict(track.request)))
+            self._end(job_id, m.JobDone(job_id, str(folder), names, seed, dict(stored["settings"])))
             return
         if names:
             of = f" of {track.expected}" if track.expected else ""
@@ -676,14 +680,18 @@ class Worker(threading.Thread):
             frames = list(_get(result, "frames", []) or [])
             if finished is None:
                 finished = _get(result, "finished", None)
+        settings = _to_builtins(_get(finished, "settings", {})) if finished is not None else {}
+        settings = settings if isinstance(settings, dict) else {}
+        seed = int(_get(finished, "seed", 0) or 0)
         try:
-            directory, names = files.write_frames(track.out_root, job_id, frames)
+            # With the settings beside the frames: a take found there once the backend has
+            # forgotten the job is placed with them (`_gone`).
+            directory, names = files.write_frames(track.out_root, job_id, frames,
+                                                  {"seed": seed, "settings": settings} if settings else None)
         except (OSError, ValueError) as exc:
             self._end(job_id, m.JobFailed(job_id, f"could not store the frames: {error_text(exc)}"))
             return
-        settings = _to_builtins(_get(finished, "settings", {})) if finished is not None else {}
-        self._end(job_id, m.JobDone(job_id, str(directory), names, int(_get(finished, "seed", 0) or 0),
-                                    settings if isinstance(settings, dict) else {}))
+        self._end(job_id, m.JobDone(job_id, str(directory), names, seed, settings))
 
     def _move(self, cmd: m.MoveTake) -> None:
         done = cmd.done

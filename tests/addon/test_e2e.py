@@ -38,7 +38,7 @@ def test_generate_collect_reopen_resume(bpy_python, addon_zips, backend_factory,
     assert r["test_message"].startswith("OK: backend") and "models" in r["test_message"]
     assert "base:fake-sd15" in r["models_in_wm"]
     _check_strip(r["first"], channel=3, start=5, frames=8)
-    assert r["first_folder"] == [".animatediff-job", *(f"frame_{i:04d}.png" for i in range(8))]
+    assert r["first_folder"] == [".animatediff-job", ".animatediff-settings.json", *(f"frame_{i:04d}.png" for i in range(8))]
     assert r["first_marker"] == r["first_job_id"]  # the folder says whose take it holds
     assert r["first"]["settings"]["request"]["seed"] == 42
     _check_strip(r["second"], channel=4, start=5, frames=8)  # channel 3 was taken
@@ -154,7 +154,7 @@ def test_takes_line_up_and_unplaced_frames_are_found(bpy_python, addon_zips, bac
     # and the job says where.
     unplaced = r["unplaced"]
     assert unplaced["state"] == "failed" and "no free sequencer channel" in unplaced["message"], unplaced
-    assert unplaced["files"] == [".animatediff-job", "frame_0000.png", "frame_0001.png"], unplaced
+    assert unplaced["files"] == [".animatediff-job", ".animatediff-settings.json", "frame_0000.png", "frame_0001.png"], unplaced
     assert unplaced["folder"] in unplaced["message"], unplaced
     # The take undone: its row says the job ended, not "queued" for ever.
     assert r["undone_take"] == {"strip_left": False, "state": "finished",
@@ -185,7 +185,7 @@ def test_save_as_elsewhere_mid_job_lands_beside_new_file(bpy_python, addon_zips,
         assert d["beside"] == [d["short_id"]], (case, d)  # nothing half-written beside it either
         assert d["old"] == [], (case, d)  # moved, not left behind in the old folder
         assert sorted(p.name for p in (work / folder / "animatediff" / d["short_id"]).iterdir()) == [
-            ".animatediff-job", *(f"frame_{i:04d}.png" for i in range(4))], case
+            ".animatediff-job", ".animatediff-settings.json", *(f"frame_{i:04d}.png" for i in range(4))], case
     assert r["reopened_missing"] == [], r
 
 

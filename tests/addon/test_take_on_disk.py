@@ -146,6 +146,31 @@ def test_a_submitted_job_knows_its_frame_count(tmp_path: Path) -> None:
     assert [(x.seed, len(x.files), x.settings["prompt"]) for x in done] == [(5, 3, "a fox")], msgs
 
 
+def test_a_take_from_disk_keeps_the_camera_loras_the_backend_used(tmp_path: Path) -> None:
+    """The row's request names its camera moves, not the MotionLoRA ids they became at submit:
+    a take placed from disk is placed with the settings the backend finished it with (written
+    beside its frames), so that Regenerate renders with the same MotionLoRAs; a moved take
+    keeps them.  A take without them (an older add-on wrote it) still gets the row's."""
+    worker, m, files = _load_package()
+    outbox: queue.Queue = queue.Queue()
+    w = worker.Worker(outbox, {"address": "tcp://gpu:5557"})
+    w.jobs[JOB] = worker.Track(str(tmp_path))
+    loras = [{"id": "lora:v2_ZoomIn", "weight": 0.7}, {"id": "lora:style", "weight": 0.5}]
+    finished = {"job_id": JOB, "frames": 2, "seed": 9, "settings": {"prompt": "a fox", "motion_loras": loras}}
+    w.jobs[JOB].frames = {0: PNG, 1: PNG + b"1"}
+    w._collect(JOB, finished)
+    assert [type(x) for x in [outbox.get_nowait()]] == [m.JobDone]
+    moved = files.move_frames(tmp_path / JOB[:8], files.frame_names(2), tmp_path / "moved", JOB)
+    request = {"prompt": "a fox", "frames": 2, "seed": 9, "motion_loras": [loras[1]]}
+    row = json.dumps({"request": request, "camera_motions": {"ZoomIn": 0.7}, "channel": 2, "start_frame": 1})
+    msgs = _watch(worker.watch_entry(str(tmp_path / "moved"), 2, row))
+    assert [(type(x), x.directory, x.seed, x.settings) for x in msgs] == [
+        (m.JobDone, str(moved), 9, finished["settings"])], msgs
+    (moved / files.TAKE_SETTINGS).unlink()
+    msgs = _watch(worker.watch_entry(str(tmp_path / "moved"), 2, row))
+    assert [(type(x), x.seed, x.settings) for x in msgs] == [(m.JobDone, 9, request)], msgs
+
+
 @pytest.mark.blender
 def test_reopened_file_places_the_take_the_backend_forgot(addon_zips, backend_factory, tmp_path: Path) -> None:
     """In Blender: the takes were written beside film.blend while other.blend was open; the
@@ -178,3 +203,10 @@ def test_reopened_file_places_the_take_the_backend_forgot(addon_zips, backend_fa
     assert failed["state"] == "failed" and "strip" not in failed, failed
     assert failed["message"].startswith("not_found: no such job; the take on disk is incomplete: 3"), failed
     assert str(folder) in failed["message"] and "frame_0001.png is missing" in failed["message"], failed
+    # Regenerate of the take placed from disk renders with the job's own camera MotionLoRA (id
+    # and weight): the row's request, all that was known of it, names the camera move only.
+    loras = [{"id": made["zoom_in_ids"][0], "weight": pytest.approx(0.7)}]
+    assert len(made["zoom_in_ids"]) == 1, made
+    assert r["placed_loras"] == loras and r["placed_moves"] == {"ZoomIn": pytest.approx(0.7)}, r
+    assert r["regenerate_loras"] == loras, r
+    assert r["regenerated"]["state"] == "finished" and r["regenerated"]["loras"] == loras, r["regenerated"]

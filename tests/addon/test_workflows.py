@@ -30,6 +30,17 @@ def test_everyday_workflows(bpy_python, addon_zips, backend_factory, tmp_path: P
     # (it was the 9th row from the end, out of sight, with its progress and its ✕).
     listed = r["listed"]
     assert listed["cancel_buttons"] == listed["queued"], listed
+    # A queued take's place in the queue is shown once, on its state line (it was also its
+    # message: "queued (position 2)" above "queued at position 2").
+    positions = [x for x in listed["labels"] if x and "position" in x]
+    assert positions and all(x.startswith("queued (position ") for x in positions), listed
+    assert len(positions) == len(set(positions)), listed
+    # The running take shows its step preview; once it ended, its preview is released (they
+    # piled up for the whole session), and the take running then keeps its own.
+    previews = r["previews"]
+    assert previews["first_running"], previews
+    assert previews["second_running"] == {"first_kept": False, "second_loaded": True, "collection": 1}, previews
+    assert previews["both_ended"] == {"keys": {}, "collection": 0}, previews
     # The panel says to press Match scene camera to list the camera moves: in a scene without
     # a camera it says why it read none, and lists them to be picked by hand.
     assert "the scene has no active camera" in r["match_no_camera"]["result"], r

@@ -4,6 +4,7 @@ film.blend, opens other.blend and waits until the worker wrote both takes beside
 Phase "reopen" (a later Blender, against the forgetful backend) reopens film.blend and
 reports what became of the rows."""
 
+import json
 import os
 import sys
 
@@ -35,6 +36,9 @@ if a["phase"] == "make":
     s.steps = 40  # the test backend takes 0.05 s a step: still running when the file changes
     s.use_current_frame = False
     s.start_frame = 1
+    c.sub("properties").ensure_camera_loras(s)
+    zoom = next(x for x in s.camera_loras if x.motion == "ZoomIn")
+    zoom.enabled, zoom.weight = True, 0.7  # a camera MotionLoRA: Regenerate must keep it
     local_ids = []
     for channel, seed in ((2, 11), (3, 12)):
         s.prompt, s.channel, s.seed = f"take on {channel}", channel, seed
@@ -49,6 +53,7 @@ if a["phase"] == "make":
     c.drain_until(lambda: not set(job_ids) & set(state.worker.jobs) and state.outbox.empty(), 60)
     c.drain_until(lambda: True)
     out["job_ids"] = job_ids
+    out["zoom_in_ids"] = [x["id"] for x in state.models if x.get("camera_motion") == "ZoomIn"]
     out["takes"] = {j: sorted(n for n in os.listdir(os.path.join(os.path.dirname(film), "animatediff", j[:8]))
                               if not n.startswith("."))  # (the folder's job marker)
                     for j in job_ids}
@@ -73,6 +78,27 @@ else:
         rows[job_id] = row
     out["rows"] = rows
     out["strips"] = sorted(x.name for x in sc.all_strips(scene))
+    # Regenerate of the take placed from disk: the same MotionLoRAs as the job that made it.
+    strips = c.sub("strips")
+    placed = sc.strips_named(scene, [jobs.find_job(a["job_ids"][0])[1].strip_name])
+    if placed:
+        for x in sc.all_strips(scene):
+            x.select = False
+        placed[0].select = True
+        scene.sequence_editor.active_strip = placed[0]
+        stored = strips.stored_settings(placed[0]) or {}
+        out["placed_loras"] = stored.get("request", {}).get("motion_loras")
+        out["placed_moves"] = stored.get("camera_motions")
+        assert bpy.ops.animatediff.regenerate() == {"FINISHED"}
+        job = scene.animatediff.jobs[len(scene.animatediff.jobs) - 1]
+        out["regenerate_loras"] = json.loads(job.request_json)["request"]["motion_loras"]
+        local = job.local_id
+        c.drain_until(lambda: jobs.find_job(local, "local_id")[1].state in ended, 60)
+        job = jobs.find_job(local, "local_id")[1]
+        took = sc.strips_named(scene, [job.strip_name]) if job.strip_name else []
+        out["regenerated"] = {"state": job.state, "message": job.message,
+                              "loras": (strips.stored_settings(took[0]) or {}).get("request", {}).get("motion_loras")
+                              if took else None}
 
 if state.worker is not None:
     state.worker.stop()

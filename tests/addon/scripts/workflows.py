@@ -85,6 +85,51 @@ for x in queued:
     jobs.cancel(jobs.find_job(x, "local_id")[1])
 c.drain_until(lambda: all(jobs.find_job(x, "local_id")[1].state == "cancelled" for x in queued), 60)
 
+# Step previews: a running take shows its newest one; a take that ended can show none, and its
+# preview is released (they piled up until the add-on was disabled).  The take still running
+# keeps its own.  (Registration makes the collection only when Blender has a window.)
+import bpy.utils.previews  # noqa: E402
+
+timer = c.sub("timer")
+state.previews = bpy.utils.previews.new()
+s.steps, s.frames = 20, 2
+locals_ = []
+for name in ("owl", "crow"):
+    s.prompt = f"an {name} !delay=0.1"
+    assert bpy.ops.animatediff.generate() == {"FINISHED"}
+    locals_.append(s.jobs[len(s.jobs) - 1].local_id)
+
+
+def row(local):
+    return jobs.find_job(local, "local_id")[1]
+
+
+def loaded(job_id):
+    """Whether the job's preview is in the collection (its icon: 0 without a window)."""
+    return state.preview_keys.get(job_id, "") in state.previews
+
+
+c.drain_until(lambda: row(locals_[0]).job_id in state.preview_keys, 60)
+first = row(locals_[0]).job_id
+first_key = state.preview_keys[first]
+out["previews"] = {"first_running": loaded(first)}
+c.drain_until(lambda: row(locals_[0]).state == "finished" and row(locals_[1]).job_id in state.preview_keys, 60)
+second = row(locals_[1]).job_id
+out["previews"]["second_running"] = {
+    "first_kept": first in state.preview_keys or first_key in state.previews,
+    "second_loaded": loaded(second), "collection": len(state.previews)}
+c.drain_until(lambda: row(locals_[1]).state == "finished", 60)
+c.drain_until(lambda: True, 0.3)
+out["previews"]["both_ended"] = {"keys": dict(state.preview_keys), "collection": len(state.previews)}
+# Released twice (a job ended, then its row cleared), or after the collection went: no error.
+timer.release_preview(first)
+timer.release_preview(first)
+bpy.utils.previews.remove(state.previews)
+state.previews = None
+timer.release_preview(second)
+assert button(bpy.ops.animatediff.clear_jobs) == {"FINISHED"}
+c.drain_until(lambda: True, 0.3)
+
 # A new scene without a camera: the panel says to press Match scene camera to list the camera
 # moves; it has no camera to read, but the moves are listed to be picked by hand.
 edit = bpy.data.scenes.new("Edit")
