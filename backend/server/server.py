@@ -27,7 +27,6 @@ client sends `watch` to resume and `fetch` to get finished frames again.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
 import logging
 import queue
@@ -172,7 +171,8 @@ class Server:
         self._pool = DaemonPool(2, thread_name_prefix="server-io")
         # Rescans apart: one hashing a new multi-GB checkpoint takes minutes, and the rescans
         # asked meanwhile wait for it (one at a time); fetches and pruning must not wait too.
-        self._scan_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="server-scan")
+        # Daemon too: a shutdown does not wait minutes for a hash (the next start hashes again).
+        self._scan_pool = DaemonPool(1, thread_name_prefix="server-scan")
         self._wake_lock = threading.Lock()
         self._wake_tx: zmq.Socket[bytes] | None = None
         self._refused = _RateLimitedLog()
@@ -288,8 +288,11 @@ class Server:
             # (the floor: idle threads take a moment to see the end, even after a long wait)
             if not self._pool.join(self._grace_left(floor=0.25)):  # its tasks use the store
                 self._stuck.append("the I/O pool (a fetch or a retention pass)")
-            # Queued rescans are dropped; one hashing now still finishes before the process exits.
+            # Queued rescans are dropped; one hashing now is left (its hashes are cached
+            # only once complete, with one rename, so the next start hashes those files again).
             self._scan_pool.shutdown(wait=False, cancel_futures=True)
+            if not self._scan_pool.join(0.25):
+                log.info("a model rescan was still reading the models folder; left unfinished")
             if not self.store.close(timeout=self._grace_left(floor=0.25)):
                 self._stuck.append("the job store (a write holds it; left open)")
             self._data_lock.close()  # releases the lock

@@ -81,3 +81,49 @@ def test_a_stuck_encoder_or_store_write_does_not_hold_the_shutdown(tmp_path: Pat
     assert len(stuck) == 1, proc.stderr[-3000:]
     assert f"job={job_id} client=artist-stuck" in stuck[0], stuck[0]
     assert ("encoder" if mode == "encoder" else "store") in stuck[0], stuck[0]
+
+
+# A model rescan that never ends (hashing a checkpoint on a share that hangs): asked for,
+# then the server stopped.  Prints "STOPPED <seconds>" and exits.
+RESCAN_SCRIPT = """
+import logging, sys, threading, time
+from pathlib import Path
+
+from animatediff_blender.backend.engine.fake import FakeEngine
+from animatediff_blender.backend.server.config import ServerConfig
+from animatediff_blender.backend.server.server import Server
+from animatediff_blender.protocol.client import BackendClient, ClientConfig
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+data, key = Path(sys.argv[1]), sys.argv[2].encode()
+never, reached = threading.Event(), threading.Event()
+
+class HangingScan(FakeEngine):
+    def list_models(self, rescan=False):
+        if rescan:
+            reached.set()
+            never.wait()
+        return super().list_models()
+
+config = ServerConfig(key=key, data_dir=data, bind="tcp://127.0.0.1:*", linger_ms=0, shutdown_timeout_s=1.0)
+server = Server(config, HangingScan())
+endpoint = server.start()
+client = BackendClient(ClientConfig(address=endpoint, key=key, client_id="admin", timeout_s=10))
+threading.Thread(target=lambda: client.list_models(rescan=True, timeout_s=30), daemon=True).start()
+assert reached.wait(20)
+started = time.monotonic()
+server.stop()
+print("STOPPED", round(time.monotonic() - started, 2), flush=True)
+"""
+
+
+def test_a_rescan_that_never_ends_does_not_hold_the_exit(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-c", RESCAN_SCRIPT, str(tmp_path / "data"), KEY.decode()]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=40)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the server process did not exit while a model rescan hung")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seconds = float(proc.stdout.split("STOPPED", 1)[1].split()[0])
+    assert seconds < SHUTDOWN_GRACE_S + 2, proc.stderr[-3000:]
+    assert "model rescan was still reading the models folder" in proc.stderr, proc.stderr[-3000:]
