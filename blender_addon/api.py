@@ -9,7 +9,7 @@
 
 Settings not given come from the scene's AnimateDiff panel settings.  Keywords:
 prompt, negative_prompt, prompt_travel, base_model, motion_module, motion_loras
-({camera motion or model id: weight}), domain_adapter, domain_adapter_scale, frames,
+({camera motion or model id: weight}; a model by its id or its file name), domain_adapter, domain_adapter_scale, frames,
 width, height, steps, guidance, seed, preset ("quality", "fast"/"lightning", "lcm"),
 context_length, context_stride, preview_every, channel, start_frame.  Connection:
 address, key_file, server_public_key_file, client_secret_key_file, timeout_s (default:

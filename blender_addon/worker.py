@@ -137,6 +137,25 @@ def _connection_state(ok: bool, welcome: Any) -> m.ConnectionState:
     )
 
 
+# The request's model fields, with the kind a bare file name given for each stands for.
+MODEL_FIELDS = {"base_model": "base", "motion_module": "motion", "domain_adapter": "adapter"}
+
+
+def typed_model_id(value: Any, kind: str) -> Any:
+    """A model as a script or shot list names it -> its id: "Realistic Vision V5.1.safetensors"
+    -> "base:Realistic_Vision_V5.1.safetensors" (the id the backend lists the file under, as
+    `protocol.messages.model_id_name` makes it; a bare name takes the field's `kind`).  Ids
+    stay as they are; what is no string is left for the protocol's check to refuse."""
+    from .protocol.messages import model_id_name
+
+    if not isinstance(value, str) or not value:
+        return value
+    given, sep, name = value.partition(":")
+    if not sep:
+        given, name = kind, value
+    return f"{given}:{model_id_name(name) or name}"
+
+
 def resolve_request(request: dict[str, Any], camera_motions: dict[str, float], models: Any) -> Any:
     """A GenerateRequest from the panel's fields; camera motions ("ZoomIn") become the ids
     of the backend's MotionLoRAs for them.  ValueError says what is wrong, in words."""
@@ -145,7 +164,10 @@ def resolve_request(request: dict[str, Any], camera_motions: dict[str, float], m
     from .protocol.messages import GenerateRequest
 
     request = dict(request)
-    loras = list(request.get("motion_loras") or [])
+    for key, kind in MODEL_FIELDS.items():
+        request[key] = typed_model_id(request.get(key), kind)
+    loras = [dict(x, id=typed_model_id(x["id"], "lora")) if isinstance(x, dict) and "id" in x else x
+             for x in request.get("motion_loras") or []]
     models = list(models or [])
     for motion, weight in camera_motions.items():
         match = [x for x in models if _get(x, "kind") == "lora" and _get(x, "camera_motion") == motion

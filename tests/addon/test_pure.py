@@ -492,6 +492,25 @@ def test_shot_check_covers_camera_motion_weights() -> None:
         worker.check_request({"prompt": "a"}, {"ZoomIn": 50.0})
 
 
+def test_scripts_name_models_by_their_file_names() -> None:
+    """A shot list or script names a model as its file is named ("Realistic Vision V5.1.safetensors",
+    accents and brackets too): it becomes the id the backend lists that file under, as the
+    CLI's `generate` maps it; an id stays as it is, and what is no model id at all is refused."""
+    worker, _m = _load_package()
+    req = worker.check_request({
+        "prompt": "a", "base_model": "Realistic Vision V5.1.safetensors",
+        "motion_module": "motion:mm_sd_v15_v2.ckpt", "domain_adapter": "Modèle (final).safetensors",
+        "motion_loras": [{"id": "lora:Zoom In (v2).ckpt", "weight": 0.5}],
+    }, {})
+    assert req.base_model == "base:Realistic_Vision_V5.1.safetensors"
+    assert req.motion_module == "motion:mm_sd_v15_v2.ckpt"
+    assert req.domain_adapter == "adapter:Modele_final.safetensors"
+    assert [(x.id, x.weight) for x in req.motion_loras] == [("lora:Zoom_In_v2.ckpt", 0.5)]
+    for bad in ("base:", "base:()", 42):
+        with pytest.raises(ValueError, match=r"base_model"):
+            worker.check_request({"prompt": "a", "base_model": bad}, {})
+
+
 def test_a_few_step_preset_on_a_motion_module_not_made_for_it_is_told() -> None:
     """Fast/LCM on a v2 motion module makes a blur the backend cannot refuse (it knows
     modules only by their detected version): the panel and the submit say so, and how to fix it."""
