@@ -25,6 +25,11 @@ MODEL_ID_PATTERN = r"^[a-z_]{1,16}:[A-Za-z0-9][A-Za-z0-9._+-]{0,159}\Z"
 ModelId = Annotated[str, msgspec.Meta(pattern=MODEL_ID_PATTERN, max_length=180)]
 _ID_NAME_RX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,159}\Z")
 _ID_NAME_OTHER = re.compile(r"[^A-Za-z0-9._+-]+")
+# Latin letters that Unicode does not decompose into a base letter and an accent.
+_LATIN_LETTERS = str.maketrans({
+    "ß": "ss", "ẞ": "SS", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O",
+    "đ": "d", "Đ": "D", "ł": "l", "Ł": "L", "þ": "th", "Þ": "TH", "ð": "d", "Ð": "D", "ı": "i",
+})
 
 
 def model_id_name(file_name: str) -> str | None:
@@ -35,7 +40,8 @@ def model_id_name(file_name: str) -> str | None:
     usable is left (no letter or digit before the suffix, over 160 characters)."""
     if _ID_NAME_RX.match(file_name) and ".." not in file_name:
         return file_name
-    folded = "".join(c for c in unicodedata.normalize("NFKD", file_name) if not unicodedata.combining(c))
+    folded = "".join(c for c in unicodedata.normalize("NFKD", file_name.translate(_LATIN_LETTERS))
+                     if not unicodedata.combining(c))
     dot = folded.rfind(".")
     stem, suffix = (folded[:dot], folded[dot:]) if dot > 0 else (folded, "")
     stem = re.sub(r"\.{2,}", ".", _ID_NAME_OTHER.sub("_", stem)).strip("._+-")

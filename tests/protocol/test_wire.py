@@ -452,3 +452,23 @@ def test_good_model_ids_pass() -> None:
     msg = server.deserialize(client.serialize(messages.Submit(request=request)))
     assert isinstance(msg.content, messages.Submit)
     assert msg.content.request == request
+
+
+@pytest.mark.parametrize(
+    ("file_name", "name"),
+    [
+        ("mm_sd_v15_v2.ckpt", "mm_sd_v15_v2.ckpt"),  # an id already: as it is
+        ("Realistic Vision V5.1.safetensors", "Realistic_Vision_V5.1.safetensors"),
+        ("Modèle (final).ckpt", "Modele_final.ckpt"),
+        ("Straße Ærø Łódź.safetensors", "Strasse_AEro_Lodz.safetensors"),  # letters NFKD keeps
+        ("模型 v2.safetensors", "v2.safetensors"),
+        ("模型.safetensors", None),  # nothing an id can hold: the registry says to rename it
+        ("...ckpt", None),
+        ("a" * 161, None),
+    ],
+)
+def test_model_id_name_maps_file_names_artists_use(file_name: str, name: str | None) -> None:
+    got = messages.model_id_name(file_name)
+    assert got == name
+    if got is not None:
+        assert messages.model_id_name(got) == got  # an id maps to itself
