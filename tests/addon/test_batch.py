@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -228,7 +229,7 @@ def test_batch_goes_on_when_the_blend_cannot_be_saved(addon_zips, backend_factor
         for line in proc.stdout:
             lines.append(line)
             if line.startswith("[1/3]") and ": strip " in line:
-                (out_blend.parent / "film.blend@").mkdir()  # every later save of film.blend fails
+                _block_saves(out_blend.parent / "film.blend@")  # every later save of film.blend fails
         stderr = proc.stderr.read() if proc.stderr else ""
         proc.wait(240)
     finally:
@@ -242,6 +243,20 @@ def test_batch_goes_on_when_the_blend_cannot_be_saved(addon_zips, backend_factor
     assert "batch: 3 shots, 3 ok, 0 failed; NOT saved" in stdout and str(out_blend.parent / "animatediff") in stdout
     assert len(list((out_blend.parent / "animatediff").iterdir())) == 3
 
+
+
+def _block_saves(temp_blend: Path) -> None:
+    """Make Blender's temporary save file a folder.  The save after the shot that was just
+    printed may be writing it this moment: wait for Blender to rename it away, then take it."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            temp_blend.mkdir()
+            return
+        except FileExistsError:
+            if temp_blend.is_dir() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _one_shot(tmp_path: Path) -> Path:
