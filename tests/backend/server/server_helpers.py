@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import secrets
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -110,3 +113,21 @@ class RawPeer:
         doc = msgspec.to_builtins(header)
         doc.update(override)
         return msgspec.json.encode(doc)
+
+
+@contextlib.contextmanager
+def job_log_records() -> Iterator[list[logging.LogRecord]]:
+    """The records written to the job log meanwhile (a handler on the job log itself: the
+    server's thread writes them, whatever the root logger holds)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    joblog = logging.getLogger("animatediff_blender.server.jobs")
+    level = joblog.level
+    joblog.addHandler(handler)
+    joblog.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        joblog.removeHandler(handler)
+        joblog.setLevel(level)

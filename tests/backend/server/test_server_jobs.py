@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from server_helpers import small_request, wait_for
+from server_helpers import job_log_records, small_request, wait_for
 
 from animatediff_blender.backend.engine.fake import FakeEngine
 from animatediff_blender.backend.server.config import ConfigError
@@ -253,14 +253,7 @@ def test_a_refused_submit_is_one_log_line_with_its_reason(
     # An artist asks why nothing ran: the operator's log says who was refused and why, for
     # the limits and the engine's refusals as for a full queue.  (A handler on the job log
     # itself: the lines are written by the server's thread, whatever the root logger holds.)
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append  # type: ignore[method-assign]
-    joblog = logging.getLogger("animatediff_blender.server.jobs")
-    level = joblog.level
-    joblog.addHandler(handler)
-    joblog.setLevel(logging.INFO)
-    try:
+    with job_log_records() as records:
         server = make_server(limits=Limits(max_frames=8))
         client = make_client(server, client_id="artist-b")
         for request, code in ((small_request(frames=9), "limit"), (small_request(base_model="base:nope"), "unknown_model")):
@@ -269,9 +262,6 @@ def test_a_refused_submit_is_one_log_line_with_its_reason(
             assert info.value.code == code
             lines = [r.getMessage() for r in records if f"event=refused code={code}" in r.getMessage()]
             assert len(lines) == 1 and "client=artist-b" in lines[0], lines
-    finally:
-        joblog.removeHandler(handler)
-        joblog.setLevel(level)
     assert "frames" in next(r.getMessage() for r in records if "code=limit" in r.getMessage())
     assert "base:nope" in next(r.getMessage() for r in records if "code=unknown_model" in r.getMessage())
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from server_helpers import small_request
+from server_helpers import job_log_records, small_request
 
 from animatediff_blender.backend.engine.fake import FakeEngine
 from animatediff_blender.backend.engine.interface import EngineError, JobCancelled, StepProgress
@@ -308,23 +307,6 @@ def test_the_server_sweeps_frames_folders_left_behind(make_server, make_client, 
 # --------------------------------------------------------------------------- restart log
 
 
-def _job_log_records() -> tuple[list[logging.LogRecord], Callable[[], None]]:
-    """Records of the job log (a handler on it: the server's thread writes them)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append  # type: ignore[method-assign]
-    joblog = logging.getLogger("animatediff_blender.server.jobs")
-    level = joblog.level
-    joblog.addHandler(handler)
-    joblog.setLevel(logging.INFO)
-
-    def undo() -> None:
-        joblog.removeHandler(handler)
-        joblog.setLevel(level)
-
-    return records, undo
-
-
 @pytest.mark.parametrize("count", [3, 60])
 def test_jobs_interrupted_by_a_restart_are_logged_with_their_client(make_server, tmp_path: Path, count: int) -> None:  # type: ignore[no-untyped-def]
     data = tmp_path / "restart"
@@ -333,11 +315,8 @@ def test_jobs_interrupted_by_a_restart_are_logged_with_their_client(make_server,
     for i, job_id in enumerate(ids):
         store.create(dataclasses.replace(_record(job_id, "running" if i % 2 else "queued"), client_id=f"artist-{i % 3}"))
     store.close()
-    records, undo = _job_log_records()
-    try:
+    with job_log_records() as records:
         make_server(data_dir=data)
-    finally:
-        undo()
     lines = [r.getMessage() for r in records if "event=interrupted" in r.getMessage()]
     if count == 3:
         assert len(lines) == count
