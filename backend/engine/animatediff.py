@@ -10,8 +10,9 @@ Per job the pipeline goes through a fixed sequence, undone in reverse in a `fina
 1. FreeNoise on (long clips, prompt travel).  It swaps the motion modules' transformer
    blocks, keeping their names, and must come before LoRAs: the swap reloads the blocks'
    state dicts strictly and would fail on peft-wrapped layers.
-2. LoRAs (MotionLoRAs + domain adapter) injected with peft and *verified* (see
-   `_verify_lora`): every tensor read from the file must be in the model.
+2. LoRAs (MotionLoRAs + domain adapter, whose kohya style LoRAs may also adapt the text
+   encoder) injected with peft and *verified* (see `_verify_lora`): every tensor read from
+   the file must be in the model.
 3. Memory savers for long clips (split inference wrappers, chunked feed-forward).  These
    rename modules, which is why they come after LoRA injection and verification.
 """
@@ -37,6 +38,7 @@ import msgspec
 import numpy as np
 import torch
 
+from animatediff_blender.backend.models.convert import TEXT_ENCODER_PREFIX
 from animatediff_blender.protocol.messages import GenerateRequest, ModelInfo
 
 from .attention import SDPA_BACKENDS, TEMPORAL_ATTENTION, with_attention
@@ -330,7 +332,9 @@ def _engine_pipeline_class() -> type:
     * encoded prompts are kept (the last PROMPT_CACHE_SIZE): an artist re-runs a prompt
       with another seed, motion or length, and the tokenizer and the text encoder's
       dozen layers give the same tensors again.  Only plain string prompts, and only while
-      no LoRA sits on the text encoder (its weights would change them)."""
+      no LoRA sits on the text encoder (a style LoRA's text-encoder layers change them):
+      nothing is cached under one, and `unload_lora_weights` deletes the encoder's
+      `peft_config`, so the cache serves the next plain job again."""
     from diffusers import AnimateDiffPipeline
 
     class EnginePipeline(AnimateDiffPipeline):  # type: ignore[misc]
@@ -445,6 +449,24 @@ def _model_errors(model_id: str) -> Iterator[None]:
 
 def _strip_unet(name: str) -> str:
     return name[len("unet.") :] if name.startswith("unet.") else name
+
+
+def _text_encoder_module(text_encoder: Any, module: str) -> str:
+    """A LoRA's CLIP module path (`text_model.encoder.layers.0.mlp.fc1`, as checkpoints name
+    it) in the loaded text encoder: transformers >= 5.6 flattened CLIPTextModel (no
+    `text_model.`), and diffusers drops the prefix for it."""
+    return module if hasattr(text_encoder, "text_model") else module.removeprefix("text_model.")
+
+
+def _injected_lora_layers(model: Any, adapter_name: str) -> dict[str, Any]:
+    """module path -> peft layer of `model` that carries `adapter_name`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "lora_A", {})
+    }
 
 
 # Keys of LoRA state dicts in the formats diffusers reads -> (module, "A" | "B").
@@ -1174,7 +1196,7 @@ class AnimateDiffEngine:
                 raise
             except Exception as exc:
                 raise EngineError("model_error", f"{job.model_id}: could not apply the LoRA: {_lora_failure(exc)}") from exc
-            self._verify_lora(pipe.unet, job)
+            self._verify_lora(pipe, job)
         pipe.set_adapters(
             [j.adapter_name for j in jobs], adapter_weights=[self._effective_weight(j) for j in jobs]
         )
@@ -1189,56 +1211,47 @@ class AnimateDiffEngine:
             return job.weight * float(alpha) / float(rank)
         return job.weight
 
-    @staticmethod
-    def _verify_lora(unet: Any, job: _LoraJob) -> None:
+    @classmethod
+    def _verify_lora(cls, pipe: Any, job: _LoraJob) -> None:
         """Prove that every LoRA tensor read from the file is in the model.
 
         `load_lora_weights` ignores keys it does not understand or modules it cannot find
-        (an unconverted original MotionLoRA loads *nothing*, silently).  Checks: the peft
-        layers of this adapter sit on exactly the file's target modules, and their A/B
-        matrices equal the file's tensors (or, for key formats this check cannot map, the
-        number of injected matrices equals the number read)."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
+        (an unconverted original MotionLoRA loads *nothing*, silently).  Checks, on the UNet
+        and on the text encoder (a style LoRA's `text_encoder.` layers): the peft layers of
+        this adapter sit on exactly the file's target modules, and their A/B matrices equal
+        the file's tensors (or, for key formats this check cannot map, the number of
+        injected matrices equals the number read)."""
         name = job.adapter_name
-        injected: dict[str, Any] = {}
-        for mod_name, module in unet.named_modules():
-            if isinstance(module, BaseTunerLayer) and name in getattr(module, "lora_A", {}):
-                injected[mod_name] = module
-        expected = {_strip_unet(t) for t in job.weights.target_modules}
-        if not injected:
+        unet_layers = _injected_lora_layers(pipe.unet, name)
+        text_layers = _injected_lora_layers(pipe.text_encoder, name)
+        unet_expected = {_strip_unet(t) for t in job.weights.target_modules}
+        text_expected = {
+            _text_encoder_module(pipe.text_encoder, t) for t in getattr(job.weights, "text_encoder_modules", ())
+        }
+        if not unet_layers and not text_layers:
             raise EngineError(
                 "model_error",
-                f"{job.model_id}: the LoRA changed nothing: none of its {len(expected)} target layers exist in the "
-                "loaded model (wrong format, or made for another model?)",
+                f"{job.model_id}: the LoRA changed nothing: none of its {len(unet_expected | text_expected)} target "
+                "layers exist in the loaded model (wrong format, or made for another model?)",
             )
-        missing = sorted(expected - set(injected))
-        extra = sorted(set(injected) - expected)
-        if missing or extra:
-            detail = (
-                f"{len(missing)} of its layers are not in the model (e.g. {missing[0]})" if missing else ""
-            )
-            if extra:
-                detail += (
-                    "; " if detail else ""
-                ) + f"{len(extra)} unexpected layers were adapted (e.g. {extra[0]})"
-            raise EngineError(
-                "model_error",
-                f"{job.model_id}: the LoRA does not fit the loaded model: {detail}. "
-                "A MotionLoRA must match its motion module's version (the official ones are for v2).",
-            )
+        hint = "A MotionLoRA must match its motion module's version (the official ones are for v2)."
+        cls._check_lora_targets(job, unet_expected, unet_layers, hint)
+        cls._check_lora_targets(job, text_expected, text_layers, "Its text-encoder layers must fit the base model's.")
         read = 0
         mapped = 0
         for key, tensor in job.weights.state_dict.items():
             if not torch.is_tensor(tensor) or tensor.ndim < 2:
                 continue  # alphas
             read += 1
-            target = lora_key_target(key)
-            if target is None or target[0] not in injected:
+            is_text = key.startswith(TEXT_ENCODER_PREFIX)
+            target = lora_key_target(key.removeprefix(TEXT_ENCODER_PREFIX) if is_text else key)
+            if target is None:
                 continue
-            module_name, part = target
-            layer = injected[module_name]
-            loaded = (layer.lora_A if part == "A" else layer.lora_B)[name].weight
+            module_name = _text_encoder_module(pipe.text_encoder, target[0]) if is_text else target[0]
+            layers = text_layers if is_text else unet_layers
+            if module_name not in layers:
+                continue
+            loaded = (layers[module_name].lora_A if target[1] == "A" else layers[module_name].lora_B)[name].weight
             if loaded.shape != tensor.shape or not torch.equal(
                 loaded.detach().cpu(), tensor.to(loaded.dtype).cpu()
             ):
@@ -1249,12 +1262,24 @@ class AnimateDiffEngine:
             mapped += 1
         # Every tensor is either compared above or, when the key format is one this check
         # cannot map, at least counted against the injected matrices.
-        count = 2 * len(injected)
+        count = 2 * (len(unet_layers) + len(text_layers))
         if (mapped and mapped != read) or (not mapped and count != read):
             raise EngineError(
                 "model_error",
                 f"{job.model_id}: {read} LoRA tensors were read but {count} were applied",
             )
+
+    @staticmethod
+    def _check_lora_targets(job: _LoraJob, expected: set[str], injected: dict[str, Any], hint: str) -> None:
+        """Raise unless the adapter's peft layers in one model sit on exactly `expected`."""
+        missing = sorted(expected - set(injected))
+        extra = sorted(set(injected) - expected)
+        if not (missing or extra):
+            return
+        detail = f"{len(missing)} of its layers are not in the model (e.g. {missing[0]})" if missing else ""
+        if extra:
+            detail += ("; " if detail else "") + f"{len(extra)} unexpected layers were adapted (e.g. {extra[0]})"
+        raise EngineError("model_error", f"{job.model_id}: the LoRA does not fit the loaded model: {detail}. {hint}")
 
     @contextmanager
     def _job_state(

@@ -13,7 +13,8 @@ Everything here is pure key/tensor work on state dicts (no model construction), 
 * `motion_original_to_diffusers(sd)`: original AnimateDiff motion module keys -> MotionAdapter keys.
 * `motion_adapter_config(shapes, ...)`: MotionAdapter kwargs inferred from the weights.
 * `lora_to_peft(sd, scope, config)`: MotionLoRA / domain-adapter files (original AnimateDiff,
-  diffusers hub, or peft layout) -> `unet.<module>.lora_A.weight` / `lora_B.weight`;
+  diffusers hub, peft or kohya layout) -> `unet.<module>.lora_A.weight` / `lora_B.weight`
+  (and `text_encoder.<module>...` for a kohya style LoRA's CLIP text-encoder layers);
   `lora_adapter_config(path)` reads the peft config (rank, alpha) diffusers saves in a
   safetensors header, and `read_lora(path, scope)` does both.
 
@@ -540,6 +541,25 @@ _KOHYA_UNET_MODULE = re.compile(
     r"|(?P<sampler>downsamplers|upsamplers)_0_conv)"
     r"|(?P<top>conv_in|conv_out|time_embedding_linear_[12]))$"
 )
+# kohya names of SD1.x's CLIP text encoder (sd-scripts trains transformers' CLIPTextModel):
+# `lora_te_text_model_encoder_layers_<N>_<self_attn_q_proj|...|mlp_fc2>`.
+_KOHYA_TE_MODULE = re.compile(
+    r"^text_model_encoder_layers_(?P<layer>\d+)_(?P<proj>self_attn_(?:q|k|v|out)_proj|mlp_fc[12])$"
+)
+SD1_TEXT_ENCODER_LAYERS = 12  # CLIP ViT-L/14's text transformer; SD2's OpenCLIP ViT-H has 23 (24)
+
+
+def _kohya_te_module(name: str) -> str | None:
+    """`text_model_encoder_layers_3_self_attn_q_proj` -> `text_model.encoder.layers.3.self_attn.q_proj`
+    (CLIPTextModel's path as checkpoints and diffusers' keys name it; diffusers drops
+    `text_model.` for transformers' flattened class); None for no layer of it."""
+    m = _KOHYA_TE_MODULE.match(name)
+    if m is None:
+        return None
+    proj = m["proj"].replace("self_attn_", "self_attn.", 1).replace("mlp_", "mlp.", 1)
+    return f"text_model.encoder.layers.{m['layer']}.{proj}"
+
+
 # kohya names of the LDM UNet (`input_blocks_1_1_...`, written by some SDXL-era trainers), and
 # the LyCORIS variants (LoHa, LoKr, DoRA) that are no low-rank pair.
 _KOHYA_LDM_BLOCKS = re.compile(r"^lora_unet_(?:input_blocks|middle_block|output_blocks)_")
@@ -577,7 +597,9 @@ class LoraWeights:
     `unet.<module>.lora_B.weight` (up, out x rank), `<module>` a diffusers module path of the
     pipeline's UNetMotionModel.  `target_modules` lists those module paths (without `unet.`),
     so callers can assert that every one received a LoRA layer (see
-    `loading.verify_lora_applied`)."""
+    `loading.verify_lora_applied`).  A kohya style LoRA may also hold CLIP text-encoder
+    layers: keys `text_encoder.<module>.lora_A.weight` / `.lora_B.weight`, their module paths
+    (`text_model.encoder.layers.N.self_attn.q_proj`, ...) in `text_encoder_modules`."""
 
     state_dict: dict[str, torch.Tensor]
     target_modules: set[str]
@@ -586,6 +608,7 @@ class LoraWeights:
     source_format: str  # "original", "diffusers", "peft", "kohya"
     scope: LoraScope = "motion"
     metadata: dict[str, Any] = field(default_factory=dict)
+    text_encoder_modules: set[str] = field(default_factory=set)
 
 
 def lora_format(keys: Iterable[str]) -> str:
@@ -782,24 +805,35 @@ def _lora_pair(module: str, slot: Mapping[str, torch.Tensor]) -> tuple[torch.Ten
 
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _KOHYA_PART = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}
+# The key prefix diffusers' `load_lora_weights` routes to the pipeline's text encoder (its
+# `text_encoder_name`; `unet.` goes to the UNet).
+TEXT_ENCODER_PREFIX = "text_encoder."
 
 
 def _kohya_to_peft(sd: Mapping[str, torch.Tensor], scope: LoraScope) -> LoraWeights:
     """A kohya LoRA (see `_KOHYA_KEY`) as peft keys.  Each layer's alpha / rank (kohya's
     per-layer scale; 1 without an alpha) is multiplied into its up matrix, so layers with
     their own ranks or alphas (a LoCon's conv layers) run exactly as kohya runs them, and
-    `network_alpha` is None.  Refused in words: text-encoder layers (a domain adapter
-    changes the UNet only), LDM block names, LyCORIS layers (LoHa, LoKr, DoRA)."""
+    `network_alpha` is None.  A spatial LoRA's CLIP text-encoder layers (`lora_te_`: most
+    style LoRAs train them) become `text_encoder.` keys, applied at the same weight, as
+    kohya / A1111 / diffusers apply them.  Refused in words: SDXL's two text encoders
+    (`lora_te1_` / `lora_te2_`), text-encoder layers in a MotionLoRA, LDM block names,
+    LyCORIS layers (LoHa, LoKr, DoRA)."""
     lycoris = sorted(k for k in sd if _LYCORIS_PARTS.search(k))
     if lycoris:
         raise ConversionError(
             f"LyCORIS layers ({lycoris[0]}) are not supported: only plain LoRA layers (lora_down / lora_up)"
         )
-    text = sorted({k.split(".", 1)[0] for k in sd if not k.startswith("lora_unet_")})
-    if text:
+    sdxl = sorted(k for k in sd if k.startswith(("lora_te1_", "lora_te2_")))
+    if sdxl:
+        raise ConversionError(
+            f"made for SDXL, not SD1.x: the LoRA changes SDXL's two text encoders (e.g. {sdxl[0]})"
+        )
+    text = sorted({k.split(".", 1)[0] for k in sd if k.startswith("lora_te_")})
+    if text and scope == "motion":
         raise ConversionError(
             f"the LoRA also changes the text encoder ({len(text)} layers, e.g. {text[0]}), "
-            "which is not supported: only LoRAs on the UNet are"
+            "which a MotionLoRA never does: a style LoRA is a spatial LoRA (adapter/)"
         )
     ldm = sorted(k for k in sd if _KOHYA_LDM_BLOCKS.match(k))
     if ldm:
@@ -807,43 +841,84 @@ def _kohya_to_peft(sd: Mapping[str, torch.Tensor], scope: LoraScope) -> LoraWeig
             f"the LoRA names the LDM UNet's blocks ({ldm[0]}), which is not supported: "
             "only kohya LoRAs on diffusers names (lora_unet_down_blocks_...) are"
         )
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    unknown = []
-    for key, value in sd.items():
-        m = _KOHYA_KEY.match(key)
-        module = _kohya_unet_module(m["name"]) if m else None
-        if m is None or module is None:
-            unknown.append(key)
-            continue
-        parts.setdefault(module, {})[_KOHYA_PART[m["part"]]] = value
-    _fail_unknown("kohya LoRA (no layer of an SD1.x UNet)", unknown)
-    _check_scope(parts, scope)
-    pairs = {module: _lora_pair(module, slot) for module, slot in sorted(parts.items())}
+    unet_parts, te_parts = _kohya_parts(sd)
+    _check_scope(unet_parts, scope)
+    unet_pairs = {module: _lora_pair(module, slot) for module, slot in sorted(unet_parts.items())}
+    te_pairs = {module: _lora_pair(module, slot) for module, slot in sorted(te_parts.items())}
     if scope == "spatial":
-        _check_sd1_spatial(pairs)
+        _check_sd1_spatial(unet_pairs)
+    _check_sd1_text_encoder(te_pairs)
     out: dict[str, torch.Tensor] = {}
     ranks: list[int] = []
-    for module, (a, b) in pairs.items():
-        slot = parts[module]
-        rank = int(a.shape[0])
-        ranks.append(rank)
-        if "alpha" in slot:
-            alpha = slot["alpha"]
-            if alpha.numel() != 1 or not math.isfinite(float(alpha.reshape(()).item())):
-                raise ConversionError(f"LoRA for {module}: bad alpha {alpha.tolist()!r}")
-            scale = float(alpha.reshape(()).item()) / rank
-            if scale != 1.0:
-                b = (b.float() * scale).to(b.dtype)
-        out[f"unet.{module}.lora_A.weight"] = a
-        out[f"unet.{module}.lora_B.weight"] = b
+    for prefix, parts, pairs in (("unet.", unet_parts, unet_pairs), (TEXT_ENCODER_PREFIX, te_parts, te_pairs)):
+        for module, (a, b) in pairs.items():
+            ranks.append(int(a.shape[0]))
+            out[f"{prefix}{module}.lora_A.weight"] = a
+            out[f"{prefix}{module}.lora_B.weight"] = _kohya_scaled_up(module, parts[module], a, b)
     return LoraWeights(
         state_dict=out,
-        target_modules=set(parts),
+        target_modules=set(unet_parts),
         rank=max(set(ranks), key=ranks.count),  # the commonest (layers may differ: see above)
         network_alpha=None,
         source_format="kohya",
         scope=scope,
+        text_encoder_modules=set(te_parts),
     )
+
+
+_KohyaParts = dict[str, dict[str, "torch.Tensor"]]  # module -> {"A", "B", "alpha"} -> tensor
+
+
+def _kohya_parts(sd: Mapping[str, torch.Tensor]) -> tuple[_KohyaParts, _KohyaParts]:
+    """The UNet's and the text encoder's layers of a kohya LoRA, by module path; raises on
+    a key that names no layer of either (SD1.x's)."""
+    unet: _KohyaParts = {}
+    text: _KohyaParts = {}
+    unknown_unet: list[str] = []
+    unknown_text: list[str] = []
+    for key, value in sd.items():
+        is_text = key.startswith("lora_te_")
+        m = _KOHYA_KEY.match(key)
+        module = (_kohya_te_module if is_text else _kohya_unet_module)(m["name"]) if m else None
+        if m is None or module is None:
+            (unknown_text if is_text else unknown_unet).append(key)
+            continue
+        (text if is_text else unet).setdefault(module, {})[_KOHYA_PART[m["part"]]] = value
+    _fail_unknown("kohya LoRA (no layer of an SD1.x UNet)", unknown_unet)
+    _fail_unknown("kohya LoRA (no layer of SD1.x's CLIP text encoder)", unknown_text)
+    return unet, text
+
+
+def _kohya_scaled_up(
+    module: str, slot: Mapping[str, torch.Tensor], a: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
+    """The up matrix `b` times the layer's alpha / rank (peft then scales by 1)."""
+    if "alpha" not in slot:
+        return b
+    alpha = slot["alpha"]
+    if alpha.numel() != 1 or not math.isfinite(float(alpha.reshape(()).item())):
+        raise ConversionError(f"LoRA for {module}: bad alpha {alpha.tolist()!r}")
+    scale = float(alpha.reshape(()).item()) / int(a.shape[0])
+    return b if scale == 1.0 else (b.float() * scale).to(b.dtype)
+
+
+def _check_sd1_text_encoder(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Refuse text-encoder layers made for another base (SD2's OpenCLIP: 1024 wide, 23
+    layers, under the same kohya names) at scan time, as `_check_sd1_spatial` does the
+    UNet's: by upper bounds, so the zoo's narrow, shallow CLIP passes as its UNet does."""
+    n = SD1_TEXT_ENCODER_LAYERS
+    for module, (a, b) in sorted(pairs.items()):
+        if a.ndim != 2:
+            raise ConversionError(f"LoRA for {module}: a conv-shaped pair {tuple(a.shape)} on a linear layer")
+        layer = int(module.split(".")[3])  # text_model.encoder.layers.<N>.
+        width = int(b.shape[0] if module.endswith(".fc2") else a.shape[1])  # fc2: intermediate -> hidden
+        reason = ""
+        if layer >= n:
+            reason = f"its text encoder has more than {n} layers (layer {layer}), SD1.x's {n}"
+        elif width > SD1_CROSS_ATTENTION_WIDTH:
+            reason = f"its text encoder is {width} wide, SD1.x's {SD1_CROSS_ATTENTION_WIDTH}"
+        if reason:
+            raise ConversionError(f"made for another base model (SD2?), not SD1.x: {reason} ({module})")
 
 
 def read_lora(path: Path, scope: LoraScope) -> LoraWeights:

@@ -21,6 +21,10 @@ format real users have, so that the backend's loaders and key converters
                                          kohya LoRA on every linear and conv layer of the UNet's
                                          blocks (AnimateLCM's spatial LoRA and LCM-LoRA are so made),
                                          with per-layer ranks and alphas as a LoCon has them
+    adapter/watercolor_style_lora.safetensors
+                                         kohya style LoRA as sd-scripts trains one by default: the
+                                         UNet's transformer layers and the CLIP text encoder's
+                                         (`lora_te_...`) attention and MLP layers
     zoo.json                             manifest: files with size and sha256
     .zoo-marker                          version + config hash; a rebuild happens only when it differs
 
@@ -49,7 +53,7 @@ from . import tiny
 
 log = logging.getLogger(__name__)
 
-ZOO_VERSION = "3"
+ZOO_VERSION = "4"
 MARKER = ".zoo-marker"
 MANIFEST = "zoo.json"
 
@@ -68,6 +72,10 @@ PEFT_LORA_ALPHA = 2  # of lora/zoom-in-peft: scale alpha / rank = 0.5
 KOHYA_LINEAR_ALPHA = 2  # of the kohya adapter's linear layers (rank LORA_RANK): scale 0.5
 KOHYA_CONV_RANK, KOHYA_CONV_ALPHA = 2, 1.5  # of its conv layers: scale 0.75
 KOHYA_ADAPTER = "adapter/AnimateLCM_sd15_t2v_lora.safetensors"
+# Sorts after v3_sd15_adapter.ckpt, which stays the registry's default adapter.
+KOHYA_STYLE_ADAPTER = "adapter/watercolor_style_lora.safetensors"
+KOHYA_STYLE_UNET_ALPHA = 2  # of its UNet layers (rank LORA_RANK): scale 0.5
+KOHYA_STYLE_TE_ALPHA = LORA_RANK  # of its text-encoder layers: scale 1
 DIFFUSERS_VERSION = "0.42.1"
 
 # Top-level entries this module owns inside dest (only these are removed on rebuild).
@@ -86,6 +94,7 @@ _OWNED = (
     "lora/zoom-in-peft",
     "adapter/v3_sd15_adapter.ckpt",
     KOHYA_ADAPTER,
+    KOHYA_STYLE_ADAPTER,
     MANIFEST,
 )
 
@@ -377,6 +386,13 @@ KOHYA_SPATIAL_TARGETS = re.compile(
     r"transformer_blocks\.\d+\.(?:attn[12]\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2))"
     r"|resnets\.\d+\.(?:conv1|conv2|conv_shortcut|time_emb_proj)|(?:downsamplers|upsamplers)\.0\.conv)$"
 )
+# what sd-scripts' default LoRA (networks/lora.py) adapts: the linear and 1x1 conv layers of
+# the UNet's transformers, and of the CLIP text encoder's attention and MLP
+KOHYA_TRANSFORMER_TARGETS = re.compile(
+    r"\.attentions\.\d+\.(?:proj_in|proj_out|transformer_blocks\.\d+\.(?:attn[12]\.(?:to_q|to_k|to_v|to_out\.0)"
+    r"|ff\.net\.0\.proj|ff\.net\.2))$"
+)
+KOHYA_TEXT_ENCODER_TARGETS = re.compile(r"(?:^|\.)encoder\.layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])$")
 
 
 def _matching_modules(model: Any, pattern: re.Pattern[str]) -> list[str]:
@@ -425,7 +441,8 @@ def _save_ckpt(obj: Any, path: Path) -> None:
     torch.save(obj, str(path))
 
 
-def _build_base(dest: Path) -> tuple[Any, dict[str, Any]]:
+def _build_base(dest: Path) -> tuple[Any, Any]:
+    """The base model in both layouts; returns its UNet and text encoder."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -462,7 +479,7 @@ def _build_base(dest: Path) -> tuple[Any, dict[str, Any]]:
             (sidecar / sub).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(f, sidecar / sub / f.name)
     shutil.copyfile(folder / "model_index.json", sidecar / "model_index.json")
-    return unet, single
+    return unet, text_encoder
 
 
 def _model_index() -> dict[str, Any]:
@@ -616,25 +633,57 @@ def kohya_spatial_lora(unet: Any, seed: int) -> dict[str, Any]:
     for name, module in sorted(unet.named_modules()):
         if not KOHYA_SPATIAL_TARGETS.search(name):
             continue
-        w = module.weight
-        key = "lora_unet_" + name.replace(".", "_")
-        if w.ndim == 4:
-            rank, alpha = KOHYA_CONV_RANK, KOHYA_CONV_ALPHA
-            down = torch.randn((rank, w.shape[1], *w.shape[2:]), generator=gen) * 0.1
-            up = torch.randn((w.shape[0], rank, 1, 1), generator=gen) * 0.1
-        else:
-            rank, alpha = LORA_RANK, KOHYA_LINEAR_ALPHA
-            down = torch.randn((rank, w.shape[1]), generator=gen) * 0.1
-            up = torch.randn((w.shape[0], rank), generator=gen) * 0.1
-        out[f"{key}.lora_down.weight"] = down
-        out[f"{key}.lora_up.weight"] = up
-        out[f"{key}.alpha"] = torch.tensor(float(alpha))
+        conv = module.weight.ndim == 4
+        rank, alpha = (KOHYA_CONV_RANK, KOHYA_CONV_ALPHA) if conv else (LORA_RANK, KOHYA_LINEAR_ALPHA)
+        out.update(_kohya_layer("lora_unet_" + name.replace(".", "_"), module.weight, rank, alpha, gen))
+    return out
+
+
+def _kohya_layer(key: str, w: Any, rank: int, alpha: float, gen: Any) -> dict[str, Any]:
+    """One kohya layer (down, up, alpha) with random non-zero weights for the weight `w` of a
+    linear or conv layer (whose LoRA down is a conv of its kernel, up a 1x1 conv)."""
+    import torch
+
+    if w.ndim == 4:
+        down = torch.randn((rank, w.shape[1], *w.shape[2:]), generator=gen) * 0.1
+        up = torch.randn((w.shape[0], rank, 1, 1), generator=gen) * 0.1
+    else:
+        down = torch.randn((rank, w.shape[1]), generator=gen) * 0.1
+        up = torch.randn((w.shape[0], rank), generator=gen) * 0.1
+    return {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(float(alpha))}
+
+
+def kohya_text_encoder_key(module: str) -> str:
+    """kohya's key stem of a CLIPTextModel layer: `encoder.layers.0.mlp.fc1` (transformers >=
+    5.6, flattened) or `text_model.encoder.layers.0.mlp.fc1` -> `lora_te_text_model_encoder_layers_0_mlp_fc1`."""
+    return "lora_te_text_model_" + module.removeprefix("text_model.").replace(".", "_")
+
+
+def kohya_style_lora(unet: Any, text_encoder: Any, seed: int) -> dict[str, Any]:
+    """A kohya style LoRA as sd-scripts' default network trains one (most civitai LoRAs):
+    `lora_unet_` layers on the UNet's transformers and `lora_te_` layers on the CLIP text
+    encoder's attention and MLP, each with rank LORA_RANK and its part's alpha."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {}
+    for name, module in sorted(unet.named_modules()):
+        if KOHYA_TRANSFORMER_TARGETS.search(name):
+            key = "lora_unet_" + name.replace(".", "_")
+            out.update(_kohya_layer(key, module.weight, LORA_RANK, KOHYA_STYLE_UNET_ALPHA, gen))
+    for name, module in sorted(text_encoder.named_modules()):
+        if KOHYA_TEXT_ENCODER_TARGETS.search(name):
+            out.update(_kohya_layer(kohya_text_encoder_key(name), module.weight, LORA_RANK, KOHYA_STYLE_TE_ALPHA, gen))
     return out
 
 
 def _build_kohya_adapter(dest: Path, unet: Any) -> None:
     # Under the name AnimateLCM publishes its spatial LoRA, which the `lcm` preset adds.
     _save_safetensors(kohya_spatial_lora(unet, seed=210), dest / KOHYA_ADAPTER)
+
+
+def _build_kohya_style_adapter(dest: Path, unet: Any, text_encoder: Any) -> None:
+    _save_safetensors(kohya_style_lora(unet, text_encoder, seed=220), dest / KOHYA_STYLE_ADAPTER)
 
 
 def _iter_files(dest: Path) -> Iterable[Path]:
@@ -703,11 +752,12 @@ def _build(dest: Path, marker: Path, want: str) -> None:
 
     threads = torch.get_num_threads()
     try:
-        unet, _ = _build_base(dest)
+        unet, text_encoder = _build_base(dest)
         v2 = _build_motion(dest)
         _build_loras(dest, v2)
         _build_domain_adapter(dest, unet)
         _build_kohya_adapter(dest, unet)
+        _build_kohya_style_adapter(dest, unet, text_encoder)
     finally:
         torch.set_num_threads(threads)
     _write_manifest(dest)

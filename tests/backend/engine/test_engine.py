@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from copy import deepcopy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,130 @@ def test_lora_changes_output_sign_matters_and_never_leaks(engine: AnimateDiffEng
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     assert not any(isinstance(m, BaseTunerLayer) for m in engine._pipe.unet.modules())
+
+
+STYLE = "adapter:watercolor_style_lora.safetensors"  # the zoo's kohya style LoRA (UNet + text encoder)
+STYLE_UNET = "adapter:style_unet_only.safetensors"  # its UNet layers alone
+STYLE_TEXT = "adapter:style_text_only.safetensors"  # its text-encoder layers alone
+
+
+@pytest.fixture
+def style_models(zoo: Path, tmp_path: Path) -> Path:
+    """A models folder with the zoo's style LoRA and copies of it cut to one part."""
+    from safetensors.torch import load_file, save_file
+
+    from animatediff_blender.backend.models.zoo import KOHYA_STYLE_ADAPTER
+
+    models = tmp_path / "models"
+    shutil.copytree(zoo / "base/tiny-sd15", models / "base/tiny-sd15")
+    shutil.copytree(zoo / "motion/tiny-motion-adapter-v2", models / "motion/tiny-motion-adapter-v2")
+    (models / "adapter").mkdir()
+    shutil.copy2(zoo / KOHYA_STYLE_ADAPTER, models / KOHYA_STYLE_ADAPTER)
+    raw = load_file(zoo / KOHYA_STYLE_ADAPTER)
+    for model_id, prefix in ((STYLE_UNET, "lora_unet_"), (STYLE_TEXT, "lora_te_")):
+        part = {k: v for k, v in raw.items() if k.startswith(prefix)}
+        save_file(part, str(models / "adapter" / model_id.split(":", 1)[1]))
+    return models
+
+
+def test_a_style_lora_adapts_the_text_encoder_too_and_never_leaks(
+    style_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kohya style LoRA with `lora_te_` layers as the spatial LoRA: its text-encoder part
+    acts (frames differ from its UNet part alone, and its text-encoder part alone changes
+    them), both parts at the request's scale (0: the frames of no LoRA), verified on both
+    models; afterwards no peft layer or config is left, a plain job gives the frames of
+    before, and the prompt cache (off under the LoRA) serves plain jobs again."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    eng = AnimateDiffEngine(style_models, device="cpu")
+    scales: list[set[float]] = []
+    apply = eng._apply_loras
+
+    def recording(pipe: Any, jobs: Any) -> None:
+        apply(pipe, jobs)
+        scales.append({
+            s for model in (pipe.unet, pipe.text_encoder) for m in model.modules()
+            if isinstance(m, BaseTunerLayer) for s in m.scaling.values()
+        })  # fmt: skip
+
+    monkeypatch.setattr(eng, "_apply_loras", recording)
+
+    def run(model_id: str | None = None, scale: float = 1.0, **kw: Any) -> list[np.ndarray]:
+        job = request(domain_adapter=model_id, domain_adapter_scale=scale, **kw)
+        return list(eng.generate(job, no_progress, never).frames)
+
+    plain = run()
+    style, unet_only, text_only = run(STYLE), run(STYLE_UNET), run(STYLE_TEXT)
+    half, off = run(STYLE, 0.5), run(STYLE, 0.0)
+    after = run()
+    assert max_abs_diff(style, plain) > 0
+    assert max_abs_diff(style, unet_only) > 0  # (the prompt cache served no plain embeddings)
+    assert max_abs_diff(text_only, plain) > 0
+    assert max_abs_diff(half, style) > 0 and max_abs_diff(half, plain) > 0
+    assert scales[3:] == [{0.5}, {0.0}]  # set_adapters scales both models' layers
+    assert max_abs_diff(off, plain) == 0
+    assert max_abs_diff(after, plain) == 0
+    pipe = eng._pipe
+    assert not any(isinstance(m, BaseTunerLayer) for m in (*pipe.unet.modules(), *pipe.text_encoder.modules()))
+    assert not getattr(pipe.text_encoder, "peft_config", None)
+    run(prompt="a dog running in the snow")
+    assert any(key[0] == "a dog running in the snow" for key in pipe.__dict__["_adb_prompt_cache"])
+
+
+def test_a_style_lora_runs_beside_a_camera_motion_lora(zoo: Path) -> None:
+    """What artists do: a style LoRA (UNet + text encoder) and a camera MotionLoRA in one
+    job.  The MotionLoRA has no text-encoder layers, and setting both adapters' weights must
+    not fail on the model that lacks one; each changes the frames the other gives alone."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    eng = AnimateDiffEngine(zoo, device="cpu")
+
+    def run(**kw: Any) -> list[np.ndarray]:
+        return list(eng.generate(request(**kw), no_progress, never).frames)
+
+    zoom = [MotionLora(id=LORA_ZOOM, weight=1.0)]
+    both = run(domain_adapter=STYLE, motion_loras=zoom)
+    assert max_abs_diff(both, run(motion_loras=zoom)) > 0
+    assert max_abs_diff(both, run(domain_adapter=STYLE)) > 0
+    pipe = eng._pipe
+    assert not any(isinstance(m, BaseTunerLayer) for m in (*pipe.unet.modules(), *pipe.text_encoder.modules()))
+
+
+def test_lora_apply_proof_checks_the_text_encoder(style_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proof covers a style LoRA's text-encoder layers: a layer diffusers did not adapt,
+    or A/B matrices that are not the file's, fail the job; the pipeline is left clean."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from animatediff_blender.backend.engine.animatediff import _engine_pipeline_class
+    from animatediff_blender.backend.models import loading
+
+    eng = AnimateDiffEngine(style_models, device="cpu")
+    good = loading.load_domain_adapter(eng._entry(STYLE, "domain_adapter"))
+    unknown = replace(good, text_encoder_modules={*good.text_encoder_modules, "text_model.encoder.layers.1.mlp.fc3"})
+    monkeypatch.setattr(loading, "load_domain_adapter", lambda entry: unknown)
+
+    def fails(words: str) -> None:
+        eng._lora_cache.pop(STYLE, None)
+        with pytest.raises(EngineError) as info:
+            eng.generate(request(domain_adapter=STYLE), no_progress, never)
+        assert info.value.code == "model_error" and words in info.value.message, info.value.message
+        pipe = eng._pipe
+        assert not any(isinstance(m, BaseTunerLayer) for m in (*pipe.unet.modules(), *pipe.text_encoder.modules()))
+
+    fails("1 of its layers are not in the model (e.g. encoder.layers.1.mlp.fc3)")
+    monkeypatch.setattr(loading, "load_domain_adapter", lambda entry: good)
+    cls = _engine_pipeline_class()
+    load = cls.load_lora_weights
+
+    def altered(pipe: Any, state_dict: Any, adapter_name: str) -> None:  # one text-encoder matrix off
+        load(pipe, state_dict, adapter_name=adapter_name)
+        layer = next(m for m in pipe.text_encoder.modules() if isinstance(m, BaseTunerLayer)).lora_B[adapter_name]
+        # (a new tensor: transformers' load_adapter keeps the state dict's own tensors)
+        layer.weight = torch.nn.Parameter(layer.weight.detach() + 1)
+
+    monkeypatch.setattr(cls, "load_lora_weights", altered)
+    fails("did not load as read from the file")
 
 
 def test_lora_apply_proof_raises_when_keys_target_nothing(

@@ -282,8 +282,17 @@ def test_kohya_loras_it_cannot_apply_are_refused_in_words(tiny_zoo: Path) -> Non
 
     raw = load_file(tiny_zoo / zoo.KOHYA_ADAPTER)
     one = torch.zeros(4, 8)
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
     cases = {
-        "text encoder": {**raw, "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": one},
+        "made for SDXL": {**raw, "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": one},
+        "no layer of SD1.x's CLIP text encoder": {**raw, "lora_te_text_projection.lora_down.weight": one},
+        "more than 12 layers": {
+            f"{te.replace('_0_', '_12_')}.lora_down.weight": torch.zeros(4, 768),
+            f"{te.replace('_0_', '_12_')}.lora_up.weight": torch.zeros(768, 4),
+        },
+        "text encoder is 1024 wide": {
+            f"{te}.lora_down.weight": torch.zeros(4, 1024), f"{te}.lora_up.weight": torch.zeros(1024, 4)
+        },
         "LDM UNet": {"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": one},
         "LyCORIS": {**raw, "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": one},
         "not understood": {**raw, "lora_unet_down_blocks_0_attentions_0_norm.lora_down.weight": one},
@@ -317,6 +326,58 @@ def test_kohya_loras_it_cannot_apply_are_refused_in_words(tiny_zoo: Path) -> Non
                              "spatial")
     with pytest.raises(ConversionError, match="outside the motion attention layers"):
         convert.lora_to_peft(raw, "motion")
+    with pytest.raises(ConversionError, match="changes the text encoder.*MotionLoRA"):
+        convert.lora_to_peft({f"{te}.lora_down.weight": one, f"{te}.lora_up.weight": torch.zeros(8, 4)}, "motion")
+
+
+@pytest.mark.parametrize(
+    ("name", "module"),
+    [
+        ("text_model_encoder_layers_0_self_attn_q_proj", "text_model.encoder.layers.0.self_attn.q_proj"),
+        ("text_model_encoder_layers_11_self_attn_out_proj", "text_model.encoder.layers.11.self_attn.out_proj"),
+        ("text_model_encoder_layers_3_mlp_fc2", "text_model.encoder.layers.3.mlp.fc2"),
+        ("text_model_encoder_layers_3_layer_norm1", None),
+        ("text_model_embeddings_token_embedding", None),
+    ],
+)
+def test_kohya_names_of_the_sd15_text_encoder(name: str, module: str | None) -> None:
+    assert convert._kohya_te_module(name) == module
+
+
+def _text_encoder_targets(text_encoder: torch.nn.Module) -> set[str]:
+    """The zoo style LoRA's text-encoder modules, named as checkpoints name them."""
+    from animatediff_blender.backend.models import zoo
+
+    names = (n for n, _ in text_encoder.named_modules() if zoo.KOHYA_TEXT_ENCODER_TARGETS.search(n))
+    return {n if n.startswith("text_model.") else f"text_model.{n}" for n in names}
+
+
+def test_kohya_style_lora_keeps_its_text_encoder_layers(tiny_zoo: Path, base_folder: loading.BaseComponents) -> None:
+    """A style LoRA with `lora_te_` layers (most civitai LoRAs): its UNet layers as before,
+    its CLIP layers as `text_encoder.` peft keys (what diffusers routes to the text encoder),
+    each up matrix scaled by its layer's alpha / rank; both parts listed apart."""
+    from animatediff_blender.backend.models import zoo
+
+    raw = load_file(tiny_zoo / zoo.KOHYA_STYLE_ADAPTER)
+    lora = loading.load_domain_adapter(tiny_zoo / zoo.KOHYA_STYLE_ADAPTER)
+    assert (lora.source_format, lora.scope, lora.network_alpha, lora.rank) == ("kohya", "spatial", None, 4)
+    unet_names = {n for n, _ in base_folder.unet.named_modules()}
+    assert lora.target_modules == {n for n in unet_names if zoo.KOHYA_TRANSFORMER_TARGETS.search(n)}
+    assert lora.text_encoder_modules == _text_encoder_targets(base_folder.text_encoder)
+    assert len(lora.text_encoder_modules) == 6 * 2  # every projection of the tiny CLIP's 2 layers
+    assert {k.split(".", 1)[0] for k in lora.state_dict} == {"unet", "text_encoder"}
+    for module in lora.text_encoder_modules:
+        key = zoo.kohya_text_encoder_key(module)
+        down, up = raw[f"{key}.lora_down.weight"], raw[f"{key}.lora_up.weight"]
+        scale = float(raw[f"{key}.alpha"]) / down.shape[0]
+        assert torch.equal(lora.state_dict[f"text_encoder.{module}.lora_A.weight"], down)
+        torch.testing.assert_close(lora.state_dict[f"text_encoder.{module}.lora_B.weight"], up * scale)
+    unet_only = {k: v for k, v in raw.items() if k.startswith("lora_unet_")}
+    assert convert.lora_to_peft(unet_only, "spatial").text_encoder_modules == set()
+    # A LoRA of the text encoder alone is a spatial LoRA too (diffusers loads it; the UNet keeps none).
+    te_only = convert.lora_to_peft({k: v for k, v in raw.items() if k.startswith("lora_te_")}, "spatial")
+    assert te_only.target_modules == set() and te_only.text_encoder_modules == lora.text_encoder_modules
+    assert all(k.startswith("text_encoder.") for k in te_only.state_dict)
 
 
 def _v2_pipeline(tiny_zoo: Path, b: loading.BaseComponents) -> Any:
@@ -361,9 +422,25 @@ def test_loras_apply_through_diffusers(tiny_zoo: Path, base_folder: loading.Base
     pipe.load_lora_weights(domain.state_dict, adapter_name="domain")
     loading.verify_lora_applied(pipe.unet, domain, "domain")
     pipe.set_adapters(["zoom", "domain"], adapter_weights=[1.0, 1.0])
-    assert (run() - with_motion).abs().max() > 1e-3
+    with_domain = run()
+    assert (with_domain - with_motion).abs().max() > 1e-3
     with pytest.raises(ConversionError, match="not applied"):
         loading.verify_lora_applied(pipe.unet, motion, "never-loaded")
+
+    # A style LoRA's text-encoder layers land on the text encoder (flattened or not).
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from animatediff_blender.backend.models import zoo
+
+    style = loading.load_domain_adapter(tiny_zoo / zoo.KOHYA_STYLE_ADAPTER)
+    pipe.load_lora_weights(style.state_dict, adapter_name="style")
+    loading.verify_lora_applied(pipe.unet, style, "style")
+    adapted = {n for n, m in pipe.text_encoder.named_modules() if isinstance(m, BaseTunerLayer)}
+    assert _text_encoder_targets(pipe.text_encoder) == {
+        n if n.startswith("text_model.") else f"text_model.{n}" for n in adapted
+    }
+    pipe.set_adapters(["zoom", "domain", "style"], adapter_weights=[1.0, 1.0, 1.0])
+    assert (run() - with_domain).abs().max() > 1e-3
 
 
 def _save_peft_lora(path: Path, lora: convert.LoraWeights, config: dict[str, object] | None) -> None:
@@ -530,8 +607,8 @@ def test_unreadable_files(tmp_path: Path) -> None:
 
 
 def test_every_zoo_lora_loads(tiny_zoo: Path) -> None:
-    """All 8 camera MotionLoRAs (and the hub and peft copies, the v3 domain adapter and the
-    kohya LCM LoRA) through the loaders."""
+    """All 8 camera MotionLoRAs (and the hub and peft copies, the v3 domain adapter, the
+    kohya LCM LoRA and the kohya style LoRA) through the loaders."""
     from animatediff_blender.backend.models.registry import ModelRegistry
 
     reg = ModelRegistry(tiny_zoo)
@@ -542,7 +619,7 @@ def test_every_zoo_lora_loads(tiny_zoo: Path) -> None:
             loaded[entry.id] = loading.load_motion_lora(entry)
         elif entry.kind == "adapter":
             loaded[entry.id] = loading.load_domain_adapter(entry)
-    assert len(loaded) == 12
+    assert len(loaded) == 13
     zoom_in = loaded["lora:v2_lora_ZoomIn.ckpt"].state_dict
     for model_id, lora in loaded.items():
         assert lora.rank == 4 and all(v.abs().sum() > 0 for v in lora.state_dict.values()), model_id

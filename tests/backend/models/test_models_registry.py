@@ -46,6 +46,7 @@ def test_scan_lists_the_zoo(zoo_registry: ModelRegistry) -> None:
         "lora:motion-lora-zoom-in": ("lora", "diffusers", "v2"),
         "lora:zoom-in-peft": ("lora", "peft", "v2"),
         "adapter:v3_sd15_adapter.ckpt": ("adapter", "original", "v3"),
+        "adapter:watercolor_style_lora.safetensors": ("adapter", "kohya", "v3"),  # with text-encoder layers
     }
     for model_id, (kind, fmt, version) in expected.items():
         e = by_id[model_id]
@@ -569,6 +570,25 @@ def test_readers_get_the_last_scan_and_rescans_run_one_at_a_time(  # type: ignor
     assert {"lora:v2_lora_PanLeft.ckpt", "lora:v2_lora_TiltUp.ckpt"} <= ids
     cached = json.loads((models / registry_mod.CACHE_FILE).read_text())["entries"]
     assert {"lora/v2_lora_PanLeft.ckpt", "lora/v2_lora_TiltUp.ckpt"} <= set(cached)
+
+
+def test_a_style_lora_with_text_encoder_layers_is_a_spatial_lora(models_copy) -> None:  # type: ignore[no-untyped-def]
+    """A kohya style LoRA that also trains the text encoder is usable from adapter/ (and
+    dropped at the top level); in lora/ it is a spatial LoRA in the wrong folder."""
+    models = models_copy("adapter/watercolor_style_lora.safetensors")
+    style = models / "adapter/watercolor_style_lora.safetensors"
+    (models / "lora").mkdir()
+    shutil.copy(style, models / "lora/watercolor_style_lora.safetensors")
+    shutil.copy(style, models / "style_top.safetensors")
+    infos = {i.id: i for i in ModelRegistry(models).scan()}
+    adapter = infos["adapter:watercolor_style_lora.safetensors"]
+    assert adapter.ok and (adapter.format, adapter.version) == ("kohya", "v3"), adapter.error
+    assert adapter.label == "watercolor_style_lora (domain adapter)"
+    assert infos["lora:watercolor_style_lora.safetensors"].error == (
+        "not a MotionLoRA: it looks like a domain adapter (v3): move it to adapter/"
+    )
+    top = infos["adapter:style_top.safetensors"]
+    assert top.ok and top.format == "kohya", top.error
 
 
 def test_models_in_the_wrong_kind_folder_say_where_they_go(models_copy) -> None:  # type: ignore[no-untyped-def]

@@ -87,6 +87,8 @@ def test_layout_has_every_format(tiny_zoo: Path) -> None:
         "lora/motion-lora-zoom-in/diffusion_pytorch_model.safetensors",
         "lora/zoom-in-peft/pytorch_lora_weights.safetensors",
         "adapter/v3_sd15_adapter.ckpt",
+        zoo.KOHYA_ADAPTER,
+        zoo.KOHYA_STYLE_ADAPTER,
     ] + [f"lora/v2_lora_{m}.ckpt" for m in zoo.CAMERA_MOVES]
     for rel in expected:
         assert (tiny_zoo / rel).is_file(), rel
@@ -138,6 +140,11 @@ def test_original_key_names(tiny_zoo: Path) -> None:
     adapter = _keys(tiny_zoo / "adapter/v3_sd15_adapter.ckpt")
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight" in adapter
     assert any(k.startswith("mid_block.attentions.0.") for k in adapter)
+    # a kohya style LoRA: sd-scripts' names for the UNet's and the CLIP text encoder's layers
+    style = set(_keys(tiny_zoo / zoo.KOHYA_STYLE_ADAPTER))
+    for stem in ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
+                 "lora_te_text_model_encoder_layers_1_self_attn_out_proj", "lora_te_text_model_encoder_layers_0_mlp_fc2"):  # fmt: skip
+        assert {f"{stem}.lora_down.weight", f"{stem}.lora_up.weight", f"{stem}.alpha"} <= style, stem
 
     ldm = _keys(tiny_zoo / "base/tiny-sd15-ldm.safetensors")
     assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in ldm
