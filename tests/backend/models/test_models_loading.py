@@ -381,12 +381,16 @@ def test_kohya_style_lora_keeps_its_text_encoder_layers(tiny_zoo: Path, base_fol
 
 
 def _v2_pipeline(tiny_zoo: Path, b: loading.BaseComponents) -> Any:
-    """Stock AnimateDiffPipeline on the zoo's base and v2 motion module (diffusers applies LoRAs to it)."""
+    """Stock AnimateDiffPipeline on the zoo's base and v2 motion module (diffusers applies LoRAs to it).
+    The text encoder is a copy: a LoRA loaded into the pipeline goes into it in place, and `b`
+    is shared by the session's tests (the UNet is copied into a UNetMotionModel anyway)."""
+    import copy
+
     from diffusers import AnimateDiffPipeline, DDIMScheduler
 
     return AnimateDiffPipeline(
         vae=b.vae,
-        text_encoder=b.text_encoder,
+        text_encoder=copy.deepcopy(b.text_encoder),
         tokenizer=b.tokenizer,
         unet=b.unet,
         motion_adapter=loading.load_motion_adapter(tiny_zoo / "motion/mm_sd_v15_v2.ckpt"),
