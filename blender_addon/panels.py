@@ -105,6 +105,12 @@ class ADB_PT_sequencer(Panel):
         col.prop_search(s, "motion_module", lists, "motion", text="Motion")
         if not s.base_model or not s.motion_module:
             col.label(text="Empty: the backend's default", icon="INFO")
+        if s.domain_adapter or len(lists.adapter):
+            row = col.row(align=True)
+            row.prop_search(s, "domain_adapter", lists, "adapter", text="Spatial LoRA")
+            sub = row.row(align=True)
+            sub.active = bool(s.domain_adapter.strip())
+            sub.prop(s, "domain_adapter_scale", text="")
         col.prop(s, "preset")
         draw_preset_mismatch(col, s)
 

@@ -44,6 +44,7 @@ class ADB_ModelLists(PropertyGroup):
 
     base: CollectionProperty(type=ADB_ModelItem)  # type: ignore[valid-type]
     motion: CollectionProperty(type=ADB_ModelItem)  # type: ignore[valid-type]
+    adapter: CollectionProperty(type=ADB_ModelItem)  # type: ignore[valid-type]
 
 
 class ADB_CameraLora(PropertyGroup):
@@ -86,6 +87,14 @@ class ADB_Settings(PropertyGroup):
         name="Base model", description="Model id; empty: the backend's default")  # type: ignore[valid-type]
     motion_module: StringProperty(
         name="Motion module", description="Model id; empty: the backend's default")  # type: ignore[valid-type]
+    domain_adapter: StringProperty(
+        name="Spatial LoRA",
+        description="Model id of a LoRA on the image layers, from the backend's adapter folder: AnimateDiff "
+                    "v3's domain adapter, or a style LoRA (kohya / civitai, with its text-encoder layers); "
+                    "empty: none (LCM adds AnimateLCM's own)")  # type: ignore[valid-type]
+    domain_adapter_scale: FloatProperty(
+        name="Strength", default=1.0, min=0.0, max=2.0, soft_max=1.0,
+        description="Weight of the spatial LoRA (0: off)")  # type: ignore[valid-type]
     camera_loras: CollectionProperty(type=ADB_CameraLora)  # type: ignore[valid-type]
     extra_loras: CollectionProperty(type=ADB_ExtraLora)  # type: ignore[valid-type]
     # Off by default: AnimateDiff's motion modules are trained on 16 frames, and a new scene's
@@ -144,7 +153,7 @@ def sync_extra_loras(settings: Any) -> None:
 def fill_model_lists(wm: Any) -> None:
     """Copy the cached model list into the window manager's collections."""
     lists = wm.animatediff_models
-    for kind in ("base", "motion"):
+    for kind in ("base", "motion", "adapter"):
         coll = getattr(lists, kind)
         coll.clear()
         for info in STATE.models:

@@ -96,6 +96,8 @@ def plan_from_scene(scene: Any, **overrides: Any) -> Plan:
         "negative_prompt": s.negative_prompt,
         "base_model": s.base_model.strip() or None,
         "motion_module": s.motion_module.strip() or None,
+        "domain_adapter": s.domain_adapter.strip() or None,
+        "domain_adapter_scale": round(float(s.domain_adapter_scale), 4),
         "frames": frames,
         "width": width,
         "height": height,

@@ -40,6 +40,9 @@ def test_install_register_camera_unregister(bpy_python, addon_zips, tmp_path: Pa
     assert r["full_hd_scene_length"] == [680, 384, 24]
     assert plan["start_frame"] == 7 and plan["channel"] == 2
     assert plan["request"]["base_model"] is None and plan["request"]["motion_module"] is None
+    assert plan["request"]["domain_adapter"] is None  # none unless picked (LCM adds its own)
+    assert r["adapter_plan"] == ["adapter:watercolor.safetensors", 0.7]
+    assert r["adapter_list"] == ["adapter:watercolor.safetensors"]
     assert "empty" in r["empty_prompt_error"]
     assert r["override"] == {"camera": {"ZoomIn": 0.5}, "loras": [{"id": "lora:custom.safetensors", "weight": 0.3}],
                              "preset": "lightning"}
@@ -62,7 +65,8 @@ def test_install_register_camera_unregister(bpy_python, addon_zips, tmp_path: Pa
     assert whole == over_range and whole["ZoomIn"] == pytest.approx(0.8, abs=0.03), whole
     part, over_nine = r["match_frames"]
     assert part == over_nine and part["ZoomIn"] == pytest.approx(0.4, abs=0.05), part
-    for prop in ("prompt", "negative_prompt", "base_model", "motion_module", "preset", "seed", "channel",
+    for prop in ("prompt", "negative_prompt", "base_model", "motion_module", "domain_adapter",
+                 "domain_adapter_scale", "preset", "seed", "channel",
                  "address", "key_file", "timeout_s"):
         assert prop in r["drawn_props"], prop
     assert {"animatediff.generate", "animatediff.regenerate", "animatediff.match_camera",

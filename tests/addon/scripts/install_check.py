@@ -148,7 +148,8 @@ class Layout:
 
 state.models = [{"id": "base:a", "kind": "base", "label": "A", "ok": True},
                 {"id": "motion:v2", "kind": "motion", "label": "v2", "version": "v2", "ok": True},
-                {"id": "lora:style.safetensors", "kind": "lora", "label": "Style", "ok": True}]
+                {"id": "lora:style.safetensors", "kind": "lora", "label": "Style", "ok": True},
+                {"id": "adapter:watercolor.safetensors", "kind": "adapter", "label": "Watercolor", "ok": True}]
 state.defaults = {"base": "base:a", "motion": "motion:v2"}
 s.preset = "lightning"  # with no Lightning module on the backend: the panel warns
 c.sub("properties").fill_model_lists(bpy.context.window_manager)
@@ -170,6 +171,12 @@ for cls in (panels.ADB_PT_sequencer, panels.ADB_PT_view3d, c.sub("preferences").
 out["drawn_props"] = sorted({str(x[1]) for x in Layout.calls if x[0] in ("prop", "prop_search")})
 out["drawn_ops"] = sorted({str(x[1]) for x in Layout.calls if x[0] == "operator"})
 out["drawn_labels"] = [str(x[1]) for x in Layout.calls if x[0] == "label"]
+out["adapter_list"] = [x.name for x in bpy.context.window_manager.animatediff_models.adapter]
+# The panel's spatial LoRA and its strength go into the request.
+s.domain_adapter, s.domain_adapter_scale = "adapter:watercolor.safetensors", 0.7
+plan = st.plan_from_scene(scene)
+out["adapter_plan"] = [plan.request["domain_adapter"], plan.request["domain_adapter_scale"]]
+s.domain_adapter = ""
 s.preset = "quality"
 s.jobs.clear()
 
