@@ -570,7 +570,7 @@ def _scene():
     """A scene as plan_from_scene reads it: the panel's settings at their defaults."""
     from types import SimpleNamespace
 
-    panel = SimpleNamespace(prompt="a fox", negative_prompt="", base_model="", motion_module="", camera_loras=[],
+    panel = SimpleNamespace(prompt="a fox", negative_prompt="", base_model="", motion_module="", domain_adapter="", domain_adapter_scale=1.0, camera_loras=[],
                             extra_loras=[], use_scene_length=False, frames=16, use_render_size=True, width=512,
                             height=512, steps=0, guidance=0.0, seed=42, preset="quality", channel=2,
                             use_current_frame=True, start_frame=1)
