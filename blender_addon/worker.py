@@ -142,18 +142,12 @@ MODEL_FIELDS = {"base_model": "base", "motion_module": "motion", "domain_adapter
 
 
 def typed_model_id(value: Any, kind: str) -> Any:
-    """A model as a script or shot list names it -> its id: "Realistic Vision V5.1.safetensors"
-    -> "base:Realistic_Vision_V5.1.safetensors" (the id the backend lists the file under, as
-    `protocol.messages.model_id_name` makes it; a bare name takes the field's `kind`).  Ids
-    stay as they are; what is no string is left for the protocol's check to refuse."""
-    from .protocol.messages import model_id_name
+    """A model as a script or shot list names it -> its id, as the CLI maps it
+    (`protocol.messages.model_id`: "Realistic Vision V5.1.safetensors" -> the id the backend
+    lists the file under).  What is no string is left for the protocol's check to refuse."""
+    from .protocol.messages import model_id
 
-    if not isinstance(value, str) or not value:
-        return value
-    given, sep, name = value.partition(":")
-    if not sep:
-        given, name = kind, value
-    return f"{given}:{model_id_name(name) or name}"
+    return model_id(value, kind) if isinstance(value, str) and value else value
 
 
 def resolve_request(request: dict[str, Any], camera_motions: dict[str, float], models: Any) -> Any:

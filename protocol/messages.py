@@ -51,6 +51,17 @@ def model_id_name(file_name: str) -> str | None:
     return name
 
 
+def model_id(name: str, kind: str) -> str:
+    """A model as a person names it -> its id: "Realistic Vision V5.1.safetensors" ->
+    "base:Realistic_Vision_V5.1.safetensors" for `kind` "base" (`model_id_name`; a name
+    without a kind takes `kind`, one with a kind keeps it).  An id maps to itself; what
+    cannot become one is left for `MODEL_ID_PATTERN` to refuse."""
+    given, sep, rest = name.partition(":")
+    if not sep:
+        given, rest = kind, name
+    return f"{given}:{model_id_name(rest) or rest}"
+
+
 _HEX32 = r"[0-9a-f]{32}"  # a uuid4 hex
 # Patterns end in \Z, not $: `$` also matches before a final newline ("1.1\n", "artist\n").
 # The id patterns are also what the server, its job store and the key files check with `re`.

@@ -121,14 +121,9 @@ class UsageError(Exception):
 def _model_id(value: str | None, kind: str) -> str | None:
     """`ZoomIn.ckpt` -> `lora:ZoomIn.ckpt`; ids that already name a kind keep it.  A file
     name that is no id ("My Model.ckpt") becomes the id the registry lists it under."""
-    from animatediff_blender.protocol.messages import model_id_name
+    from animatediff_blender.protocol.messages import model_id
 
-    if value is None:
-        return None
-    given_kind, sep, name = value.partition(":")
-    if not sep:
-        given_kind, name = kind, value
-    return f"{given_kind}:{model_id_name(name) or name}"
+    return None if value is None else model_id(value, kind)
 
 
 _KINDS = ("base", "motion", "lora", "adapter")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 
 import pytest
@@ -472,3 +473,20 @@ def test_model_id_name_maps_file_names_artists_use(file_name: str, name: str | N
     assert got == name
     if got is not None:
         assert messages.model_id_name(got) == got  # an id maps to itself
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "expected"),
+    [
+        ("Realistic Vision V5.1.safetensors", "base", "base:Realistic_Vision_V5.1.safetensors"),
+        ("v2_lora_ZoomIn.ckpt", "lora", "lora:v2_lora_ZoomIn.ckpt"),  # a bare name takes `kind`
+        ("motion:Mein Modul.ckpt", "base", "motion:Mein_Modul.ckpt"),  # a given kind is kept
+        ("base:tiny-sd15", "base", "base:tiny-sd15"),  # an id maps to itself
+        ("模型.safetensors", "base", "base:模型.safetensors"),  # left for the pattern to refuse
+    ],
+)
+def test_model_id_maps_names_to_ids(name: str, kind: str, expected: str) -> None:
+    got = messages.model_id(name, kind)
+    assert got == expected
+    # what the protocol then accepts: every id but the one nothing could be made of
+    assert bool(re.match(messages.MODEL_ID_PATTERN, got)) == ("模型" not in got)
