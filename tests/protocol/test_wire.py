@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Callable
 
 import pytest
@@ -463,16 +464,28 @@ def test_good_model_ids_pass() -> None:
         ("Modèle (final).ckpt", "Modele_final.ckpt"),
         ("Straße Ærø Łódź.safetensors", "Strasse_AEro_Lodz.safetensors"),  # letters NFKD keeps
         ("模型 v2.safetensors", "v2.safetensors"),
-        ("模型.safetensors", None),  # nothing an id can hold: the registry says to rename it
+        ("模型.safetensors", "name-c98e118e0a43.safetensors"),  # no Latin letter: its digest
+        ("Модель.ckpt", "name-f3bdf7cce355.ckpt"),
+        ("(~).ckpt", None),  # nothing an id can hold: the registry says to rename it
         ("...ckpt", None),
         ("a" * 161, None),
     ],
 )
 def test_model_id_name_maps_file_names_artists_use(file_name: str, name: str | None) -> None:
+    # The digests are pinned on purpose: ids are saved in .blend files and shot lists.
     got = messages.model_id_name(file_name)
     assert got == name
     if got is not None:
         assert messages.model_id_name(got) == got  # an id maps to itself
+
+
+def test_a_name_in_another_script_has_one_id_on_every_system() -> None:
+    """macOS hands out file names decomposed (NFD), Linux and Windows composed (NFC)."""
+    for name in ("모델.safetensors", "Ελληνικά.ckpt", "モデル.safetensors"):
+        composed = messages.model_id_name(unicodedata.normalize("NFC", name))
+        assert composed is not None and composed.startswith("name-")
+        assert messages.model_id_name(unicodedata.normalize("NFD", name)) == composed
+    assert messages.model_id_name("模型.ckpt") != messages.model_id_name("模特.ckpt")
 
 
 @pytest.mark.parametrize(
@@ -482,11 +495,12 @@ def test_model_id_name_maps_file_names_artists_use(file_name: str, name: str | N
         ("v2_lora_ZoomIn.ckpt", "lora", "lora:v2_lora_ZoomIn.ckpt"),  # a bare name takes `kind`
         ("motion:Mein Modul.ckpt", "base", "motion:Mein_Modul.ckpt"),  # a given kind is kept
         ("base:tiny-sd15", "base", "base:tiny-sd15"),  # an id maps to itself
-        ("模型.safetensors", "base", "base:模型.safetensors"),  # left for the pattern to refuse
+        ("模型.safetensors", "lora", "lora:name-c98e118e0a43.safetensors"),
+        ("(~).ckpt", "base", "base:(~).ckpt"),  # left for the pattern to refuse
     ],
 )
 def test_model_id_maps_names_to_ids(name: str, kind: str, expected: str) -> None:
     got = messages.model_id(name, kind)
     assert got == expected
     # what the protocol then accepts: every id but the one nothing could be made of
-    assert bool(re.match(messages.MODEL_ID_PATTERN, got)) == ("模型" not in got)
+    assert bool(re.match(messages.MODEL_ID_PATTERN, got)) == ("(~)" not in got)

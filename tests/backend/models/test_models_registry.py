@@ -955,7 +955,7 @@ def test_files_that_cannot_be_used_are_not_hashed(models_copy, monkeypatch: pyte
     sd = load_file(models / "base/tiny-sd15-ldm.safetensors")
     save_file({**sd, "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(32)},
               str(models / "base/sd_xl_base_1.0.safetensors"))  # fmt: skip
-    shutil.copy(models / "base/tiny-sd15-ldm.safetensors", models / "base/模型.safetensors")
+    shutil.copy(models / "base/tiny-sd15-ldm.safetensors", models / "base/(~).safetensors")
     hashed: list[str] = []
     real = registry_mod.content_sha256
 
@@ -967,7 +967,7 @@ def test_files_that_cannot_be_used_are_not_hashed(models_copy, monkeypatch: pyte
     infos = {i.id: i for i in ModelRegistry(models).scan()}
     assert hashed == ["tiny-sd15-ldm.safetensors"]
     assert infos["base:tiny-sd15-ldm.safetensors"].ok and len(infos["base:tiny-sd15-ldm.safetensors"].sha256) == 64
-    for model_id in ("base:sd_xl_base_1.0.safetensors", "base:模型.safetensors"):
+    for model_id in ("base:sd_xl_base_1.0.safetensors", "base:(~).safetensors"):
         assert not infos[model_id].ok and infos[model_id].sha256 == "" and infos[model_id].size_bytes > 0
 
 
@@ -1035,6 +1035,28 @@ def test_files_named_as_artists_name_them_get_ids(models_copy) -> None:  # type:
     assert reg.get("base:Modele_Realiste_V5.1").path == models / "base/Modèle Réaliste V5.1"
 
 
+def test_files_named_in_other_scripts_get_ids_of_their_own(models_copy) -> None:  # type: ignore[no-untyped-def]
+    """A name with no Latin letter ("推近 镜头.ckpt", "Модель") was listed as broken: "rename
+    it".  It gets an id from its digest, its own name as the label, and loads; a script that
+    names the file finds the same id (`model_id`)."""
+    from animatediff_blender.backend.models import loading
+    from animatediff_blender.protocol.messages import model_id
+
+    models = models_copy("lora/v2_lora_ZoomIn.ckpt", "base/tiny-sd15")
+    (models / "lora/v2_lora_ZoomIn.ckpt").rename(models / "lora/推近 镜头.ckpt")
+    (models / "base/tiny-sd15").rename(models / "base/Модель")
+    reg = ModelRegistry(models)
+    infos = {i.id: i for i in reg.scan()}
+    lora_id, base_id = model_id("推近 镜头.ckpt", "lora"), model_id("Модель", "base")
+    assert set(infos) == {lora_id, base_id}
+    assert lora_id.startswith("lora:name-") and base_id.startswith("base:name-")
+    for info in infos.values():
+        assert re.fullmatch(MODEL_ID_PATTERN, info.id) and info.ok, info.error
+    assert infos[lora_id].label == "推近 镜头" and infos[base_id].label == "Модель"
+    assert loading.load_motion_lora(reg.get(lora_id, kind="lora", require_ok=True)).target_modules
+    assert reg.get(base_id).path == models / "base/Модель"
+
+
 def test_two_files_with_one_id_keep_both_listed(models_copy) -> None:  # type: ignore[no-untyped-def]
     """"my zoom.ckpt" beside "my_zoom.ckpt" would share an id: the file named as the id keeps
     it (whichever the scan meets first), the others are listed as broken under their own
@@ -1058,7 +1080,7 @@ def test_two_files_with_one_id_keep_both_listed(models_copy) -> None:  # type: i
 
 def test_names_with_nothing_an_id_can_hold_say_rename_it(models_copy) -> None:  # type: ignore[no-untyped-def]
     models = models_copy("lora/v2_lora_ZoomIn.ckpt")
-    for name in ("模型.ckpt", "(~).ckpt", "x" * 170 + ".ckpt"):
+    for name in ("—.ckpt", "(~).ckpt", "x" * 170 + ".ckpt"):
         shutil.copy(models / "lora/v2_lora_ZoomIn.ckpt", models / "lora" / name)
     broken = [i for i in ModelRegistry(models).scan() if not i.ok]
     assert len(broken) == 3
