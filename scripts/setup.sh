@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Idempotent developer set-up: the backend virtual environment (CPU torch pinned)
-# and two Blender-as-a-module environments (oldest LTS and newest 5.x) for the
-# add-on tests.  Re-running it only installs what is missing.
+# and Blender-as-a-module environments for the add-on tests: each LTS line and the
+# first and newest 5.x (4.2, 4.5, 5.0 on Python 3.11; 5.3 on Python 3.13).
+# Re-running it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BPY_OLD_VERSION="${BPY_OLD_VERSION:-4.2.23}"
 BPY_NEW_VERSION="${BPY_NEW_VERSION:-5.3.0}"
+# Between them: the other API steps of the Sequencer (sequencer_compat.py): `strips` beside
+# `sequences` (4.4 / 4.5 LTS), `sequences` gone and a Sequencer scene of its own (5.0).
+BPY_MIDDLE_VERSIONS="${BPY_MIDDLE_VERSIONS-45=4.5.15 50=5.0.1}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 
 find_python() {  # find_python 3.11 -> path of a working interpreter
@@ -39,22 +43,24 @@ if ! stamp_ok .venv "$want"; then
     echo "$want" > .venv/.setup-stamp
 fi
 
-# 2. Blender 4.2 LTS as a Python module (Python 3.11)
-if ! stamp_ok .venv-bpy42 "$BPY_OLD_VERSION"; then
-    echo "setup: Blender $BPY_OLD_VERSION module (.venv-bpy42)"
-    [ -x .venv-bpy42/bin/python ] || "$py311" -m venv .venv-bpy42
-    .venv-bpy42/bin/python -m pip install -q "bpy==$BPY_OLD_VERSION"
-    echo "$BPY_OLD_VERSION" > .venv-bpy42/.setup-stamp
-fi
+install_bpy() {  # install_bpy VENV VERSION PYTHON
+    if ! stamp_ok "$1" "$2"; then
+        echo "setup: Blender $2 module ($1)"
+        [ -x "$1/bin/python" ] || "$3" -m venv "$1"
+        "$1/bin/python" -m pip install -q "bpy==$2"
+        echo "$2" > "$1/.setup-stamp"
+    fi
+}
+
+# 2. Blender 4.2 LTS, then the middle versions, as Python modules (Python 3.11)
+install_bpy .venv-bpy42 "$BPY_OLD_VERSION" "$py311"
+for pair in $BPY_MIDDLE_VERSIONS; do
+    install_bpy ".venv-bpy${pair%%=*}" "${pair#*=}" "$py311"
+done
 
 # 3. newest Blender 5.x as a Python module (Python 3.13)
 if py313=$(find_python 3.13); then
-    if ! stamp_ok .venv-bpy5 "$BPY_NEW_VERSION"; then
-        echo "setup: Blender $BPY_NEW_VERSION module (.venv-bpy5)"
-        [ -x .venv-bpy5/bin/python ] || "$py313" -m venv .venv-bpy5
-        .venv-bpy5/bin/python -m pip install -q "bpy==$BPY_NEW_VERSION"
-        echo "$BPY_NEW_VERSION" > .venv-bpy5/.setup-stamp
-    fi
+    install_bpy .venv-bpy5 "$BPY_NEW_VERSION" "$py313"
 else
     echo "setup: no Python 3.13 found; the Blender 5.x add-on tests will fail (CI) or skip (locally)" >&2
 fi

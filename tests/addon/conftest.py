@@ -1,9 +1,11 @@
 """Add-on tests: real Blender (the PyPI `bpy` wheels) in subprocesses, each with a timeout.
 
 Interpreters: ANIMATEDIFF_BLENDER_BPY_PYTHONS="4.2=/path/to/python,5.3=/path/to/python"
-(comma- or os.pathsep-separated `label=python` pairs), else `.venv-bpy42/bin/python` and
-`.venv-bpy5/bin/python` in the repository root.  A missing interpreter fails the test
-under CI (CI set), and skips it locally.
+(comma- or os.pathsep-separated `label=python` pairs, oldest first), else those of
+scripts/setup.sh in the repository root: `.venv-bpy42` (4.2 LTS), `.venv-bpy45` (4.5 LTS),
+`.venv-bpy50` (5.0) and `.venv-bpy5` (the newest 5.x).  Tests of one Blender take the
+oldest or the newest; the others run on each.  A missing interpreter fails the test under CI
+(CI set), and skips it locally.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def _configured() -> list[tuple[str, Path]]:
                 label, path = item.split("=", 1)
                 out.append((label.strip(), Path(path.strip())))
         return out
-    return [("4.2", ROOT / ".venv-bpy42" / "bin" / "python"), ("5.3", ROOT / ".venv-bpy5" / "bin" / "python")]
+    return [(label, ROOT / venv / "bin" / "python")
+            for label, venv in (("4.2", ".venv-bpy42"), ("4.5", ".venv-bpy45"), ("5.0", ".venv-bpy50"), ("5.3", ".venv-bpy5"))]
 
 
 def _in_ci() -> bool:
