@@ -38,9 +38,10 @@ def model_id_name(file_name: str) -> str | None:
     where it fits `MODEL_ID_PATTERN`, else the name with its accents dropped and each run of
     other characters (spaces, brackets, other scripts) as one "_": artists' files are named
     "Realistic Vision V5.1.safetensors" and "Modèle (final).ckpt".  None where nothing
-    usable is left (no letter or digit before the suffix, over 160 characters).  A name in
-    scripts that leave no Latin letter ("模型.safetensors", "Модель.ckpt") gets "name-" and
-    12 hex digits of its digest: an id of its own, the same on every system (the panel
+    usable is left (no letter or digit before the suffix, over 160 characters).  Where
+    letters of other scripts were dropped, "-" and 12 hex digits of the name's digest follow
+    what is left, or "name" where nothing is ("模型 v2.safetensors" -> "v2-….safetensors",
+    "Модель.ckpt" -> "name-….ckpt"): an id of its own, the same on every system (the panel
     shows the registry's label, the name itself)."""
     if _ID_NAME_RX.match(file_name) and ".." not in file_name:
         return file_name
@@ -48,12 +49,14 @@ def model_id_name(file_name: str) -> str | None:
                      if not unicodedata.combining(c))
     dot = folded.rfind(".")
     stem, suffix = (folded[:dot], folded[dot:]) if dot > 0 else (folded, "")
+    other_script = any(c.isalnum() and not c.isascii() for c in stem)
     stem = re.sub(r"\.{2,}", ".", _ID_NAME_OTHER.sub("_", stem)).strip("._+-")
-    raw_dot = file_name.rfind(".")
-    raw_stem = file_name[:raw_dot] if raw_dot > 0 else file_name
-    if not stem and any(c.isalnum() for c in raw_stem):
-        # NFC: macOS hands out decomposed names, Linux and Windows composed ones.
-        stem = "name-" + hashlib.sha256(unicodedata.normalize("NFC", raw_stem).encode()).hexdigest()[:12]
+    if other_script:
+        # Letters an id cannot hold were dropped: the digest keeps "国风 v2" and "动漫 v2"
+        # apart.  NFC: macOS hands out decomposed names, Linux and Windows composed ones.
+        raw_dot = file_name.rfind(".")
+        raw_stem = unicodedata.normalize("NFC", file_name[:raw_dot] if raw_dot > 0 else file_name)
+        stem = f"{stem or 'name'}-{hashlib.sha256(raw_stem.encode()).hexdigest()[:12]}"
     name = stem + _ID_NAME_OTHER.sub("_", suffix)
     if not stem or not _ID_NAME_RX.match(name):
         return None

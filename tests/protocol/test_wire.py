@@ -463,8 +463,8 @@ def test_good_model_ids_pass() -> None:
         ("Realistic Vision V5.1.safetensors", "Realistic_Vision_V5.1.safetensors"),
         ("Modèle (final).ckpt", "Modele_final.ckpt"),
         ("Straße Ærø Łódź.safetensors", "Strasse_AEro_Lodz.safetensors"),  # letters NFKD keeps
-        ("模型 v2.safetensors", "v2.safetensors"),
-        ("模型.safetensors", "name-c98e118e0a43.safetensors"),  # no Latin letter: its digest
+        ("模型 v2.safetensors", "v2-7f68f0799e48.safetensors"),  # other scripts: + digest
+        ("模型.safetensors", "name-c98e118e0a43.safetensors"),  # nothing Latin left
         ("Модель.ckpt", "name-f3bdf7cce355.ckpt"),
         ("(~).ckpt", None),  # nothing an id can hold: the registry says to rename it
         ("...ckpt", None),
@@ -486,6 +486,7 @@ def test_a_name_in_another_script_has_one_id_on_every_system() -> None:
         assert composed is not None and composed.startswith("name-")
         assert messages.model_id_name(unicodedata.normalize("NFD", name)) == composed
     assert messages.model_id_name("模型.ckpt") != messages.model_id_name("模特.ckpt")
+    assert messages.model_id_name("国风 v2.ckpt") != messages.model_id_name("动漫 v2.ckpt")
 
 
 @pytest.mark.parametrize(
