@@ -11,7 +11,7 @@ import sys
 
 from animatediff_blender import __version__
 
-SUBCOMMANDS = ("serve", "generate", "models", "keys", "demo", "bench", "bench_server", "bench_report", "bench_attention")
+SUBCOMMANDS = ("serve", "generate", "queue", "models", "keys", "demo", "bench", "bench_server", "bench_report", "bench_attention")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ def client_config() -> dict[str, Any]:
     prefs = preferences()
     cfg: dict[str, Any] = {
         "address": "tcp://127.0.0.1:5557", "timeout_s": 10.0,
-        "client_name": f"blender {bpy.app.version_string}",
+        "client_name": f"blender {bpy.app.version_string}",  # + user@host (worker.client_config)
     }
     if prefs is not None:
         cfg["address"] = prefs.address.strip() or cfg["address"]

@@ -59,9 +59,11 @@ def make_client(config: dict[str, Any]) -> Any:
 def client_config(config: dict[str, Any]) -> Any:
     from pathlib import Path
 
-    from .protocol.client import ClientConfig
+    from .protocol.client import ClientConfig, client_name
 
     known = {k: v for k, v in config.items() if k in ClientConfig.__dataclass_fields__}
+    if known.get("client_name"):  # who runs it where: the backend's queue listing shows it
+        known["client_name"] = client_name(known["client_name"])
     for key in ("key_file", "server_public_key_file", "client_secret_key_file"):
         if known.get(key):
             known[key] = Path(known[key])

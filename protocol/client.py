@@ -50,7 +50,7 @@ from .messages import (
     Watch,
     Welcome,
 )
-from .version import PROTOCOL_VERSION
+from .version import PROTOCOL_VERSION, parse_version
 from .wire import ENVELOPE_FRAMES, MAX_REQUEST_BYTES, Header, Message, Session, WireError, split_routing
 
 __all__ = ["BackendClient", "ClientConfig", "ClientError", "Event", "JobResult", "EVENT_TYPES"]
@@ -63,6 +63,21 @@ _MAX_QUEUED_EVENTS = 4096
 
 T = TypeVar("T", bound=messages.Base)
 R = TypeVar("R")
+
+
+def client_name(program: str) -> str:
+    """`program` and who runs it where ("blender 4.5.15 anna@ws-12"): the name a hello
+    gives, which the server's queue listing shows to everyone sharing the backend."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no USER/LOGNAME and no password entry (a container)
+        user = ""
+    host = socket.gethostname().split(".")[0]
+    who = f"{user}@{host}" if user else host
+    return f"{program} {who}".strip()
 
 
 @dataclass
@@ -418,6 +433,23 @@ class BackendClient:
         """(Re)subscribe this connection to the events of these jobs."""
         self._ensure_connected()
         return self._call(Watch(job_ids=list(job_ids)), Statuses).statuses
+
+    def list_jobs(self) -> messages.JobList:
+        """The server's queue: the running job(s) first, then the waiting ones in the order it
+        will run them; other clients' jobs without their ids (protocol 1.2)."""
+        self._ensure_connected()
+        assert self.welcome is not None
+        try:
+            too_old = parse_version(self.welcome.protocol_version) < (1, 2)
+        except ValueError:
+            too_old = True
+        if too_old:
+            raise ClientError(
+                "unsupported",
+                f"this backend (server {self.welcome.server_version or '?'}, protocol "
+                f"{self.welcome.protocol_version or '?'}) cannot list its queue: update it (protocol 1.2)",
+            )
+        return self._call(messages.ListJobs(), messages.JobList)
 
     def ping(self) -> Pong:
         self._ensure_connected()

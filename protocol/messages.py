@@ -258,6 +258,35 @@ class Statuses(Base):
     statuses: list[JobStatus]
 
 
+class ListJobs(Base):
+    """client -> server (protocol 1.2): the jobs the server has now, the running one first,
+    then the waiting ones in the order the fair queue will run them.  Reply: `JobList`."""
+
+
+class QueuedJob(Base):
+    """One job of a `JobList`.  Of other clients' jobs only the shape is told (no id, tag or
+    prompt): who, how big, how far."""
+
+    position: int  # 0: running; 1, 2, ...: its turn, as things stand now
+    state: JobState  # "running" or "queued"
+    client: str  # who: the client's name from its hello ("blender 4.5.15 anna@ws-12"), else its id
+    mine: bool = False  # the asking client's own job
+    job_id: str = ""  # own jobs only
+    client_tag: str = ""  # own jobs only
+    frames: int = 0
+    width: int = 0
+    height: int = 0
+    step: int = 0
+    total_steps: int = 0
+    created_at: float = 0.0
+    started_at: float = 0.0
+
+
+class JobList(Base):
+    jobs: list[QueuedJob]
+    clients: int = 0  # how many clients have jobs in it
+
+
 class Fetch(Base):
     """client -> server: send the stored frames of a finished job.
     Reply: one or more `Frames` messages followed by `Finished`, or `Error`."""
@@ -355,6 +384,8 @@ MESSAGE_TYPES: dict[str, type[Base]] = {
     "watch": Watch,
     "statuses": Statuses,
     "fetch": Fetch,
+    "list_jobs": ListJobs,
+    "job_list": JobList,
     "ping": Ping,
     "pong": Pong,
     "progress": Progress,

@@ -7,7 +7,8 @@ different MINOR is accepted and unknown fields are ignored (fields were only add
 from __future__ import annotations
 
 # 1.1: `Submit.submit_id` (idempotent submits); a 1.0 server ignores it.
-PROTOCOL_VERSION = "1.1"
+# 1.2: `list_jobs` / `job_list` (the server's queue); a 1.1 server refuses it as bad_message.
+PROTOCOL_VERSION = "1.2"
 
 
 def parse_version(version: str) -> tuple[int, int]:

@@ -10,7 +10,12 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from animatediff_blender.backend.commands import nonempty_path
+from animatediff_blender.backend.commands import (
+    DEFAULT_ADDRESS,
+    add_connection_args,
+    connection_config,
+    nonempty_path,
+)
 
 if TYPE_CHECKING:
     from animatediff_blender.protocol.client import ClientConfig, JobResult
@@ -89,16 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="instead of submitting: wait for a job submitted earlier from this machine (e.g. "
         "when the connection was lost) and save its frames to --out",
     )
-    conn = p.add_argument_group("connection")
-    conn.add_argument(
-        "--address", default="tcp://127.0.0.1:5557", help="backend address (default: %(default)s)"
-    )
-    conn.add_argument("--key-file", type=Path, help="HMAC key file (default: <config dir>/hmac.key)")
-    conn.add_argument("--server-key", type=Path, help="CurveZMQ: the server's public .key file")
-    conn.add_argument("--client-secret", type=Path, help="CurveZMQ: this client's .key_secret file")
-    conn.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds to wait for each answer (default: %(default)s)"
-    )
+    conn = add_connection_args(p)
     conn.add_argument("--job-timeout", type=float, help="give up (and cancel) after this many seconds")
     conn.add_argument(
         "--give-up-after", type=float, default=120.0, metavar="SECONDS",
@@ -286,17 +282,7 @@ def prepare_out(out: Path) -> None:
 
 
 def client_config(args: argparse.Namespace) -> ClientConfig:
-    from animatediff_blender.protocol.client import ClientConfig
-
-    return ClientConfig(
-        address=args.address,
-        key_file=args.key_file,
-        server_public_key_file=args.server_key,
-        client_secret_key_file=args.client_secret,
-        timeout_s=args.timeout,
-        reconnect_give_up_s=args.give_up_after,
-        client_name="animatediff-blender generate",
-    )
+    return connection_config(args, "animatediff-blender generate", reconnect_give_up_s=args.give_up_after)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -369,7 +355,7 @@ def resume_command(args: argparse.Namespace, job_id: str) -> str:
     import shlex
 
     words = ["animatediff-blender", "generate", "--resume", job_id, "--out", str(args.out)]
-    if args.address != "tcp://127.0.0.1:5557":
+    if args.address != DEFAULT_ADDRESS:
         words += ["--address", args.address]
     for flag, value in (("--key-file", args.key_file), ("--server-key", args.server_key),
                         ("--client-secret", args.client_secret)):  # fmt: skip

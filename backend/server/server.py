@@ -106,6 +106,8 @@ RESTART_LOG_CLIENTS = 10
 # disk that hangs.  What is still stuck after that is left behind on daemon threads.
 SHUTDOWN_GRACE_S = 2.0
 STUCK_LOG_JOBS = 20  # jobs named in the line that says what a shutdown left behind
+MAX_CLIENT_NAME = 100  # characters of a hello's client name the queue listing shows
+MAX_CLIENT_NAMES = 4096  # client names kept for the queue listing (the longest unseen go first)
 
 
 @dataclasses.dataclass
@@ -156,6 +158,8 @@ class Server:
         self.queue: FairQueue[Job] = FairQueue(self.limits.max_queue, self.limits.max_jobs_per_client)
         self.live: dict[str, Job] = {}  # queued and running jobs
         self.running: Job | None = None
+        # client id -> the name its last hello gave, for the queue listing (newest last, bounded)
+        self._client_names: collections.OrderedDict[str, str] = collections.OrderedDict()
         self.warming_up = True
         self.endpoint = ""  # the bound address (with the real port when bound to :0 or *)
         self.refusals = 0  # messages refused (tests and metrics)
@@ -691,6 +695,8 @@ class Server:
     def _on_hello(self, identity: bytes, msg: Message, hello: messages.Hello) -> None:
         # The name is free text of any length: a megabyte of it must not become a log line.
         log.info("hello peer=%s client=%s name=%r", identity.hex(), hello.client_id, hello.client_name[:200])
+        if _CLIENT_ID.match(hello.client_id):
+            self._remember_name(hello.client_id, hello.client_name)
         self._reply(
             identity,
             msg,
@@ -717,6 +723,42 @@ class Server:
                 queued=len(self.queue),
             ),
         )
+
+    def _remember_name(self, client_id: str, name: str) -> None:
+        # Shown to other clients: printable characters only, one line, not a megabyte.
+        shown = " ".join("".join(c if c.isprintable() else " " for c in name[:MAX_CLIENT_NAME]).split())
+        self._client_names.pop(client_id, None)
+        self._client_names[client_id] = shown
+        while len(self._client_names) > MAX_CLIENT_NAMES:
+            self._client_names.popitem(last=False)
+
+    def _on_list_jobs(self, identity: bytes, msg: Message, req: messages.ListJobs) -> None:
+        asking = self._client_id(msg)
+        running = sorted((j for j in self.live.values() if j.state == "running"),
+                         key=lambda j: j is not self.running)  # the one on the device first
+        queued = [self.live[job_id] for job_id in self.queue.order() if job_id in self.live]
+        listed = []
+        for position, job in [(0, j) for j in running] + list(enumerate(queued, start=1)):
+            mine = job.client_id == asking
+            listed.append(
+                messages.QueuedJob(
+                    position=position,
+                    state="running" if position == 0 else "queued",
+                    client=self._client_names.get(job.client_id) or f"client {job.client_id[:8]}",
+                    mine=mine,
+                    job_id=job.job_id if mine else "",
+                    client_tag=job.client_tag if mine else "",
+                    frames=job.settings.frames,
+                    width=job.settings.width,
+                    height=job.settings.height,
+                    step=job.step,
+                    total_steps=job.total_steps or job.settings.steps or 0,
+                    created_at=job.created_at,
+                    started_at=job.started_at,
+                )
+            )
+        clients = len({j.client_id for j in running + queued})
+        self._reply(identity, msg, messages.JobList(jobs=listed, clients=clients))
 
     def _on_list_models(self, identity: bytes, msg: Message, req: messages.ListModels) -> None:
         if not req.rescan:
@@ -1022,6 +1064,7 @@ class Server:
         messages.Watch: _on_watch,
         messages.Cancel: _on_cancel,
         messages.Fetch: _on_fetch,
+        messages.ListJobs: _on_list_jobs,
     }
 
     # ------------------------------------------------------------------ shutdown

@@ -797,3 +797,13 @@ def test_refresh_asks_the_backend_to_read_its_models_folder_again() -> None:
         state = outbox.get_nowait()
         assert isinstance(state, m.ConnectionState) and state.connected
         assert ("still reading its models folder" in state.message) == fail
+
+
+def test_the_add_on_introduces_itself_with_who_runs_it_where(monkeypatch: pytest.MonkeyPatch) -> None:
+    import getpass
+    import socket
+
+    worker = addon_modules("worker")[0]
+    monkeypatch.setattr(getpass, "getuser", lambda: "anna")
+    config = worker.client_config({"address": "tcp://127.0.0.1:5557", "client_name": "blender 4.5.15", "extra": 1})
+    assert config.client_name == f"blender 4.5.15 anna@{socket.gethostname().split('.')[0]}"

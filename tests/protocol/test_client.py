@@ -467,3 +467,20 @@ def test_closed_client_says_so(fake) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ClientError) as info:
         client.connect()
     assert info.value.code == "connection" and "closed" in info.value.message
+
+
+def test_the_client_name_says_who_runs_it_where(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's queue listing shows it to everyone sharing the backend."""
+    import getpass
+
+    from animatediff_blender.protocol.client import client_name
+
+    host = socket.gethostname().split(".")[0]
+    monkeypatch.setattr(getpass, "getuser", lambda: "anna")
+    assert client_name("blender 4.5.15") == f"blender 4.5.15 anna@{host}"
+
+    def no_user() -> str:
+        raise OSError("No username set in the environment")
+
+    monkeypatch.setattr(getpass, "getuser", no_user)  # a container without USER or passwd entry
+    assert client_name("cli") == f"cli {host}"
