@@ -245,6 +245,9 @@ def apply(msg: Any) -> None:
             if wm is not None and hasattr(wm, "animatediff_models"):
                 fill_model_lists(wm)
         return
+    if isinstance(msg, m.QueueView):
+        STATE.queue_view = msg if msg.lines else None
+        return
     if isinstance(msg, m.TestResult):
         STATE.test_running = False
         STATE.test_message = ("OK: " if msg.ok else "Failed: ") + msg.message

@@ -165,3 +165,12 @@ class JobNote:
 
     job_id: str
     message: str
+
+
+@dataclass
+class QueueView:
+    """The backend's queue, while this add-on has jobs on it: a line per job, newest
+    state first ("now  anna@ws-12  16 frames 512x512  step 12/25"); empty when it has none."""
+
+    summary: str  # "1 running, 3 waiting, from 2 clients"
+    lines: list[str]

@@ -40,6 +40,13 @@ def draw_jobs(layout, scene, compact=False):
     header = box.row()
     header.label(text="Jobs")
     header.operator("animatediff.clear_jobs", text="", icon="TRASH")
+    view = STATE.queue_view
+    if view is not None and not compact and any(job.state == "queued" for job in s.jobs):
+        # Why a job waits: what the shared backend runs, and who is ahead.
+        queue_box = box.box().column(align=True)
+        queue_box.label(text=f"Backend queue: {view.summary}", icon="SORTTIME")
+        for line in view.lines:
+            queue_box.label(text=line)
     for job in shown_jobs(s.jobs, 3 if compact else 8):
         col = box.column(align=True)
         row = col.row(align=True)

@@ -30,6 +30,7 @@ class AddonState:
     # job id -> its last message (JobDone / JobFailed) when the scene of its row was gone (deleted
     # while the job ran): an undo that brings the scene back gets it applied then.
     job_orphans: dict[str, Any] = field(default_factory=dict)
+    queue_view: Any = None  # messages.QueueView: the backend's queue while our jobs are on it
     backend_process: Any = None  # auto-started local backend (subprocess.Popen)
     owed_folder: str = ""  # the extension's user folder: cancels owed at a quit (owed.py)
     # Workers stopped by a disable whose owed cancels no new worker has taken over yet: an

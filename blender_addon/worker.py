@@ -23,6 +23,8 @@ from . import messages as m
 
 POLL_S = 0.1  # how long one poll waits for an event
 SILENCE_CHECK_S = 4.0  # ask the backend for the job states after this long without events
+QUEUE_VIEW_S = 5.0  # how often the backend's queue is asked for while our jobs are on it
+QUEUE_VIEW_LINES = 8
 RECONNECT_MIN_S = 1.0
 RECONNECT_MAX_S = 15.0
 # ClientError codes that mean "the connection is bad", not "the request was refused".
@@ -186,6 +188,33 @@ def check_request(request: dict[str, Any], camera_motions: dict[str, float]) -> 
     return resolve_request(request, camera_motions, stand_ins)
 
 
+def queue_lines(listing: Any, limit: int = QUEUE_VIEW_LINES) -> tuple[str, list[str]]:
+    """A `JobList` as the panel shows it: a summary and a line per job ("now  anna@ws-12  16
+    frames 512x512  step 12/25", "2.  you  64 frames 680x384"); of a client name only its
+    user@host part where it has one ("blender 4.5.15 anna@ws-12")."""
+    jobs = list(_get(listing, "jobs", None) or [])
+    running = sum(1 for j in jobs if _get(j, "state") == "running")
+    clients = int(_get(listing, "clients", 0) or 0)
+    summary = f"{running} running, {len(jobs) - running} waiting"
+    if jobs:
+        summary += f", {clients} client{'' if clients == 1 else 's'}"
+    lines = []
+    for job in jobs[:limit]:
+        position = int(_get(job, "position", 0) or 0)
+        name = str(_get(job, "client", ""))
+        last = name.rsplit(" ", 1)[-1]
+        who = "you" if _get(job, "mine", False) else (last if "@" in last else name)[:40]
+        line = (f"{f'{position}.' if position else 'now'}  {who}  "
+                f"{_get(job, 'frames', 0)} frames {_get(job, 'width', 0)}x{_get(job, 'height', 0)}")  # fmt: skip
+        if _get(job, "state") == "running":
+            step, total = int(_get(job, "step", 0) or 0), int(_get(job, "total_steps", 0) or 0)
+            line += f"  step {step}/{total}" if 0 < total and step < total else "  saving" if total else "  starting"
+        lines.append(line)
+    if len(jobs) > limit:
+        lines.append(f"... and {len(jobs) - limit} more")
+    return summary, lines
+
+
 @dataclass
 class Track:
     out_root: str
@@ -261,6 +290,8 @@ class Worker(threading.Thread):
         self.next_connect = 0.0
         self.backoff = RECONNECT_MIN_S
         self.last_heard = time.monotonic()
+        self.next_queue_view = 0.0
+        self.queue_view_shown = False
         self.preview_dir = files.preview_folder()
         self._halt = threading.Event()
         self._in_hand: Any = None  # the command being carried out
@@ -290,6 +321,7 @@ class Worker(threading.Thread):
                     continue
                 try:
                     self._pump()
+                    self._queue_view()
                 except Exception as exc:  # noqa: BLE001 - the thread must outlive any bug or peer
                     self._lost(exc)
         finally:
@@ -718,6 +750,24 @@ class Worker(threading.Thread):
         except (OSError, ValueError) as exc:  # it lands where it is, and the job says why
             directory, note = done.directory, f"could not move it to {cmd.out_root}: {error_text(exc)}"
         self.outbox.put(dataclasses.replace(done, directory=directory, settled=True, note=note))
+
+    def _queue_view(self) -> None:
+        """The backend's queue for the panel, every QUEUE_VIEW_S while this add-on has jobs on
+        it, and once empty when it has none left (a backend older than protocol 1.2 cannot
+        list it: nothing is shown)."""
+        if not self.jobs:
+            if self.queue_view_shown:
+                self.queue_view_shown = False
+                self.outbox.put(m.QueueView("", []))
+            return
+        now = time.monotonic()
+        if now < self.next_queue_view or self.client is None:
+            return
+        self.next_queue_view = now + QUEUE_VIEW_S
+        listing = self._guard(lambda: self.client.list_jobs())
+        if listing is not None:
+            self.outbox.put(m.QueueView(*queue_lines(listing)))
+            self.queue_view_shown = True
 
     def _pump(self) -> None:
         from .protocol.client import ClientError

@@ -807,3 +807,79 @@ def test_the_add_on_introduces_itself_with_who_runs_it_where(monkeypatch: pytest
     monkeypatch.setattr(getpass, "getuser", lambda: "anna")
     config = worker.client_config({"address": "tcp://127.0.0.1:5557", "client_name": "blender 4.5.15", "extra": 1})
     assert config.client_name == f"blender 4.5.15 anna@{socket.gethostname().split('.')[0]}"
+
+
+def test_the_panel_s_queue_lines_say_who_is_ahead() -> None:
+    from animatediff_blender.protocol import messages as pm
+
+    worker, _m = _load_package()
+    listing = pm.JobList(
+        clients=2,
+        jobs=[
+            pm.QueuedJob(position=0, state="running", client="blender 4.5.15 anna@ws-12", frames=16, width=512,
+                         height=512, step=12, total_steps=25),
+            pm.QueuedJob(position=0, state="running", client="cli", frames=8, width=64, height=64, step=4, total_steps=4),
+            pm.QueuedJob(position=1, state="queued", client="render farm script", frames=64, width=680, height=384),
+            pm.QueuedJob(position=2, state="queued", client="blender 5.3.0 me@ws-1", mine=True, job_id="a" * 32,
+                         frames=16, width=512, height=512),
+        ],
+    )  # fmt: skip
+    summary, lines = worker.queue_lines(listing)
+    assert summary == "2 running, 2 waiting, 2 clients"
+    assert lines == [
+        "now  anna@ws-12  16 frames 512x512  step 12/25",
+        "now  cli  8 frames 64x64  saving",
+        "1.  render farm script  64 frames 680x384",
+        "2.  you  16 frames 512x512",
+    ]
+    summary, lines = worker.queue_lines(listing, limit=1)
+    assert lines[1:] == ["... and 3 more"]
+    assert worker.queue_lines(pm.JobList(jobs=[])) == ("0 running, 0 waiting", [])
+
+
+class _QueueClient(_FakeClient):
+    def __init__(self, calls: list[tuple[str, object]], listing) -> None:
+        super().__init__(True, calls)
+        self.listing = listing
+
+    def list_jobs(self):
+        self.calls.append(("list_jobs", None))
+        if isinstance(self.listing, Exception):
+            raise self.listing
+        return self.listing
+
+
+def test_the_worker_shows_the_backend_queue_while_it_has_jobs_on_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import queue
+
+    from animatediff_blender.protocol import messages as pm
+
+    worker, m = _load_package()
+    calls: list[tuple[str, object]] = []
+    listing = pm.JobList(clients=1, jobs=[pm.QueuedJob(position=0, state="running", client="x", frames=4,
+                                                       width=64, height=64, step=1, total_steps=3)])
+    client = _QueueClient(calls, listing)
+    monkeypatch.setattr(worker, "make_client", lambda cfg: client)
+    outbox: queue.Queue = queue.Queue()
+    w = worker.Worker(outbox, {"address": "tcp://gpu:5557"})
+    w._connect()
+    w._queue_view()  # no jobs of ours: the backend is not asked
+    assert ("list_jobs", None) not in calls
+    w._command(m.WatchJobs({JOB: str(tmp_path)}))
+    w._queue_view()
+    w._queue_view()  # within QUEUE_VIEW_S: asked once
+    assert calls.count(("list_jobs", None)) == 1
+    views = [x for x in _drain(outbox) if isinstance(x, m.QueueView)]
+    assert [(v.summary, v.lines) for v in views] == [("1 running, 0 waiting, 1 client", ["now  x  4 frames 64x64  step 1/3"])]
+    # A backend that cannot list its queue (older than protocol 1.2): nothing shown, connection kept.
+    client.listing = sys.modules["_adb_pkg.protocol.client"].ClientError("unsupported", "cannot list its queue")
+    w.next_queue_view = 0.0
+    w._queue_view()
+    assert w.client is client and not [x for x in _drain(outbox) if isinstance(x, m.QueueView)]
+    # Our last job gone: the view is cleared, once.
+    w.jobs.clear()
+    w._queue_view()
+    w._queue_view()
+    assert [(v.summary, v.lines) for v in _drain(outbox) if isinstance(v, m.QueueView)] == [("", [])]

@@ -35,6 +35,11 @@ def test_everyday_workflows(bpy_python, addon_zips, backend_factory, tmp_path: P
     positions = [x for x in listed["labels"] if x and "position" in x]
     assert positions and all(x.startswith("queued (position ") for x in positions), listed
     assert len(positions) == len(set(positions)), listed
+    # Above them, the backend's queue: whose jobs run and wait (all ours here).
+    assert "Backend queue: 1 running, 9 waiting, 1 client" in listed["labels"], listed
+    lines = listed["labels"][listed["labels"].index("Backend queue: 1 running, 9 waiting, 1 client") + 1:][:9]
+    assert lines[0].startswith("now  you  2 frames ") and lines[1].startswith("1.  you  2 frames "), lines
+    assert lines[8] == "... and 2 more", lines
     # The running take shows its step preview; once it ended, its preview is released (they
     # piled up for the whole session), and the take running then keeps its own.
     previews = r["previews"]

@@ -77,6 +77,8 @@ for i in range(10):
     assert bpy.ops.animatediff.generate() == {"FINISHED"}
 queued = [j.local_id for j in s.jobs][-10:]
 c.drain_until(lambda: all(jobs.find_job(x, "local_id")[1].job_id for x in queued), 60)
+# The backend's queue, above the rows: why they wait (the worker asks every 5 s).
+c.drain_until(lambda: state.queue_view is not None and "9 waiting" in state.queue_view.summary, 30)
 log = []
 panels.draw_jobs(Layout(log), scene)
 out["listed"] = {"cancel_buttons": [v for k, v in log if k == "local_id"], "queued": queued,
