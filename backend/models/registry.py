@@ -44,6 +44,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,6 +82,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("base", "motion", "lora", "adapter")
 CACHE_FILE = ".registry-cache.json"
+STALE_CACHE_TMP_S = 3600.0  # a cache write's temporary file older than this was abandoned
 # Cached detection results are only valid for the code that produced them.
 CACHE_VERSION = hashlib.sha256(
     b"".join(Path(m).read_bytes() for m in (__file__, Path(__file__).with_name("convert.py")))
@@ -713,6 +715,14 @@ class ModelRegistry:
 
     def _save_cache(self, entries: dict[str, Any]) -> None:
         tmp = self._cache_path().with_suffix(f".tmp{os.getpid()}")
+        # Left by a process that stopped mid-write (a shutdown does not wait for a rescan
+        # stuck on a hung disk); an hour old, no write is still going on.
+        for stale in self.models_dir.glob(f"{self._cache_path().stem}.tmp*"):
+            try:
+                if stale != tmp and time.time() - stale.stat().st_mtime > STALE_CACHE_TMP_S:
+                    stale.unlink()
+            except OSError:
+                pass
         try:
             tmp.write_text(
                 json.dumps(

@@ -8,6 +8,7 @@ import re
 import shutil
 import struct
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -1085,3 +1086,18 @@ def test_names_with_nothing_an_id_can_hold_say_rename_it(models_copy) -> None:  
     broken = [i for i in ModelRegistry(models).scan() if not i.ok]
     assert len(broken) == 3
     assert all("rename it" in i.error and i.sha256 == "" for i in broken)
+
+
+def test_a_cache_write_left_half_done_is_swept_later(models_copy) -> None:  # type: ignore[no-untyped-def]
+    """A shutdown does not wait for a rescan stuck on a hung disk: its temporary cache file
+    (`.registry-cache.tmp<pid>`) stayed in the models folder for good.  A later save removes
+    one that is an hour old; one that may still be written is left alone."""
+    models = models_copy("lora/v2_lora_ZoomIn.ckpt")
+    abandoned, recent = models / ".registry-cache.tmp4242", models / ".registry-cache.tmp4343"
+    for path in (abandoned, recent):
+        path.write_text('{"half": ')
+    old = time.time() - registry_mod.STALE_CACHE_TMP_S - 60
+    os.utime(abandoned, (old, old))
+    assert [i.id for i in ModelRegistry(models).scan()] == ["lora:v2_lora_ZoomIn.ckpt"]
+    assert not abandoned.exists() and recent.exists()
+    assert (models / registry_mod.CACHE_FILE).exists()
