@@ -16,8 +16,9 @@ The engine calls exactly these (each takes a `registry.RegistryEntry`, or a `Pat
   `pipe.load_lora_weights(lora.state_dict, adapter_name=...)`; the r / lora_alpha that
   diffusers' `save_lora_weights` keeps in a safetensors header set `network_alpha`.
 * `load_domain_adapter(entry) -> convert.LoraWeights` — the v3 domain adapter (spatial LoRA).
-* `verify_lora_applied(unet, lora, adapter_name)` — after `load_lora_weights`, raises unless
-  every target module received the adapter (diffusers ignores keys it does not map).
+* `verify_lora_applied(unet, lora, adapter_name, text_encoder=None)` — after
+  `load_lora_weights`, raises unless every target module (UNet, and text encoder when given)
+  received the adapter (diffusers ignores keys it does not map).
 
 Every loader reads local files only and raises `convert.ConversionError` (a `ValueError`)
 with the file name and reason on a file it cannot use completely: no silent partial loads.
@@ -457,21 +458,29 @@ def load_domain_adapter(entry: RegistryEntry | Path) -> LoraWeights:
     return _load_lora(entry, "spatial")
 
 
-def verify_lora_applied(unet: Any, lora: LoraWeights, adapter_name: str) -> None:
+def verify_lora_applied(unet: Any, lora: LoraWeights, adapter_name: str, text_encoder: Any = None) -> None:
     """Raise unless each of `lora.target_modules` in `unet` (the pipeline's UNetMotionModel)
-    carries a peft LoRA layer for `adapter_name`."""
+    carries a peft LoRA layer for `adapter_name`, and, given the `text_encoder`, each of
+    `lora.text_encoder_modules` in it (a style LoRA's CLIP layers)."""
     missing = []
-    for name in sorted(lora.target_modules):
-        try:
-            module = unet.get_submodule(name)
-        except AttributeError:
-            missing.append(name)
-            continue
+    wanted: list[tuple[Any, str, tuple[str, ...]]] = [(unet, name, (name,)) for name in sorted(lora.target_modules)]
+    if text_encoder is not None:
+        # "text_model.encoder...": CLIPTextModel nests it under text_model, or not (transformers 5)
+        wanted += [(text_encoder, name, (name, name.removeprefix("text_model.")))
+                   for name in sorted(lora.text_encoder_modules)]  # fmt: skip
+    for model, name, paths in wanted:
+        module = None
+        for path in paths:
+            try:
+                module = model.get_submodule(path)
+                break
+            except AttributeError:
+                continue
         lora_a = getattr(module, "lora_A", None)
         if lora_a is None or adapter_name not in lora_a:
             missing.append(name)
     if missing:
         raise ConversionError(
-            f"LoRA {adapter_name!r} was not applied to {len(missing)} of {len(lora.target_modules)} modules "
+            f"LoRA {adapter_name!r} was not applied to {len(missing)} of {len(wanted)} modules "
             f"(e.g. {missing[:3]})"
         )

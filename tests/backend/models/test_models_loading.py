@@ -3,6 +3,7 @@ same weights in different layouts giving identical tensors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -438,7 +439,11 @@ def test_loras_apply_through_diffusers(tiny_zoo: Path, base_folder: loading.Base
 
     style = loading.load_domain_adapter(tiny_zoo / zoo.KOHYA_STYLE_ADAPTER)
     pipe.load_lora_weights(style.state_dict, adapter_name="style")
-    loading.verify_lora_applied(pipe.unet, style, "style")
+    loading.verify_lora_applied(pipe.unet, style, "style", pipe.text_encoder)
+    assert style.text_encoder_modules
+    with pytest.raises(ConversionError, match="not applied"):  # "domain" has no text-encoder layers
+        loading.verify_lora_applied(pipe.unet, dataclasses.replace(domain, target_modules=set(),
+                                    text_encoder_modules=style.text_encoder_modules), "domain", pipe.text_encoder)
     adapted = {n for n, m in pipe.text_encoder.named_modules() if isinstance(m, BaseTunerLayer)}
     assert _text_encoder_targets(pipe.text_encoder) == {
         n if n.startswith("text_model.") else f"text_model.{n}" for n in adapted
