@@ -4,6 +4,7 @@ waiting ones in the order it will run them, whose each one is and how big."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -35,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
 
     from animatediff_blender.protocol.client import BackendClient, ClientError
 
-    if not args.timeout > 0:  # also NaN
-        print("error: --timeout must be a positive number of seconds", file=sys.stderr)
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        print(f"error: --timeout must be a positive number of seconds, not {args.timeout:g}", file=sys.stderr)
         return 2
     try:
         with BackendClient(connection_config(args, "animatediff-blender queue")) as client:

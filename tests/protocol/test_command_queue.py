@@ -69,7 +69,7 @@ def test_queue_says_when_no_backend_answers(capsys: pytest.CaptureFixture[str]) 
     assert err.startswith("error: No answer from backend at tcp://127.0.0.1:1")
 
 
-@pytest.mark.parametrize("timeout", ["0", "-1", "nan"])
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
 def test_queue_refuses_a_timeout_that_is_no_time(timeout: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["queue", "--timeout", timeout]) == 2
     assert "--timeout must be a positive number" in capsys.readouterr().err
