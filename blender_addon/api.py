@@ -156,6 +156,26 @@ def connect(**connection: Any) -> tuple[Any, Any]:
     return client, welcome
 
 
+def backend_queue(**connection: Any) -> dict[str, Any]:
+    """What the backend runs now and what waits, in the order it will run them:
+    {"clients": n, "jobs": [{"position": 0, "state": "running", "client": "blender 4.5.15
+    anna@ws-12", "mine": False, "job_id": "", "frames": 16, "width": 512, "height": 512,
+    "step": 12, "total_steps": 25, ...}, ...]} (other clients' jobs without id or tag), for a
+    batch script deciding when to send its shots.  AnimateDiffError when it cannot say."""
+    import msgspec
+
+    from .worker import error_text
+
+    client, _welcome = connect(**connection)
+    try:
+        listing = client.list_jobs()
+    except Exception as exc:  # noqa: BLE001
+        raise AnimateDiffError(f"the backend could not list its queue: {error_text(exc)}") from exc
+    finally:
+        client.close()
+    return msgspec.to_builtins(listing)
+
+
 def _request(plan: st.Plan, welcome: Any) -> Any:
     from .worker import resolve_request
 

@@ -132,3 +132,6 @@ def test_connection_overrides_as_used(addon_zips, backend_factory, tmp_path: Pat
                 (label, call, got)
             assert got["seconds"] < 2, (label, call, got)
     assert r["timeout_s_ok"]["result"].startswith("ok"), r["timeout_s_ok"]
+    queue = r["queue"]
+    assert queue["jobs"] == [[0, "running", True, True, 2]] and queue["clients"] == 1, queue
+    assert queue["bad_timeout"]["result"].startswith("AnimateDiffError: timeout_s must be"), queue

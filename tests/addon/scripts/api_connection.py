@@ -49,6 +49,13 @@ for label, value in {"inf": math.inf, "1e300": 1e300, "nan": math.nan, "601": 60
         "submit": outcome(lambda value=value: api.submit(scene, timeout_s=value, **shot) and None),
         "connect": outcome(lambda value=value: api.connect(timeout_s=value) and None),
     }
+# The backend's queue, for a script deciding when to send its shots: a job of ours waits there.
+job = api.submit(scene, prompt="queued !delay=0.5", frames=2, steps=4)
+listing = api.backend_queue()
+out["queue"] = {"jobs": [[j["position"], j["state"], j["mine"], j["job_id"] == job.job_id, j["frames"]]
+                         for j in listing["jobs"]], "clients": listing["clients"],
+                "bad_timeout": outcome(lambda: api.backend_queue(timeout_s=math.inf))}
+api.wait(job, timeout=60, on_event=lambda e: None)
 # Still accepted: a plain number of seconds.
 out["timeout_s_ok"] = outcome(lambda: api.generate(scene, timeout=60, on_event=lambda e: None, timeout_s=30, **shot))
 c.result(**out)
