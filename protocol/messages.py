@@ -24,6 +24,7 @@ import msgspec
 # folder name inside the server's models directory (no separators, no leading dot).
 MODEL_ID_PATTERN = r"^[a-z_]{1,16}:[A-Za-z0-9][A-Za-z0-9._+-]{0,159}\Z"
 ModelId = Annotated[str, msgspec.Meta(pattern=MODEL_ID_PATTERN, max_length=180)]
+_MAX_ID_NAME = 160  # characters of an id's name part (MODEL_ID_PATTERN)
 _ID_NAME_RX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,159}\Z")
 _ID_NAME_OTHER = re.compile(r"[^A-Za-z0-9._+-]+")
 # Latin letters that Unicode does not decompose into a base letter and an accent.
@@ -38,11 +39,11 @@ def model_id_name(file_name: str) -> str | None:
     where it fits `MODEL_ID_PATTERN`, else the name with its accents dropped and each run of
     other characters (spaces, brackets, other scripts) as one "_": artists' files are named
     "Realistic Vision V5.1.safetensors" and "Modèle (final).ckpt".  None where nothing
-    usable is left (no letter or digit before the suffix, over 160 characters).  Where
-    letters of other scripts were dropped, "-" and 12 hex digits of the name's digest follow
-    what is left, or "name" where nothing is ("模型 v2.safetensors" -> "v2-….safetensors",
-    "Модель.ckpt" -> "name-….ckpt"): an id of its own, the same on every system (the panel
-    shows the registry's label, the name itself)."""
+    usable is left (no letter or digit before the suffix).  Where letters of other scripts
+    were dropped, or the name is cut to 160 characters, "-" and 12 hex digits of the name's
+    digest follow what is left, or "name" where nothing is ("模型 v2.safetensors" ->
+    "v2-….safetensors", "Модель.ckpt" -> "name-….ckpt"): an id of its own, the same on
+    every system (the panel shows the registry's label, the name itself)."""
     if _ID_NAME_RX.match(file_name) and ".." not in file_name:
         return file_name
     folded = "".join(c for c in unicodedata.normalize("NFKD", file_name.translate(_LATIN_LETTERS))
@@ -51,13 +52,16 @@ def model_id_name(file_name: str) -> str | None:
     stem, suffix = (folded[:dot], folded[dot:]) if dot > 0 else (folded, "")
     other_script = any(c.isalnum() and not c.isascii() for c in stem)
     stem = re.sub(r"\.{2,}", ".", _ID_NAME_OTHER.sub("_", stem)).strip("._+-")
-    if other_script:
-        # Letters an id cannot hold were dropped: the digest keeps "国风 v2" and "动漫 v2"
-        # apart.  NFC: macOS hands out decomposed names, Linux and Windows composed ones.
+    suffix = _ID_NAME_OTHER.sub("_", suffix)
+    if other_script or (stem and len(stem) + len(suffix) > _MAX_ID_NAME):
+        # Letters an id cannot hold were dropped, or the name was cut to fit: the digest
+        # keeps "国风 v2" and "动漫 v2" (and two long names alike at the start) apart.
+        # NFC: macOS hands out decomposed names, Linux and Windows composed ones.
         raw_dot = file_name.rfind(".")
         raw_stem = unicodedata.normalize("NFC", file_name[:raw_dot] if raw_dot > 0 else file_name)
-        stem = f"{stem or 'name'}-{hashlib.sha256(raw_stem.encode()).hexdigest()[:12]}"
-    name = stem + _ID_NAME_OTHER.sub("_", suffix)
+        kept = stem[: max(0, _MAX_ID_NAME - len(suffix) - 13)].rstrip("._+-")
+        stem = f"{kept or 'name'}-{hashlib.sha256(raw_stem.encode()).hexdigest()[:12]}"
+    name = stem + suffix
     if not stem or not _ID_NAME_RX.match(name):
         return None
     return name

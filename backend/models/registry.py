@@ -854,7 +854,7 @@ class ModelRegistry:
             ok = False
             error = (
                 f"name {path.name!r} cannot be used as a model id (it needs a letter or digit before "
-                "its suffix, and at most 160 characters): rename it"
+                "its suffix): rename it"
             )
         return RegistryEntry(
             id=model_id,

@@ -468,7 +468,9 @@ def test_good_model_ids_pass() -> None:
         ("Модель.ckpt", "name-f3bdf7cce355.ckpt"),
         ("(~).ckpt", None),  # nothing an id can hold: the registry says to rename it
         ("...ckpt", None),
-        ("a" * 161, None),
+        ("a" * 161, "a" * 147 + "-1668eb4fad53"),  # cut to 160 with its digest
+        ("x" * 170 + ".ckpt", "x" * 142 + "-b150200a3a04.ckpt"),
+        ("a." + "b" * 200, None),  # an absurd suffix: nothing fits
     ],
 )
 def test_model_id_name_maps_file_names_artists_use(file_name: str, name: str | None) -> None:

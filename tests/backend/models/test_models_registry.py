@@ -1080,12 +1080,21 @@ def test_two_files_with_one_id_keep_both_listed(models_copy) -> None:  # type: i
 
 
 def test_names_with_nothing_an_id_can_hold_say_rename_it(models_copy) -> None:  # type: ignore[no-untyped-def]
+    """Only a name with no letter or digit before its suffix; a name too long for an id is
+    cut to fit, with its digest (it said "rename it" too)."""
+    from animatediff_blender.protocol.messages import model_id
+
     models = models_copy("lora/v2_lora_ZoomIn.ckpt")
-    for name in ("—.ckpt", "(~).ckpt", "x" * 170 + ".ckpt"):
+    long_name = "Cinematic Dolly Zoom " * 9 + "(v2).ckpt"
+    for name in ("—.ckpt", "(~).ckpt", "・・.ckpt", long_name):
         shutil.copy(models / "lora/v2_lora_ZoomIn.ckpt", models / "lora" / name)
-    broken = [i for i in ModelRegistry(models).scan() if not i.ok]
+    infos = ModelRegistry(models).scan()
+    broken = [i for i in infos if not i.ok]
     assert len(broken) == 3
     assert all("rename it" in i.error and i.sha256 == "" for i in broken)
+    [long_info] = [i for i in infos if i.id == model_id(long_name, "lora")]
+    assert long_info.ok and 150 < len(long_info.id) - len("lora:") <= 160 and long_info.id.endswith(".ckpt")
+    assert long_info.label == long_name.removesuffix(".ckpt")
 
 
 def test_a_cache_write_left_half_done_is_swept_later(models_copy) -> None:  # type: ignore[no-untyped-def]
