@@ -31,6 +31,17 @@ py311=$(find_python 3.11) || { echo "setup: Python 3.11 is required (backend and
 
 stamp_ok() { [ -f "$1/.setup-stamp" ] && [ "$(cat "$1/.setup-stamp")" = "$2" ]; }
 
+# A fresh set-up takes ~6.5 GB (torch ~2.5, each Blender ~1).  pip's own "No space left on
+# device" comes half-way through and names no number; say it first, in one line.
+NEED_FREE_MB="${NEED_FREE_MB:-7000}"
+if ! stamp_ok .venv-bpy42 "$BPY_OLD_VERSION"; then
+    free_mb=$(df -Pm . | awk 'NR == 2 { print $4 }')
+    if [ -n "$free_mb" ] && [ "$free_mb" -lt "$NEED_FREE_MB" ]; then
+        echo "setup: only ${free_mb} MB free on $(df -P . | awk 'NR == 2 { print $6 }'); a fresh set-up needs about ${NEED_FREE_MB} MB (NEED_FREE_MB=0 skips this check)" >&2
+        exit 1
+    fi
+fi
+
 # 1. backend + dev tools
 want="torch==$TORCH_VERSION $(sha256sum pyproject.toml | cut -c1-16)"
 if ! stamp_ok .venv "$want"; then
