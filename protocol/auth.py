@@ -11,6 +11,7 @@ The server refuses to listen on a non-loopback address without both (`is_loopbac
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -230,6 +231,28 @@ def _load_public(public_file: Path, what: str) -> bytes:
     except (OSError, ValueError) as exc:
         raise AuthError(f"cannot read {what} certificate {public_file}: {exc}") from None
     return public
+
+
+def allowed_client_names(allowed_dir: Path) -> dict[str, str]:
+    """Who each client certificate in `allowed_dir` is: its public key's fingerprint
+    (`key_fingerprint`) -> the file's name without `.key` (`anna.key` -> "anna").  A key
+    in two files takes the first name in sorted order; an unreadable file is left out (the
+    authenticator does not admit it either)."""
+    names: dict[str, str] = {}
+    for path in sorted(Path(allowed_dir).glob("*.key")):
+        try:
+            public, _ = zmq.auth.load_certificate(str(path))
+        except (OSError, ValueError):
+            continue
+        names.setdefault(key_fingerprint(public.decode("ascii")), path.stem)
+    return names
+
+
+def key_fingerprint(public_z85: str) -> str:
+    """A short, stable name for a CurveZMQ public key given in Z85, as libzmq reports a
+    message's `User-Id` (pyzmq's authenticator default): 96 bits of its SHA-256, enough
+    that no certificate can be made to match another's."""
+    return hashlib.sha256(public_z85.encode("ascii")).hexdigest()[:24]
 
 
 def configure_server_curve(

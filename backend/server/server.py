@@ -15,8 +15,11 @@ byte on an inproc PAIR socket; only the loop touches the ROUTER.
 Jobs belong to the `client_id` of the request's envelope header (stable per
 installation).  Only that client id can see (status/watch), cancel or fetch a job;
 any other gets "not_found", so job ids leak nothing.  The shared HMAC key is the
-authentication: a key holder can claim any client id, so ownership separates
-artists' work, it is not a security boundary between key holders.
+authentication: a key holder can claim any client id, so without CurveZMQ ownership
+separates artists' work, it is not a security boundary between key holders.  With
+CurveZMQ a job belongs to the client id *and* the certificate that sent it (libzmq
+tells each message's sender key), which no other certificate's holder can claim; the
+queue listing then names a job's client by its certificate's file name.
 
 Delivery: events go to the connections that watch a job (the submitting one
 automatically).  A vanished connection is dropped from the watchers
@@ -158,8 +161,14 @@ class Server:
         self.queue: FairQueue[Job] = FairQueue(self.limits.max_queue, self.limits.max_jobs_per_client)
         self.live: dict[str, Job] = {}  # queued and running jobs
         self.running: Job | None = None
-        # client id -> the name its last hello gave, for the queue listing (newest last, bounded)
+        # owner id (`_client_id`) -> the name its last hello gave, for the queue listing
+        # (newest last, bounded)
         self._client_names: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # CurveZMQ: key fingerprint -> its certificate's name in the allowed folder, and the
+        # fingerprint of the message being handled (None without CurveZMQ, "" if unknown).
+        # The loop handles one message at a time, so one attribute is enough.
+        self._certificate_names: dict[str, str] = {}
+        self._sender_key: str | None = None
         self.warming_up = True
         self.endpoint = ""  # the bound address (with the real port when bound to :0 or *)
         self.refusals = 0  # messages refused (tests and metrics)
@@ -255,6 +264,7 @@ class Server:
                     authenticator = auth.configure_server_curve(
                         sock, ctx, self.config.curve_secret, self.config.curve_allowed_dir
                     )
+                    self._certificate_names = auth.allowed_client_names(self.config.curve_allowed_dir)
                 sock.bind(self.config.bind)
                 self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
                 wake_addr = f"inproc://wake-{id(self)}"
@@ -373,9 +383,15 @@ class Server:
             if sock in ready:
                 for _ in range(MAX_RECV_PER_TURN):
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                        if self.config.curve:  # (frames, not bytes: they carry the sender's key)
+                            parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        else:
+                            frames = sock.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
+                    if self.config.curve:
+                        self._sender_key = _sender_key(parts[0])
+                        frames = [part.bytes for part in parts]
                     self._handle_frames(frames)
             self._dispatch()
             if time.monotonic() - self._last_prune > self.config.retention_interval_s:
@@ -677,6 +693,10 @@ class Server:
         handler(self, identity, msg, msg.content)
 
     def _client_id(self, msg: Message) -> str:
+        """Who owns what this message asks about: its header's client id, and with
+        CurveZMQ also the certificate that sent it (`<client id>#<key fingerprint>`), so
+        that a holder of another certificate cannot see, cancel or fetch the job by
+        claiming the same client id."""
         client_id = msg.header.client_id
         if not _CLIENT_ID.match(client_id):
             raise WireError(
@@ -685,7 +705,26 @@ class Server:
                 [messages.FieldError(field="$header.client_id", message="invalid client id")],
                 header=msg.header,
             )
-        return client_id
+        return self._owner(client_id, msg)
+
+    def _owner(self, client_id: str, msg: Message) -> str:
+        if self._sender_key is None:
+            return client_id
+        if not self._sender_key:
+            raise WireError(
+                "bad_message", "the backend could not tell which CurveZMQ certificate sent this", header=msg.header
+            )
+        return f"{client_id}#{self._sender_key}"
+
+    def _shown_name(self, owner: str) -> str:
+        """The queue listing's name for an owner id: with CurveZMQ its certificate's name
+        first (the part no client can claim), then what its hello said."""
+        claimed = self._client_names.get(owner, "")
+        client_id, _, key = owner.partition("#")
+        if not key:
+            return claimed or f"client {client_id[:8]}"
+        certificate = self._certificate_names.get(key, f"key {key[:8]}")
+        return f"{certificate}: {claimed}" if claimed else certificate
 
     def _reply(
         self, identity: bytes, msg: Message, content: messages.Base, buffers: list[bytes] | None = None
@@ -694,9 +733,13 @@ class Server:
 
     def _on_hello(self, identity: bytes, msg: Message, hello: messages.Hello) -> None:
         # The name is free text of any length: a megabyte of it must not become a log line.
-        log.info("hello peer=%s client=%s name=%r", identity.hex(), hello.client_id, hello.client_name[:200])
-        if _CLIENT_ID.match(hello.client_id):
-            self._remember_name(hello.client_id, hello.client_name)
+        certificate = ""
+        if self._sender_key:
+            certificate = f" certificate={self._certificate_names.get(self._sender_key, self._sender_key)}"
+        log.info("hello peer=%s client=%s%s name=%r", identity.hex(), hello.client_id, certificate,
+                 hello.client_name[:200])  # fmt: skip
+        if _CLIENT_ID.match(hello.client_id) and self._sender_key != "":
+            self._remember_name(self._owner(hello.client_id, msg), hello.client_name)
         self._reply(
             identity,
             msg,
@@ -744,7 +787,7 @@ class Server:
                 messages.QueuedJob(
                     position=position,
                     state="running" if position == 0 else "queued",
-                    client=self._client_names.get(job.client_id) or f"client {job.client_id[:8]}",
+                    client=self._shown_name(job.client_id),
                     mine=mine,
                     job_id=job.job_id if mine else "",
                     client_tag=job.client_tag if mine else "",
@@ -1153,6 +1196,16 @@ class Server:
             "that may be left incomplete (the next start marks any whose end is not stored as interrupted): %s",
             self.config.shutdown_timeout_s, "; ".join(dict.fromkeys(self._stuck)), ", ".join(jobs) or "none",
         )  # fmt: skip
+
+
+def _sender_key(frame: zmq.Frame) -> str:
+    """The fingerprint of the CurveZMQ certificate that sent `frame` ("" if libzmq does not
+    say: the message is refused rather than owned by nobody in particular)."""
+    try:
+        user_id = frame.get("User-Id")
+    except zmq.ZMQError:
+        return ""
+    return auth.key_fingerprint(user_id) if isinstance(user_id, str) and user_id else ""
 
 
 def _logval(value: object) -> str:

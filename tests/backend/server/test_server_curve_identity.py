@@ -1,0 +1,114 @@
+"""With CurveZMQ a job belongs to the certificate that sent it, not only to the client id
+its sender claims: every artist holds the studio's HMAC key, so a claimed id alone
+would let any of them see, cancel or fetch another's jobs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import zmq.auth
+from server_helpers import small_request, wait_for
+
+from animatediff_blender.backend.engine.fake import FakeEngine
+from animatediff_blender.backend.server.server import Server
+from animatediff_blender.protocol import auth, messages
+from animatediff_blender.protocol.client import BackendClient, ClientError
+
+pytestmark = pytest.mark.timeout(60)
+
+ClientFactory = Callable[..., BackendClient]
+SHARED_ID = "ws-12"  # what a client with another certificate claims
+
+
+@pytest.fixture
+def certificates(tmp_path: Path) -> dict[str, Path]:
+    """The server's key pair and two artists', both allowed (as `keys --curve` lays them out)."""
+    server_public, server_secret = auth.create_curve_certificates(tmp_path / "server", "server")
+    allowed = tmp_path / "allowed_clients"
+    allowed.mkdir()
+    paths = {"server_public": server_public, "server_secret": server_secret, "allowed": allowed}
+    for artist in ("anna", "bob"):
+        public, secret = auth.create_curve_certificates(tmp_path / artist, artist)
+        (allowed / f"{artist}.key").write_bytes(public.read_bytes())
+        paths[artist] = secret
+    return paths
+
+
+def start(make_server: Callable[..., Server], certs: dict[str, Path], data_dir: Path, **kw: object) -> Server:
+    return make_server(curve_secret=certs["server_secret"], curve_allowed_dir=certs["allowed"],
+                       data_dir=data_dir, **kw)  # fmt: skip
+
+
+def artist(make_client: ClientFactory, server: Server, certs: dict[str, Path], who: str, **kw: object) -> BackendClient:
+    return make_client(server, server_public_key_file=certs["server_public"], client_secret_key_file=certs[who], **kw)
+
+
+def test_another_certificate_cannot_reach_a_job_by_claiming_its_client_id(
+    make_server: Callable[..., Server], make_client: ClientFactory, certificates: dict[str, Path], tmp_path: Path
+) -> None:
+    server = start(make_server, certificates, tmp_path / "data", engine=FakeEngine(step_delay_s=0.05))
+    anna = artist(make_client, server, certificates, "anna", client_id=SHARED_ID, client_name="blender anna@ws-12")
+    bob = artist(make_client, server, certificates, "bob", client_id=SHARED_ID, client_name="blender anna@ws-12")
+    running = anna.submit(small_request(steps=60), client_tag="shot 10", submit_id="a" * 32)
+    wait_for(anna, running.job_id, (messages.Progress,))
+    waiting = anna.submit(small_request(prompt="second"))
+
+    # Bob claims anna's client id (and her name): he sees neither job as his...
+    for job_id in (running.job_id, waiting.job_id):
+        for ask in (bob.status, bob.cancel, bob.fetch):
+            with pytest.raises(ClientError) as info:
+                ask(job_id)
+            assert info.value.code == "not_found"
+        assert bob.watch([job_id])[0].error_code == "not_found"
+    # ...nor gets her job back by sending her submit id: he gets a job of his own.
+    his = bob.submit(small_request(prompt="bob's"), submit_id="a" * 32)
+    assert his.job_id not in (running.job_id, waiting.job_id)
+
+    # The listing names each job by its certificate, which no client can claim.
+    seen_by_bob = bob.list_jobs()
+    assert [(j.client, j.mine, j.job_id) for j in seen_by_bob.jobs] == [
+        ("anna: blender anna@ws-12", False, ""),
+        ("anna: blender anna@ws-12", False, ""),
+        ("bob: blender anna@ws-12", True, his.job_id),
+    ]
+    assert seen_by_bob.clients == 2
+    # Anna still owns hers: status, and a cancel that takes.
+    assert anna.status(waiting.job_id).state == "queued"
+    assert anna.cancel(waiting.job_id).state == "cancelled"
+    assert [j.job_id for j in anna.list_jobs().jobs if j.mine] == [running.job_id]
+
+
+def test_ownership_by_certificate_survives_a_restart(
+    make_server: Callable[..., Server], make_client: ClientFactory, certificates: dict[str, Path], tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    server = start(make_server, certificates, data)
+    anna = artist(make_client, server, certificates, "anna", client_id=SHARED_ID)
+    done = anna.run_job(small_request())
+    anna.close()
+    server.stop()
+
+    again = start(make_server, certificates, data)
+    anna = artist(make_client, again, certificates, "anna", client_id=SHARED_ID)
+    bob = artist(make_client, again, certificates, "bob", client_id=SHARED_ID)
+    assert anna.fetch(done.job_id).frames == done.frames and len(done.frames) == 4
+    with pytest.raises(ClientError) as info:
+        bob.fetch(done.job_id)
+    assert info.value.code == "not_found"
+
+
+def test_certificate_names_come_from_the_allowed_folder(tmp_path: Path, certificates: dict[str, Path]) -> None:
+    allowed = certificates["allowed"]
+    (allowed / "old-anna.key").write_bytes((allowed / "anna.key").read_bytes())  # one key, two files
+    (allowed / "broken.key").write_text("not a certificate")
+
+    def fingerprint(name: str) -> str:
+        public, _ = zmq.auth.load_certificate(str(allowed / f"{name}.key"))
+        return auth.key_fingerprint(public.decode("ascii"))
+
+    # One key in two files takes the first name in sorted order (anna < old-anna);
+    # a file that is no certificate is left out, as the authenticator leaves it out.
+    assert auth.allowed_client_names(allowed) == {fingerprint("anna"): "anna", fingerprint("bob"): "bob"}
+    assert fingerprint("anna") != fingerprint("bob") and len(fingerprint("anna")) == 24
