@@ -29,6 +29,7 @@ from .endpoints import is_loopback
 from .messages import CLIENT_ID_PATTERN
 
 __all__ = [
+    "AllowedClients",
     "AuthError",
     "config_dir",
     "configure_client_curve",
@@ -38,6 +39,7 @@ __all__ = [
     "default_client_id",
     "default_key_path",
     "is_loopback",
+    "key_fingerprint",
     "load_key",
 ]
 
@@ -211,12 +213,13 @@ def _load_keypair(secret_file: Path, what: str) -> tuple[bytes, bytes]:
 
 
 def check_server_curve(secret_file: Path, allowed_dir: Path) -> tuple[bytes, bytes]:
-    """The server's CurveZMQ key pair, once `allowed_dir` is known to hold client keys:
-    what `configure_server_curve` needs, checked before a server loads its engine."""
-    allowed_dir = Path(allowed_dir)
-    if not allowed_dir.is_dir() or not any(allowed_dir.glob("*.key")):
+    """The server's CurveZMQ key pair, once `allowed_dir` is known to hold a readable client
+    certificate: what `configure_server_curve` needs, checked before a server loads its engine."""
+    allowed = AllowedClients(allowed_dir)
+    if not allowed.names:
+        unreadable = f" (not certificates: {', '.join(allowed.unreadable)})" if allowed.unreadable else ""
         raise AuthError(
-            f"no client public keys in {allowed_dir}: copy each client's `.key` file there "
+            f"no client public keys in {allowed.folder}{unreadable}: copy each client's `.key` file there "
             "(created by `animatediff-blender keys --curve`)"
         )
     return _load_keypair(secret_file, "server")
@@ -233,19 +236,59 @@ def _load_public(public_file: Path, what: str) -> bytes:
     return public
 
 
-def allowed_client_names(allowed_dir: Path) -> dict[str, str]:
-    """Who each client certificate in `allowed_dir` is: its public key's fingerprint
-    (`key_fingerprint`) -> the file's name without `.key` (`anna.key` -> "anna").  A key
-    in two files takes the first name in sorted order; an unreadable file is left out (the
-    authenticator does not admit it either)."""
-    names: dict[str, str] = {}
-    for path in sorted(Path(allowed_dir).glob("*.key")):
+class AllowedClients:
+    """The client certificates a CurveZMQ server admits, read from a folder of `*.key` files:
+    the credentials provider of its authenticator (pyzmq asks `callback` at each new
+    connection).  A file that is no certificate is left out and named in `unreadable`; with
+    pyzmq's own folder loading, one such file (a half-copied key, a stray note) refused every
+    client.  `reload` reads the folder again when it changed, so certificates can be added
+    and taken away while the server runs."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        # key fingerprint (`key_fingerprint`) -> the file's name without `.key`
+        # ("anna.key" -> "anna"); a key in two files takes the first name in sorted order.
+        self.names: dict[str, str] = {}
+        self.unreadable: list[str] = []
+        self._keys: frozenset[bytes] = frozenset()  # Z85, as pyzmq passes them to `callback`
+        self._state: tuple[tuple[str, int, int], ...] | None = None
+        self.reload()
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self._keys
+
+    def reload(self) -> bool:
+        """Read the folder again if its `*.key` files changed (names, sizes, times); True if
+        they did.  A folder that cannot be read keeps what was read before (a network share's
+        blip must not lock the studio out) and returns False."""
+        state = self._folder_state()
+        if state is None or state == self._state:
+            return False
+        names: dict[str, str] = {}
+        keys: set[bytes] = set()
+        unreadable = []
+        for path in sorted(self.folder.glob("*.key")):
+            try:
+                public, _ = zmq.auth.load_certificate(str(path))
+            except (OSError, ValueError):
+                unreadable.append(path.name)
+                continue
+            keys.add(public)
+            names.setdefault(key_fingerprint(public.decode("ascii")), path.stem)
+        # Each attribute is replaced whole: the authenticator's thread and the server's loop
+        # read them while this runs elsewhere.
+        self._keys, self.names, self.unreadable, self._state = frozenset(keys), names, unreadable, state
+        return True
+
+    def _folder_state(self) -> tuple[tuple[str, int, int], ...] | None:
         try:
-            public, _ = zmq.auth.load_certificate(str(path))
-        except (OSError, ValueError):
-            continue
-        names.setdefault(key_fingerprint(public.decode("ascii")), path.stem)
-    return names
+            state = []
+            for path in self.folder.glob("*.key"):
+                info = path.stat()
+                state.append((path.name, info.st_size, info.st_mtime_ns))
+        except OSError:
+            return None
+        return tuple(sorted(state))
 
 
 def key_fingerprint(public_z85: str) -> str:
@@ -259,15 +302,17 @@ def configure_server_curve(
     socket: zmq.Socket,  # type: ignore[type-arg]
     context: zmq.Context,  # type: ignore[type-arg]
     secret_file: Path,
-    allowed_dir: Path,
+    allowed: Path | AllowedClients,
 ) -> ThreadAuthenticator:
     """Make `socket` a CurveZMQ server that admits only the client public keys found in
-    `allowed_dir` (`*.key` files).  Call before `bind`; stop the returned authenticator
-    when the socket closes."""
-    public, secret = check_server_curve(secret_file, allowed_dir)
+    the allowed folder (`*.key` files; an `AllowedClients` to reload it later).  Call
+    before `bind`; stop the returned authenticator when the socket closes."""
+    if not isinstance(allowed, AllowedClients):
+        allowed = AllowedClients(allowed)
+    public, secret = check_server_curve(secret_file, allowed.folder)
     auth = ThreadAuthenticator(context)
     auth.start()
-    auth.configure_curve(domain="*", location=str(Path(allowed_dir)))
+    auth.configure_curve_callback(domain="*", credentials_provider=allowed)
     socket.curve_secretkey = secret
     socket.curve_publickey = public
     socket.curve_server = True

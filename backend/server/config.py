@@ -43,6 +43,9 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     curve_secret: Path | None = None
     curve_allowed_dir: Path | None = None
+    # How often the allowed folder is looked at: client certificates added or removed there
+    # take effect without a restart (which would interrupt the running job).
+    curve_rescan_s: float = 5.0
     insecure: bool = False
     retention_hours: float = 72.0
     retention_max_bytes: int = 50 * 1024**3

@@ -164,11 +164,12 @@ class Server:
         # owner id (`_client_id`) -> the name its last hello gave, for the queue listing
         # (newest last, bounded)
         self._client_names: collections.OrderedDict[str, str] = collections.OrderedDict()
-        # CurveZMQ: key fingerprint -> its certificate's name in the allowed folder, and the
-        # fingerprint of the message being handled (None without CurveZMQ, "" if unknown).
-        # The loop handles one message at a time, so one attribute is enough.
-        self._certificate_names: dict[str, str] = {}
+        # CurveZMQ: the certificates admitted (reloaded every `curve_rescan_s`), and the key
+        # fingerprint of the message being handled (None without CurveZMQ, "" if libzmq did
+        # not say).  The loop handles one message at a time, so one attribute is enough.
+        self._allowed: auth.AllowedClients | None = None
         self._sender_key: str | None = None
+        self._last_allowed_check = 0.0
         self.warming_up = True
         self.endpoint = ""  # the bound address (with the real port when bound to :0 or *)
         self.refusals = 0  # messages refused (tests and metrics)
@@ -261,10 +262,10 @@ class Server:
                 self._configure(sock)
                 if self.config.curve:
                     assert self.config.curve_secret is not None and self.config.curve_allowed_dir is not None
-                    authenticator = auth.configure_server_curve(
-                        sock, ctx, self.config.curve_secret, self.config.curve_allowed_dir
-                    )
-                    self._certificate_names = auth.allowed_client_names(self.config.curve_allowed_dir)
+                    self._allowed = auth.AllowedClients(self.config.curve_allowed_dir)
+                    authenticator = auth.configure_server_curve(sock, ctx, self.config.curve_secret, self._allowed)
+                    self._report_unreadable_certificates()
+                    self._last_allowed_check = time.monotonic()
                 sock.bind(self.config.bind)
                 self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
                 wake_addr = f"inproc://wake-{id(self)}"
@@ -397,6 +398,39 @@ class Server:
             if time.monotonic() - self._last_prune > self.config.retention_interval_s:
                 self._last_prune = time.monotonic()
                 self._pool.submit(self._prune_safely)
+            if self.config.curve and time.monotonic() - self._last_allowed_check > self.config.curve_rescan_s:
+                self._last_allowed_check = time.monotonic()
+                self._pool.submit(self._reload_allowed_clients)  # (reads a folder: off the loop)
+
+    def _reload_allowed_clients(self) -> None:
+        """Admit the client certificates now in the allowed folder, and refuse messages from
+        those taken out of it, without a restart (which would interrupt the running job)."""
+        assert self._allowed is not None
+        before = self._allowed.names
+        try:
+            if not self._allowed.reload():
+                return
+        except Exception:
+            log.exception("reloading the allowed client certificates failed; keeping those read before")
+            return
+        names = self._allowed.names
+        added = sorted(set(names.values()) - set(before.values()))
+        removed = sorted(set(before.values()) - set(names.values()))
+        log.info(
+            "allowed client certificates: %d (added: %s; removed: %s)",
+            len(names), ", ".join(added) or "none", ", ".join(removed) or "none",
+        )  # fmt: skip
+        self._report_unreadable_certificates()
+        if not names:
+            log.warning("no client certificates left in %s: every client is refused", self._allowed.folder)
+
+    def _report_unreadable_certificates(self) -> None:
+        assert self._allowed is not None
+        if self._allowed.unreadable:
+            log.warning(
+                "not client certificates, left out: %s (in %s)",
+                ", ".join(self._allowed.unreadable[:20]), self._allowed.folder,
+            )  # fmt: skip
 
     def _prune_safely(self) -> None:
         try:
@@ -685,6 +719,15 @@ class Server:
             )
 
     def _handle(self, identity: bytes, msg: Message) -> None:
+        if self._allowed is not None and self._sender_key not in self._allowed.names:
+            # Its certificate was taken out of the allowed folder after it connected (libzmq
+            # checks certificates only when a connection is made), or libzmq did not say.
+            raise WireError(
+                "unauthorized",
+                "this client's CurveZMQ certificate is no longer allowed on the backend: ask whoever "
+                "runs it for a new one (`animatediff-blender keys --curve --client NAME`)",
+                header=msg.header,
+            )
         handler = self._handlers.get(type(msg.content))
         if handler is None:
             raise WireError(
@@ -705,16 +748,11 @@ class Server:
                 [messages.FieldError(field="$header.client_id", message="invalid client id")],
                 header=msg.header,
             )
-        return self._owner(client_id, msg)
+        return self._owner(client_id)
 
-    def _owner(self, client_id: str, msg: Message) -> str:
-        if self._sender_key is None:
-            return client_id
-        if not self._sender_key:
-            raise WireError(
-                "bad_message", "the backend could not tell which CurveZMQ certificate sent this", header=msg.header
-            )
-        return f"{client_id}#{self._sender_key}"
+    def _owner(self, client_id: str) -> str:
+        # (`_handle` refused messages without a known certificate)
+        return client_id if self._sender_key is None else f"{client_id}#{self._sender_key}"
 
     def _shown_name(self, owner: str) -> str:
         """The queue listing's name for an owner id: with CurveZMQ its certificate's name
@@ -723,7 +761,8 @@ class Server:
         client_id, _, key = owner.partition("#")
         if not key:
             return claimed or f"client {client_id[:8]}"
-        certificate = self._certificate_names.get(key, f"key {key[:8]}")
+        names = self._allowed.names if self._allowed is not None else {}
+        certificate = names.get(key, f"key {key[:8]}")
         return f"{certificate}: {claimed}" if claimed else certificate
 
     def _reply(
@@ -734,12 +773,12 @@ class Server:
     def _on_hello(self, identity: bytes, msg: Message, hello: messages.Hello) -> None:
         # The name is free text of any length: a megabyte of it must not become a log line.
         certificate = ""
-        if self._sender_key:
-            certificate = f" certificate={self._certificate_names.get(self._sender_key, self._sender_key)}"
+        if self._allowed is not None and self._sender_key:
+            certificate = f" certificate={self._allowed.names.get(self._sender_key, self._sender_key)}"
         log.info("hello peer=%s client=%s%s name=%r", identity.hex(), hello.client_id, certificate,
                  hello.client_name[:200])  # fmt: skip
-        if _CLIENT_ID.match(hello.client_id) and self._sender_key != "":
-            self._remember_name(self._owner(hello.client_id, msg), hello.client_name)
+        if _CLIENT_ID.match(hello.client_id):
+            self._remember_name(self._owner(hello.client_id), hello.client_name)
         self._reply(
             identity,
             msg,

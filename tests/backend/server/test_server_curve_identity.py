@@ -4,6 +4,7 @@ would let any of them see, cancel or fetch another's jobs."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -109,6 +110,86 @@ def test_certificate_names_come_from_the_allowed_folder(tmp_path: Path, certific
         return auth.key_fingerprint(public.decode("ascii"))
 
     # One key in two files takes the first name in sorted order (anna < old-anna);
-    # a file that is no certificate is left out, as the authenticator leaves it out.
-    assert auth.allowed_client_names(allowed) == {fingerprint("anna"): "anna", fingerprint("bob"): "bob"}
+    # a file that is no certificate is left out, and named.
+    clients = auth.AllowedClients(allowed)
+    assert clients.names == {fingerprint("anna"): "anna", fingerprint("bob"): "bob"}
+    assert clients.unreadable == ["broken.key"]
     assert fingerprint("anna") != fingerprint("bob") and len(fingerprint("anna")) == 24
+    assert not clients.reload()  # nothing changed: not read again
+    (allowed / "bob.key").unlink()
+    assert clients.reload() and list(clients.names.values()) == ["anna"]
+
+
+def test_a_file_that_is_no_certificate_does_not_lock_everyone_out(
+    make_server: Callable[..., Server], make_client: ClientFactory, certificates: dict[str, Path],
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """pyzmq's own folder loading gave up on the whole folder at one bad file (a half-copied
+    key, a note left there): every client was refused, and each saw only a timeout."""
+    (certificates["allowed"] / "carl.key").write_text("half a cert")
+    server = start(make_server, certificates, tmp_path / "data")
+    anna = artist(make_client, server, certificates, "anna", client_id="anna-ws")
+    assert anna.ping().queued == 0
+    assert "not client certificates, left out: carl.key" in caplog.text
+    for good in ("anna.key", "bob.key"):
+        (certificates["allowed"] / good).unlink()
+    with pytest.raises(auth.AuthError, match=r"no client public keys .*\(not certificates: carl.key\)"):
+        auth.check_server_curve(certificates["server_secret"], certificates["allowed"])
+
+
+def eventually(check: Callable[[], bool], timeout_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_certificates_added_or_removed_take_effect_without_a_restart(
+    make_server: Callable[..., Server], make_client: ClientFactory, certificates: dict[str, Path], tmp_path: Path
+) -> None:
+    """A studio gives a new artist a certificate, or takes one away, while the backend runs
+    a job: no restart (which would interrupt it)."""
+    allowed = certificates["allowed"]
+    bob_public = (allowed / "bob.key").read_bytes()
+    (allowed / "bob.key").unlink()
+    server = start(make_server, certificates, tmp_path / "data", curve_rescan_s=0.2,
+                   engine=FakeEngine(step_delay_s=0.05))  # fmt: skip
+    anna = artist(make_client, server, certificates, "anna", client_id="anna-ws")
+    running = anna.submit(small_request(steps=100))
+
+    def bob_answered() -> bool:  # a fresh connection each time: the handshake is what is refused
+        bob = artist(make_client, server, certificates, "bob", client_id="bob-ws", timeout_s=0.5)
+        try:
+            bob.ping()
+            return True
+        except ClientError as exc:
+            assert exc.code == "timeout"
+            return False
+        finally:
+            bob.close()
+
+    assert not bob_answered()
+    (allowed / "bob.key").write_bytes(bob_public)
+    assert eventually(bob_answered)
+    bob = artist(make_client, server, certificates, "bob", client_id="bob-ws", client_name="blender bob@ws-3")
+    bob.submit(small_request(prompt="bob's"))
+    assert [j.client for j in bob.list_jobs().jobs] == ["anna", "bob: blender bob@ws-3"]
+
+    # Taken away: anna's open connection is refused from then on, message by message.
+    (allowed / "anna.key").unlink()
+
+    def anna_refused() -> bool:
+        try:
+            anna.ping()
+            return False
+        except ClientError as exc:
+            assert exc.code == "unauthorized" and "no longer allowed" in exc.message
+            return True
+
+    assert eventually(anna_refused)
+    with pytest.raises(ClientError, match="no longer allowed"):
+        anna.cancel(running.job_id)
+    assert server.running is not None and server.running.job_id == running.job_id  # never interrupted
+    assert bob.ping().running_job == running.job_id
