@@ -28,7 +28,8 @@ QUEUE_VIEW_LINES = 8
 RECONNECT_MIN_S = 1.0
 RECONNECT_MAX_S = 15.0
 # ClientError codes that mean "the connection is bad", not "the request was refused".
-CONNECTION_CODES = {"", "timeout", "connection", "protocol", "bad_signature", "corrupt", "version", "auth"}
+CONNECTION_CODES = {"", "timeout", "connection", "protocol", "bad_signature", "corrupt", "version", "auth",
+                    "unauthorized"}  # (a CurveZMQ certificate taken away while connected)
 # Of those, the ones after which a submit may have reached the backend without its answer
 # coming back: it is sent again (same submit id), not reported refused.
 RESEND_CODES = {"timeout", "connection"}
