@@ -679,7 +679,8 @@ class Worker(threading.Thread):
             else:
                 self._end(job_id, m.JobFailed(job_id, f"{code}: {msg}" if code else msg, state))
         elif state == "cancelled":
-            self._end(job_id, m.JobFailed(job_id, "cancelled", "cancelled"))
+            why = str(_get(st, "error", "") or "")
+            self._end(job_id, m.JobFailed(job_id, why if "(admin)" in why else "cancelled", "cancelled"))
         else:
             self.outbox.put(m.JobProgress(job_id, state, int(_get(st, "step", 0)), int(_get(st, "total_steps", 0)),
                                           queue_position=int(_get(st, "queue_position", -1))))
@@ -820,7 +821,8 @@ class Worker(threading.Thread):
         elif kind == "failed":
             self._end(job_id, m.JobFailed(job_id, f"{_get(content, 'code', 'failed')}: {_get(content, 'message', '')}"))
         elif kind == "cancelled":
-            self._end(job_id, m.JobFailed(job_id, "cancelled", "cancelled"))
+            by = str(_get(content, "by", "") or "")  # (an admin's cancel, protocol 1.3)
+            self._end(job_id, m.JobFailed(job_id, f"cancelled by {by} (admin)" if by else "cancelled", "cancelled"))
 
     def _write_preview(self, job_id: str, track: Track, step: int, data: bytes) -> str:
         if not bytes(data[:8]) == files.PNG_MAGIC:

@@ -158,6 +158,7 @@ class Welcome(Base):
     device: str = ""  # "cuda:0 NVIDIA H200", "cpu"
     warming_up: bool = False
     defaults: dict[str, str] = {}  # default model ids per kind: {"base": ..., "motion": ...}
+    admin: bool = False  # (1.3) this client's certificate may see and cancel every job
 
 
 class ListModels(Base):
@@ -275,8 +276,8 @@ class QueuedJob(Base):
     state: JobState  # "running" or "queued"
     client: str  # who: the client's name from its hello ("blender 4.5.15 anna@ws-12"), else its id
     mine: bool = False  # the asking client's own job
-    job_id: str = ""  # own jobs only
-    client_tag: str = ""  # own jobs only
+    job_id: str = ""  # own jobs only (every job's for an admin, 1.3)
+    client_tag: str = ""  # own jobs only (every job's for an admin, 1.3)
     frames: int = 0
     width: int = 0
     height: int = 0
@@ -357,6 +358,7 @@ class Failed(Base):
 
 class Cancelled(Base):
     job_id: str
+    by: str = ""  # (1.3) who cancelled it, when not its own client: an admin's certificate name
 
 
 class FieldError(Base):

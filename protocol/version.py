@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # 1.1: `Submit.submit_id` (idempotent submits); a 1.0 server ignores it.
 # 1.2: `list_jobs` / `job_list` (the server's queue); a 1.1 server refuses it as bad_message.
-PROTOCOL_VERSION = "1.2"
+PROTOCOL_VERSION = "1.3"
 
 
 def parse_version(version: str) -> tuple[int, int]:

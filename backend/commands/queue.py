@@ -1,10 +1,12 @@
 """`animatediff-blender queue`: what a shared backend is doing now: the running job, the
-waiting ones in the order it will run them, whose each one is and how big."""
+waiting ones in the order it will run them, whose each one is and how big; `--cancel` takes
+jobs out (one's own, or any job for an admin certificate's holder)."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -23,10 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Show what a running backend (`animatediff-blender serve`) is doing: the job on the GPU "
             "and the jobs waiting, in the order its fair queue will run them, with the client that "
             "sent each one (the artist's user@host), its size and progress.  Your own jobs are "
-            "marked and show their ids; other clients' jobs show no id, tag or prompt."
+            "marked and show their ids; other clients' jobs show no id, tag or prompt (to a client "
+            "whose certificate the server names with --admin-client, they show their ids too)."
         ),
     )
     p.add_argument("--json", action="store_true", help="print the backend's answer as JSON (for scripts)")
+    p.add_argument(
+        "--cancel", action="append", default=[], metavar="JOB_ID",
+        help="cancel this job first (one of yours, or any job with an admin certificate); repeatable",
+    )  # fmt: skip
     add_connection_args(p)
     p.set_defaults(func=run)
 
@@ -35,12 +42,30 @@ def run(args: argparse.Namespace) -> int:
     import msgspec
 
     from animatediff_blender.protocol.client import BackendClient, ClientError
+    from animatediff_blender.protocol.messages import JOB_ID_PATTERN
 
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         print(f"error: --timeout must be a positive number of seconds, not {args.timeout:g}", file=sys.stderr)
         return 2
+    bad = [job_id for job_id in args.cancel if not re.match(JOB_ID_PATTERN, job_id)]
+    if bad:
+        print(f"error: --cancel takes a job id as `queue` prints it (32 hex characters), not {bad[0]!r}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    failed = 0
     try:
         with BackendClient(connection_config(args, "animatediff-blender queue")) as client:
+            for job_id in args.cancel:
+                try:
+                    state = client.cancel(job_id).state
+                except ClientError as exc:
+                    if exc.code != "not_found":
+                        raise
+                    print(f"{job_id}: {exc.message}", file=sys.stderr)
+                    failed += 1
+                    continue
+                done = {"running": "cancelling (it stops at its next step)", "cancelled": "cancelled"}
+                print(f"{job_id}: {done.get(state, f'already {state}')}", file=sys.stderr)
             listing = client.list_jobs()
     except ClientError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
@@ -49,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         print(msgspec.json.encode(listing).decode())
     else:
         print(format_listing(listing, args.address, now=time.time()))
-    return 0
+    return 1 if failed else 0
 
 
 def format_listing(listing: JobList, address: str, now: float) -> str:
@@ -94,7 +119,7 @@ def _duration(seconds: float) -> str:
 
 
 def _who(job: QueuedJob) -> str:
-    if not job.mine:
+    if not job.job_id:  # another client's job
         return job.client
     tag = f", tag {job.client_tag[:40]!r}" if job.client_tag else ""
-    return f"you: job {job.job_id}{tag}"
+    return f"{'you' if job.mine else job.client}: job {job.job_id}{tag}"

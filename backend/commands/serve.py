@@ -71,6 +71,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--curve-allowed-dir", type=Path, help="CurveZMQ: folder of allowed clients' public .key files"
     )
     p.add_argument(
+        "--admin-client", action="append", default=[], metavar="NAME",
+        help="CurveZMQ: the client certificate NAME (NAME.key in --curve-allowed-dir) may see and cancel "
+             "every job, e.g. to clear a runaway one (`animatediff-blender queue --cancel JOB`); repeatable",
+    )  # fmt: skip
+    p.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback --bind without CurveZMQ (NOT encrypted)"
     )
     p.add_argument(
@@ -239,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
             limits=limits,
             curve_secret=args.curve_secret,
             curve_allowed_dir=args.curve_allowed_dir,
+            admin_clients=tuple(args.admin_client),
             insecure=args.insecure,
             retention_hours=args.retention_hours,
             retention_max_bytes=int(args.retention_max_gb * 1024**3),
@@ -253,6 +259,10 @@ def run(args: argparse.Namespace) -> int:
         if config.curve:
             assert config.curve_secret is not None and config.curve_allowed_dir is not None
             auth.check_server_curve(config.curve_secret, config.curve_allowed_dir)
+            missing = [n for n in config.admin_clients if not (config.curve_allowed_dir / f"{n}.key").is_file()]
+            if missing:  # (may be copied there later: the server reads the folder again)
+                log.warning("--admin-client: no %s in %s yet", ", ".join(f"{n}.key" for n in missing),
+                            config.curve_allowed_dir)  # fmt: skip
         lock_data_dir(data_dir).close()
         if args.engine != "fake":
             _check_models_dir(models_dir)

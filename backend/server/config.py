@@ -46,6 +46,9 @@ class ServerConfig:
     # How often the allowed folder is looked at: client certificates added or removed there
     # take effect without a restart (which would interrupt the running job).
     curve_rescan_s: float = 5.0
+    # Certificate names (files in the allowed folder, without `.key`) whose clients may see
+    # and cancel every job: the pipeline TD's, to clear a runaway job without a restart.
+    admin_clients: tuple[str, ...] = ()
     insecure: bool = False
     retention_hours: float = 72.0
     retention_max_bytes: int = 50 * 1024**3
@@ -103,6 +106,10 @@ def check_bind_policy(config: ServerConfig, warn: bool = True) -> None:
         raise ConfigError(f"another backend already listens on {config.bind}: stop it first, or bind elsewhere")
     if (config.curve_secret is None) != (config.curve_allowed_dir is None):
         raise ConfigError("CurveZMQ needs both --curve-secret and --curve-allowed-dir")
+    if config.admin_clients and not config.curve:
+        # Without CurveZMQ a client's name is what it claims: anyone with the key could be one.
+        raise ConfigError("--admin-client names a CurveZMQ client certificate: it needs --curve-secret and "
+                          "--curve-allowed-dir")  # fmt: skip
     if auth.is_loopback(config.bind) or config.curve:
         return
     if not config.insecure:

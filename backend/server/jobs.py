@@ -29,6 +29,7 @@ class Job:
     watchers: set[bytes] = field(default_factory=set)  # loop-owned: ROUTER identities
     cancel: threading.Event = field(default_factory=threading.Event)
     interrupt: bool = False  # set with `cancel` at shutdown: report "interrupted", not "cancelled"
+    cancelled_by: str = ""  # set with `cancel` by an admin certificate's client: its name
     step: int = 0
     total_steps: int = 0
     started_at: float = 0.0

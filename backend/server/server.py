@@ -650,7 +650,7 @@ class Server:
         elif isinstance(event, JobEnded):
             self._finish(job)
             if event.state == "cancelled":
-                self._broadcast(job, messages.Cancelled(job_id=job.job_id))
+                self._broadcast(job, messages.Cancelled(job_id=job.job_id, by=job.cancelled_by))
             else:
                 self._broadcast(
                     job, messages.Failed(job_id=job.job_id, code=event.code, message=event.message)
@@ -663,7 +663,7 @@ class Server:
             self.running = None
 
     def _log(self, job: Job, event: str, **fields: object) -> None:
-        extra = "".join(f" {k}={_logval(v)}" for k, v in fields.items())
+        extra = "".join(f" {k}={_logval(v)}" for k, v in fields.items() if v is not None)
         joblog.info("job=%s client=%s event=%s%s", job.job_id, job.client_id, event, extra)
 
     # ------------------------------------------------------------------ requests
@@ -754,6 +754,13 @@ class Server:
         # (`_handle` refused messages without a known certificate)
         return client_id if self._sender_key is None else f"{client_id}#{self._sender_key}"
 
+    def _admin_name(self) -> str:
+        """The sender's certificate name if it is one of `--admin-client`'s, else ""."""
+        if self._allowed is None or not self._sender_key:
+            return ""
+        name = self._allowed.names.get(self._sender_key, "")
+        return name if name in self.config.admin_clients else ""
+
     def _shown_name(self, owner: str) -> str:
         """The queue listing's name for an owner id: with CurveZMQ its certificate's name
         first (the part no client can claim), then what its hello said."""
@@ -791,6 +798,7 @@ class Server:
                 device=self.engine.device_name(),
                 warming_up=self.warming_up,
                 defaults=dict(self.engine.default_models()),
+                admin=self._admin_name() != "",
             ),
         )
 
@@ -820,16 +828,18 @@ class Server:
                          key=lambda j: j is not self.running)  # the one on the device first
         queued = [self.live[job_id] for job_id in self.queue.order() if job_id in self.live]
         listed = []
+        admin = self._admin_name() != ""
         for position, job in [(0, j) for j in running] + list(enumerate(queued, start=1)):
             mine = job.client_id == asking
+            shown = mine or admin
             listed.append(
                 messages.QueuedJob(
                     position=position,
                     state="running" if position == 0 else "queued",
                     client=self._shown_name(job.client_id),
                     mine=mine,
-                    job_id=job.job_id if mine else "",
-                    client_tag=job.client_tag if mine else "",
+                    job_id=job.job_id if shown else "",
+                    client_tag=job.client_tag if shown else "",
                     frames=job.settings.frames,
                     width=job.settings.width,
                     height=job.settings.height,
@@ -959,14 +969,16 @@ class Server:
             messages.Error(code="limit", message=f"request exceeds limits: {text}", fields=errors),
         )
 
-    def _owned(self, msg: Message, job_id: str) -> tuple[Job | None, JobRecord | None]:
-        """The live job or stored record of `job_id` if it belongs to the sender."""
+    def _owned(self, msg: Message, job_id: str, admin: bool = False) -> tuple[Job | None, JobRecord | None]:
+        """The live job or stored record of `job_id` if it belongs to the sender (or, with
+        `admin`, to anyone, if the sender's certificate is an admin's)."""
         client_id = self._client_id(msg)
+        anyone = admin and self._admin_name() != ""
         job = self.live.get(job_id)
         if job is not None:
-            return (job, None) if job.client_id == client_id else (None, None)
+            return (job, None) if anyone or job.client_id == client_id else (None, None)
         record = self.store.get(job_id)
-        if record is None or record.client_id != client_id:
+        if record is None or not (anyone or record.client_id == client_id):
             return None, None
         if record.state in ("queued", "running"):
             # Every queued or running job is live; this one ended but its end could not be
@@ -1016,7 +1028,7 @@ class Server:
         )
 
     def _on_status(self, identity: bytes, msg: Message, req: messages.Status) -> None:
-        job, record = self._owned(msg, req.job_id)
+        job, record = self._owned(msg, req.job_id, admin=True)
         if job is None and record is None:
             self._not_found(identity, msg, req.job_id)
             return
@@ -1025,7 +1037,7 @@ class Server:
     def _on_watch(self, identity: bytes, msg: Message, req: messages.Watch) -> None:
         statuses = []
         for job_id in dict.fromkeys(req.job_ids):
-            job, record = self._owned(msg, job_id)
+            job, record = self._owned(msg, job_id, admin=True)
             if job is not None:
                 job.watchers.add(identity)
             if job is None and record is None:
@@ -1039,7 +1051,7 @@ class Server:
         self._reply(identity, msg, messages.Statuses(statuses=statuses))
 
     def _on_cancel(self, identity: bytes, msg: Message, req: messages.Cancel) -> None:
-        job, record = self._owned(msg, req.job_id)
+        job, record = self._owned(msg, req.job_id, admin=True)
         if job is None and record is None:
             self._not_found(identity, msg, req.job_id)
             return
@@ -1048,6 +1060,8 @@ class Server:
             return
         assert job is not None
         job.watchers.add(identity)
+        if job.client_id != self._client_id(msg):  # an admin's cancel: the artist is told who
+            job.cancelled_by = self._admin_name()
         if job.state == "queued":
             # Stored first: a cancel that cannot be stored (disk full) fails and the job stays
             # queued, rather than out of the queue yet "queued" for ever.
@@ -1055,19 +1069,19 @@ class Server:
                 job.job_id,
                 state="cancelled",
                 error_code="cancelled",
-                error="cancelled by the client",
+                error=f"cancelled by {job.cancelled_by} (admin)" if job.cancelled_by else "cancelled by the client",
                 finished_at=time.time(),
             )
             self.queue.remove(job.job_id)
             self.live.pop(job.job_id, None)
             self._reply(identity, msg, messages.CancelReply(job_id=job.job_id, state="cancelled"))
-            self._broadcast(job, messages.Cancelled(job_id=job.job_id))
-            self._log(job, "cancelled", was="queued")
+            self._broadcast(job, messages.Cancelled(job_id=job.job_id, by=job.cancelled_by))
+            self._log(job, "cancelled", was="queued", by=job.cancelled_by or None)
         else:
             # The engine stops at its next step check; the Cancelled event follows.
             job.cancel.set()
             self._reply(identity, msg, messages.CancelReply(job_id=job.job_id, state="running"))
-            self._log(job, "cancel_requested")
+            self._log(job, "cancel_requested", by=job.cancelled_by or None)
 
     def _on_fetch(self, identity: bytes, msg: Message, req: messages.Fetch) -> None:
         job, record = self._owned(msg, req.job_id)

@@ -217,7 +217,7 @@ class Worker:
             elif job.timed_out:
                 self._timeout(job)
             else:
-                self._end(job, "cancelled", "cancelled", "cancelled by the client")
+                self._end(job, "cancelled", "cancelled", _cancelled_text(job))
             return
         except EngineError as exc:
             self._end(job, "failed", exc.code, exc.message)
@@ -344,3 +344,7 @@ class Worker:
                 log.exception("job=%s event=store_error", job.job_id)
             job.ended = True
             self.post(JobEnded(job.job_id, state, code, message))
+
+
+def _cancelled_text(job: Job) -> str:
+    return f"cancelled by {job.cancelled_by} (admin)" if job.cancelled_by else "cancelled by the client"

@@ -883,3 +883,24 @@ def test_the_worker_shows_the_backend_queue_while_it_has_jobs_on_it(
     w._queue_view()
     w._queue_view()
     assert [(v.summary, v.lines) for v in _drain(outbox) if isinstance(v, m.QueueView)] == [("", [])]
+
+
+def test_a_job_an_admin_cancelled_says_who(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline TD cleared the artist's job (`serve --admin-client td`, protocol 1.3): the
+    row says so, not a bare "cancelled" that reads like the artist's own doing."""
+    import queue
+
+    worker, m = _load_package()
+    monkeypatch.setattr(worker, "make_client", lambda cfg: _FakeClient(False, []))
+    outbox: queue.Queue = queue.Queue()
+    w = worker.Worker(outbox, {"address": "tcp://gpu:5557"})
+    other = "f" * 32
+    w._command(m.WatchJobs({JOB: str(tmp_path), other: str(tmp_path)}))
+    w._event({"msg_type": "cancelled", "content": {"job_id": JOB, "by": "td"}})
+    w._event({"msg_type": "cancelled", "content": {"job_id": other}})  # a 1.2 server, or one's own cancel
+    ended = []
+    while not outbox.empty():
+        x = outbox.get_nowait()
+        if isinstance(x, m.JobFailed):
+            ended.append((x.job_id, x.message, x.state))
+    assert ended == [(JOB, "cancelled by td (admin)", "cancelled"), (other, "cancelled", "cancelled")]

@@ -90,3 +90,21 @@ def test_own_jobs_show_their_ids_and_durations_read_as_time() -> None:
     assert lines[0] == "tcp://gpu:5557: 1 running, 1 waiting, from 2 clients"
     assert "saving frames" in lines[2] and "1m15s" in lines[2] and lines[2].endswith("bob@ws-3")
     assert "1h02m" in lines[3] and lines[3].endswith(f"you: job {'a' * 32}, tag 'shot 10'")
+
+
+def test_queue_cancel_takes_out_ones_own_jobs(slow_backend: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with BackendClient(ClientConfig(address=slow_backend)) as me:  # this installation's id, as the CLI's
+        running = me.submit(request())
+        waiting = me.submit(request(frames=8))
+        assert main(["queue", "--address", slow_backend, "--cancel", waiting.job_id, "--json"]) == 0
+        captured = capsys.readouterr()
+        assert f"{waiting.job_id}: cancelled" in captured.err
+        assert [j["job_id"] for j in json.loads(captured.out)["jobs"]] == [running.job_id]
+        assert me.status(waiting.job_id).state == "cancelled"
+
+    other = "0" * 32  # no such job, or someone else's: said, and exit 1
+    assert main(["queue", "--address", slow_backend, "--cancel", other, "--cancel", running.job_id]) == 1
+    err = capsys.readouterr().err
+    assert f"{other}: no job {other} for this client" in err and f"{running.job_id}: cancelling" in err
+    assert main(["queue", "--address", slow_backend, "--cancel", "shot-10"]) == 2
+    assert "--cancel takes a job id" in capsys.readouterr().err

@@ -193,3 +193,57 @@ def test_certificates_added_or_removed_take_effect_without_a_restart(
         anna.cancel(running.job_id)
     assert server.running is not None and server.running.job_id == running.job_id  # never interrupted
     assert bob.ping().running_job == running.job_id
+
+
+def test_an_admin_certificate_sees_and_cancels_every_job_and_the_artist_is_told_who(
+    make_server: Callable[..., Server], make_client: ClientFactory, certificates: dict[str, Path], tmp_path: Path
+) -> None:
+    """The pipeline TD clears a runaway job without restarting the backend (which would
+    interrupt everyone's): `serve --admin-client td`."""
+    public, secret = auth.create_curve_certificates(tmp_path / "td", "td")
+    (certificates["allowed"] / "td.key").write_bytes(public.read_bytes())
+    certificates["td"] = secret
+    server = start(make_server, certificates, tmp_path / "data", admin_clients=("td",),
+                   engine=FakeEngine(step_delay_s=0.05))  # fmt: skip
+    anna = artist(make_client, server, certificates, "anna", client_id="anna-ws", client_name="blender anna@ws-12")
+    bob = artist(make_client, server, certificates, "bob", client_id="bob-ws")
+    td = artist(make_client, server, certificates, "td", client_id="td-ws")
+    assert td.connect().admin and not anna.connect().admin and not bob.connect().admin
+    runaway = anna.submit(small_request(steps=100), client_tag="shot 10")
+    wait_for(anna, runaway.job_id, (messages.Progress,))
+    waiting = anna.submit(small_request(prompt="second"), client_tag="shot 20")
+
+    listing = td.list_jobs()
+    assert [(j.client, j.mine, j.job_id, j.client_tag) for j in listing.jobs] == [
+        ("anna: blender anna@ws-12", False, runaway.job_id, "shot 10"),
+        ("anna: blender anna@ws-12", False, waiting.job_id, "shot 20"),
+    ]
+    with pytest.raises(ClientError) as info:  # an artist who is no admin cannot
+        bob.cancel(waiting.job_id)
+    assert info.value.code == "not_found"
+
+    assert td.cancel(waiting.job_id).state == "cancelled"
+    assert wait_for(anna, waiting.job_id, (messages.Cancelled,)).content.by == "td"
+    assert td.cancel(runaway.job_id).state == "running"  # it stops at its next step
+    assert wait_for(anna, runaway.job_id, (messages.Cancelled,)).content.by == "td"
+    for job_id in (waiting.job_id, runaway.job_id):
+        status = anna.status(job_id)
+        assert (status.state, status.error) == ("cancelled", "cancelled by td (admin)")
+    assert td.list_jobs().jobs == []
+
+    # Cancelling is all: an admin does not get another artist's frames.
+    done = anna.run_job(small_request(steps=2))
+    with pytest.raises(ClientError) as info:
+        td.fetch(done.job_id)
+    assert info.value.code == "not_found"
+    # An artist's own cancel still says nothing of an admin.
+    own = anna.submit(small_request(steps=100))
+    anna.cancel(own.job_id)
+    assert wait_for(anna, own.job_id, (messages.Cancelled,)).content.by == ""
+
+
+def test_admin_certificates_need_curve(make_server: Callable[..., Server]) -> None:
+    from animatediff_blender.backend.server.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--admin-client names a CurveZMQ client certificate"):
+        make_server(admin_clients=("td",))
