@@ -96,7 +96,8 @@ class ClientConfig:
 
 class ClientError(Exception):
     """A request that did not succeed.  `code` is the server's `Error.code`, a wire error
-    code, or one of "timeout", "connection", "auth", "protocol", "corrupt", "cancelled"."""
+    code, or one of "timeout", "connection", "auth", "protocol", "corrupt", "cancelled",
+    "unsupported"."""
 
     def __init__(self, code: str, message: str, fields: Sequence[FieldError] = ()) -> None:
         super().__init__(message)

@@ -323,7 +323,7 @@ class Progress(Base):
     elapsed_s: float
     remaining_s: float  # estimate, -1 when unknown
     has_preview: bool = False
-    phase: str = "denoise"  # "loading", "denoise", "decode", "encode"
+    phase: str = "denoise"  # "loading", "denoise", "decode"
 
 
 class Frames(Base):

@@ -7,7 +7,8 @@ different MINOR is accepted and unknown fields are ignored (fields were only add
 from __future__ import annotations
 
 # 1.1: `Submit.submit_id` (idempotent submits); a 1.0 server ignores it.
-# 1.2: `list_jobs` / `job_list` (the server's queue); a 1.1 server refuses it as bad_message.
+# 1.2: `list_jobs` / `job_list` (the server's queue); a 1.1 server refuses it as unknown_type.
+# 1.3: admin certificates (`Welcome.admin`, `Cancelled.by`); CurveZMQ servers only.
 PROTOCOL_VERSION = "1.3"
 
 
