@@ -34,12 +34,14 @@ found before anything is saved).
 """
 
 import argparse
+import atexit
 import contextlib
 import importlib
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -68,7 +70,9 @@ def parse_args(argv):
     ap.add_argument("--client-secret-key")
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--addon-zip")
-    ap.add_argument("--repo", default="user_default")
+    ap.add_argument("--repo", default=None,
+                    help="the extension repository it is installed in (default: the one that has it; "
+                         "user_default for --addon-zip)")  # fmt: skip
     return ap.parse_args(argv)
 
 
@@ -118,8 +122,18 @@ def find_addon(repo, zip_path, inside_blender):
     import addon_utils
     import bpy
 
+    names = [m.__name__ for m in addon_utils.modules(refresh=True)]
+    if repo is None:
+        # Whichever repository holds it (a TD may deploy it to the shared `system` one):
+        # an enabled copy first, then user_default's, then any.
+        found = sorted(n for n in names if n.startswith("bl_ext.") and n.endswith(f".{ADDON_ID}")
+                       and n.count(".") == 2)  # fmt: skip
+        enabled = [n for n in found if n in bpy.context.preferences.addons]
+        default = f"bl_ext.user_default.{ADDON_ID}"
+        pick = enabled or ([default] if default in found else found) or [default]
+        repo = pick[0].split(".")[1]
     module = f"bl_ext.{repo}.{ADDON_ID}"
-    installed = any(m.__name__ == module for m in addon_utils.modules(refresh=True))
+    installed = module in names
     if module not in bpy.context.preferences.addons and installed:
         try:
             bpy.ops.preferences.addon_enable(module=module)
@@ -153,7 +167,8 @@ def find_addon(repo, zip_path, inside_blender):
                              f"{reason or f'Blender did not install {module} from it (see its messages above)'}")
     if module not in bpy.context.preferences.addons:
         raise BatchError(f"the AnimateDiff extension is not installed in this Blender profile (looked for "
-                         f"{module}); install it, or pass --addon-zip with `python batch.py`")
+                         f"{module}); install it, or pass --addon-zip with `python batch.py` (or --repo "
+                         f"NAME for the extension repository that has it)")
     return importlib.import_module(module)
 
 
@@ -186,7 +201,7 @@ def check_shot_files(name, shot, connection):
     line's) come as a pair: else every connection of the shot fails, after the shots before it."""
     for _option, key in KEY_FILE_OPTIONS:
         path = shot.get(key)
-        if path and not os.path.isfile(path):
+        if path and not os.path.isfile(os.path.expandvars(os.path.expanduser(path))):  # (as the worker reads it)
             raise BatchError(f"{name}: {key} {path}: {_no_file(path)}")
     given = {key: shot[key] if shot.get(key) is not None else connection.get(key) for key in CURVE_KEYS}
     if bool(given["server_public_key_file"]) != bool(given["client_secret_key_file"]):
@@ -203,8 +218,11 @@ def main(argv, inside_blender):
     check_args(args, inside_blender)
     shots = load_shots(args.shots)
     if args.addon_zip and not inside_blender and "BLENDER_USER_RESOURCES" not in os.environ:
-        # A throw-away profile: the user's own Blender setup stays untouched.
-        os.environ["BLENDER_USER_RESOURCES"] = tempfile.mkdtemp(prefix="animatediff-batch-profile-")
+        # A throw-away profile: the user's own Blender setup stays untouched, and nothing is
+        # left behind (a farm runs this thousands of times; each profile is ~5 MB).
+        profile = tempfile.mkdtemp(prefix="animatediff-batch-profile-")
+        atexit.register(shutil.rmtree, profile, ignore_errors=True)
+        os.environ["BLENDER_USER_RESOURCES"] = profile
     import bpy
 
     if args.blend:

@@ -68,8 +68,8 @@ def client_config(config: dict[str, Any]) -> Any:
     if known.get("client_name"):  # who runs it where: the backend's queue listing shows it
         known["client_name"] = client_name(known["client_name"])
     for key in ("key_file", "server_public_key_file", "client_secret_key_file"):
-        if known.get(key):
-            known[key] = Path(known[key])
+        if known.get(key):  # "~/keys/hmac.key" as a TD deploys it to every machine
+            known[key] = Path(os.path.expandvars(os.path.expanduser(str(known[key]))))
     return ClientConfig(**known)
 
 

@@ -444,3 +444,52 @@ def test_ctrl_c_in_a_batch_cancels_the_shot_and_keeps_what_is_done(addon_zips, b
     r = run_bpy(bpy_python, "check_blend.py", {"zip": str(addon_zips[bpy_python.py_tag]), "blend": str(out_blend)},
                 tmp_path)
     assert len(r["strips"]) == 1  # the quick shot, kept
+
+
+def test_batch_leaves_no_throwaway_profile_behind(addon_zips, tmp_path: Path) -> None:
+    """`python batch.py --addon-zip` without a profile of its own makes one in the temp folder
+    (~5 MB): it used to stay there after every run, and a farm runs thousands."""
+    bpy_python = require(oldest())
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    shots = tmp_path / "shots.toml"
+    shots.write_text('[[shot]]\nprompt = "x"\nwidth = -5\n')  # refused once the extension is in
+    env = {k: v for k, v in os.environ.items() if k != "BLENDER_USER_RESOURCES"}
+    env.update(TMPDIR=str(temp), HOME=str(tmp_path / "home"), ANIMATEDIFF_BLENDER_CONFIG=str(tmp_path / "config"))
+    proc = subprocess.run([str(bpy_python.python), str(ROOT / "blender_addon" / "batch.py"), str(shots),
+                           "--addon-zip", str(addon_zips[bpy_python.py_tag]), "--address", "tcp://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "width -5 is below the smallest size" in proc.stderr, proc.stdout + proc.stderr
+    assert "Installed" in proc.stdout  # (the profile was made and used)
+    assert list(temp.iterdir()) == []
+
+
+def test_batch_finds_the_extension_in_the_system_repository(addon_zips, tmp_path: Path) -> None:
+    """A TD deploys the extension once to the shared *system* repository
+    (BLENDER_SYSTEM_EXTENSIONS) and the farm runs the batch script from that copy: it looked
+    only in user_default ("not installed in this Blender profile") unless given --repo."""
+    bpy_python = require(oldest())
+    site = next(bpy_python.python.parent.parent.glob("lib/python3*/site-packages/bpy"))
+    tool = next(site.glob("*/scripts/addons_core/bl_pkg/cli/blender_ext.py"))
+    system = tmp_path / "system_ext"
+    (system / "system").mkdir(parents=True)
+    versions = subprocess.run([str(bpy_python.python), "-c", "import sys, bpy; print(bpy.app.version_string.split()[0], "
+                               "'%d.%d.%d' % sys.version_info[:3])"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    blender_version, python_version = versions.stdout.split()[-2:]
+    subprocess.run([str(bpy_python.python), str(tool), "install-files", "--local-dir", str(system / "system"),
+                    "--blender-version", blender_version, "--python-version", python_version,
+                    str(addon_zips[bpy_python.py_tag])], check=True, capture_output=True, timeout=120)  # fmt: skip
+    installed_batch = system / "system" / "animatediff_blender" / "batch.py"
+    shots = tmp_path / "shots.toml"
+    shots.write_text('[[shot]]\nprompt = "x"\nwidth = -5\n')  # refused once the extension is found
+    env = dict(os.environ, BLENDER_SYSTEM_EXTENSIONS=str(system), BLENDER_USER_RESOURCES=str(tmp_path / "artist"),
+               HOME=str(tmp_path / "home"), ANIMATEDIFF_BLENDER_CONFIG=str(tmp_path / "config"))  # fmt: skip
+    proc = subprocess.run([str(bpy_python.python), str(installed_batch), str(shots), "--address", "tcp://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "width -5 is below the smallest size" in proc.stderr, proc.stdout + proc.stderr
+    # A repository that does not have it is said, with the option to name another.
+    proc = subprocess.run([str(bpy_python.python), str(installed_batch), str(shots), "--repo", "user_default",
+                           "--address", "tcp://127.0.0.1:9"], capture_output=True, text=True, timeout=180, env=env,
+                          cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "looked for bl_ext.user_default.animatediff_blender" in proc.stderr
+    assert "--repo NAME" in proc.stderr

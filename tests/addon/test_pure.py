@@ -904,3 +904,15 @@ def test_a_job_an_admin_cancelled_says_who(tmp_path: Path, monkeypatch: pytest.M
         if isinstance(x, m.JobFailed):
             ended.append((x.job_id, x.message, x.state))
     assert ended == [(JOB, "cancelled by td (admin)", "cancelled"), (other, "cancelled", "cancelled")]
+
+
+def test_key_paths_with_a_tilde_or_a_variable_are_expanded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TD deploys one preferences file to every machine: `~/keys/hmac.key` was looked for
+    literally ("no key file at ~/keys/hmac.key", though the file was there)."""
+    worker, _m = _load_package()
+    monkeypatch.setenv("HOME", "/home/anna")
+    monkeypatch.setenv("STUDIO_KEYS", "/mnt/keys")
+    cfg = worker.client_config({"address": "tcp://gpu:5557", "key_file": "~/keys/hmac.key",
+                                "server_public_key_file": "$STUDIO_KEYS/server.key", "client_secret_key_file": None})
+    assert str(cfg.key_file) == "/home/anna/keys/hmac.key"
+    assert str(cfg.server_public_key_file) == "/mnt/keys/server.key" and cfg.client_secret_key_file is None
