@@ -147,11 +147,13 @@ def connect(**connection: Any) -> tuple[Any, Any]:
 
     cfg = client_config()
     cfg.update(_normal_connection(connection))
-    client = make_client(cfg)
+    client = None
     try:
+        client = make_client(cfg)  # (can fail too: a pyzmq of another add-on's in the way)
         welcome = client.connect()
     except Exception as exc:  # noqa: BLE001
-        client.close()
+        if client is not None:
+            client.close()
         raise AnimateDiffError(f"cannot connect to the backend at {cfg['address']}: {error_text(exc)}") from exc
     return client, welcome
 

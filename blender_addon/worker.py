@@ -54,15 +54,47 @@ def _to_builtins(obj: Any) -> Any:
 
 
 def make_client(config: dict[str, Any]) -> Any:
-    from .protocol.client import BackendClient
-
+    BackendClient = _protocol_client().BackendClient  # noqa: N806 - a class
     return BackendClient(client_config(config))
 
 
-def client_config(config: dict[str, Any]) -> Any:
-    from pathlib import Path
+def _protocol_client() -> Any:
+    """`protocol.client`, or an error that says which pyzmq / msgspec got in the way.  The
+    extension bundles its own; Blender keeps one copy of each package for all extensions
+    (the highest version any of them bundles), and a PYTHONPATH or site-packages copy can
+    come first: a bare "No module named 'zmq.auth'" told an artist nothing."""
+    try:
+        from .protocol import client
+    except ImportError as exc:
+        raise RuntimeError(bundled_import_problem(exc)) from exc
+    return client
 
-    from .protocol.client import ClientConfig, client_name
+
+def bundled_import_problem(exc: BaseException) -> str:
+    bundled = {}
+    manifest = Path(__file__).with_name("blender_manifest.toml")
+    try:  # the wheels this build bundles, by their names: ./wheels/pyzmq-27.3.0-cp311-....whl
+        for name, version in re.findall(r"/(pyzmq|msgspec)-([0-9][^-]*)-", manifest.read_text(encoding="utf-8")):
+            bundled[name] = version
+    except OSError:
+        pass
+    loaded = []
+    for module, name in (("zmq", "pyzmq"), ("msgspec", "msgspec")):
+        try:
+            mod = __import__(module)
+            where = os.path.dirname(getattr(mod, "__file__", "") or "") or "?"
+            loaded.append(f"{name} {getattr(mod, '__version__', '?')} from {where}")
+        except Exception:  # noqa: BLE001 - broken in another way: the error above says how
+            loaded.append(f"{name}: not importable")
+    expected = ", ".join(f"{n} {v}" for n, v in sorted(bundled.items())) or "its own pyzmq and msgspec"
+    return (f"the extension's libraries could not be loaded ({exc}). It bundles {expected}; this Blender "
+            f"loaded {'; '.join(loaded)}. Another add-on bundling a different version, or a PYTHONPATH / "
+            f"site-packages copy, takes their place: remove that copy, or ask your TD")
+
+
+def client_config(config: dict[str, Any]) -> Any:
+    protocol_client = _protocol_client()
+    ClientConfig, client_name = protocol_client.ClientConfig, protocol_client.client_name  # noqa: N806
 
     known = {k: v for k, v in config.items() if k in ClientConfig.__dataclass_fields__}
     if known.get("client_name"):  # who runs it where: the backend's queue listing shows it

@@ -916,3 +916,22 @@ def test_key_paths_with_a_tilde_or_a_variable_are_expanded(monkeypatch: pytest.M
                                 "server_public_key_file": "$STUDIO_KEYS/server.key", "client_secret_key_file": None})
     assert str(cfg.key_file) == "/home/anna/keys/hmac.key"
     assert str(cfg.server_public_key_file) == "/mnt/keys/server.key" and cfg.client_secret_key_file is None
+
+
+def test_a_pyzmq_in_the_way_is_named_not_a_bare_import_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blender keeps one copy of each wheel for all extensions (the highest version any bundles),
+    and PYTHONPATH can come first: the artist saw only "No module named 'zmq.auth'"."""
+    import types
+
+    worker, _m = _load_package()
+    stub = types.ModuleType("zmq")  # another add-on's "pyzmq 99": a module, not the package
+    stub.__version__ = "99.0"
+    stub.__file__ = "/studio/other_addon/zmq/__init__.py"
+    monkeypatch.setitem(sys.modules, "zmq", stub)
+    for name in [n for n in sys.modules if n.startswith(("_adb_pkg.protocol", "zmq."))]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(RuntimeError) as info:
+        worker.make_client({"address": "tcp://gpu:5557"})
+    text = str(info.value)
+    assert "the extension's libraries could not be loaded" in text and "zmq.auth" in text
+    assert "pyzmq 99.0 from /studio/other_addon/zmq" in text and "msgspec " in text
