@@ -46,6 +46,7 @@ WHEELS = {"pyzmq": "27.3.0", "msgspec": "0.22.0"}
 # macOS versions and universal2 from it).
 PLATFORMS = {
     "windows-x64": "win_amd64",
+    "windows-arm64": "win_arm64",  # (Blender's Windows on ARM builds)
     "macos-arm64": "macosx_11_0_arm64",
     "macos-x64": "macosx_11_0_x86_64",
     "linux-x64": "manylinux_2_28_x86_64",
@@ -59,11 +60,13 @@ class PythonLine:
     python_version: str  # pip --python-version
     blender_min: str
     blender_max: str | None
+    no_blender_on: frozenset[str] = frozenset()  # platforms no Blender of this line runs on
 
 
 PYTHON_LINES = {
     "311": PythonLine("311", "3.11", "4.2.0", "5.1.0"),
-    "313": PythonLine("313", "3.13", "5.1.0", None),
+    # Blender 5.0 dropped Intel Macs (4.5 LTS was the last): a py313 zip for them would be unusable.
+    "313": PythonLine("313", "3.13", "5.1.0", None, frozenset({"macos-x64"})),
 }
 
 
@@ -241,22 +244,25 @@ def build(platforms: list[str], lines: list[PythonLine], out: Path, cache: Path,
     out.mkdir(parents=True, exist_ok=True)
     built: list[Path] = []
     for line in lines:
+        line_platforms = [p for p in platforms if p not in line.no_blender_on]
+        if not line_platforms:
+            raise BuildError(f"no Blender of the py{line.tag} line runs on {', '.join(platforms)}")
         wheels: list[Path] = []
-        for plat in platforms:
+        for plat in line_platforms:
             wheels += fetch_wheels(plat, line, cache, offline)
         wheels = sorted(set(wheels))
         with tempfile.TemporaryDirectory(prefix="adb-build-") as tmp:
             staging = Path(tmp) / ADDON_ID
             raw = Path(tmp) / "raw"
             raw.mkdir()
-            stage(staging, version, line, platforms, wheels)
+            stage(staging, version, line, line_platforms, wheels)
             # The newest tooling builds; every tooling found validates the source.
             for tool in tools:
                 run_blender_ext(tool, "validate", str(staging))
             base = f"{ADDON_ID}-{version}-py{line.tag}.zip"
             run_blender_ext(tools[0], "build", "--source-dir", str(staging), "--output-filepath",
                             str(raw / base), "--split-platforms")
-            for plat in platforms:
+            for plat in line_platforms:
                 name = f"{ADDON_ID}-{version}-py{line.tag}-{plat.replace('-', '_')}.zip"
                 produced = raw / name
                 if not produced.is_file():
