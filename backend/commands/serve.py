@@ -236,9 +236,8 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         check_limits(limits)  # before a key file is created or an engine loaded
-        key = load_or_create_key(args.key_file, args.bind)
         config = ServerConfig(
-            key=key,
+            key=b"",  # (read or created below, once the rest is known to be right)
             data_dir=data_dir,
             bind=args.bind,
             limits=limits,
@@ -252,10 +251,11 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.png_compress_level is not None:
             config.png_compress_level = args.png_compress_level
-        # Refused before the engine scans and hashes the models (minutes for new checkpoints):
-        # an address that cannot work, or a data folder another backend uses (the server
-        # takes the lock for good).
+        # Refused before a key file is created, and before the engine scans and hashes the
+        # models (minutes for new checkpoints): an address that cannot work, or a data folder
+        # another backend uses (the server takes the lock for good).
         check_bind_policy(config, warn=False)  # (the server warns, once)
+        config.key = load_or_create_key(args.key_file, args.bind)
         if config.curve:
             assert config.curve_secret is not None and config.curve_allowed_dir is not None
             auth.check_server_curve(config.curve_secret, config.curve_allowed_dir)

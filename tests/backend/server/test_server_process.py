@@ -136,6 +136,16 @@ def test_cli_refuses_a_network_bind_without_curve(spawn: Callable[..., subproces
     assert "--insecure" in output
 
 
+def test_cli_refuses_an_admin_client_without_curve_before_making_a_key(tmp_path: Path) -> None:
+    """Without CurveZMQ a client's name is what it claims: no admins.  Refused before a key
+    file is created for a server that does not start."""
+    from animatediff_blender.backend.cli import main
+
+    key_file = tmp_path / "new" / "hmac.key"
+    assert main(["serve", "--engine", "fake", "--key-file", str(key_file), "--admin-client", "td"]) == 2
+    assert not key_file.exists()
+
+
 def test_cli_refuses_a_bind_port_typo(spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
     proc = spawn("--bind", "tcp://127.0.0.1:65557")  # libzmq would listen on port 21
     assert proc.wait(30) == 2
