@@ -7,6 +7,7 @@ import argparse
 import re
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +84,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preview-every", type=int, default=0, help="preview image every N steps (0: none)")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate of the GIF/MP4 (default: %(default)s)")
     p.add_argument("--out", type=nonempty_path, help="output folder (required unless --list-models)")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace a clip already in --out (without it, a folder holding one is refused before the job runs)",
+    )  # fmt: skip
     p.add_argument("--list-models", action="store_true", help="print the backend's model registry and exit")
     p.add_argument(
         "--rescan", action="store_true",
@@ -272,13 +277,70 @@ def is_job_id(text: str) -> bool:
     return True
 
 
-def prepare_out(out: Path) -> None:
-    """Create the output folder and prove it takes files (raises OSError)."""
+# Beside a clip's frames: the job that made them, its seed and settings (what remakes it).
+CLIP_INFO = "clip.json"
+_FRAME_FILE = re.compile(r"frame_(\d{4,})\.png")
+_CLIP_FILES = ("clip.gif", "clip.mp4")
+
+
+def clip_in(out: Path) -> tuple[dict[int, Path], str]:
+    """What clip a folder holds already: its frame files by index and, from its clip.json,
+    the job id ("" where there is none: no clip.json, or written by an earlier version)."""
+    import json
+
+    frames = {}
+    for path in out.glob("frame_*.png"):
+        match = _FRAME_FILE.fullmatch(path.name)
+        if match:
+            frames[int(match.group(1))] = path
+    try:
+        info = json.loads((out / CLIP_INFO).read_text(encoding="utf-8"))
+        job_id = str(info.get("job_id", "")) if isinstance(info, dict) else ""
+    except (OSError, ValueError):
+        job_id = ""
+    return frames, job_id
+
+
+def prepare_out(out: Path, *, overwrite: bool = False, resume: str | None = None) -> None:
+    """Create the output folder and prove it takes files (raises OSError).  A folder that
+    holds a clip already is refused (UsageError) unless `overwrite`, or unless it holds the
+    frames kept of the very job `resume` collects: a clip made before is never replaced
+    by a mistyped --out, and the refusal comes before any GPU time is spent."""
     import tempfile
 
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=out):
         pass
+    if overwrite:
+        return
+    frames, job_id = clip_in(out)
+    if not frames and not any((out / name).exists() for name in _CLIP_FILES):
+        return
+    if resume is not None and job_id == resume:
+        return
+    what = f"{len(frames)} frame(s)" if frames else "a GIF/MP4"
+    if job_id:
+        what += f" of job {job_id}"
+    raise UsageError(f"--out {out} already holds a clip ({what}): give another folder, or add --overwrite "
+                     f"to replace it")  # fmt: skip
+
+
+def write_clip_info(out: Path, job_id: str, *, result: JobResult | None = None,
+                    received: Sequence[int] = ()) -> None:  # fmt: skip
+    """clip.json: the job id (so that `--resume` may add to its own kept frames) and, for a
+    finished clip, its seed and settings as the backend resolved them."""
+    import json
+
+    import msgspec
+
+    info: dict[str, Any] = {"job_id": job_id}
+    if result is not None:
+        f = result.finished
+        info.update(complete=True, frames=f.frames, width=f.width, height=f.height, seed=f.seed,
+                    elapsed_s=round(f.elapsed_s, 3), settings=msgspec.to_builtins(f.settings))  # fmt: skip
+    else:
+        info.update(complete=False, frames_received=sorted(received))
+    (out / CLIP_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def client_config(args: argparse.Namespace) -> ClientConfig:
@@ -290,6 +352,7 @@ def run(args: argparse.Namespace) -> int:
 
     received: dict[int, bytes] = {}  # the job's frames as they arrive: what a second Ctrl-C keeps
     cancel = threading.Event()  # set by Ctrl-C: the cancel that follows is the user's own
+    job_ids: list[str] = []  # the job's id once the backend accepted it (clip.json of kept frames)
     try:
         check_numbers(args)
         if args.list_models:
@@ -304,16 +367,17 @@ def run(args: argparse.Namespace) -> int:
             if given:
                 raise UsageError(f"--resume collects a job submitted earlier, with its own settings: "
                                  f"drop {', '.join(given)}")
-            prepare_out(args.out)
-            result = _generate(args, None, received, cancel)
+            prepare_out(args.out, overwrite=args.overwrite, resume=args.resume)
+            job_ids.append(args.resume)
+            result = _generate(args, None, received, cancel, job_ids)
         else:
             if not args.prompt:
                 raise UsageError("--prompt is required")
             request = build_request(args)
             validate_locally(request)
             # Before any GPU time is spent: a clip that cannot be saved is a clip lost.
-            prepare_out(args.out)
-            result = _generate(args, request, received, cancel)
+            prepare_out(args.out, overwrite=args.overwrite)
+            result = _generate(args, request, received, cancel, job_ids)
         written = save(result, args.out, fps=args.fps)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -324,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
             f"the backend refused the request: {describe_fields(exc.fields)}" if exc.fields else exc.message
         )
         if exc.frames:
-            text += f"; {save_partial(exc.frames, args.out)}"
+            text += f"; {save_partial(exc.frames, args.out, exc.job_id or _last(job_ids))}"
         if exc.job_id and exc.code == "connection" and "may still" in exc.message:
             # Lost, not cancelled: the backend may go on making it, so say how to collect it.
             text += f"; to collect it: {resume_command(args, exc.job_id)}"
@@ -337,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
         if not received:
             raise  # nothing to keep: the CLI's own "interrupted"
         # Quit at once, but the backend deletes a cancelled job's frames: ours may be the only copy.
-        print(f"interrupted; {save_partial(received, args.out)}", file=sys.stderr)
+        print(f"interrupted; {save_partial(received, args.out, _last(job_ids))}", file=sys.stderr)
         return 130
     f = result.finished
     print(
@@ -355,6 +419,8 @@ def resume_command(args: argparse.Namespace, job_id: str) -> str:
     import shlex
 
     words = ["animatediff-blender", "generate", "--resume", job_id, "--out", str(args.out)]
+    if args.overwrite:  # the clip it was to replace may still be there
+        words.append("--overwrite")
     if args.address != DEFAULT_ADDRESS:
         words += ["--address", args.address]
     for flag, value in (("--key-file", args.key_file), ("--server-key", args.server_key),
@@ -384,12 +450,18 @@ def _list_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _last(items: list[str]) -> str:
+    return items[-1] if items else ""
+
+
 def _generate(
-    args: argparse.Namespace, request: GenerateRequest | None, received: dict[int, bytes], cancel: threading.Event
-) -> JobResult:
+    args: argparse.Namespace, request: GenerateRequest | None, received: dict[int, bytes], cancel: threading.Event,
+    job_ids: list[str],
+) -> JobResult:  # fmt: skip
     """Run `request`, or with None wait for the job `--resume` names.  The client fills
     `received` with the checked frames as they arrive: a KeyboardInterrupt carries none.
-    Ctrl-C sets `cancel` (the job is then cancelled on the backend)."""
+    Ctrl-C sets `cancel` (the job is then cancelled on the backend).  The job's id goes
+    into `job_ids` once the backend has accepted it."""
     import signal
 
     from tqdm import tqdm
@@ -414,6 +486,8 @@ def _generate(
     shown: list[tuple[str, int]] = []
 
     def on_status(status: JobStatus) -> None:
+        if not job_ids:
+            job_ids.append(status.job_id)
         # A queued job sends nothing until it starts: say where it waits (its id first, for
         # --resume), and again when its place changes.
         if status.state not in ("queued", "running") or bar is not None:
@@ -458,11 +532,22 @@ def _generate(
             signal.signal(signal.SIGINT, previous)
 
 
-def save_partial(frames: dict[int, bytes], out: Path) -> str:
-    """Keep the frames of a job that did not finish (the backend deletes them): what we did."""
+def save_partial(frames: dict[int, bytes], out: Path, job_id: str = "") -> str:
+    """Keep the frames of a job that did not finish (the backend deletes them): what we did.
+    What another clip left here (only with --overwrite) goes, so that no image sequence
+    mixes two clips; frames kept earlier of this same job (a --resume) stay."""
     try:
+        old_frames, old_job = clip_in(out)
+        if frames and (not job_id or old_job != job_id):
+            for index, old in old_frames.items():
+                if index not in frames:
+                    old.unlink(missing_ok=True)
+            for name in _CLIP_FILES:
+                (out / name).unlink(missing_ok=True)
         for i, data in sorted(frames.items()):
             (out / f"frame_{i:04d}.png").write_bytes(data)
+        if frames and job_id:
+            write_clip_info(out, job_id, received=list(clip_in(out)[0]))
     except OSError as exc:
         return f"could not keep the {len(frames)} frame(s) received before that: {exc}"
     return f"the {len(frames)} frame(s) received before that are in {out}"
@@ -480,11 +565,12 @@ def save(result: JobResult, out: Path, *, fps: float) -> list[tuple[str, Path]]:
         paths.append(path)
     if not paths:
         return []
-    # A longer clip written here before left its last frames: one image sequence of two clips.
-    for old in out.glob("frame_*.png"):
-        match = re.fullmatch(r"frame_(\d{4,})\.png", old.name)
-        if match and int(match.group(1)) >= len(paths):
+    # A longer clip written here before (--overwrite) left its last frames: one image
+    # sequence of two clips.
+    for index, old in clip_in(out)[0].items():
+        if index >= len(paths):
             old.unlink(missing_ok=True)
+    write_clip_info(out, result.job_id, result=result)
     written: list[tuple[str, Path]] = [("frames", out / "frame_0000.png ...")]
     images = [media.decode_png(data) for data in result.frames]
     written.append(("gif", media.write_gif(images, out / "clip.gif", fps=fps)))

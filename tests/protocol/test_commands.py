@@ -3,6 +3,7 @@ against an in-process server with the fake engine)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -327,13 +328,74 @@ def test_generate_writes_frames_gif_and_mp4(
     assert gif.shape[0] == 5
     assert (out / "clip.mp4").stat().st_size > 0
     assert "5 frames 64x48" in captured.out and str(out / "clip.gif") in captured.out
-    # Again into the same folder, shorter: the first clip's last frames do not stay behind.
+    # clip.json says which job made the frames and how: what remakes the clip.
+    info = json.loads((out / "clip.json").read_text())
+    job_id = re.search(r"job ([0-9a-f]{32}):", captured.out)
+    assert job_id and info["job_id"] == job_id.group(1) and info["complete"] is True
+    assert (info["frames"], info["width"], info["height"], info["seed"]) == (5, 64, 48, 7)
+    assert info["settings"]["prompt"] == "a red fox" and info["settings"]["steps"] == 2
+    assert info["settings"]["motion_loras"] == [{"id": "lora:fake_ZoomIn", "weight": 0.7}]
+    # Again into the same folder: refused before the job runs, the first clip untouched.
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = ["generate", "--address", backend, "--prompt", "a fox", "--frames", "3", "--width", "64",
+             "--height", "48", "--steps", "1", "--out", str(out)]  # fmt: skip
+    assert main(again) == 2
+    err = capsys.readouterr().err
+    assert "already holds a clip (5 frame(s) of job " in err and "--overwrite" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    # --overwrite, shorter: the first clip's last frames do not stay behind; other files do.
     (out / "notes.txt").write_text("mine")
-    code = main(["generate", "--address", backend, "--prompt", "a fox", "--frames", "3", "--width", "64",
-                 "--height", "48", "--steps", "1", "--out", str(out)])  # fmt: skip
+    code = main([*again, "--overwrite"])
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in out.glob("frame_*.png")) == [f"frame_{i:04d}.png" for i in range(3)]
     assert (out / "notes.txt").read_text() == "mine"
+    info = json.loads((out / "clip.json").read_text())
+    assert (info["frames"], info["seed"], info["settings"]["prompt"]) == (3, 0, "a fox")
+    assert iio.imread(out / "clip.gif", index=None).shape[0] == 3
+
+
+def test_out_with_a_clip_is_refused_but_resume_adds_to_its_own_kept_frames(tmp_path: Path) -> None:
+    """A GIF alone, or frames written by an earlier version (no clip.json), count as a clip;
+    the frames kept of a job that did not finish may be collected into the same folder."""
+    gif_only = tmp_path / "gif"
+    gif_only.mkdir()
+    (gif_only / "clip.gif").write_bytes(b"GIF89a")
+    with pytest.raises(generate.UsageError, match="a GIF/MP4"):
+        generate.prepare_out(gif_only)
+    generate.prepare_out(gif_only, overwrite=True)
+    generate.prepare_out(tmp_path / "new" / "deeper")  # created
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "frame_7.png").write_bytes(b"not ours: 4 digits or more")
+    generate.prepare_out(tmp_path / "other")
+
+    out = tmp_path / "kept"
+    out.mkdir()
+    job, other = "a" * 32, "b" * 32
+    assert "2 frame(s)" in generate.save_partial({0: b"0", 1: b"1"}, out, job)
+    info = json.loads((out / "clip.json").read_text())
+    assert info == {"job_id": job, "complete": False, "frames_received": [0, 1]}
+    generate.prepare_out(out, resume=job)
+    for refused in ({"resume": other}, {}):
+        with pytest.raises(generate.UsageError, match=f"2 frame\\(s\\) of job {job}"):
+            generate.prepare_out(out, **refused)
+    # A later part of the same job joins the frames kept before.
+    generate.save_partial({2: b"2"}, out, job)
+    assert sorted(generate.clip_in(out)[0]) == [0, 1, 2]
+    assert json.loads((out / "clip.json").read_text())["frames_received"] == [0, 1, 2]
+    # Another job's (only with --overwrite): what the first left goes, no two clips mixed.
+    (out / "clip.gif").write_bytes(b"GIF89a")
+    generate.save_partial({1: b"x"}, out, other)
+    assert {i: p.read_bytes() for i, p in generate.clip_in(out)[0].items()} == {1: b"x"}
+    assert not (out / "clip.gif").exists()
+    assert generate.clip_in(out)[1] == other
+    # Nothing received: nothing touched.
+    generate.save_partial({}, out, job)
+    assert generate.clip_in(out)[1] == other
+    # A clip.json that is no JSON object names no job.
+    (out / "clip.json").write_text("[1, 2]")
+    assert generate.clip_in(out)[1] == ""
+    (out / "clip.json").write_bytes(b"\xff\xfe")
+    assert generate.clip_in(out)[1] == ""
 
 
 def test_generate_resume_collects_a_job_submitted_earlier(
@@ -352,8 +414,12 @@ def test_generate_resume_collects_a_job_submitted_earlier(
     assert sorted(p.name for p in out.glob("frame_*.png")) == [f"frame_{i:04d}.png" for i in range(3)]
     assert f"job {job_id}: 3 frames 64x64" in captured.out
     assert main(["generate", "--address", backend, "--resume", "../etc", "--out", str(out)]) == 2
-    assert main(["generate", "--address", backend, "--resume", "0" * 32, "--out", str(out)]) == 1
+    assert main(["generate", "--address", backend, "--resume", "0" * 32, "--out", str(tmp_path / "b")]) == 1
     assert "no such job" in capsys.readouterr().err
+    # Collected again into its own folder: allowed; another job's folder is not.
+    assert main(["generate", "--address", backend, "--resume", job_id, "--out", str(out)]) == 0
+    assert main(["generate", "--address", backend, "--resume", "0" * 32, "--out", str(out)]) == 2
+    assert f"of job {job_id}" in capsys.readouterr().err
     # --resume cannot change the job's settings: flags that would be ignored are refused.
     code = main(["generate", "--address", backend, "--resume", job_id, "--prompt", "other", "--frames", "9",
                  "--out", str(out)])  # fmt: skip
@@ -400,6 +466,9 @@ def test_the_resume_hint_pastes_into_a_shell(tmp_path: Path) -> None:
         "a" * 32, "my out ü", "tcp://gpu box:5557", tmp_path / "my key")
     plain = parser.parse_args(["generate", "--prompt", "x", "--out", "clip"])
     assert resume_command(plain, "b" * 32) == f"animatediff-blender generate --resume {'b' * 32} --out clip"
+    # The clip --overwrite was to replace may still be there: the hint keeps the flag.
+    replacing = parser.parse_args(["generate", "--prompt", "x", "--out", "clip", "--overwrite"])
+    assert resume_command(replacing, "b" * 32).endswith("--out clip --overwrite")
 
 
 def test_generate_refuses_an_empty_out_and_a_weight_that_is_no_number(
@@ -542,6 +611,8 @@ def test_frames_received_before_a_failure_are_kept(
     assert "memory" in err[-1] and "4 frame(s)" in err[-1] and str(out) in err[-1]
     assert sorted(p.name for p in out.glob("frame_*.png")) == [f"frame_{i:04d}.png" for i in range(4)]
     assert iio.imread(out / "frame_0000.png").shape[:2] == (64, 64)
+    info = json.loads((out / "clip.json").read_text())
+    assert re.fullmatch(r"[0-9a-f]{32}", info["job_id"]) and info["frames_received"] == [0, 1, 2, 3]
 
 
 @pytest.mark.skipif(os.name != "posix", reason="sends itself SIGINT")
@@ -578,6 +649,9 @@ def test_second_ctrl_c_keeps_the_frames_received(tmp_path: Path, capsys: pytest.
     assert err[-1].startswith("interrupted") and "4 frame(s)" in err[-1] and str(out) in err[-1], err
     assert sorted(p.name for p in out.glob("frame_*.png")) == [f"frame_{i:04d}.png" for i in range(4)]
     assert iio.imread(out / "frame_0000.png").shape[:2] == (64, 64)
+    # The job's id came from its acceptance (a Ctrl-C carries none): --resume may add to them.
+    assert json.loads((out / "clip.json").read_text())["frames_received"] == [0, 1, 2, 3]
+    generate.prepare_out(out, resume=json.loads((out / "clip.json").read_text())["job_id"])
 
 
 def test_generate_with_a_wrong_key(backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
