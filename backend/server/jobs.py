@@ -25,6 +25,9 @@ class Job:
     settings: messages.GenerateRequest  # resolved by the engine at submit time
     client_tag: str
     created_at: float
+    # The queue listing's name for its client as it was when it submitted: clients of one
+    # user@host share an id, and a later `queue` must not rename a `generate`'s job.
+    client_name: str = ""
     state: str = "queued"  # loop-owned: queued -> running -> (removed when final)
     watchers: set[bytes] = field(default_factory=set)  # loop-owned: ROUTER identities
     cancel: threading.Event = field(default_factory=threading.Event)

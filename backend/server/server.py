@@ -836,7 +836,7 @@ class Server:
                 messages.QueuedJob(
                     position=position,
                     state="running" if position == 0 else "queued",
-                    client=self._shown_name(job.client_id),
+                    client=job.client_name or self._shown_name(job.client_id),
                     mine=mine,
                     job_id=job.job_id if shown else "",
                     client_tag=job.client_tag if shown else "",
@@ -897,6 +897,7 @@ class Server:
             settings=settings,
             client_tag=submit.client_tag,
             created_at=time.time(),
+            client_name=self._shown_name(client_id),
             total_steps=settings.steps or 0,
         )
         # Its running jobs: the one on the device and one whose frames are still being

@@ -82,6 +82,22 @@ def test_client_names_are_shown_as_one_short_printable_line(slow: Server, make_c
     assert jobs[1].client == "client nameless"  # no name given: the start of its id
 
 
+def test_a_job_keeps_the_name_its_client_had_when_it_submitted(slow: Server, make_client: ClientFactory) -> None:
+    """The command line's programs share one client id per user@host (so that `generate
+    --resume` finds a job from another process): a `queue` run after a `generate` said
+    hello as `queue`, and the listing named the generate's job after it."""
+    generating = make_client(slow, client_id="cli-anna", client_name="animatediff-blender generate anna@ws")
+    job = generating.submit(small_request(steps=100))
+    asking = make_client(slow, client_id="cli-anna", client_name="animatediff-blender queue anna@ws")
+    asking.connect()
+    later = asking.submit(small_request())
+    listing = asking.list_jobs()
+    assert [(j.job_id, j.client, j.mine) for j in listing.jobs] == [
+        (job.job_id, "animatediff-blender generate anna@ws", True),
+        (later.job_id, "animatediff-blender queue anna@ws", True),
+    ]
+
+
 def test_a_malformed_list_jobs_is_refused_and_the_server_goes_on(server: Server, client: BackendClient) -> None:
     with RawPeer(server.endpoint) as peer:
         peer.send(peer.sign_raw(peer.header_bytes("list_jobs"), b"{}", b'{"surprise": [1, 2]}'))
