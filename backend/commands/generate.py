@@ -339,7 +339,7 @@ def write_clip_info(out: Path, job_id: str, *, result: JobResult | None = None,
         info.update(complete=True, frames=f.frames, width=f.width, height=f.height, seed=f.seed,
                     elapsed_s=round(f.elapsed_s, 3), settings=msgspec.to_builtins(f.settings))  # fmt: skip
     else:
-        info.update(complete=False, frames_received=sorted(received))
+        info.update(complete=False, frames_received=sorted(set(received)))
     (out / CLIP_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -538,7 +538,8 @@ def save_partial(frames: dict[int, bytes], out: Path, job_id: str = "") -> str:
     mixes two clips; frames kept earlier of this same job (a --resume) stay."""
     try:
         old_frames, old_job = clip_in(out)
-        if frames and (not job_id or old_job != job_id):
+        same_job = bool(job_id) and old_job == job_id
+        if frames and not same_job:
             for index, old in old_frames.items():
                 if index not in frames:
                     old.unlink(missing_ok=True)
@@ -547,7 +548,7 @@ def save_partial(frames: dict[int, bytes], out: Path, job_id: str = "") -> str:
         for i, data in sorted(frames.items()):
             (out / f"frame_{i:04d}.png").write_bytes(data)
         if frames and job_id:
-            write_clip_info(out, job_id, received=list(clip_in(out)[0]))
+            write_clip_info(out, job_id, received=[*frames, *(old_frames if same_job else ())])
     except OSError as exc:
         return f"could not keep the {len(frames)} frame(s) received before that: {exc}"
     return f"the {len(frames)} frame(s) received before that are in {out}"

@@ -836,7 +836,7 @@ class Server:
                 messages.QueuedJob(
                     position=position,
                     state="running" if position == 0 else "queued",
-                    client=job.client_name or self._shown_name(job.client_id),
+                    client=job.client_name,
                     mine=mine,
                     job_id=job.job_id if shown else "",
                     client_tag=job.client_tag if shown else "",
